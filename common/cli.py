@@ -1,0 +1,80 @@
+"""Helpers shared by the command-line programs in ``bin/``.
+
+* :class:`ArgumentParser` prints a bad flag as one line (no usage dump).
+* :func:`run` turns a :class:`~common.errors.UsageError` into one line on
+  stderr and exit code 2, and Ctrl-C into exit code 130, instead of a
+  traceback.
+* :func:`quiet_tensorflow` imports TensorFlow without its start-up chatter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+from common.errors import UsageError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with defaults shown in --help and one-line errors."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def run(main, argv=None, prog: str | None = None) -> int:
+    """Call ``main(argv)``; report user errors in one line and exit non-zero."""
+    prog = prog or os.path.basename(sys.argv[0]) or "desom"
+    try:
+        code = main(argv)
+    except UsageError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Silence file descriptor 2 (C++ logging bypasses sys.stderr)."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # pytest capture, notebooks
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), fd)
+            yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+
+
+def quiet_tensorflow():
+    """Import TensorFlow once, hiding its C++ start-up messages.
+
+    Keeps the user's own ``TF_CPP_MIN_LOG_LEVEL`` when set. Errors raised by
+    the import itself still propagate (they are Python exceptions).
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    with _stderr_silenced():
+        import tensorflow as tf
+
+        tf.constant(0)  # the first op triggers the remaining one-time messages
+    # Each model's predict function counts as a retrace of Keras' one shared
+    # function, so a process that builds several models gets told off for it.
+    tf.get_logger().addFilter(lambda record: "triggered tf.function retracing" not in record.getMessage())
+    return tf

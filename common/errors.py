@@ -1,0 +1,15 @@
+"""The one exception type for bad user input.
+
+Anything a user can fix (a missing file, a wrong shape, a bad flag) raises
+:class:`UsageError` with a one-line message that names the problem and the
+fix. Command-line programs print that line on stderr and exit non-zero
+(see :func:`common.cli.run`); library users catch it like any ValueError.
+"""
+
+
+class UsageError(ValueError):
+    """Bad input: the message says what is wrong and how to fix it."""
+
+
+class DataError(UsageError):
+    """A data set could not be found or read, or its content is unusable."""

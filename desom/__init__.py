@@ -1,0 +1,1 @@
+"""Deep Embedded Self-Organizing Maps in Keras 3 (SOMLayer, DESOM, ConvDESOM, Kerasom)."""
