@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(TF)
 
-.PHONY: demo test clean
+.PHONY: demo test bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,11 +18,14 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(PY) -m common.data info digits
+	bin/desom --dataset digits --map_size 8 8 --iterations 2000 --save_dir results/demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check common desom dcn rswnet tests
 	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	bin/desom-benchmark --datasets fmnist mnist usps --models desom --runs 5 --out bench/desom --fig_dir fig
 
 clean:
 	rm -rf $(VENV) results bench .pytest_cache

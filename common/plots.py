@@ -1,0 +1,157 @@
+"""Figures written by the command-line programs (matplotlib, Agg backend).
+
+Maps are drawn with unit 0 at the top left and rows going down, as the
+units are numbered; hexagonal maps shift odd rows half a unit to the right.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.patches import RegularPolygon  # noqa: E402
+
+
+def _positions(map_size, topology):
+    rows, cols = map_size
+    r, c = np.divmod(np.arange(rows * cols), cols)
+    if topology == "hexagonal":
+        return c + 0.5 * (r % 2), r * np.sqrt(3) / 2
+    return c.astype(float), r.astype(float)
+
+
+def _save(fig, path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight", dpi=100)
+    plt.close(fig)
+    return path
+
+
+def prototype_grid(images, map_size, path, topology: str = "rectangular", title: str | None = None):
+    """Draw one image per unit at its place on the map (decoded prototypes).
+
+    ``images``: (units, H, W) or (units, H, W, C) with C = 1 or 3.
+    """
+    images = np.asarray(images)
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    rows, cols = map_size
+    x, y = _positions(map_size, topology)
+    width = cols + (0.5 if topology == "hexagonal" and rows > 1 else 0.0)
+    height = (y.max() + 1.0) if rows else 1.0
+    scale = min(12.0 / width, 12.0 / height, 1.2)
+    fig = plt.figure(figsize=(width * scale, height * scale))
+    lo, hi = float(np.min(images)), float(np.max(images))
+    for k, img in enumerate(images):
+        ax = fig.add_axes([x[k] / width, 1.0 - (y[k] + 1.0) / height, 0.95 / width, 0.95 / height])
+        ax.imshow(np.clip((img - lo) / (hi - lo + 1e-12), 0, 1), cmap="gray" if img.ndim == 2 else None,
+                  interpolation="nearest")
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title, y=1.02)
+    return _save(fig, path)
+
+
+def _hexes(ax, values, map_size, cmap, label):
+    x, y = _positions(map_size, "hexagonal")
+    norm = matplotlib.colors.Normalize(np.min(values), np.max(values))
+    colors = matplotlib.colormaps[cmap](norm(values))
+    for xi, yi, col in zip(x, y, colors):
+        ax.add_patch(RegularPolygon((xi, yi), numVertices=6, radius=1 / np.sqrt(3),
+                                    facecolor=col, edgecolor="white", linewidth=0.5))
+    ax.set_xlim(-0.6, x.max() + 0.6)
+    ax.set_ylim(y.max() + 0.7, -0.7)
+    ax.set_aspect("equal")
+    ax.set_axis_off()
+    sm = matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap)
+    plt.colorbar(sm, ax=ax, fraction=0.046, label=label)
+
+
+def map_heatmaps(panels: dict, map_size, path, topology: str = "rectangular", title: str | None = None):
+    """One heat map per entry of ``panels`` (name -> value per unit), side by side."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False)
+    cmaps = {"U-matrix": "bone_r", "hits": "viridis"}
+    for ax, (name, values) in zip(axes[0], panels.items()):
+        values = np.asarray(values, float)
+        cmap = cmaps.get(name, "viridis")
+        if topology == "hexagonal":
+            _hexes(ax, values, map_size, cmap, name)
+        else:
+            im = ax.imshow(values.reshape(map_size), cmap=cmap, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            plt.colorbar(im, ax=ax, fraction=0.046, label=name)
+        if len(panels) > 1:
+            ax.set_title(name)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def training_curves(log, path, columns=("loss", "purity", "nmi", "quantization_error", "topographic_error")):
+    """Plot the columns of a training log (a DataFrame) against the iteration."""
+    present = [c for c in columns if c in log and log[c].notna().any()]
+    if not present:
+        return None
+    fig, axes = plt.subplots(1, len(present), figsize=(3.6 * len(present), 3.0), squeeze=False)
+    for ax, col in zip(axes[0], present):
+        rows = log[log[col].notna()]
+        ax.plot(rows["iteration"], rows[col], marker=".")
+        ax.set_xlabel("iteration")
+        ax.set_title(col)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def confusion_matrix(cm, class_names, path, title: str | None = None):
+    """A labelled confusion matrix (rows: true classes, columns: predicted)."""
+    cm = np.asarray(cm)
+    n = len(class_names)
+    size = max(4.0, 0.55 * n + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    im = ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                    color="white" if cm[i, j] > cm.max() / 2 else "black", fontsize=8)
+    plt.colorbar(im, ax=ax, fraction=0.046)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def architecture(model, path, **kwargs) -> Path:
+    """``keras.utils.plot_model`` to ``path`` (.png); without Graphviz, the
+    text summary goes to a ``.txt`` beside it, with one warning on stderr.
+
+    Returns the path written.
+    """
+    import keras
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        keras.utils.plot_model(model, to_file=str(path), show_shapes=True, expand_nested=True,
+                               dpi=72, **kwargs)
+        return path
+    except (ImportError, OSError, FileNotFoundError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    lines = []
+    model.summary(print_fn=lambda line, *a, **k: lines.append(line), expand_nested=True)
+    txt = path.with_suffix(".txt")
+    txt.write_text("\n".join(lines) + "\n")
+    print(f"warning: no architecture plot ({reason}); install Graphviz (apt-get install graphviz) "
+          f"for {path.name}; wrote {txt.name} instead", file=sys.stderr)
+    return txt

@@ -1,0 +1,206 @@
+"""bin/desom-benchmark: the DESOM paper's protocol, n seeded runs per model.
+
+Defaults follow Forest et al. (ESANN 2019): an 8x8 map, 10,000 iterations,
+batch 256, gamma 0.001, T from 10 to 0.1 (exponential), Gaussian kernel,
+no pretraining, prototypes initialised from encoded random samples. Each run
+is scored on all samples (train + test) by its best-matching units; the
+table gives mean ± std over runs, and ``runs.csv`` / ``summary.csv`` hold the
+numbers (``runs.csv`` is rewritten after every run, so nothing is lost when a
+long benchmark is stopped).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common.cli import ArgumentParser, quiet_tensorflow, run
+from common.data import IMAGE_SHAPES, KNOWN_DATASETS, load_data
+from common.errors import DataError, UsageError
+from common.metrics import accuracy, evaluate_clustering
+
+MODELS = ("desom", "convdesom", "som", "kmeans")
+COLUMNS = ("purity", "nmi", "nmi_geometric", "ari", "acc", "acc_kmeans", "quantization_error",
+           "topographic_error", "fit_seconds", "iterations_per_second", "peak_rss_gb")
+
+
+def parser():
+    p = ArgumentParser(prog="desom-benchmark", description=__doc__.split("\n\n")[0])
+    p.add_argument("--datasets", nargs="+", choices=KNOWN_DATASETS, default=["fmnist"],
+                   help="data sets; missing files skip the data set with a note")
+    p.add_argument("--models", nargs="+", choices=MODELS, default=["desom"],
+                   help="som = Kerasom on the inputs; kmeans = scikit-learn k-means with one "
+                   "cluster per unit, on the inputs")
+    p.add_argument("--runs", type=int, default=5,
+                   help="runs per data set and model (seeds seed..seed+runs-1)")
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--map_size", nargs=2, type=int, default=[8, 8], metavar=("ROWS", "COLS"))
+    p.add_argument("--iterations", type=int, default=10000)
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--gamma", type=float, default=0.001)
+    p.add_argument("--Tmax", type=float, default=10.0)
+    p.add_argument("--Tmin", type=float, default=0.1)
+    p.add_argument("--pretrain_epochs", type=int, default=0, help="autoencoder pretraining (paper: 0)")
+    p.add_argument("--som_init", choices=("random", "som"), default="random")
+    p.add_argument("--data_dir", help="folder searched first for the data files")
+    p.add_argument("--out", default="bench/desom", help="folder for runs.csv, summary.csv and run logs")
+    p.add_argument("--fig_dir", help="also write the first run's decoded map of each image data set here "
+                   "as desom_map_<dataset>.png")
+    p.add_argument("--strategy", choices=("auto", "default", "mirrored"), default="auto")
+    p.add_argument("--mixed_precision", action="store_true", help="float16 compute (GPUs)")
+    p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=0, help="training output per run")
+    return p
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # kB on Linux
+
+
+def _kmeans_accuracy(model, x, y, seed):
+    """The paper's post-clustering: k-means (k = classes) on the prototypes."""
+    from sklearn.cluster import KMeans
+
+    k = len(np.unique(y))
+    if model.n_units < k:
+        return float("nan")
+    km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(model.prototypes)
+    return accuracy(y, km.labels_[model.predict(x, verbose=0, batch_size=2048)])
+
+
+def _one_run(args, name, model_name, x, y, seed, strategy, run_dir):
+    import keras
+
+    from desom.models import DESOM, ConvDESOM, Kerasom
+
+    keras.utils.set_random_seed(seed)
+    if model_name == "kmeans":
+        from sklearn.cluster import KMeans
+
+        t0 = time.perf_counter()
+        km = KMeans(n_clusters=args.map_size[0] * args.map_size[1], n_init=3, random_state=seed)
+        pred = km.fit_predict(x.reshape(len(x), -1))
+        seconds = time.perf_counter() - t0
+        out = evaluate_clustering(pred, y, features=x.reshape(len(x), -1), seed=seed)
+        out.update(fit_seconds=seconds)
+        return out
+    with strategy.scope():
+        if model_name == "convdesom":
+            model = ConvDESOM(x.shape[1:], args.map_size)
+        elif model_name == "som":
+            model = Kerasom(int(np.prod(x.shape[1:])), args.map_size)
+        else:
+            model = DESOM(x.shape[1], args.map_size)
+    t0 = time.perf_counter()
+    if args.pretrain_epochs:
+        model.pretrain(x, args.pretrain_epochs, batch_size=args.batch_size, seed=seed, verbose=args.verbose,
+                       strategy=strategy)
+    model.init_prototypes(x, method=args.som_init, seed=seed)
+    result = model.fit(x, y, iterations=args.iterations, batch_size=args.batch_size, gamma=args.gamma,
+                       Tmax=args.Tmax, Tmin=args.Tmin, eval_interval=args.iterations, save_dir=run_dir,
+                       seed=seed, verbose=args.verbose, strategy=strategy)
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(Path(run_dir) / "checkpoints", ignore_errors=True)  # keep the log, not the weights
+    out = model.evaluate_map(x, y, seed=seed)
+    out.update(fit_seconds=seconds, iterations_per_second=result.trained / result.seconds,
+               acc_kmeans=_kmeans_accuracy(model, x, y, seed))
+    if args.fig_dir and name in IMAGE_SHAPES and not (Path(args.fig_dir) / f"desom_map_{name}.png").exists():
+        from common.plots import prototype_grid
+
+        rows, cols = args.map_size
+        prototype_grid(model.decode_prototypes().reshape(rows * cols, *IMAGE_SHAPES[name]), args.map_size,
+                       Path(args.fig_dir) / f"desom_map_{name}.png",
+                       title=f"{model_name.upper()} on {name}, {rows}x{cols} map (seed {seed})")
+    return out
+
+
+def summarize(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean and std of every metric per (dataset, model)."""
+    cols = [c for c in COLUMNS if c in runs]
+    grouped = runs.groupby(["dataset", "model"], sort=False)[cols]
+    summary = grouped.mean().add_suffix("_mean").join(grouped.std(ddof=0).add_suffix("_std"))
+    summary.insert(0, "runs", grouped.size())
+    return summary.reset_index()
+
+
+def table(summary: pd.DataFrame) -> str:
+    """A fixed-width text table of mean ± std."""
+    shown = [c for c in COLUMNS if f"{c}_mean" in summary and summary[f"{c}_mean"].notna().any()]
+    head = ["dataset", "model", "runs", *shown]
+    lines = [head]
+    for _, r in summary.iterrows():
+        cells = [r["dataset"], r["model"], str(r["runs"])]
+        for c in shown:
+            m, s = r[f"{c}_mean"], r[f"{c}_std"]
+            digits = 1 if c in ("fit_seconds", "iterations_per_second") else 3
+            cells.append("-" if pd.isna(m) else f"{m:.{digits}f} ± {s:.{digits}f}")
+        lines.append(cells)
+    widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
+    return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(row, widths)) for row in lines)
+
+
+def _write(frame: pd.DataFrame, path: Path):
+    tmp = path.with_name(path.name + ".tmp")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _main(argv=None):
+    args = parser().parse_args(argv)
+    if args.runs < 1 or args.iterations < 1:
+        raise UsageError("--runs and --iterations must be positive")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tf = quiet_tensorflow()
+    from common.training import make_strategy, set_mixed_precision
+
+    set_mixed_precision(args.mixed_precision)
+    strategy = make_strategy(args.strategy)
+    print(f"TensorFlow {tf.__version__}, {strategy.num_replicas_in_sync} replica(s), "
+          f"{os.cpu_count()} CPU cores; map {args.map_size[0]}x{args.map_size[1]}, "
+          f"{args.iterations} iterations, batch {args.batch_size}, gamma {args.gamma}")
+    rows = []
+    for name in args.datasets:
+        try:
+            (x, y), _ = load_data(name, flatten=False, data_dir=args.data_dir)
+        except DataError as e:
+            print(f"skipping {name}: {e}")
+            continue
+        for model_name in args.models:
+            if model_name == "convdesom" and x.ndim != 4:
+                print(f"skipping convdesom on {name}: not image data")
+                continue
+            data = x if model_name == "convdesom" else x.reshape(len(x), -1)
+            for r in range(args.runs):
+                seed = args.seed + r
+                run_dir = out / f"{name}_{model_name}_seed{seed}"
+                shutil.rmtree(run_dir, ignore_errors=True)
+                metrics = _one_run(args, name, model_name, data, y, seed, strategy, run_dir)
+                row = {"dataset": name, "model": model_name, "seed": seed, **metrics,
+                       "peak_rss_gb": round(_peak_rss_gb(), 2)}
+                rows.append(row)
+                _write(pd.DataFrame(rows), out / "runs.csv")
+                print(f"{name} {model_name} seed {seed}: purity {row['purity']:.4f}, NMI {row['nmi']:.4f} "
+                      f"(geometric {row['nmi_geometric']:.4f}), {row['fit_seconds']:.1f} s", flush=True)
+    if not rows:
+        raise UsageError("no data set could be loaded; see the notes above")
+    summary = summarize(pd.DataFrame(rows))
+    _write(summary, out / "summary.csv")
+    print()
+    print(table(summary))
+    print(f"\nwritten: {out}/runs.csv, {out}/summary.csv")
+    return 0
+
+
+def main(argv=None):
+    run(_main, argv, prog="desom-benchmark")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

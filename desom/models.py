@@ -1,0 +1,376 @@
+"""DESOM, ConvDESOM and Kerasom: self-organizing maps trained with Keras.
+
+* :class:`DESOM`: a dense autoencoder (d-500-500-2000-latent, mirrored
+  decoder) and a SOM on its latent codes, trained jointly on reconstruction
+  error + gamma * SOM loss (Forest et al., ESANN 2019; NCA 2021).
+* :class:`ConvDESOM`: the same with a convolutional autoencoder for images.
+* :class:`Kerasom`: a plain SOM on the inputs, trained with the SOM loss.
+
+All three are Keras models: ``model.predict(x)`` gives each sample's
+best-matching unit, ``model.save("m.keras")`` writes one file, and
+``keras.saving.load_model("m.keras")`` restores it in a new process after
+``import desom``. Training goes through :func:`common.training.train`::
+
+    model = DESOM(input_dim=784, map_size=(8, 8))
+    model.init_prototypes(x, method="random", seed=0)
+    model.fit(x, y, iterations=10000, save_dir="results/fmnist")
+    bmu = model.predict(x)
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import keras
+import numpy as np
+from keras import ops
+
+from common.errors import UsageError
+from common.metrics import evaluate_clustering
+from common.networks import conv_autoencoder, mlp_autoencoder, predict_in_batches
+from common.training import ReconstructionTask, Task, train
+from desom.layers import (
+    KERNELS,
+    SOMLayer,
+    batch_som,
+    pairwise_sq_distances,
+    temperature,
+    umatrix,
+    unit_coordinates,
+)
+
+SOM_INITS = ("random", "som")
+
+
+def _mse_per_sample(x, reconstruction):
+    err = ops.square(ops.cast(x, "float32") - ops.cast(reconstruction, "float32"))
+    return ops.mean(ops.reshape(err, (ops.shape(err)[0], -1)), axis=1)
+
+
+class SOMTask(Task):
+    """The DESOM loss (or Kerasom's, without an autoencoder) for the shared loop."""
+
+    def __init__(self, model: SOMModel, *, gamma: float, Tmax: float, Tmin: float, decay: str,
+                 neighborhood: str, som_iterations: int, update_interval: int,
+                 x_eval=None, y_eval=None):
+        self.model = model
+        self.gamma, self.neighborhood = float(gamma), neighborhood
+        self.Tmax, self.Tmin, self.decay = float(Tmax), float(Tmin), decay
+        self.som_iterations, self.update_interval = int(som_iterations), int(update_interval)
+        self.x_eval, self.y_eval = x_eval, y_eval
+
+    def scalars(self, iteration):
+        it = iteration - iteration % self.update_interval
+        return {"T": temperature(it, self.som_iterations, self.Tmax, self.Tmin, self.decay)}
+
+    def loss_terms(self, x, idx, scalars):
+        out = self.model(x, training=True)
+        som = self.model.som.loss(out["distances"], scalars["T"], self.neighborhood)
+        if self.model.decoder is None:
+            return {"loss": som, "som": som}
+        rec = _mse_per_sample(x, out["reconstruction"])
+        return {"loss": rec + self.gamma * som, "reconstruction": rec, "som": som}
+
+    def evaluate(self):
+        if self.x_eval is None:
+            return {}
+        metrics = self.model.evaluate_map(self.x_eval, self.y_eval, internal=False)
+        keys = ("quantization_error", "topographic_error", "n_clusters", "purity", "nmi", "ari", "acc")
+        return {k: metrics[k] for k in keys if k in metrics}
+
+
+class SOMModel(keras.Model):
+    """Shared behaviour of the SOM models: an optional autoencoder + a SOMLayer.
+
+    Subclasses build ``self.encoder`` and ``self.decoder`` (None for a plain
+    SOM) in ``__init__`` and call :meth:`_finish_init`.
+    """
+
+    encoder = None
+    decoder = None
+
+    def _finish_init(self, input_shape, latent_dim, map_size, topology, toroidal):
+        self.sample_shape = tuple(int(v) for v in input_shape)
+        self.map_size = tuple(int(v) for v in map_size)
+        self.topology, self.toroidal = topology, bool(toroidal)
+        self.som = SOMLayer(map_size, topology=topology, toroidal=toroidal, name="som")
+        self.som.build((None, latent_dim))
+        self.build((None, *self.sample_shape))
+
+    def build(self, input_shape):  # every part is built in __init__
+        self.built = True
+
+    def functional_view(self) -> keras.Model:
+        """The same layers as a functional model (for plot_model and summaries)."""
+        inputs = keras.Input(self.sample_shape, name="input")
+        return keras.Model(inputs, self.call(inputs), name=self.name)
+
+    def call(self, x, training=False):
+        if self.encoder is None:
+            z = ops.reshape(x, (ops.shape(x)[0], -1))
+            return {"latent": z, "distances": self.som(z)}
+        z = self.encoder(x, training=training)
+        return {"reconstruction": self.decoder(z, training=training), "latent": z,
+                "distances": self.som(z)}
+
+    def predict_step(self, data):
+        x = data[0] if isinstance(data, (tuple, list)) else data
+        return ops.argmin(self(x, training=False)["distances"], axis=1)
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def n_units(self) -> int:
+        return self.som.n_units
+
+    @property
+    def unit_distances(self) -> np.ndarray:
+        """(units, units) grid distances between the units of the map."""
+        return self.som.unit_distances
+
+    @property
+    def prototypes(self) -> np.ndarray:
+        """The prototypes in latent space, (units, latent_dim)."""
+        return ops.convert_to_numpy(self.som.prototypes)
+
+    def set_prototypes(self, values):
+        self.som.prototypes.assign(np.asarray(values, np.float32).reshape(self.som.prototypes.shape))
+
+    def unit_coordinates(self, units=None):
+        """(rows, cols) of the given unit indices (all units by default)."""
+        return unit_coordinates(self.map_size, units)
+
+    def transform(self, x, batch_size: int = 1024) -> np.ndarray:
+        """Latent codes of ``x`` (the inputs themselves, flattened, for Kerasom)."""
+        x = np.asarray(x, np.float32)
+        if self.encoder is None:
+            return x.reshape(len(x), -1)
+        return predict_in_batches(self.encoder, x, batch_size)
+
+    def distances(self, x, batch_size: int = 1024) -> np.ndarray:
+        """(samples, units) squared Euclidean distances in latent space."""
+        return pairwise_sq_distances(self.transform(x, batch_size), self.prototypes)
+
+    def decode_prototypes(self) -> np.ndarray:
+        """The prototypes mapped back to input space, shaped like the inputs."""
+        p = self.prototypes
+        if self.decoder is not None:
+            p = predict_in_batches(self.decoder, p)
+        return np.asarray(p).reshape(self.n_units, *self.sample_shape)
+
+    def umatrix(self) -> np.ndarray:
+        """Mean latent distance of each unit's prototype to its neighbours'."""
+        return umatrix(self.prototypes, self.unit_distances)
+
+    def evaluate_map(self, x, y=None, *, internal: bool = True, sample_size: int = 10000,
+                     seed: int = 0) -> dict:
+        """Every applicable metric of the best-matching-unit clustering of ``x``.
+
+        Quantization and topographic error in latent space; purity, NMI, ARI
+        and accuracy when labels ``y`` are given; silhouette, Davies-Bouldin
+        and Calinski-Harabasz of the latent codes (fixed-seed subsample of
+        ``sample_size``) when ``internal``.
+        """
+        z = self.transform(x)
+        d = pairwise_sq_distances(z, self.prototypes)
+        return evaluate_clustering(d.argmin(axis=1), y, features=z if internal else None,
+                                   sq_distances=d, unit_distances=self.unit_distances,
+                                   sample_size=sample_size, seed=seed)
+
+    # ------------------------------------------------------------- training
+    def init_prototypes(self, x, method: str = "random", seed: int = 0, max_samples: int = 20000):
+        """Initialise the prototypes from data.
+
+        ``random``: the codes of ``units`` random samples (DESOM's benchmark
+        initialisation). ``som``: a short batch-SOM fit (10 epochs, T from half
+        the map's larger side down to 1) on the codes of up to ``max_samples``
+        samples, starting from ``random``; gives an ordered map from the start.
+        """
+        if method not in SOM_INITS:
+            raise UsageError(f"unknown prototype initialisation '{method}'; "
+                             f"choose one of {', '.join(SOM_INITS)}")
+        rng = np.random.default_rng(seed)
+        n = len(x)
+        pick = rng.choice(n, size=self.n_units, replace=n < self.n_units)
+        init = self.transform(x[pick])
+        if method == "som":
+            sub = x if n <= max_samples else x[rng.choice(n, size=max_samples, replace=False)]
+            init = batch_som(self.transform(sub), self.unit_distances, init,
+                             Tmax=max(max(self.map_size) / 2.0, 1.0), Tmin=1.0)
+        self.set_prototypes(init)
+
+    def pretrain(self, x, epochs: int, batch_size: int = 256, save_dir=None, resume: bool = False,
+                 seed: int = 0, verbose: int = 1, strategy=None, jit_compile: bool = True,
+                 optimizer=None):
+        """Pretrain the autoencoder on reconstruction alone (``epochs`` epochs).
+
+        Writes ``pretrain_log.csv`` and ``ae.weights.h5`` to ``save_dir``.
+        """
+        if self.decoder is None:
+            raise UsageError("a plain SOM has no autoencoder to pretrain")
+        result = train(ReconstructionTask(self.encoder, self.decoder), x, epochs=epochs,
+                       batch_size=batch_size, save_dir=save_dir, phase="pretrain",
+                       log_name="pretrain_log.csv", resume=resume, seed=seed, verbose=verbose,
+                       strategy=strategy, jit_compile=jit_compile, optimizer=optimizer)
+        if save_dir is not None:
+            self.save_autoencoder_weights(Path(save_dir) / "ae.weights.h5")
+        return result
+
+    def _autoencoder(self):
+        return keras.Sequential([self.encoder, self.decoder], name="autoencoder")
+
+    def save_autoencoder_weights(self, path):
+        self._autoencoder().save_weights(str(path))
+
+    def load_autoencoder_weights(self, path):
+        """Load weights written by :meth:`save_autoencoder_weights` (or ``--pretrain_epochs``)."""
+        path = Path(path)
+        if self.decoder is None:
+            raise UsageError("a plain SOM has no autoencoder weights to load")
+        if not path.is_file():
+            raise UsageError(f"autoencoder weights {path} not found")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                self._autoencoder().load_weights(str(path))
+                problem = next((str(w.message) for w in caught if "Skipping" in str(w.message)), None)
+            except (ValueError, OSError, KeyError) as e:
+                problem = str(e).strip() or type(e).__name__
+        if problem:  # Keras skips mismatched parts with a warning: a partial load is an error here
+            raise UsageError(f"{path} does not fit this autoencoder: {problem.splitlines()[0]}")
+
+    def fit(self, x, y=None, *, iterations: int = 10000, batch_size: int = 256, gamma: float = 0.001,
+            Tmax: float = 10.0, Tmin: float = 0.1, decay: str = "exponential",
+            neighborhood: str = "gaussian", som_iterations: int | None = None,
+            update_interval: int = 1, eval_interval: int = 500, eval_samples: int = 10000,
+            save_dir=None, checkpoint_interval: int | None = None, resume: bool = False,
+            seed: int = 0, jit_compile: bool = True, verbose: int = 1, strategy=None, optimizer=None):
+        """Train the map (and the autoencoder) for ``iterations`` batches.
+
+        The temperature T decays from ``Tmax`` to ``Tmin`` over
+        ``som_iterations`` (default: all iterations) following ``decay``, and
+        is updated every ``update_interval`` iterations. Every
+        ``eval_interval`` iterations a row of losses and map quality on
+        ``eval_samples`` fixed random samples (with their labels ``y`` when
+        given) goes to ``save_dir/log.csv``. Returns the
+        :class:`common.training.TrainResult`.
+        """
+        if neighborhood not in KERNELS:
+            raise UsageError(f"unknown neighborhood '{neighborhood}'; choose one of {', '.join(KERNELS)}")
+        for name, value in (("iterations", iterations), ("update_interval", update_interval),
+                            ("eval_interval", eval_interval)):
+            if value < 1:
+                raise UsageError(f"{name} must be positive, got {value}")
+        if not 0 < Tmin <= Tmax:
+            raise UsageError(f"need 0 < Tmin <= Tmax, got Tmin={Tmin}, Tmax={Tmax}")
+        temperature(0, 2, Tmax, Tmin, decay)  # validates decay
+        x = np.asarray(x, np.float32)
+        rng = np.random.default_rng(seed)
+        pick = np.sort(rng.choice(len(x), size=min(eval_samples, len(x)), replace=False))
+        task = SOMTask(self, gamma=gamma, Tmax=Tmax, Tmin=Tmin, decay=decay,
+                       neighborhood=neighborhood, som_iterations=som_iterations or iterations,
+                       update_interval=update_interval, x_eval=x[pick],
+                       y_eval=None if y is None else np.asarray(y)[pick])
+        return train(task, x, iterations=iterations, batch_size=batch_size, save_dir=save_dir,
+                     eval_interval=eval_interval, checkpoint_interval=checkpoint_interval,
+                     resume=resume, seed=seed, jit_compile=jit_compile, verbose=verbose,
+                     strategy=strategy, optimizer=optimizer)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(map_size=list(self.map_size), topology=self.topology, toroidal=self.toroidal)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="desom")
+class DESOM(SOMModel):
+    """Deep Embedded SOM: dense autoencoder + SOM on the latent codes.
+
+    Args:
+        input_dim: number of input features.
+        map_size: (rows, cols) of the map.
+        latent_dim: size of the latent code (10 in the papers).
+        hidden: encoder layer sizes (the decoder mirrors them).
+        batchnorm: batch normalisation after each hidden layer.
+        topology, toroidal: the map's grid (see :class:`desom.layers.SOMLayer`).
+    """
+
+    def __init__(self, input_dim: int, map_size=(8, 8), latent_dim: int = 10, hidden=(500, 500, 2000),
+                 batchnorm: bool = False, topology: str = "rectangular", toroidal: bool = False,
+                 **kwargs):
+        kwargs.setdefault("name", "desom")
+        super().__init__(**kwargs)
+        self.input_dim, self.latent_dim = int(input_dim), int(latent_dim)
+        self.hidden, self.batchnorm = tuple(int(h) for h in hidden), bool(batchnorm)
+        self.encoder, self.decoder = mlp_autoencoder(self.input_dim, self.latent_dim, self.hidden,
+                                                     batchnorm=self.batchnorm)
+        self._finish_init((self.input_dim,), self.latent_dim, map_size, topology, toroidal)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(input_dim=self.input_dim, latent_dim=self.latent_dim, hidden=list(self.hidden),
+                      batchnorm=self.batchnorm)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="desom")
+class ConvDESOM(SOMModel):
+    """DESOM with a convolutional autoencoder, for (H, W, C) images.
+
+    Args:
+        input_shape: (height, width, channels) of the images.
+        filters, kernel_size: convolution stages of the encoder (mirrored).
+        Others as :class:`DESOM`.
+    """
+
+    def __init__(self, input_shape=(28, 28, 1), map_size=(8, 8), latent_dim: int = 10,
+                 filters=(32, 64, 64), kernel_size: int = 3, batchnorm: bool = False,
+                 topology: str = "rectangular", toroidal: bool = False, **kwargs):
+        kwargs.setdefault("name", "convdesom")
+        super().__init__(**kwargs)
+        self.image_shape = tuple(int(v) for v in input_shape)
+        if len(self.image_shape) != 3:
+            raise UsageError(f"ConvDESOM needs images of shape (height, width, channels), "
+                             f"got {self.image_shape}")
+        self.latent_dim, self.filters = int(latent_dim), tuple(int(f) for f in filters)
+        self.kernel_size, self.batchnorm = int(kernel_size), bool(batchnorm)
+        self.encoder, self.decoder = conv_autoencoder(self.image_shape, self.latent_dim, self.filters,
+                                                      self.kernel_size, batchnorm=self.batchnorm)
+        self._finish_init(self.image_shape, self.latent_dim, map_size, topology, toroidal)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(input_shape=list(self.image_shape), latent_dim=self.latent_dim,
+                      filters=list(self.filters), kernel_size=self.kernel_size, batchnorm=self.batchnorm)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="desom")
+class Kerasom(SOMModel):
+    """A plain SOM trained with the SOM loss by gradient descent (no autoencoder)."""
+
+    def __init__(self, input_dim: int, map_size=(8, 8), topology: str = "rectangular",
+                 toroidal: bool = False, **kwargs):
+        kwargs.setdefault("name", "kerasom")
+        super().__init__(**kwargs)
+        self.input_dim = int(input_dim)
+        self._finish_init((self.input_dim,), self.input_dim, map_size, topology, toroidal)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(input_dim=self.input_dim)
+        return config
+
+
+def load_model(path) -> SOMModel:
+    """Load a model saved with ``model.save(path)`` (a ``.keras`` file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"model file {path} not found")
+    try:
+        model = keras.saving.load_model(str(path))
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        raise UsageError(f"{path} is not a readable .keras model: {str(e).splitlines()[0]}") from None
+    if not isinstance(model, SOMModel):
+        raise UsageError(f"{path} holds a {type(model).__name__}, not a DESOM/ConvDESOM/Kerasom model")
+    return model

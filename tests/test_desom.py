@@ -1,0 +1,316 @@
+"""DESOM models, the shared training loop and bin/desom, on small real data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+import desom.models as desom_models
+from common.data import load_data
+from common.errors import UsageError
+from desom import DESOM, ConvDESOM, Kerasom, load_model
+from desom.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = ROOT / "bin" / "desom"
+SMALL = {"hidden": (64, 64, 128)}  # a narrower autoencoder keeps the tests quick
+
+
+@pytest.fixture(scope="module")
+def digits():
+    (x, y), _ = load_data("digits")
+    return x, y
+
+
+def run_bin(*args, timeout=240, **kw):
+    return subprocess.run([str(BIN), *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          **kw)
+
+
+# ---------------------------------------------------------------- training
+def test_short_run_raises_purity_well_above_the_untrained_map(digits, tmp_path):
+    x, y = digits
+    keras.utils.set_random_seed(0)
+    model = DESOM(64, (6, 6), **SMALL)
+    model.init_prototypes(x, seed=0)
+    before = model.evaluate_map(x, y, internal=False)["purity"]
+    model.fit(x, y, iterations=800, batch_size=128, eval_interval=200, save_dir=tmp_path, verbose=0)
+    after = model.evaluate_map(x, y)
+    assert after["purity"] > before + 0.15 and after["purity"] > 0.75
+    log = pd.read_csv(tmp_path / "log.csv")
+    assert log["iteration"].tolist() == [0, 200, 400, 600, 800]
+    assert log["purity"].iloc[0] == pytest.approx(before)
+    assert log["T"].iloc[-1] == pytest.approx(0.1)
+    assert {"loss", "reconstruction", "som", "quantization_error", "topographic_error"} <= set(log)
+
+
+def test_interrupted_fit_resumes_to_the_same_result(digits, tmp_path, monkeypatch):
+    x, y = digits
+    kwargs = dict(iterations=120, batch_size=64, eval_interval=40, checkpoint_interval=1000,
+                  verbose=0, jit_compile=False)
+
+    def fresh():
+        keras.utils.set_random_seed(5)
+        m = DESOM(64, (3, 3), **SMALL)
+        m.init_prototypes(x, seed=5)
+        return m
+
+    reference = fresh()
+    reference.fit(x, y, save_dir=tmp_path / "ref", **kwargs)
+
+    original = desom_models.SOMTask.evaluate
+    calls = {"n": 0}
+
+    def interrupt_at_second_row(self):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the row at iteration 40
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(desom_models.SOMTask, "evaluate", interrupt_at_second_row)
+    with pytest.raises(KeyboardInterrupt):
+        fresh().fit(x, y, save_dir=tmp_path / "run", **kwargs)
+    monkeypatch.setattr(desom_models.SOMTask, "evaluate", original)
+    assert (tmp_path / "run" / "checkpoints" / "train").is_dir()
+
+    resumed = fresh()
+    result = resumed.fit(x, y, save_dir=tmp_path / "run", resume=True, **kwargs)
+    assert (result.iterations, result.trained) == (120, 80)
+    np.testing.assert_allclose(resumed.prototypes, reference.prototypes, rtol=1e-4, atol=1e-5)
+    log = pd.read_csv(tmp_path / "run" / "log.csv")
+    assert log["iteration"].tolist() == [0, 40, 80, 120]
+    ref_log = pd.read_csv(tmp_path / "ref" / "log.csv")
+    np.testing.assert_allclose(log["loss"].iloc[2:], ref_log["loss"].iloc[2:], rtol=1e-4)
+
+
+def test_mirrored_strategy_on_two_cpus_matches_the_default_strategy(tmp_path):
+    script = textwrap.dedent("""
+        import sys
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        import keras
+        from common.data import load_data
+        from common.training import make_strategy
+        from desom import DESOM
+        (x, y), _ = load_data("digits")
+        for name in ("default", "mirrored"):
+            strategy = make_strategy(name)
+            keras.utils.set_random_seed(1)
+            with strategy.scope():
+                model = DESOM(64, (4, 4), hidden=(32, 32, 64))
+            model.init_prototypes(x, seed=1)
+            model.fit(x, y, iterations=60, batch_size=64, eval_interval=20, verbose=0, seed=1,
+                      strategy=strategy, save_dir=sys.argv[1] + "/" + name)
+            print(name, strategy.num_replicas_in_sync)
+    """)
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "mirrored 2" in out.stdout
+    default = pd.read_csv(tmp_path / "default" / "log.csv")
+    mirrored = pd.read_csv(tmp_path / "mirrored" / "log.csv")
+    for col in ("loss", "reconstruction", "som", "quantization_error"):
+        np.testing.assert_allclose(mirrored[col], default[col], rtol=1e-3, atol=1e-6)
+
+
+def test_conv_desom_and_kerasom_train_save_and_load(digits, tmp_path):
+    x, y = digits
+    images = x.reshape(-1, 8, 8, 1)
+    conv = ConvDESOM((8, 8, 1), (4, 4), filters=(8, 16))
+    conv.init_prototypes(images, method="som")
+    conv.pretrain(images, epochs=1, batch_size=128, save_dir=tmp_path / "c", verbose=0)
+    assert (tmp_path / "c" / "ae.weights.h5").is_file()
+    conv.fit(images, y, iterations=50, batch_size=128, save_dir=tmp_path / "c", verbose=0)
+    assert conv.decode_prototypes().shape == (16, 8, 8, 1)
+
+    som = Kerasom(64, (4, 6), topology="hexagonal", toroidal=True)
+    som.init_prototypes(x)
+    som.fit(x, y, iterations=200, batch_size=128, verbose=0)
+    assert som.evaluate_map(x, y)["purity"] > 0.6
+    for model, data in ((conv, images), (som, x)):
+        path = tmp_path / f"{model.name}.keras"
+        model.save(path)
+        again = load_model(path)
+        np.testing.assert_array_equal(again.predict(data, verbose=0), model.predict(data, verbose=0))
+    assert (again.topology, again.toroidal, again.map_size) == ("hexagonal", True, (4, 6))
+
+
+def test_autoencoder_weights_round_trip_and_mismatch(digits, tmp_path):
+    x, _ = digits
+    a = DESOM(64, (2, 2), **SMALL)
+    a.save_autoencoder_weights(tmp_path / "ae.weights.h5")
+    b = DESOM(64, (2, 2), **SMALL)
+    b.load_autoencoder_weights(tmp_path / "ae.weights.h5")
+    np.testing.assert_allclose(b.transform(x[:5]), a.transform(x[:5]), rtol=1e-5)
+    with pytest.raises(UsageError, match="does not fit this autoencoder"):
+        DESOM(64, (2, 2)).load_autoencoder_weights(tmp_path / "ae.weights.h5")
+
+
+def test_saved_model_predicts_the_same_in_a_new_process(digits, tmp_path):
+    x, _ = digits
+    model = DESOM(64, (3, 3), **SMALL)
+    model.init_prototypes(x)
+    model.fit(x, iterations=30, batch_size=128, verbose=0)
+    model.save(tmp_path / "m.keras")
+    np.save(tmp_path / "x.npy", x)
+    script = ("import sys, numpy as np, keras, desom\n"
+              "m = keras.saving.load_model(sys.argv[1])\n"
+              "np.save(sys.argv[2], m.predict(np.load(sys.argv[3]), verbose=0))\n")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "m.keras"), str(tmp_path / "p.npy"),
+                          str(tmp_path / "x.npy")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "p.npy"), model.predict(x, verbose=0))
+
+
+# ---------------------------------------------------------------- bin/desom
+def test_bin_desom_writes_every_output_and_predicts_in_a_new_process(tmp_path):
+    out_dir = tmp_path / "run"
+    res = run_bin("--iterations", 60, "--eval_interval", 30, "--map_size", 3, 4, "--save_dir", out_dir,
+                  "--batch_size", 128, "--verbose", 0)
+    assert res.returncode == 0, res.stderr[-2000:]
+    for name in ("model.keras", "log.csv", "results.json", "map.png", "umatrix.png", "training.png",
+                 "args.json"):
+        assert (out_dir / name).is_file(), name
+    assert (out_dir / "architecture.png").is_file() or (out_dir / "architecture.txt").is_file()
+    results = json.loads((out_dir / "results.json").read_text())
+    for key in ("purity", "nmi", "ari", "acc", "quantization_error", "topographic_error", "args"):
+        assert key in results
+    assert results["iterations"] == 60 and results["args"]["map_size"] == [3, 4]
+
+    res = run_bin("predict", "--model", out_dir / "model.keras", "--dataset", "digits",
+                  "--out", tmp_path / "preds.csv")
+    assert res.returncode == 0, res.stderr[-2000:]
+    preds = pd.read_csv(tmp_path / "preds.csv")
+    assert list(preds.columns) == ["bmu", "row", "col", "distance", "label"] and len(preds) == 1797
+    np.testing.assert_array_equal(preds["bmu"], preds["row"] * 4 + preds["col"])
+    model = load_model(out_dir / "model.keras")
+    (x, _), _ = load_data("digits")
+    np.testing.assert_array_equal(preds["bmu"], model.predict(x, verbose=0))
+    assert results["purity"] == pytest.approx(
+        json.loads((out_dir / "results.json").read_text())["train"]["purity"])
+
+
+def test_bin_desom_resumes_after_ctrl_c(tmp_path):
+    out_dir = tmp_path / "run"
+    args = ["--iterations", 600, "--eval_interval", 50, "--save_epochs", 1, "--map_size", 3, 3,
+            "--batch_size", 64, "--save_dir", out_dir, "--verbose", 2, "--no_jit"]
+    proc = subprocess.Popen([str(BIN), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 180
+    log = out_dir / "log.csv"
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and len(pd.read_csv(log)) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err
+    rows_before = pd.read_csv(log)["iteration"].tolist()
+    assert 0 < rows_before[-1] < 600
+
+    res = run_bin("--resume", "--save_dir", out_dir, "--verbose", 0)
+    assert res.returncode == 0, res.stderr[-2000:]
+    iterations = pd.read_csv(log)["iteration"].tolist()
+    assert iterations[: len(rows_before)] == rows_before
+    assert iterations == sorted(set(iterations)) and iterations[-1] == 600
+    assert json.loads((out_dir / "results.json").read_text())["iterations"] == 600
+
+
+def test_bin_desom_csv_with_scaling_and_predict(tmp_path):
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.normal(size=(300, 3)) * [1, 100, 0.01], columns=["a", "b", "c"])
+    frame["kind"] = np.where(frame["a"] > 0, "up", "down")
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    out_dir = tmp_path / "run"
+    res = run_bin("--data", tmp_path / "t.csv", "--label_col", "kind", "--scaling", "standard",
+                  "--model", "som", "--map_size", 2, 3, "--iterations", 50, "--batch_size", 32,
+                  "--save_dir", out_dir, "--verbose", 0)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((out_dir / "preprocessing.json").read_text())["scaling"] == "standard"
+    assert (out_dir / "map.png").is_file()
+    res = run_bin("predict", "--model", out_dir / "model.keras", "--data", tmp_path / "t.csv",
+                  "--label_col", "kind")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "purity" in res.stdout
+    preds = pd.read_csv(out_dir / "predictions.csv")
+    model = load_model(out_dir / "model.keras")
+    x = frame[["a", "b", "c"]].to_numpy()
+    scaled = ((x - x.mean(axis=0)) / x.std(axis=0)).astype(np.float32)
+    np.testing.assert_array_equal(preds["bmu"], model.predict(scaled, verbose=0))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--map_size", "0", "4"], "map_size must be positive"),
+    (["--batch_size", "5000"], "larger than the 1797 training samples"),
+    (["--data", "missing.npz"], "data file missing.npz not found"),
+    (["--dataset", "cifar"], "invalid choice: 'cifar'"),
+    (["--iterations", "0"], "--iterations must be positive"),
+    (["--model", "convdesom", "--dataset", "digits", "--data", "x.csv"], "not allowed with argument"),
+    (["--resume", "--save_dir", "nowhere"], "nothing to resume"),
+    (["--model", "som", "--pretrain_epochs", "2"], "no autoencoder"),
+    (["predict", "--model", "nothing.keras", "--dataset", "digits"], "model file nothing.keras not found"),
+])
+def test_bad_arguments_get_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_bad_argument_from_the_real_executable():
+    res = run_bin("--map_size", 0, 3, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.strip() == "desom: error: map_size must be positive, got 0 x 3"
+
+
+def test_convdesom_refuses_vector_data(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    np.savez(tmp_path / "v.npz", x=np.zeros((20, 5)))
+    with pytest.raises(SystemExit):
+        main(["--model", "convdesom", "--data", str(tmp_path / "v.npz")])
+    assert "convdesom needs images" in capsys.readouterr().err
+
+
+@pytest.mark.fmnist
+def test_fashion_mnist_run_through_the_command(require_fmnist, tmp_path):
+    res = run_bin("--dataset", "fmnist", "--iterations", 100, "--eval_interval", 50, "--eval_samples", 2000,
+                  "--save_dir", tmp_path, "--verbose", 0, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["n_samples"] == 70000 and results["purity"] > 0.3
+    assert os.path.getsize(tmp_path / "map.png") > 10000
+
+
+def test_benchmark_writes_runs_summary_table_and_figure(tmp_path, capsys):
+    from desom.benchmark import main as bench
+
+    with pytest.raises(SystemExit) as stop:
+        bench(["--datasets", "digits", "mnist", "--models", "desom", "som", "kmeans", "--runs", "2",
+               "--iterations", "40", "--batch_size", "128", "--map_size", "3", "3", "--out",
+               str(tmp_path / "b"), "--fig_dir", str(tmp_path / "fig")])
+    assert stop.value.code == 0
+    printed = capsys.readouterr().out
+    assert "skipping mnist" in printed  # no MNIST files in the test environment
+    runs = pd.read_csv(tmp_path / "b" / "runs.csv")
+    assert len(runs) == 6 and set(runs["model"]) == {"desom", "som", "kmeans"}
+    assert runs["seed"].tolist() == [0, 1] * 3
+    summary = pd.read_csv(tmp_path / "b" / "summary.csv")
+    desom_rows = runs[runs["model"] == "desom"]
+    got = summary.set_index("model").loc["desom", "purity_mean"]
+    assert got == pytest.approx(desom_rows["purity"].mean())
+    assert "purity" in printed and "±" in printed
+    assert (tmp_path / "fig" / "desom_map_digits.png").is_file()
+    assert not (tmp_path / "b" / "digits_desom_seed0" / "checkpoints").exists()
