@@ -28,6 +28,23 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def resume_args(args, keep=("verbose", "strategy", "save_dir")):
+    """For ``--resume``: the arguments saved in ``<save_dir>/args.json`` by the
+    run to continue, except those named in ``keep`` (taken from ``args``)."""
+    import json
+    from pathlib import Path
+
+    if not getattr(args, "save_dir", None):
+        raise UsageError("--resume needs --save_dir, the folder of the run to continue")
+    saved = Path(args.save_dir) / "args.json"
+    if not saved.is_file():
+        raise UsageError(f"nothing to resume in {args.save_dir} (no args.json); start a run there first")
+    mine = {k: getattr(args, k) for k in keep}
+    args.__dict__.update(json.loads(saved.read_text()))
+    args.__dict__.update(mine, resume=True)
+    return args
+
+
 def run(main, argv=None, prog: str | None = None) -> int:
     """Call ``main(argv)``; report user errors in one line and exit non-zero."""
     prog = prog or os.path.basename(sys.argv[0]) or "desom"

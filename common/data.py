@@ -146,7 +146,8 @@ def _load_mnist_like(name: str, data_dir, download: bool | None):
             module = keras.datasets.mnist if name == "mnist" else keras.datasets.fashion_mnist
             return module.load_data()
         except Exception as e:  # network errors take many forms
-            reason = f"download failed ({type(e).__name__})"
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:150]
+            reason = f"a download failed ({first})"
     else:
         reason = "downloads are off"
     raise DataError(

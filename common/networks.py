@@ -9,20 +9,30 @@ reuse and plot them without sharing layers between graphs.
 from __future__ import annotations
 
 import math
+import warnings
+from pathlib import Path
 
 import keras
-from keras import layers
+import numpy as np
+from keras import layers, ops
+
+from common.errors import UsageError
+from common.training import Task, train
 
 
-def mlp_autoencoder(input_dim: int, latent_dim: int = 10, hidden=(500, 500, 2000),
+def mlp_autoencoder(input_dim, latent_dim: int = 10, hidden=(500, 500, 2000),
                     activation: str = "relu", batchnorm: bool = False, name: str = "ae"):
     """Symmetric dense autoencoder d-500-500-2000-latent-2000-500-500-d (DEC/DESOM).
 
     Hidden layers use ``activation``; the latent and output layers are linear.
     Weights are Glorot-uniform, biases zero (Keras defaults, as in DESOM).
+    ``input_dim`` may be a shape such as (28, 28, 1): the encoder then
+    flattens its input and the decoder reshapes its output back.
     """
-    x = keras.Input((input_dim,), name="input")
-    h = x
+    shape = tuple(int(v) for v in np.atleast_1d(input_dim))
+    dim = math.prod(shape)
+    x = keras.Input(shape, name="input")
+    h = layers.Flatten(name="flatten")(x) if len(shape) > 1 else x
     for i, units in enumerate(hidden):
         h = layers.Dense(units, activation=activation, name=f"encoder_{i}")(h)
         if batchnorm:
@@ -36,7 +46,9 @@ def mlp_autoencoder(input_dim: int, latent_dim: int = 10, hidden=(500, 500, 2000
         h = layers.Dense(units, activation=activation, name=f"decoder_{i}")(h)
         if batchnorm:
             h = layers.BatchNormalization(name=f"decoder_bn_{i}")(h)
-    out = layers.Dense(input_dim, name="reconstruction")(h)
+    out = layers.Dense(dim, name="reconstruction")(h)
+    if len(shape) > 1:
+        out = layers.Reshape(shape, name="reshape")(out)
     decoder = keras.Model(code, out, name=f"{name}_decoder")
     return encoder, decoder
 
@@ -83,14 +95,49 @@ def conv_autoencoder(input_shape, latent_dim: int = 10, filters=(32, 64, 64), ke
     return encoder, decoder
 
 
+def dcec_autoencoder(input_shape, embedding_dim: int = 10, filters=(32, 64, 128), kernel_sizes=(5, 5, 3),
+                     activation: str = "relu", name: str = "dcec"):
+    """Convolutional autoencoder of DCEC (Guo et al., 2017), for any image size.
+
+    Encoder: stride-2 'same' convolutions (32 5x5, 64 5x5, 128 3x3 by
+    default), flatten, a dense linear embedding. Decoder: a dense layer back
+    to the last feature map, stride-2 transposed convolutions in mirror order
+    (the last one linear, to the input channels), and a cropping to the input
+    size when the strides overshoot it (e.g. 28 -> 4 -> 32 -> 28).
+    """
+    height, width, channels = (int(v) for v in input_shape)
+    x = keras.Input((height, width, channels), name="input")
+    h = x
+    for i, (f, k) in enumerate(zip(filters, kernel_sizes)):
+        h = layers.Conv2D(f, k, strides=2, padding="same", activation=activation, name=f"encoder_conv_{i}")(h)
+    code_shape = tuple(int(v) for v in h.shape[1:])
+    h = layers.Flatten(name="flatten")(h)
+    z = layers.Dense(embedding_dim, name="embedding")(h)
+    encoder = keras.Model(x, z, name=f"{name}_encoder")
+
+    code = keras.Input((embedding_dim,), name="code")
+    h = layers.Dense(math.prod(code_shape), activation=activation, name="decoder_dense")(code)
+    h = layers.Reshape(code_shape, name="decoder_reshape")(h)
+    stages = list(zip(filters, kernel_sizes))
+    for i in reversed(range(len(stages))):
+        out_filters = stages[i - 1][0] if i > 0 else channels
+        h = layers.Conv2DTranspose(out_filters, stages[i][1], strides=2, padding="same",
+                                   activation=activation if i > 0 else None,
+                                   name=f"decoder_deconv_{i}" if i > 0 else "reconstruction")(h)
+    extra_h, extra_w = int(h.shape[1]) - height, int(h.shape[2]) - width
+    if extra_h or extra_w:
+        h = layers.Cropping2D(((extra_h // 2, extra_h - extra_h // 2),
+                               (extra_w // 2, extra_w - extra_w // 2)), name="decoder_crop")(h)
+    decoder = keras.Model(code, h, name=f"{name}_decoder")
+    return encoder, decoder
+
+
 def predict_in_batches(model, x, batch_size: int = 1024):
     """``model`` on ``x`` in batches of one fixed shape (the last one padded).
 
     Keras' ``predict`` traces its function again for every new input length;
     padding keeps one shape, so evaluating during training never retraces.
     """
-    import numpy as np
-
     x = np.asarray(x, np.float32)
     n = len(x)
     size = min(batch_size, max(n, 1))
@@ -102,3 +149,110 @@ def predict_in_batches(model, x, batch_size: int = 1024):
         out = model.predict_on_batch(batch)
         outputs.append(np.asarray(out)[: min(size, n - start)])
     return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
+
+
+def mse_per_sample(x, reconstruction):
+    """Mean squared reconstruction error of each sample (over all its values)."""
+    err = ops.square(ops.cast(x, "float32") - ops.cast(reconstruction, "float32"))
+    return ops.mean(ops.reshape(err, (ops.shape(err)[0], -1)), axis=1)
+
+
+class ReconstructionTask(Task):
+    """Autoencoder pretraining for the shared loop: reconstruction error alone."""
+
+    def __init__(self, encoder, decoder):
+        self.model = keras.Sequential([encoder, decoder], name="autoencoder")
+
+    def loss_terms(self, x, idx, scalars):
+        return {"loss": mse_per_sample(x, self.model(x, training=True))}
+
+
+class AutoencoderModel(keras.Model):
+    """Base of the models built on an autoencoder (DESOM, DCN, ...).
+
+    Subclasses create ``self.encoder`` and ``self.decoder`` (functional models;
+    None for a model without autoencoder) and set ``self.sample_shape`` in
+    ``__init__``, where every layer gets built.
+    """
+
+    encoder = None
+    decoder = None
+    sample_shape: tuple = ()
+
+    def build(self, input_shape):  # every part is built in __init__
+        self.built = True
+
+    def functional_view(self) -> keras.Model:
+        """The same layers as a functional model (for plot_model and summaries)."""
+        inputs = keras.Input(self.sample_shape, name="input")
+        return keras.Model(inputs, self.call(inputs), name=self.name)
+
+    def transform(self, x, batch_size: int = 1024) -> np.ndarray:
+        """Latent codes of ``x`` (the inputs themselves, flattened, without encoder)."""
+        x = np.asarray(x, np.float32)
+        if self.encoder is None:
+            return x.reshape(len(x), -1)
+        return predict_in_batches(self.encoder, x, batch_size)
+
+    def pretrain(self, x, epochs: int, batch_size: int = 256, save_dir=None, resume: bool = False,
+                 seed: int = 0, verbose: int = 1, strategy=None, jit_compile: bool = True,
+                 optimizer=None, map_fn=None):
+        """Pretrain the autoencoder on reconstruction alone (``epochs`` epochs).
+
+        Writes ``pretrain_log.csv`` and ``ae.weights.h5`` to ``save_dir``.
+        """
+        if self.decoder is None:
+            raise UsageError(f"a {type(self).__name__} has no autoencoder to pretrain")
+        result = train(ReconstructionTask(self.encoder, self.decoder), x, epochs=epochs,
+                       batch_size=batch_size, save_dir=save_dir, phase="pretrain",
+                       log_name="pretrain_log.csv", resume=resume, seed=seed, verbose=verbose,
+                       strategy=strategy, jit_compile=jit_compile, optimizer=optimizer, map_fn=map_fn)
+        if save_dir is not None:
+            self.save_autoencoder_weights(Path(save_dir) / "ae.weights.h5")
+        return result
+
+    def _autoencoder(self):
+        return keras.Sequential([self.encoder, self.decoder], name="autoencoder")
+
+    def save_autoencoder_weights(self, path):
+        self._autoencoder().save_weights(str(path))
+
+    def load_autoencoder_weights(self, path):
+        """Load weights written by :meth:`save_autoencoder_weights` (or pretraining)."""
+        path = Path(path)
+        if self.decoder is None:
+            raise UsageError(f"a {type(self).__name__} has no autoencoder weights to load")
+        if not path.is_file():
+            raise UsageError(f"autoencoder weights {path} not found")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                self._autoencoder().load_weights(str(path))
+                problem = next((str(w.message) for w in caught if "Skipping" in str(w.message)), None)
+            except (ValueError, OSError, KeyError) as e:
+                problem = str(e).strip() or type(e).__name__
+        if problem:  # Keras skips mismatched parts with a warning: a partial load is an error here
+            raise UsageError(f"{path} does not fit this autoencoder: {problem.splitlines()[0]}")
+
+
+def save_keras_model(model, path) -> Path:
+    """``model.save`` to a temporary name, then rename: no half-written model file."""
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".partial.keras")
+    model.save(str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def load_keras_model(path, expected: type, what: str):
+    """``keras.saving.load_model`` with one-line errors and a type check."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"model file {path} not found")
+    try:
+        model = keras.saving.load_model(str(path))
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        raise UsageError(f"{path} is not a readable .keras model: {str(e).splitlines()[0]}") from None
+    if not isinstance(model, expected):
+        raise UsageError(f"{path} holds a {type(model).__name__}, not {what}")
+    return model

@@ -114,24 +114,6 @@ class StopTraining(Exception):
     """Raised by :meth:`Task.refresh` to stop early; the message says why."""
 
 
-class ReconstructionTask(Task):
-    """Autoencoder pretraining: per-sample mean squared reconstruction error."""
-
-    def __init__(self, encoder, decoder):
-        import keras
-
-        self.encoder, self.decoder = encoder, decoder
-        self.model = keras.Sequential([encoder, decoder], name="autoencoder")
-
-    def loss_terms(self, x, idx, scalars):
-        from keras import ops
-
-        x = ops.cast(x, "float32")
-        err = ops.square(x - ops.cast(self.model(x, training=True), "float32"))
-        mse = ops.mean(ops.reshape(err, (ops.shape(err)[0], -1)), axis=1)
-        return {"loss": mse}
-
-
 @dataclass
 class TrainResult:
     iterations: int          # iteration count reached

@@ -25,6 +25,7 @@ from common.cli import ArgumentParser, quiet_tensorflow, run
 from common.data import IMAGE_SHAPES, KNOWN_DATASETS, load_data
 from common.errors import DataError, UsageError
 from common.metrics import accuracy, evaluate_clustering
+from common.results import summarize, text_table, write_csv
 
 MODELS = ("desom", "convdesom", "som", "kmeans")
 COLUMNS = ("purity", "nmi", "nmi_geometric", "ari", "acc", "acc_kmeans", "quantization_error",
@@ -120,37 +121,6 @@ def _one_run(args, name, model_name, x, y, seed, strategy, run_dir):
     return out
 
 
-def summarize(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean and std of every metric per (dataset, model)."""
-    cols = [c for c in COLUMNS if c in runs]
-    grouped = runs.groupby(["dataset", "model"], sort=False)[cols]
-    summary = grouped.mean().add_suffix("_mean").join(grouped.std(ddof=0).add_suffix("_std"))
-    summary.insert(0, "runs", grouped.size())
-    return summary.reset_index()
-
-
-def table(summary: pd.DataFrame) -> str:
-    """A fixed-width text table of mean ± std."""
-    shown = [c for c in COLUMNS if f"{c}_mean" in summary and summary[f"{c}_mean"].notna().any()]
-    head = ["dataset", "model", "runs", *shown]
-    lines = [head]
-    for _, r in summary.iterrows():
-        cells = [r["dataset"], r["model"], str(r["runs"])]
-        for c in shown:
-            m, s = r[f"{c}_mean"], r[f"{c}_std"]
-            digits = 1 if c in ("fit_seconds", "iterations_per_second") else 3
-            cells.append("-" if pd.isna(m) else f"{m:.{digits}f} ± {s:.{digits}f}")
-        lines.append(cells)
-    widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
-    return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(row, widths)) for row in lines)
-
-
-def _write(frame: pd.DataFrame, path: Path):
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-
-
 def _main(argv=None):
     args = parser().parse_args(argv)
     if args.runs < 1 or args.iterations < 1:
@@ -185,15 +155,15 @@ def _main(argv=None):
                 row = {"dataset": name, "model": model_name, "seed": seed, **metrics,
                        "peak_rss_gb": round(_peak_rss_gb(), 2)}
                 rows.append(row)
-                _write(pd.DataFrame(rows), out / "runs.csv")
+                write_csv(pd.DataFrame(rows), out / "runs.csv")
                 print(f"{name} {model_name} seed {seed}: purity {row['purity']:.4f}, NMI {row['nmi']:.4f} "
                       f"(geometric {row['nmi_geometric']:.4f}), {row['fit_seconds']:.1f} s", flush=True)
     if not rows:
         raise UsageError("no data set could be loaded; see the notes above")
-    summary = summarize(pd.DataFrame(rows))
-    _write(summary, out / "summary.csv")
+    summary = summarize(pd.DataFrame(rows), ["dataset", "model"], COLUMNS)
+    write_csv(summary, out / "summary.csv")
     print()
-    print(table(summary))
+    print(text_table(summary, ["dataset", "model"], COLUMNS))
     print(f"\nwritten: {out}/runs.csv, {out}/summary.csv")
     return 0
 

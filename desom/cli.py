@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import sys
 import time
@@ -15,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cli import ArgumentParser, quiet_tensorflow, run
+from common.cli import ArgumentParser, quiet_tensorflow, resume_args, run
 from common.data import KNOWN_DATASETS, SCALINGS, Scaler, load_data
 from common.errors import UsageError
+from common.results import write_json
 
 MODELS = ("desom", "convdesom", "som")
 RESULT_KEYS = ("purity", "nmi", "ari", "acc", "quantization_error", "topographic_error")
@@ -121,16 +121,9 @@ def _shape_for(model_name: str, x: np.ndarray, source: str) -> np.ndarray:
     return x.reshape(len(x), -1)
 
 
-def _save_model(model, path: Path):
-    tmp = path.with_name(path.stem + ".partial.keras")
-    model.save(str(tmp))
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
-    os.replace(tmp, path)
+def _scaled(scaler: Scaler, a):
+    """Apply a per-feature scaler to flat vectors or images, keeping the shape."""
+    return None if a is None else scaler.transform(a.reshape(len(a), -1)).reshape(a.shape)
 
 
 def _majority(y, bmu, n_units):
@@ -171,18 +164,6 @@ def _build_model(args, x):
     return DESOM(input_dim=x.shape[1], latent_dim=args.latent_dim, batchnorm=args.batchnorm, **common)
 
 
-def _resume_args(args):
-    if not args.save_dir:
-        raise UsageError("--resume needs --save_dir, the folder of the run to continue")
-    saved = Path(args.save_dir) / "args.json"
-    if not saved.is_file():
-        raise UsageError(f"nothing to resume in {args.save_dir} (no args.json); start a run there first")
-    keep = {"resume": True, "verbose": args.verbose, "strategy": args.strategy, "save_dir": args.save_dir}
-    args.__dict__.update(json.loads(saved.read_text()))
-    args.__dict__.update(keep)
-    return args
-
-
 def _check_args(args):
     for name in ("iterations", "batch_size", "eval_interval", "update_interval", "save_epochs",
                  "latent_dim", "eval_samples"):
@@ -207,19 +188,16 @@ def _check_args(args):
 def train_main(argv):
     args = train_parser().parse_args(argv)
     if args.resume:
-        args = _resume_args(args)
+        args = resume_args(args)
     _check_args(args)
     if args.verbose == 1 and not sys.stdout.isatty():
         args.verbose = 2  # a progress bar in a log file is noise
     source, (x, y), (xv, yv) = _load(args, args.validation)
     image_shape = x.shape[1:] if x.ndim == 4 else None
     scaler = Scaler(args.scaling).fit(x.reshape(len(x), -1))
-    x = _shape_for(args.model, x, source)
-    if args.scaling != "none":
-        x = scaler.transform(x)
-        xv = None if xv is None else scaler.transform(xv.reshape(len(xv), -1))
+    x = _shape_for(args.model, _scaled(scaler, x), source)
     if xv is not None:
-        xv = _shape_for(args.model, xv, source)
+        xv = _shape_for(args.model, _scaled(scaler, xv), source)
     if args.batch_size > len(x):
         raise UsageError(f"--batch_size {args.batch_size} is larger than the {len(x)} training samples")
     args.dataset = None if args.data else source
@@ -228,9 +206,9 @@ def train_main(argv):
     save_dir.mkdir(parents=True, exist_ok=True)
     args.save_dir = str(save_dir)
     if not args.resume:
-        _write_json(save_dir / "args.json", vars(args))
+        write_json(save_dir / "args.json", vars(args))
     if args.scaling != "none":
-        _write_json(save_dir / "preprocessing.json", scaler.to_dict())
+        write_json(save_dir / "preprocessing.json", scaler.to_dict())
 
     tf = quiet_tensorflow()
     import keras
@@ -269,7 +247,9 @@ def train_main(argv):
         eval_samples=args.eval_samples, checkpoint_interval=args.save_epochs * steps_per_epoch,
         optimizer=optimizer, **fit_kw)
     total_seconds = time.perf_counter() - t0
-    _save_model(model, save_dir / "model.keras")
+    from common.networks import save_keras_model
+
+    save_keras_model(model, save_dir / "model.keras")
 
     results = {"data": source, "model": args.model, "n_samples": len(x),
                "iterations": result.iterations, "fit_seconds": round(result.seconds, 2),
@@ -283,7 +263,7 @@ def train_main(argv):
     results["environment"] = {"python": platform.python_version(), "tensorflow": tf.__version__,
                               "keras": keras.__version__, "replicas": strategy.num_replicas_in_sync,
                               "devices": [d.name for d in tf.config.list_logical_devices()]}
-    _write_json(save_dir / "results.json", results)
+    write_json(save_dir / "results.json", results)
 
     title = f"{name} {args.model} {args.map_size[0]}x{args.map_size[1]}"
     _pictures(model, x, y, save_dir, image_shape, title)
@@ -315,7 +295,7 @@ def predict_main(argv):
     x = _shape_for("convdesom" if isinstance(model, ConvDESOM) else "desom", x, source)
     prep = model_path.parent / "preprocessing.json"
     if prep.is_file():
-        x = Scaler.from_dict(json.loads(prep.read_text())).transform(x)
+        x = _scaled(Scaler.from_dict(json.loads(prep.read_text())), x)
     expected = tuple(model.sample_shape)
     if tuple(x.shape[1:]) != expected:
         raise UsageError(f"the model expects samples of shape {expected}, {source} has {tuple(x.shape[1:])}")

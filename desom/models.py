@@ -19,17 +19,21 @@ best-matching unit, ``model.save("m.keras")`` writes one file, and
 
 from __future__ import annotations
 
-import warnings
-from pathlib import Path
-
 import keras
 import numpy as np
 from keras import ops
 
 from common.errors import UsageError
 from common.metrics import evaluate_clustering
-from common.networks import conv_autoencoder, mlp_autoencoder, predict_in_batches
-from common.training import ReconstructionTask, Task, train
+from common.networks import (
+    AutoencoderModel,
+    conv_autoencoder,
+    load_keras_model,
+    mlp_autoencoder,
+    mse_per_sample,
+    predict_in_batches,
+)
+from common.training import Task, train
 from desom.layers import (
     KERNELS,
     SOMLayer,
@@ -41,11 +45,6 @@ from desom.layers import (
 )
 
 SOM_INITS = ("random", "som")
-
-
-def _mse_per_sample(x, reconstruction):
-    err = ops.square(ops.cast(x, "float32") - ops.cast(reconstruction, "float32"))
-    return ops.mean(ops.reshape(err, (ops.shape(err)[0], -1)), axis=1)
 
 
 class SOMTask(Task):
@@ -69,7 +68,7 @@ class SOMTask(Task):
         som = self.model.som.loss(out["distances"], scalars["T"], self.neighborhood)
         if self.model.decoder is None:
             return {"loss": som, "som": som}
-        rec = _mse_per_sample(x, out["reconstruction"])
+        rec = mse_per_sample(x, out["reconstruction"])
         return {"loss": rec + self.gamma * som, "reconstruction": rec, "som": som}
 
     def evaluate(self):
@@ -80,15 +79,12 @@ class SOMTask(Task):
         return {k: metrics[k] for k in keys if k in metrics}
 
 
-class SOMModel(keras.Model):
+class SOMModel(AutoencoderModel):
     """Shared behaviour of the SOM models: an optional autoencoder + a SOMLayer.
 
     Subclasses build ``self.encoder`` and ``self.decoder`` (None for a plain
     SOM) in ``__init__`` and call :meth:`_finish_init`.
     """
-
-    encoder = None
-    decoder = None
 
     def _finish_init(self, input_shape, latent_dim, map_size, topology, toroidal):
         self.sample_shape = tuple(int(v) for v in input_shape)
@@ -97,14 +93,6 @@ class SOMModel(keras.Model):
         self.som = SOMLayer(map_size, topology=topology, toroidal=toroidal, name="som")
         self.som.build((None, latent_dim))
         self.build((None, *self.sample_shape))
-
-    def build(self, input_shape):  # every part is built in __init__
-        self.built = True
-
-    def functional_view(self) -> keras.Model:
-        """The same layers as a functional model (for plot_model and summaries)."""
-        inputs = keras.Input(self.sample_shape, name="input")
-        return keras.Model(inputs, self.call(inputs), name=self.name)
 
     def call(self, x, training=False):
         if self.encoder is None:
@@ -139,13 +127,6 @@ class SOMModel(keras.Model):
     def unit_coordinates(self, units=None):
         """(rows, cols) of the given unit indices (all units by default)."""
         return unit_coordinates(self.map_size, units)
-
-    def transform(self, x, batch_size: int = 1024) -> np.ndarray:
-        """Latent codes of ``x`` (the inputs themselves, flattened, for Kerasom)."""
-        x = np.asarray(x, np.float32)
-        if self.encoder is None:
-            return x.reshape(len(x), -1)
-        return predict_in_batches(self.encoder, x, batch_size)
 
     def distances(self, x, batch_size: int = 1024) -> np.ndarray:
         """(samples, units) squared Euclidean distances in latent space."""
@@ -198,46 +179,6 @@ class SOMModel(keras.Model):
             init = batch_som(self.transform(sub), self.unit_distances, init,
                              Tmax=max(max(self.map_size) / 2.0, 1.0), Tmin=1.0)
         self.set_prototypes(init)
-
-    def pretrain(self, x, epochs: int, batch_size: int = 256, save_dir=None, resume: bool = False,
-                 seed: int = 0, verbose: int = 1, strategy=None, jit_compile: bool = True,
-                 optimizer=None):
-        """Pretrain the autoencoder on reconstruction alone (``epochs`` epochs).
-
-        Writes ``pretrain_log.csv`` and ``ae.weights.h5`` to ``save_dir``.
-        """
-        if self.decoder is None:
-            raise UsageError("a plain SOM has no autoencoder to pretrain")
-        result = train(ReconstructionTask(self.encoder, self.decoder), x, epochs=epochs,
-                       batch_size=batch_size, save_dir=save_dir, phase="pretrain",
-                       log_name="pretrain_log.csv", resume=resume, seed=seed, verbose=verbose,
-                       strategy=strategy, jit_compile=jit_compile, optimizer=optimizer)
-        if save_dir is not None:
-            self.save_autoencoder_weights(Path(save_dir) / "ae.weights.h5")
-        return result
-
-    def _autoencoder(self):
-        return keras.Sequential([self.encoder, self.decoder], name="autoencoder")
-
-    def save_autoencoder_weights(self, path):
-        self._autoencoder().save_weights(str(path))
-
-    def load_autoencoder_weights(self, path):
-        """Load weights written by :meth:`save_autoencoder_weights` (or ``--pretrain_epochs``)."""
-        path = Path(path)
-        if self.decoder is None:
-            raise UsageError("a plain SOM has no autoencoder weights to load")
-        if not path.is_file():
-            raise UsageError(f"autoencoder weights {path} not found")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                self._autoencoder().load_weights(str(path))
-                problem = next((str(w.message) for w in caught if "Skipping" in str(w.message)), None)
-            except (ValueError, OSError, KeyError) as e:
-                problem = str(e).strip() or type(e).__name__
-        if problem:  # Keras skips mismatched parts with a warning: a partial load is an error here
-            raise UsageError(f"{path} does not fit this autoencoder: {problem.splitlines()[0]}")
 
     def fit(self, x, y=None, *, iterations: int = 10000, batch_size: int = 256, gamma: float = 0.001,
             Tmax: float = 10.0, Tmin: float = 0.1, decay: str = "exponential",
@@ -364,13 +305,4 @@ class Kerasom(SOMModel):
 
 def load_model(path) -> SOMModel:
     """Load a model saved with ``model.save(path)`` (a ``.keras`` file)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"model file {path} not found")
-    try:
-        model = keras.saving.load_model(str(path))
-    except (ValueError, OSError, KeyError, TypeError) as e:
-        raise UsageError(f"{path} is not a readable .keras model: {str(e).splitlines()[0]}") from None
-    if not isinstance(model, SOMModel):
-        raise UsageError(f"{path} holds a {type(model).__name__}, not a DESOM/ConvDESOM/Kerasom model")
-    return model
+    return load_keras_model(path, SOMModel, "a DESOM/ConvDESOM/Kerasom model")

@@ -314,3 +314,16 @@ def test_benchmark_writes_runs_summary_table_and_figure(tmp_path, capsys):
     assert "purity" in printed and "±" in printed
     assert (tmp_path / "fig" / "desom_map_digits.png").is_file()
     assert not (tmp_path / "b" / "digits_desom_seed0" / "checkpoints").exists()
+
+
+def test_bin_desom_scales_image_files_for_convdesom_and_predict(tmp_path):
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "img.npz", x=rng.random((40, 8, 8)) * 50, y=rng.integers(0, 2, 40))
+    out_dir = tmp_path / "run"
+    res = run_bin("--data", tmp_path / "img.npz", "--model", "convdesom", "--scaling", "minmax",
+                  "--map_size", 2, 2, "--iterations", 5, "--batch_size", 8, "--save_dir", out_dir,
+                  "--verbose", 0)
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = run_bin("predict", "--model", out_dir / "model.keras", "--data", tmp_path / "img.npz")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert len(pd.read_csv(out_dir / "predictions.csv")) == 40
