@@ -26,6 +26,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	bin/desom-benchmark --datasets fmnist mnist usps --models desom --runs 5 --out bench/desom --fig_dir fig
+	bin/dcn-benchmark --dataset fmnist --runs 3 --folder --out bench/dcn
 
 clean:
 	rm -rf $(VENV) results bench .pytest_cache

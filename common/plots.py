@@ -110,15 +110,16 @@ def training_curves(log, path, columns=("loss", "purity", "nmi", "quantization_e
     return _save(fig, path)
 
 
-def confusion_matrix(cm, class_names, path, title: str | None = None):
-    """A labelled confusion matrix (rows: true classes, columns: predicted)."""
+def confusion_matrix(cm, class_names, path, title: str | None = None, row_names=None):
+    """A labelled confusion matrix: rows are true classes (``row_names``,
+    default ``class_names``), columns predicted ones (``class_names``)."""
     cm = np.asarray(cm)
-    n = len(class_names)
-    size = max(4.0, 0.55 * n + 2)
+    rows = list(class_names if row_names is None else row_names)
+    size = max(4.0, 0.55 * max(len(class_names), len(rows)) + 2)
     fig, ax = plt.subplots(figsize=(size, size))
     im = ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(n), class_names)
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     for i in range(cm.shape[0]):

@@ -1,0 +1,193 @@
+"""bin/dcn-benchmark: DEC and IDEC on a vector data set, and a folder benchmark.
+
+Vectors (default Fashion-MNIST, all 70,000 samples): per seed, the
+d-500-500-2000-10 autoencoder is pretrained once and its weights shared by
+every method, so they differ only in the clustering phase:
+
+* ``ae+kmeans``: k-means (20 restarts) on the pretrained embedding;
+* ``dec``: KL(P || Q) alone, SGD lr 0.01 momentum 0.9 (DEC-keras);
+* ``idec``: KL + 10 x reconstruction, Adam lr 0.001 (IDEC's gamma 0.1).
+
+Targets are refreshed every 140 iterations; training stops when fewer than
+0.1 % of the labels change, or after 20,000 iterations.
+
+Folders (``--folder``): Fashion-MNIST images written as PNG files into
+``train/`` (unlabelled), ``test/<class>/`` and ``reference/<class>_N.png``
+for four classes, then ``bin/dcn --data`` end to end (DCEC, references name
+the clusters); reports test accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common.cli import ArgumentParser, quiet_tensorflow, run
+from common.data import KNOWN_DATASETS, load_data
+from common.errors import UsageError
+from common.metrics import evaluate_clustering
+from common.results import summarize, text_table, write_csv, write_json
+
+METHODS = ("ae+kmeans", "dec", "idec")
+COLUMNS = ("acc", "nmi", "nmi_geometric", "ari", "iterations", "pretrain_seconds", "cluster_seconds")
+FMNIST_CLASSES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                  "boot")
+
+
+def parser():
+    p = ArgumentParser(prog="dcn-benchmark", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", choices=KNOWN_DATASETS, default="fmnist", help="vector data set")
+    p.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS),
+                   help="clustering methods on the vectors (none: skip the vector benchmark)")
+    p.add_argument("--runs", type=int, default=3, help="seeds seed..seed+runs-1")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pretrain_epochs", type=int, default=50,
+                   help="autoencoder pretraining epochs (DEC-keras used 200 or more)")
+    p.add_argument("--max_iterations", type=int, default=20000)
+    p.add_argument("--update_interval", type=int, default=140)
+    p.add_argument("--tol", type=float, default=0.001)
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--folder", action="store_true", help="also run the image-folder benchmark")
+    p.add_argument("--folder_classes", nargs="+", type=int, default=[0, 1, 8, 9],
+                   help="Fashion-MNIST classes of the folder benchmark")
+    p.add_argument("--folder_train", type=int, default=1000, help="training images per class")
+    p.add_argument("--folder_references", type=int, default=3, help="reference images per class")
+    p.add_argument("--folder_epochs", type=int, default=50, help="pretraining epochs of the folder run")
+    p.add_argument("--data_dir", help="folder searched first for the data files")
+    p.add_argument("--out", default="bench/dcn", help="folder for runs.csv, summary.csv, folder data")
+    p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=0)
+    return p
+
+
+def _score(pred, y):
+    m = evaluate_clustering(pred, y)
+    return {k: m[k] for k in ("acc", "nmi", "nmi_geometric", "ari")}
+
+
+def vector_runs(args, out: Path, rows: list):
+    import keras
+
+    from dcn.models import DCN
+
+    (x, y), _ = load_data(args.dataset, data_dir=args.data_dir)
+    k = len(np.unique(y))
+    for r in range(args.runs):
+        seed = args.seed + r
+        keras.utils.set_random_seed(seed)
+        weights = out / f"ae_{args.dataset}_seed{seed}.weights.h5"
+        model = DCN(x.shape[1:], k)
+        t0 = time.perf_counter()
+        model.pretrain(x, args.pretrain_epochs, batch_size=args.batch_size, seed=seed, verbose=args.verbose)
+        pretrain_seconds = time.perf_counter() - t0
+        model.save_autoencoder_weights(weights)
+        for method in args.methods:
+            keras.utils.set_random_seed(seed)
+            m = DCN(x.shape[1:], k)
+            m.load_autoencoder_weights(weights)
+            t0 = time.perf_counter()
+            labels = m.init_centers(x, n_init=20, seed=seed)
+            row = {"dataset": args.dataset, "method": method, "seed": seed,
+                   "pretrain_seconds": pretrain_seconds}
+            if method == "ae+kmeans":
+                row.update(_score(labels, y), iterations=0, cluster_seconds=time.perf_counter() - t0)
+            else:
+                dec = method == "dec"
+                opt = keras.optimizers.SGD(0.01, momentum=0.9) if dec else keras.optimizers.Adam(0.001)
+                res = m.fit(x, y, max_iterations=args.max_iterations, update_interval=args.update_interval,
+                            tol=args.tol, recon_weight=0.0 if dec else 10.0, batch_size=args.batch_size,
+                            seed=seed, verbose=args.verbose, optimizer=opt)
+                row.update(_score(m.cluster(x), y), iterations=res.iterations,
+                           cluster_seconds=time.perf_counter() - t0)
+            rows.append(row)
+            write_csv(pd.DataFrame(rows), out / "runs.csv")
+            print(f"{args.dataset} {method} seed {seed}: acc {row['acc']:.4f}, NMI {row['nmi']:.4f} "
+                  f"(geometric {row['nmi_geometric']:.4f}), {row['iterations']} iterations, "
+                  f"{row['cluster_seconds']:.0f} s (+{pretrain_seconds:.0f} s shared pretraining)",
+                  flush=True)
+
+
+def write_fmnist_folder(root: Path, classes, n_train: int, n_refs: int, seed: int = 0, data_dir=None):
+    """Fashion-MNIST as PNG files: train/ (unlabelled), test/<class>/, reference/<class>_N.png."""
+    from PIL import Image
+
+    (xt, yt), (xv, yv) = load_data("fmnist", validation=True, flatten=False, data_dir=data_dir)
+    rng = np.random.default_rng(seed)
+
+    def save(img, path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((img[..., 0] * 255).round().astype(np.uint8)).save(path)
+
+    for c in classes:
+        name = FMNIST_CLASSES[c]
+        pick = rng.permutation(np.flatnonzero(yt == c))[: n_train + n_refs]
+        for i, j in enumerate(pick[:n_train]):
+            save(xt[j], root / "train" / f"{name}_{i:05d}.png")
+        for i, j in enumerate(pick[n_train:]):
+            save(xt[j], root / "reference" / f"{name}_{i + 1}.png")
+        for i, j in enumerate(np.flatnonzero(yv == c)):
+            save(xv[j], root / "test" / name / f"{i:05d}.png")
+
+
+def folder_run(args, out: Path):
+    root = out / "fmnist_folders"
+    if not (root / "train").is_dir():
+        write_fmnist_folder(root, args.folder_classes, args.folder_train, args.folder_references,
+                            data_dir=args.data_dir)
+    report = out / "folder_report"
+    dcn = Path(__file__).resolve().parents[1] / "bin" / "dcn"
+    cmd = [str(dcn), "--data", str(root), "--image_size", "28",
+           "--pretrain_epochs", str(args.folder_epochs), "--batch_size", "256", "--update_interval", "20",
+           "--save_dir", str(report), "--seed", str(args.seed), "--verbose", "0"]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if done.returncode:
+        raise UsageError(f"bin/dcn failed on the folder benchmark: {done.stderr.strip().splitlines()[-1]}")
+    metrics = json.loads((report / "test_metrics.json").read_text())
+    results = json.loads((report / "results.json").read_text())
+    print(f"\nfolder benchmark ({len(args.folder_classes)} Fashion-MNIST classes: "
+          f"{', '.join(FMNIST_CLASSES[c] for c in args.folder_classes)}; {args.folder_train} training "
+          f"images and {args.folder_references} references per class, 28x28, DCEC):")
+    print(f"  test accuracy {metrics['accuracy']:.4f}, NMI {metrics['nmi']:.4f}, ARI {metrics['ari']:.4f} on "
+          f"{metrics['n_images']} test images; {results['iterations']} clustering iterations; "
+          f"{seconds:.0f} s in all")
+    print(f"  command: {' '.join(cmd[1:])}")
+    summary = {"test_accuracy": metrics["accuracy"], "nmi": metrics["nmi"], "ari": metrics["ari"],
+               "n_test": metrics["n_images"], "seconds": round(seconds, 1), "command": " ".join(cmd[1:])}
+    write_json(out / "folder_summary.json", summary)
+
+
+def _main(argv=None):
+    args = parser().parse_args(argv)
+    if args.runs < 1:
+        raise UsageError("--runs must be positive")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tf = quiet_tensorflow()
+    print(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores")
+    rows: list = []
+    if args.methods:
+        vector_runs(args, out, rows)
+        summary = summarize(pd.DataFrame(rows), ["dataset", "method"], COLUMNS)
+        write_csv(summary, out / "summary.csv")
+        print()
+        print(text_table(summary, ["dataset", "method"], COLUMNS))
+    if args.folder:
+        folder_run(args, out)
+    print(f"\nwritten: {out}/")
+    return 0
+
+
+def main(argv=None):
+    run(_main, argv, prog="dcn-benchmark")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

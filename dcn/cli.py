@@ -1,0 +1,316 @@
+"""bin/dcn: deep clustering of an image folder (DCEC) or a data set (DEC/IDEC).
+
+    bin/dcn --data datasets/                    # train/, test/, reference/
+    bin/dcn --dataset fmnist --recon_weight 0   # DEC on Fashion-MNIST vectors
+    bin/dcn predict --model reports/model.keras photo1.jpg photo2.png
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common.cli import ArgumentParser, quiet_tensorflow, resume_args, run
+from common.data import KNOWN_DATASETS, load_data
+from common.errors import UsageError
+from common.results import write_json
+
+
+def train_parser():
+    p = ArgumentParser(
+        prog="dcn",
+        description="Deep clustering network: pretrain an autoencoder, initialise cluster centres with "
+        "k-means, then train with DEC's self-training target (KL(P||Q)) plus, with --recon_weight > 0, "
+        "the reconstruction error (IDEC/DCEC). On an image folder it names the clusters from "
+        "reference/ images and evaluates on test/. See `dcn predict --help` to name new images.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", metavar="DIR", help="image folder with train/ and optional test/, reference/")
+    src.add_argument("--dataset", choices=KNOWN_DATASETS, help="a vector data set (DEC/IDEC protocol)")
+    p.add_argument("--data_dir", help="--dataset: folder searched first for its files")
+    p.add_argument("--n_clusters", type=int,
+                   help="number of clusters (default: reference classes, or the data set's classes)")
+    p.add_argument("--image_size", type=int, nargs="+", default=[160, 160], metavar="PX",
+                   help="height and width images are resized to (one value: square)")
+    p.add_argument("--color", choices=("grayscale", "rgb"), default="grayscale", help="colour mode of images")
+    p.add_argument("--architecture", choices=("conv", "mlp"),
+                   help="autoencoder: conv (DCEC, default for images) or mlp (d-500-500-2000-d', default "
+                   "for vectors)")
+    p.add_argument("--embedding_dim", type=int, default=10, help="size of the embedding")
+    p.add_argument("--alpha", type=float, default=1.0, help="degrees of freedom of the Student's t kernel")
+    p.add_argument("--pretrain_epochs", type=int, default=50, help="autoencoder pretraining epochs")
+    p.add_argument("--ae_weights",
+                   help="pretrained autoencoder weights (ae.weights.h5) instead of pretraining")
+    p.add_argument("--n_init", type=int, default=20, help="k-means restarts for the initial centres")
+    p.add_argument("--max_iterations", type=int, default=20000, help="clustering iterations at most")
+    p.add_argument("--update_interval", type=int, default=140,
+                   help="iterations between refreshes of the target distribution P over all samples")
+    p.add_argument("--tol", type=float, default=0.001,
+                   help="stop when fewer than this share of labels change between refreshes")
+    p.add_argument("--recon_weight", type=float, default=10.0,
+                   help="weight of the reconstruction error in the clustering phase; 0 gives DEC, 10 is "
+                   "IDEC/DCEC's gamma 0.1 under Adam")
+    p.add_argument("--batch_size", type=int, default=256, help="global batch size")
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
+                   help="clustering-phase optimizer (pretraining uses Adam); DEC used SGD, lr 0.01, "
+                   "momentum 0.9")
+    p.add_argument("--lr", type=float, help="clustering learning rate (default: 0.001 adam, 0.01 sgd)")
+    p.add_argument("--augment", action="store_true",
+                   help="images: random flips, small rotations, brightness and noise while training")
+    p.add_argument("--eval_interval", type=int,
+                   help="iterations between log rows (default: --update_interval)")
+    p.add_argument("--save_epochs", type=int, default=5, help="epochs between checkpoints")
+    p.add_argument("--save_dir", default="reports", help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and k-means")
+    p.add_argument("--strategy", choices=("auto", "default", "mirrored"), default="auto",
+                   help="auto: mirrored over all GPUs when there are several")
+    p.add_argument("--mixed_precision", action="store_true", help="float16 compute (GPUs)")
+    p.add_argument("--no_jit", action="store_true", help="do not compile the training step with XLA")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --save_dir from its last checkpoint, with its arguments")
+    p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
+                   help="0 quiet, 1 progress bars, 2 one line per log row")
+    return p
+
+
+def predict_parser():
+    p = ArgumentParser(prog="dcn predict",
+                       description="Name images with a trained model: prints the class, cluster and its "
+                       "probability for each image.")
+    p.add_argument("--model", required=True, metavar="MODEL.keras", help="a model written by dcn")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("--out", metavar="CSV", help="also write the predictions to this CSV file")
+    return p
+
+
+# --------------------------------------------------------------------------- #
+def _check(args):
+    if len(args.image_size) == 1:
+        args.image_size = args.image_size * 2
+    if len(args.image_size) != 2 or min(args.image_size) < 8:
+        raise UsageError(f"--image_size takes one or two sizes of at least 8 pixels, got {args.image_size}")
+    for name in ("max_iterations", "update_interval", "batch_size", "embedding_dim", "n_init", "save_epochs"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.n_clusters is not None and args.n_clusters < 2:
+        raise UsageError(f"--n_clusters must be at least 2, got {args.n_clusters}")
+    if args.pretrain_epochs < 0 or args.recon_weight < 0 or args.tol < 0:
+        raise UsageError("--pretrain_epochs, --recon_weight and --tol must be 0 or more")
+    if args.lr is None:
+        args.lr = 0.01 if args.optimizer == "sgd" else 0.001
+
+
+def _augmenter(seed):
+    import keras
+
+    layers = keras.layers
+    return keras.Sequential([
+        layers.RandomFlip("horizontal", seed=seed),
+        layers.RandomRotation(0.05, fill_mode="constant", seed=seed),
+        layers.RandomBrightness(0.1, value_range=(0.0, 1.0), seed=seed),
+        layers.GaussianNoise(0.02, seed=seed),
+    ], name="augment")
+
+
+def _test_report(model, naming, test, save_dir: Path):
+    """test_metrics.json and test_cm.png for a labelled test folder."""
+    from sklearn.metrics import classification_report, confusion_matrix
+
+    from common import plots
+    from common.metrics import ari, nmi
+
+    clusters = model.cluster(test.x)
+    truth = [test.classes[i] for i in test.labels]
+    named = [n if n is not None else "(unnamed)" for n in naming.name(clusters)]
+    columns = list(test.classes) + sorted({n for n in named if n not in test.classes})
+    report = classification_report(truth, named, labels=test.classes, output_dict=True, zero_division=0)
+    metrics = {
+        "n_images": len(truth),
+        "accuracy": float(np.mean(np.array(named) == np.array(truth))),
+        "nmi": nmi(test.labels, clusters),
+        "ari": ari(test.labels, clusters),
+        "naming": naming.source,
+        "per_class": {c: {k: round(float(report[c][k]), 4)
+                          for k in ("precision", "recall", "f1-score", "support")} for c in test.classes},
+    }
+    write_json(save_dir / "test_metrics.json", metrics)
+    cm = confusion_matrix(truth, named, labels=columns)[: len(test.classes)]
+    plots.confusion_matrix(cm, columns, save_dir / "test_cm.png",
+                           title=f"test accuracy {metrics['accuracy']:.3f} "
+                           f"(clusters named from {naming.source})",
+                           row_names=test.classes)
+    return metrics
+
+
+# --------------------------------------------------------------------------- #
+def train_main(argv):
+    args = train_parser().parse_args(argv)
+    if args.resume:
+        args = resume_args(args)
+    if not (args.data or args.dataset):
+        raise UsageError("give --data DIR (an image folder) or --dataset NAME")
+    _check(args)
+    if args.verbose == 1 and not sys.stdout.isatty():
+        args.verbose = 2
+    save_dir = Path(args.save_dir)
+    tf = quiet_tensorflow()
+
+    from dcn import folders as fold
+    from dcn.naming import name_from_labels, name_from_references
+
+    # ---- data
+    folders, y, class_names = None, None, None
+    if args.data:
+        folders = fold.load_folders(args.data, args.image_size, args.color)
+        x = folders.train.x
+        if args.verbose:
+            print(f"{args.data}: {fold.describe(folders)}")
+        if args.n_clusters is None:
+            if folders.reference is None:
+                raise UsageError("give --n_clusters (there is no reference/ folder to count classes from)")
+            args.n_clusters = len(folders.reference.classes)
+    else:
+        (x, y), _ = load_data(args.dataset, data_dir=args.data_dir, flatten=args.architecture != "conv")
+        if args.architecture == "conv" and x.ndim != 4:
+            raise UsageError(f"--architecture conv needs images; {args.dataset} holds vectors")
+        class_names = [str(c) for c in np.unique(y)]
+        if args.n_clusters is None:
+            args.n_clusters = len(class_names)
+        if args.verbose:
+            print(f"{args.dataset}: {len(x)} samples of shape {x.shape[1:]}, {len(class_names)} classes")
+    if args.batch_size > len(x):
+        raise UsageError(f"--batch_size {args.batch_size} is larger than the {len(x)} training samples")
+    if args.n_clusters > len(x):
+        raise UsageError(f"--n_clusters {args.n_clusters} is more than the {len(x)} training samples")
+    save_dir.mkdir(parents=True, exist_ok=True)
+    if not args.resume:
+        write_json(save_dir / "args.json", vars(args))
+
+    # ---- model
+    import keras
+
+    from common import plots
+    from common.training import make_strategy, set_mixed_precision
+    from dcn.models import DCN
+
+    keras.utils.set_random_seed(args.seed)
+    set_mixed_precision(args.mixed_precision)
+    strategy = make_strategy(args.strategy)
+    with strategy.scope():
+        model = DCN(x.shape[1:], args.n_clusters, args.embedding_dim, args.architecture, alpha=args.alpha)
+        pre_opt = keras.optimizers.Adam()
+        opt = (keras.optimizers.SGD(args.lr, momentum=0.9) if args.optimizer == "sgd"
+               else keras.optimizers.Adam(args.lr))
+    plots.architecture(model.functional_view(), save_dir / "architecture.png")
+    augment = None
+    if args.augment and x.ndim == 4:
+        augmenter = _augmenter(args.seed)
+
+        def augment(batch):
+            return tf.clip_by_value(augmenter(batch, training=True), 0.0, 1.0)
+
+    common = dict(batch_size=args.batch_size, save_dir=save_dir, resume=args.resume, seed=args.seed,
+                  verbose=args.verbose, strategy=strategy, jit_compile=not args.no_jit, map_fn=augment)
+    t0 = time.perf_counter()
+    if args.ae_weights:
+        model.load_autoencoder_weights(args.ae_weights)
+    elif args.pretrain_epochs:
+        model.pretrain(x, args.pretrain_epochs, optimizer=pre_opt, **common)
+    pretrain_seconds = time.perf_counter() - t0
+    model.init_centers(x, n_init=args.n_init, seed=args.seed)
+    steps_per_epoch = max(len(x) // args.batch_size, 1)
+    result = model.fit(x, y, max_iterations=args.max_iterations, update_interval=args.update_interval,
+                       tol=args.tol, recon_weight=args.recon_weight, eval_interval=args.eval_interval,
+                       checkpoint_interval=args.save_epochs * steps_per_epoch, optimizer=opt, **common)
+
+    # ---- naming and evaluation
+    if folders is not None and folders.reference is not None:
+        ref = folders.reference
+        naming = name_from_references(model.soft_assign(ref.x), ref.labels, ref.classes)
+    elif folders is not None and folders.test is not None:
+        test = folders.test
+        naming = name_from_labels(model.cluster(test.x), test.labels, test.classes, model.n_clusters)
+    elif y is not None:
+        naming = name_from_labels(model.cluster(x), np.searchsorted(np.unique(y), y), class_names,
+                                  model.n_clusters)
+    else:
+        naming = None
+    if naming is not None:
+        for w in naming.warnings:
+            fold.warn(w)
+        model.cluster_names = naming.names
+        write_json(save_dir / "class_mappings.json", naming.to_json())
+        if naming.source.startswith("test labels") and folders is not None:
+            fold.warn("no reference images: clusters were named by matching them to the test labels, "
+                      "so the test accuracy is an upper bound")
+    from common.networks import save_keras_model
+
+    save_keras_model(model, save_dir / "model.keras")
+
+    results = {"n_samples": len(x), "n_clusters": model.n_clusters, "iterations": result.iterations,
+               "stopped": result.stopped_early or "max_iterations",
+               "pretrain_seconds": round(pretrain_seconds, 2), "cluster_seconds": round(result.seconds, 2),
+               "train": model.evaluate_clusters(x, y, seed=args.seed)}
+    if folders is not None and folders.test is not None and naming is not None:
+        results["test"] = _test_report(model, naming, folders.test, save_dir)
+    results["args"] = vars(args)
+    results["environment"] = {"tensorflow": tf.__version__, "keras": keras.__version__,
+                              "replicas": strategy.num_replicas_in_sync}
+    write_json(save_dir / "results.json", results)
+    if args.verbose:
+        train = results["train"]
+        line = f"{result.iterations} clustering iterations ({results['stopped']})"
+        if "acc" in train:
+            line += f"; accuracy {train['acc']:.4f}, NMI {train['nmi']:.4f}, ARI {train['ari']:.4f}"
+        if "test" in results:
+            line += f"; test accuracy {results['test']['accuracy']:.4f}"
+        print(line)
+        print(f"outputs in {save_dir}/")
+    return 0
+
+
+def predict_main(argv):
+    args = predict_parser().parse_args(argv)
+    quiet_tensorflow()
+    from dcn.folders import load_image_files
+    from dcn.models import load_model
+
+    model = load_model(args.model)
+    if len(model.sample_shape) != 3:
+        raise UsageError(f"{args.model} was trained on vectors, not images")
+    height, width, channels = model.sample_shape
+    x, paths = load_image_files(args.images, (height, width), "grayscale" if channels == 1 else "rgb")
+    if len(x) == 0:
+        raise UsageError("none of the images could be read")
+    q = model.soft_assign(x)
+    clusters = q.argmax(axis=1)
+    names = model.cluster_names or [None] * model.n_clusters
+    rows = []
+    for path, k, prob in zip(paths, clusters, q.max(axis=1)):
+        name = names[k] if names[k] is not None else "(unnamed)"
+        rows.append({"image": path, "class": name, "cluster": int(k), "probability": round(float(prob), 4)})
+        print(f"{path}\t{name}\tcluster {k}\tp={prob:.3f}")
+    if args.out:
+        import pandas as pd
+
+        pd.DataFrame(rows).to_csv(args.out, index=False)
+    return 0
+
+
+def _main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "predict":
+        return predict_main(argv[1:])
+    if argv and argv[0] == "train":
+        argv = argv[1:]
+    return train_main(argv)
+
+
+def main(argv=None):
+    run(_main, argv, prog="dcn")
+
+
+if __name__ == "__main__":
+    main()

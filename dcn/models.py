@@ -1,0 +1,219 @@
+"""DEC, IDEC and DCEC: a clustering layer on an autoencoder's embedding.
+
+One model, :class:`DCN`, covers the three: a dense autoencoder (DEC/IDEC on
+vectors) or a convolutional one (DCEC on images), a
+:class:`~dcn.layers.ClusteringLayer` on the embedding, and training in
+three phases through the shared loop:
+
+1. autoencoder pretraining (:meth:`DCN.pretrain`);
+2. k-means on the embeddings for the initial centres (:meth:`DCN.init_centers`);
+3. clustering (:meth:`DCN.fit`): minimise KL(P || Q) + ``recon_weight`` x
+   reconstruction error, with the target P recomputed over the whole
+   training set every ``update_interval`` iterations, stopping when fewer
+   than ``tol`` of the labels change between two refreshes.
+
+``recon_weight=0`` is DEC; a positive weight keeps the decoder training (IDEC
+on vectors, DCEC on images). IDEC and DCEC write L = L_r + gamma L_c with
+gamma = 0.1; under Adam, which is invariant to the scale of the loss, that is
+L_c + 10 L_r, hence the default ``recon_weight=10``.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import ops
+
+from common.errors import UsageError
+from common.metrics import evaluate_clustering
+from common.networks import (
+    AutoencoderModel,
+    dcec_autoencoder,
+    load_keras_model,
+    mlp_autoencoder,
+    mse_per_sample,
+    predict_in_batches,
+)
+from common.training import StopTraining, Task, train
+from dcn.layers import ClusteringLayer, kl_divergence, target_distribution
+
+ARCHITECTURES = ("conv", "mlp")
+
+
+class ClusteringTask(Task):
+    """KL(P || Q) (+ reconstruction) with DEC's periodic target refresh."""
+
+    def __init__(self, model: DCN, x, *, recon_weight: float, tol: float, y=None,
+                 eval_samples: int = 10000, seed: int = 0):
+        import tensorflow as tf
+
+        self.model, self.x = model, x
+        self.recon_weight, self.tol = float(recon_weight), float(tol)
+        n = len(x)
+        self.targets = tf.Variable(tf.zeros((n, model.n_clusters)), trainable=False, name="targets")
+        self.labels = tf.Variable(tf.fill([n], tf.constant(-1, tf.int64)), trainable=False, name="labels")
+        self.label_change = None
+        pick = np.sort(np.random.default_rng(seed).choice(n, size=min(eval_samples, n), replace=False))
+        self.x_eval = x[pick]
+        self.y_eval = None if y is None else np.asarray(y)[pick]
+
+    def refresh(self, iteration):
+        q = self.model.soft_assign(self.x)
+        labels = q.argmax(axis=1)
+        previous = self.labels.numpy()
+        self.targets.assign(target_distribution(q))
+        self.labels.assign(labels)
+        if previous[0] < 0:  # first refresh: nothing to compare with
+            return None
+        self.label_change = float(np.mean(labels != previous))
+        if self.label_change < self.tol:
+            raise StopTraining(f"{self.label_change:.3%} of the labels changed (tol {self.tol:.3%})")
+        return {"label_change": self.label_change}
+
+    def loss_terms(self, x, idx, scalars):
+        out = self.model(x, training=True)
+        kl = kl_divergence(ops.take(self.targets, idx, axis=0), out["q"])
+        if not self.recon_weight:
+            return {"loss": kl, "kl": kl}
+        rec = mse_per_sample(x, out["reconstruction"])
+        return {"loss": kl + self.recon_weight * rec, "kl": kl, "reconstruction": rec}
+
+    def evaluate(self):
+        row = {} if self.label_change is None else {"label_change": self.label_change}
+        if self.y_eval is not None:
+            m = evaluate_clustering(self.model.cluster(self.x_eval), self.y_eval)
+            row.update({k: m[k] for k in ("acc", "nmi", "ari")})
+        return row
+
+    def trackables(self):
+        return {"model": self.model, "targets": self.targets, "labels": self.labels}
+
+
+@keras.saving.register_keras_serializable(package="dcn")
+class DCN(AutoencoderModel):
+    """Deep clustering network: autoencoder + Student's t clustering layer.
+
+    Args:
+        input_shape: (features,) for vectors or (height, width, channels) for
+            images.
+        n_clusters: number of clusters.
+        embedding_dim: size of the embedding (10 in DEC/IDEC/DCEC).
+        architecture: ``conv`` (DCEC: stride-2 convolutions ``filters``) or
+            ``mlp`` (DEC: dense ``hidden`` layers); default: conv for images.
+        alpha: degrees of freedom of the Student's t kernel.
+        cluster_names: optional name per cluster (set by naming; saved with
+            the model so predictions can name classes in a new process).
+    """
+
+    def __init__(self, input_shape, n_clusters: int, embedding_dim: int = 10, architecture: str | None = None,
+                 hidden=(500, 500, 2000), filters=(32, 64, 128), alpha: float = 1.0,
+                 cluster_names=None, **kwargs):
+        kwargs.setdefault("name", "dcn")
+        super().__init__(**kwargs)
+        self.sample_shape = tuple(int(v) for v in input_shape)
+        architecture = architecture or ("conv" if len(self.sample_shape) == 3 else "mlp")
+        if architecture not in ARCHITECTURES:
+            raise UsageError(f"unknown architecture '{architecture}'; choose conv or mlp")
+        if architecture == "conv" and len(self.sample_shape) != 3:
+            raise UsageError(f"the convolutional autoencoder needs images, got samples of shape "
+                             f"{self.sample_shape}")
+        self.architecture, self.embedding_dim = architecture, int(embedding_dim)
+        self.hidden, self.filters = tuple(int(h) for h in hidden), tuple(int(f) for f in filters)
+        if architecture == "conv":
+            self.encoder, self.decoder = dcec_autoencoder(self.sample_shape, self.embedding_dim, self.filters)
+        else:
+            self.encoder, self.decoder = mlp_autoencoder(self.sample_shape, self.embedding_dim, self.hidden)
+        self.clustering = ClusteringLayer(n_clusters, alpha, name="clustering")
+        self.clustering.build((None, self.embedding_dim))
+        self.cluster_names = None if cluster_names is None else [
+            None if c is None else str(c) for c in cluster_names]
+        self.build((None, *self.sample_shape))
+
+    @property
+    def n_clusters(self) -> int:
+        return self.clustering.n_clusters
+
+    @property
+    def centers(self) -> np.ndarray:
+        return ops.convert_to_numpy(self.clustering.centers)
+
+    def call(self, x, training=False):
+        z = self.encoder(x, training=training)
+        return {"reconstruction": self.decoder(z, training=training), "embedding": z,
+                "q": self.clustering(z)}
+
+    def predict_step(self, data):
+        x = data[0] if isinstance(data, (tuple, list)) else data
+        return self.clustering(self.encoder(x, training=False))
+
+    def soft_assign(self, x, batch_size: int = 1024) -> np.ndarray:
+        """Q: (samples, clusters) soft assignments."""
+        return predict_in_batches(self, x, batch_size)
+
+    def cluster(self, x, batch_size: int = 1024) -> np.ndarray:
+        """Hard cluster of each sample (the most probable under Q)."""
+        return self.soft_assign(x, batch_size).argmax(axis=1)
+
+    def init_centers(self, x, n_init: int = 20, seed: int = 0) -> np.ndarray:
+        """k-means (``n_init`` restarts) on the embeddings; returns its labels."""
+        from sklearn.cluster import KMeans
+
+        z = self.transform(x)
+        if len(z) < self.n_clusters:
+            raise UsageError(f"{len(z)} samples cannot make {self.n_clusters} clusters")
+        km = KMeans(n_clusters=self.n_clusters, n_init=n_init, random_state=seed).fit(z)
+        self.clustering.centers.assign(km.cluster_centers_.astype(np.float32))
+        return km.labels_
+
+    def evaluate_clusters(self, x, y=None, *, sample_size: int = 10000, seed: int = 0) -> dict:
+        """Accuracy, NMI, ARI (with labels) and internal indices of the embedding."""
+        z = self.transform(x)
+        pred = ops.convert_to_numpy(self.clustering(z)).argmax(axis=1)
+        return evaluate_clustering(pred, y, features=z, sample_size=sample_size, seed=seed)
+
+    def fit(self, x, y=None, *, max_iterations: int = 20000, update_interval: int = 140, tol: float = 0.001,
+            recon_weight: float = 10.0, batch_size: int = 256, eval_interval: int | None = None,
+            eval_samples: int = 10000, save_dir=None, checkpoint_interval: int | None = None,
+            resume: bool = False, seed: int = 0, jit_compile: bool = True, verbose: int = 1,
+            strategy=None, optimizer=None, map_fn=None):
+        """The clustering phase (after :meth:`pretrain` and :meth:`init_centers`).
+
+        Log rows (every ``eval_interval`` iterations, default
+        ``update_interval``) hold the loss terms, the share of labels that
+        changed at the last refresh, and accuracy/NMI/ARI on ``eval_samples``
+        fixed samples when labels ``y`` are given. Returns the
+        :class:`common.training.TrainResult`.
+        """
+        for name, value in (("max_iterations", max_iterations), ("update_interval", update_interval)):
+            if value < 1:
+                raise UsageError(f"{name} must be positive, got {value}")
+        if recon_weight < 0 or tol < 0:
+            raise UsageError("recon_weight and tol must be 0 or more")
+        x = np.asarray(x, np.float32)
+        with (strategy or _default_strategy()).scope():
+            task = ClusteringTask(self, x, recon_weight=recon_weight, tol=tol, y=y,
+                                  eval_samples=eval_samples, seed=seed)
+        return train(task, x, iterations=max_iterations, batch_size=batch_size, save_dir=save_dir,
+                     eval_interval=eval_interval or update_interval, refresh_interval=update_interval,
+                     checkpoint_interval=checkpoint_interval, resume=resume, seed=seed,
+                     jit_compile=jit_compile, verbose=verbose, strategy=strategy, optimizer=optimizer,
+                     map_fn=map_fn)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(input_shape=list(self.sample_shape), n_clusters=self.n_clusters,
+                      embedding_dim=self.embedding_dim, architecture=self.architecture,
+                      hidden=list(self.hidden), filters=list(self.filters), alpha=self.clustering.alpha,
+                      cluster_names=self.cluster_names)
+        return config
+
+
+def _default_strategy():
+    import tensorflow as tf
+
+    return tf.distribute.get_strategy()
+
+
+def load_model(path) -> DCN:
+    """Load a model saved with ``model.save(path)`` (a ``.keras`` file)."""
+    return load_keras_model(path, DCN, "a DCN model")

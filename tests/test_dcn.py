@@ -1,0 +1,281 @@
+"""The deep clustering network: mathematics, naming, image folders, bin/dcn."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
+
+import dcn.models as dcn_models
+from common.errors import DataError
+from dcn import DCN, ClusteringLayer, kl_divergence, load_model, target_distribution
+from dcn.cli import main
+from dcn.folders import load_folders, reference_class
+from dcn.naming import name_from_labels, name_from_references
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = ROOT / "bin" / "dcn"
+NAMES = {0: "zero", 1: "one", 2: "two"}
+
+
+def run_bin(*args, timeout=300):
+    return subprocess.run([str(BIN), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------- mathematics
+@pytest.mark.parametrize("alpha", [1.0, 2.5])
+def test_clustering_layer_is_students_t_soft_assignment(alpha):
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(4, 3)).astype(np.float32)
+    z = rng.normal(size=(6, 3)).astype(np.float32)
+    q = keras.ops.convert_to_numpy(ClusteringLayer(4, alpha, centers=centers)(z))
+    sq = ((z[:, None, :] - centers[None]) ** 2).sum(-1)
+    expected = (1 + sq / alpha) ** (-(alpha + 1) / 2)
+    expected /= expected.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(q, expected, rtol=1e-5)
+    clone = ClusteringLayer.from_config(ClusteringLayer(4, alpha).get_config())
+    assert (clone.n_clusters, clone.alpha) == (4, alpha)
+
+
+def test_target_distribution_and_kl_against_numpy():
+    q = np.array([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.4, 0.4, 0.2]])
+    f = q.sum(axis=0)
+    w = q**2 / f
+    expected = w / w.sum(axis=1, keepdims=True)
+    p = target_distribution(q)
+    np.testing.assert_allclose(p, expected, rtol=1e-6)
+    assert p[0].argmax() == 0 and p[0, 0] > q[0, 0]  # sharper than q where q is confident
+    kl = keras.ops.convert_to_numpy(kl_divergence(p, q))
+    np.testing.assert_allclose(kl, (expected * np.log(expected / q)).sum(axis=1), rtol=1e-5)
+
+
+def test_clustering_loss_gathers_each_samples_target():
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).random((20, 6)).astype(np.float32)
+    model = DCN((6,), 3, embedding_dim=2, hidden=(5,))
+    task = dcn_models.ClusteringTask(model, x, recon_weight=2.0, tol=0.0)
+    task.refresh(0)
+    idx = np.array([4, 0, 17])
+    terms = task.loss_terms(x[idx], idx, {})
+    q = model.soft_assign(x[idx])
+    p = target_distribution(model.soft_assign(x))[idx]
+    np.testing.assert_allclose(terms["kl"].numpy(), (p * np.log(p / q)).sum(axis=1), rtol=1e-4)
+    rec = ((x[idx] - model.decoder.predict(model.transform(x[idx]), verbose=0)) ** 2).mean(axis=1)
+    np.testing.assert_allclose(terms["loss"].numpy(), terms["kl"].numpy() + 2.0 * rec, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- naming
+def test_naming_resolves_a_collision_one_to_one():
+    # Both classes' references prefer cluster 0; cat prefers it more.
+    q = np.array([[0.8, 0.2, 0.0], [0.7, 0.3, 0.0],   # cat
+                  [0.6, 0.1, 0.3], [0.5, 0.1, 0.4]])  # dog
+    naming = name_from_references(q, np.array([0, 0, 1, 1]), ["cat", "dog"])
+    assert naming.names == ["cat", None, "dog"]
+    assert any("all prefer cluster 0" in w for w in naming.warnings)
+    assert any("stay unnamed: 1" in w for w in naming.warnings)
+    assert naming.scores[0] == pytest.approx(0.75) and naming.scores[2] == pytest.approx(0.35)
+
+
+def test_naming_warns_about_split_references_and_missing_clusters():
+    q = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.5, 0.5]])
+    # class scores per cluster: a (.55, .45), b (.6, .4), c (.5, .5); the best
+    # one-to-one total is b -> 0, c -> 1 (1.1), which leaves 'a' without a cluster
+    naming = name_from_references(q, np.array([0, 0, 1, 2]), ["a", "b", "c"])
+    assert naming.names == ["b", "c"]
+    assert any("references of 'a' fall into different clusters: 0, 1" in w for w in naming.warnings)
+    assert any("no cluster for a" in w for w in naming.warnings)
+    assert naming.to_json()["clusters"]["1"] == {"class": "c", "score": 0.5}
+
+
+def test_naming_from_labels_maximises_agreement():
+    clusters = np.array([0, 0, 0, 1, 1, 2, 2, 2])
+    labels = np.array([1, 1, 0, 0, 0, 1, 1, 1])
+    naming = name_from_labels(clusters, labels, ["x", "y"], 3)
+    # cluster 2 holds three 'y', cluster 0 two: 'y' goes to cluster 2, 'x' to cluster 1
+    assert naming.names == [None, "x", "y"]
+    assert naming.source.startswith("test labels")
+
+
+def test_reference_class_names():
+    root = Path("/r")
+    assert reference_class(root / "cat.png", root) == "cat"
+    assert reference_class(root / "cat_2.jpg", root) == "cat"
+    assert reference_class(root / "sea-lion-3.png", root) == "sea-lion"
+    assert reference_class(root / "dog" / "x_1.png", root) == "dog"
+
+
+# ---------------------------------------------------------------- image folders
+def _save(img8, path, size, rgb=False):
+    image = Image.fromarray((img8 / 16 * 255).astype(np.uint8)).resize((size, size))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (image.convert("RGB") if rgb else image).save(path)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """digits 0/1/2 as PNG and JPEG of mixed sizes and colour modes, a text file
+    and a corrupt PNG in train/, class folders in test/, named references."""
+    root = tmp_path_factory.mktemp("images")
+    digits = load_digits()
+    idx = [i for i in range(len(digits.target)) if digits.target[i] in NAMES]
+    rng = np.random.default_rng(0)
+    for n, i in enumerate(idx[:240]):
+        ext = ".png" if n % 2 else ".jpg"
+        sub = "batch_a" if n % 3 else "batch_b"
+        _save(digits.images[i], root / "train" / sub / f"img{n}{ext}", int(rng.integers(12, 40)), n % 5 == 0)
+    for n, i in enumerate(idx[240:300]):
+        _save(digits.images[i], root / "test" / NAMES[digits.target[i]] / f"t{n}.png", 20)
+    count = dict.fromkeys(NAMES, 0)
+    for i in idx[300:]:
+        c = digits.target[i]
+        if count[c] < 2:
+            count[c] += 1
+            _save(digits.images[i], root / "reference" / f"{NAMES[c]}_{count[c]}.png", 24)
+    (root / "train" / "notes.txt").write_text("not an image")
+    (root / "train" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    return root
+
+
+def test_load_folders_skips_and_reports(image_folder, capsys):
+    folders = load_folders(image_folder, (16, 16))
+    err = capsys.readouterr().err
+    assert "skipped 1 file that is not an image" in err
+    assert "corrupt image" in err and "broken.png" in err
+    assert folders.train.x.shape == (240, 16, 16, 1)
+    assert 0.0 <= folders.train.x.min() and folders.train.x.max() <= 1.0
+    assert folders.test.classes == ["one", "two", "zero"] and len(folders.test.x) == 60
+    assert folders.reference.classes == ["one", "two", "zero"] and len(folders.reference.x) == 6
+    assert load_folders(image_folder, (10, 12), color="rgb").train.x.shape == (240, 10, 12, 3)
+
+
+def test_bad_folders(tmp_path, capsys):
+    with pytest.raises(DataError, match="data folder .* not found"):
+        load_folders(tmp_path / "nope")
+    with pytest.raises(DataError, match="has no train/ folder"):
+        load_folders(tmp_path)
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "readme.md").write_text("x")
+    with pytest.raises(DataError, match=r"no readable images .*\(non-image files: 1, corrupt images: 0\)"):
+        load_folders(tmp_path)
+    _save(np.eye(8) * 16, tmp_path / "train" / "a.png", 8)
+    _save(np.eye(8) * 16, tmp_path / "test" / "cat" / "b.png", 8)
+    _save(np.eye(8) * 16, tmp_path / "reference" / "dog.png", 8)
+    load_folders(tmp_path, (8, 8))
+    assert "test classes without reference images: cat" in capsys.readouterr().err
+
+
+def test_folder_run_end_to_end_and_predict_in_a_new_process(image_folder, tmp_path):
+    out = tmp_path / "report"
+    res = run_bin("--data", image_folder, "--image_size", 16, "--pretrain_epochs", 3, "--batch_size", 32,
+                  "--max_iterations", 60, "--update_interval", 20, "--save_dir", out, "--augment",
+                  "--verbose", 0)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "skipped 1 file that is not an image" in res.stderr and "broken.png" in res.stderr
+    for name in ("model.keras", "pretrain_log.csv", "log.csv", "class_mappings.json", "test_metrics.json",
+                 "test_cm.png", "results.json"):
+        assert (out / name).is_file(), name
+    assert (out / "architecture.png").is_file() or (out / "architecture.txt").is_file()
+    mapping = json.loads((out / "class_mappings.json").read_text())
+    assert mapping["source"] == "reference images"
+    assert sorted(c["class"] for c in mapping["clusters"].values()) == ["one", "two", "zero"]
+    metrics = json.loads((out / "test_metrics.json").read_text())
+    assert metrics["n_images"] == 60 and 0.0 <= metrics["accuracy"] <= 1.0
+    assert set(metrics["per_class"]) == {"one", "two", "zero"}
+    assert {"precision", "recall", "f1-score"} <= set(metrics["per_class"]["one"])
+    log = pd.read_csv(out / "log.csv")
+    assert log["iteration"].tolist() == [0, 20, 40, 60] and "label_change" in log
+
+    images = sorted((image_folder / "test" / "two").glob("*.png"))[:3]
+    res = run_bin("predict", "--model", out / "model.keras", *images, "--out", tmp_path / "p.csv")
+    assert res.returncode == 0, res.stderr[-3000:]
+    preds = pd.read_csv(tmp_path / "p.csv")
+    model = load_model(out / "model.keras")
+    x = load_folders(image_folder, (16, 16)).test
+    expected = model.cluster(x.x[[x.paths.index(str(p)) for p in images]])
+    np.testing.assert_array_equal(preds["cluster"], expected)
+    assert preds["class"].tolist() == [model.cluster_names[k] for k in expected]
+    assert (preds["probability"] > 0).all() and len(res.stdout.strip().splitlines()) == 3
+
+
+def test_dec_on_digits_vectors(tmp_path):
+    out = tmp_path / "dec"
+    res = run_bin("--dataset", "digits", "--recon_weight", 0, "--optimizer", "sgd", "--pretrain_epochs", 30,
+                  "--batch_size", 128, "--update_interval", 14, "--max_iterations", 300, "--save_dir", out,
+                  "--verbose", 0)
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["train"]["acc"] > 0.5 and results["train"]["nmi"] > 0.4
+    assert json.loads((out / "class_mappings.json").read_text())["source"].startswith("test labels")
+    assert "reconstruction" not in pd.read_csv(out / "log.csv")  # DEC: no decoder term
+
+
+def test_tolerance_stops_training_and_resume_keeps_the_targets(tmp_path, monkeypatch):
+    (x, y) = load_digits(return_X_y=True)
+    x = (x / 16).astype(np.float32)
+
+    def fresh():
+        keras.utils.set_random_seed(2)
+        m = DCN((64,), 10, hidden=(32, 32))
+        m.init_centers(x, n_init=2, seed=2)
+        return m
+
+    stopped = fresh().fit(x, y, max_iterations=200, update_interval=20, tol=1.0, batch_size=64, verbose=0)
+    assert stopped.iterations == 20 and "labels changed" in stopped.stopped_early
+
+    kwargs = dict(max_iterations=90, update_interval=30, tol=0.0, batch_size=64, verbose=0, jit_compile=False)
+    reference = fresh()
+    reference.fit(x, y, save_dir=tmp_path / "ref", **kwargs)
+    original = dcn_models.ClusteringTask.evaluate
+    calls = {"n": 0}
+
+    def interrupt(self):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the row at iteration 60, after the refresh at 30
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(dcn_models.ClusteringTask, "evaluate", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        fresh().fit(x, y, save_dir=tmp_path / "run", **kwargs)
+    monkeypatch.setattr(dcn_models.ClusteringTask, "evaluate", original)
+    resumed = fresh()
+    result = resumed.fit(x, y, save_dir=tmp_path / "run", resume=True, **kwargs)
+    assert (result.iterations, result.trained) == (90, 30)
+    np.testing.assert_allclose(resumed.centers, reference.centers, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "give --data DIR"),
+    (["--data", "missing_dir"], "data folder missing_dir not found"),
+    (["--dataset", "digits", "--n_clusters", "1"], "--n_clusters must be at least 2"),
+    (["--dataset", "digits", "--batch_size", "4000"], "larger than the 1797 training samples"),
+    (["predict", "--model", "none.keras", "a.png"], "model file none.keras not found"),
+])
+def test_bad_arguments(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_folder_without_references_needs_n_clusters(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _save(np.eye(8) * 16, tmp_path / "d" / "train" / "a.png", 8)
+    with pytest.raises(SystemExit):
+        main(["--data", str(tmp_path / "d"), "--image_size", "8"])
+    assert "give --n_clusters" in capsys.readouterr().err
+
+
+def test_predict_reports_missing_images(image_folder, tmp_path, capsys):
+    model = DCN((8, 8, 1), 2, filters=(4, 8), embedding_dim=2)
+    model.save(tmp_path / "m.keras")
+    with pytest.raises(SystemExit):
+        main(["predict", "--model", str(tmp_path / "m.keras"), str(tmp_path / "ghost.png")])
+    assert "image file not found" in capsys.readouterr().err
