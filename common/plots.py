@@ -133,22 +133,28 @@ def confusion_matrix(cm, class_names, path, title: str | None = None, row_names=
     return _save(fig, path)
 
 
-def architecture(model, path, **kwargs) -> Path:
-    """``keras.utils.plot_model`` to ``path`` (.png); without Graphviz, the
-    text summary goes to a ``.txt`` beside it, with one warning on stderr.
+def architecture(model, path) -> Path:
+    """``keras.utils.plot_model`` to ``path`` (.png), nested models expanded.
 
-    Returns the path written.
+    Graphviz's ``dot`` aborts on some nested layouts (an assertion in its
+    orthogonal router); the plot is then drawn without expanding the nested
+    models. Without Graphviz, or if both fail, the text summary goes to a
+    ``.txt`` beside it, with one warning on stderr. Returns the path written.
     """
     import keras
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        keras.utils.plot_model(model, to_file=str(path), show_shapes=True, expand_nested=True,
-                               dpi=72, **kwargs)
-        return path
-    except (ImportError, OSError, FileNotFoundError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    reason = ""
+    for expand in (True, False):
+        try:
+            keras.utils.plot_model(model, to_file=str(path), show_shapes=True, expand_nested=expand, dpi=72)
+            return path
+        except ImportError as e:  # no pydot or no dot program: no second try
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            break
+        except (AssertionError, OSError) as e:  # dot failed on this layout
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     lines = []
     model.summary(print_fn=lambda line, *a, **k: lines.append(line), expand_nested=True)
     txt = path.with_suffix(".txt")

@@ -142,9 +142,10 @@ def folder_run(args, out: Path):
                             data_dir=args.data_dir)
     report = out / "folder_report"
     dcn = Path(__file__).resolve().parents[1] / "bin" / "dcn"
-    cmd = [str(dcn), "--data", str(root), "--image_size", "28",
-           "--pretrain_epochs", str(args.folder_epochs), "--batch_size", "256", "--update_interval", "20",
-           "--save_dir", str(report), "--seed", str(args.seed), "--verbose", "0"]
+    batch = min(256, args.folder_train * len(args.folder_classes))
+    cmd = [str(dcn), "--data", str(root), "--image_size", "28", "--pretrain_epochs", str(args.folder_epochs),
+           "--batch_size", str(batch), "--update_interval", "20", "--save_dir", str(report),
+           "--seed", str(args.seed), "--verbose", "0"]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - t0

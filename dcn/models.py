@@ -70,11 +70,20 @@ class ClusteringTask(Task):
             raise StopTraining(f"{self.label_change:.3%} of the labels changed (tol {self.tol:.3%})")
         return {"label_change": self.label_change}
 
+    def variables(self):
+        if self.recon_weight:
+            return list(self.model.trainable_variables)
+        # DEC: the decoder takes no part in the clustering phase
+        return list(self.model.encoder.trainable_variables) + list(self.model.clustering.trainable_variables)
+
     def loss_terms(self, x, idx, scalars):
-        out = self.model(x, training=True)
-        kl = kl_divergence(ops.take(self.targets, idx, axis=0), out["q"])
+        target = ops.take(self.targets, idx, axis=0)
         if not self.recon_weight:
+            q = self.model.clustering(self.model.encoder(x, training=True))
+            kl = kl_divergence(target, q)
             return {"loss": kl, "kl": kl}
+        out = self.model(x, training=True)
+        kl = kl_divergence(target, out["q"])
         rec = mse_per_sample(x, out["reconstruction"])
         return {"loss": kl + self.recon_weight * rec, "kl": kl, "reconstruction": rec}
 
