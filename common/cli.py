@@ -45,6 +45,20 @@ def resume_args(args, keep=("verbose", "strategy", "save_dir")):
     return args
 
 
+def dispatch(commands: dict, default: str):
+    """A ``main(argv)`` running ``commands[argv[0]]`` on the remaining
+    arguments when argv starts with a command name, else ``commands[default]``
+    on all of them (``desom --dataset x`` trains, ``desom predict ...`` predicts)."""
+
+    def main(argv=None):
+        argv = sys.argv[1:] if argv is None else list(argv)
+        if argv and argv[0] in commands:
+            return commands[argv[0]](argv[1:])
+        return commands[default](argv)
+
+    return main
+
+
 def run(main, argv=None, prog: str | None = None) -> int:
     """Call ``main(argv)``; report user errors in one line and exit non-zero."""
     prog = prog or os.path.basename(sys.argv[0]) or "desom"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cli import ArgumentParser, quiet_tensorflow, resume_args, run
+from common.cli import ArgumentParser, dispatch, quiet_tensorflow, resume_args, run
 from common.data import KNOWN_DATASETS, SCALINGS, Scaler, load_data
 from common.errors import UsageError
 from common.results import write_json
@@ -318,17 +318,8 @@ def predict_main(argv):
     return 0
 
 
-def _main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "predict":
-        return predict_main(argv[1:])
-    if argv and argv[0] == "train":
-        argv = argv[1:]
-    return train_main(argv)
-
-
 def main(argv=None):
-    run(_main, argv, prog="desom")
+    run(dispatch({"train": train_main, "predict": predict_main}, "train"), argv, prog="desom")
 
 
 if __name__ == "__main__":

@@ -33,3 +33,4 @@ def require_fmnist():
             pytest.fail(msg)
         pytest.skip(msg)
     return FMNIST_DIR
+

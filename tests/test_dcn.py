@@ -17,6 +17,7 @@ from dcn import DCN, ClusteringLayer, kl_divergence, load_model, target_distribu
 from dcn.cli import main
 from dcn.folders import load_folders, reference_class
 from dcn.naming import name_from_labels, name_from_references
+from tests.helpers import interrupt_on_call
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / "bin" / "dcn"
@@ -230,19 +231,11 @@ def test_tolerance_stops_training_and_resume_keeps_the_targets(tmp_path, monkeyp
     kwargs = dict(max_iterations=90, update_interval=30, tol=0.0, batch_size=64, verbose=0, jit_compile=False)
     reference = fresh()
     reference.fit(x, y, save_dir=tmp_path / "ref", **kwargs)
-    original = dcn_models.ClusteringTask.evaluate
-    calls = {"n": 0}
-
-    def interrupt(self):
-        calls["n"] += 1
-        if calls["n"] == 3:  # the row at iteration 60, after the refresh at 30
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(dcn_models.ClusteringTask, "evaluate", interrupt)
+    # the row at iteration 60, after the refresh at 30
+    restore = interrupt_on_call(monkeypatch, dcn_models.ClusteringTask, "evaluate", 3)
     with pytest.raises(KeyboardInterrupt):
         fresh().fit(x, y, save_dir=tmp_path / "run", **kwargs)
-    monkeypatch.setattr(dcn_models.ClusteringTask, "evaluate", original)
+    restore()
     resumed = fresh()
     result = resumed.fit(x, y, save_dir=tmp_path / "run", resume=True, **kwargs)
     assert (result.iterations, result.trained) == (90, 30)

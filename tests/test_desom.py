@@ -19,6 +19,7 @@ from common.data import load_data
 from common.errors import UsageError
 from desom import DESOM, ConvDESOM, Kerasom, load_model
 from desom.cli import main
+from tests.helpers import interrupt_on_call
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / "bin" / "desom"
@@ -67,19 +68,10 @@ def test_interrupted_fit_resumes_to_the_same_result(digits, tmp_path, monkeypatc
     reference = fresh()
     reference.fit(x, y, save_dir=tmp_path / "ref", **kwargs)
 
-    original = desom_models.SOMTask.evaluate
-    calls = {"n": 0}
-
-    def interrupt_at_second_row(self):
-        calls["n"] += 1
-        if calls["n"] == 2:  # the row at iteration 40
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(desom_models.SOMTask, "evaluate", interrupt_at_second_row)
+    restore = interrupt_on_call(monkeypatch, desom_models.SOMTask, "evaluate", 2)  # the row at 40
     with pytest.raises(KeyboardInterrupt):
         fresh().fit(x, y, save_dir=tmp_path / "run", **kwargs)
-    monkeypatch.setattr(desom_models.SOMTask, "evaluate", original)
+    restore()
     assert (tmp_path / "run" / "checkpoints" / "train").is_dir()
 
     resumed = fresh()
