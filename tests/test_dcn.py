@@ -191,6 +191,10 @@ def test_folder_run_end_to_end_and_predict_in_a_new_process(image_folder, tmp_pa
     log = pd.read_csv(out / "log.csv")
     assert log["iteration"].tolist() == [0, 20, 40, 60] and "label_change" in log
 
+    res = run_bin("--resume", "--save_dir", out, "--verbose", 0)  # finished: nothing left but the reports
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["iterations"] == 60
+
     images = sorted((image_folder / "test" / "two").glob("*.png"))[:3]
     res = run_bin("predict", "--model", out / "model.keras", *images, "--out", tmp_path / "p.csv")
     assert res.returncode == 0, res.stderr[-3000:]

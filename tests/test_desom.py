@@ -262,6 +262,16 @@ def test_bad_arguments_get_one_line_and_exit_2(argv, message, capsys, tmp_path, 
     assert message in err and len(err.splitlines()) == 1, err
 
 
+def test_mixed_precision_path_runs_on_cpu(tmp_path):
+    # float16 compute is for GPUs; on a CPU it is slow but must still work:
+    # loss scaling, and a SOM layer that stays in float32.
+    res = run_bin("--mixed_precision", "--iterations", 4, "--eval_interval", 2, "--map_size", 2, 2,
+                  "--batch_size", 64, "--save_dir", tmp_path, "--verbose", 0, "--no_jit")
+    assert res.returncode == 0, res.stderr[-2000:]
+    log = pd.read_csv(tmp_path / "log.csv")
+    assert np.isfinite(log["loss"].iloc[1:]).all()
+
+
 def test_bad_argument_from_the_real_executable():
     res = run_bin("--map_size", 0, 3, timeout=120)
     assert res.returncode == 2
