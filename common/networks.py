@@ -20,12 +20,23 @@ from common.errors import UsageError
 from common.training import Task, train
 
 
+def kernel_initializer(name: str):
+    """``glorot_uniform`` (Keras' default, DESOM) or ``dec``: DEC's uniform
+    initialisation in [-sqrt(1/fan_in), sqrt(1/fan_in)]."""
+    if name == "dec":
+        return keras.initializers.VarianceScaling(scale=1.0 / 3.0, mode="fan_in", distribution="uniform")
+    if name == "glorot_uniform":
+        return name
+    raise UsageError(f"unknown initialisation '{name}'; choose glorot_uniform or dec")
+
+
 def mlp_autoencoder(input_dim, latent_dim: int = 10, hidden=(500, 500, 2000),
-                    activation: str = "relu", batchnorm: bool = False, name: str = "ae"):
+                    activation: str = "relu", batchnorm: bool = False, name: str = "ae",
+                    init: str = "glorot_uniform"):
     """Symmetric dense autoencoder d-500-500-2000-latent-2000-500-500-d (DEC/DESOM).
 
     Hidden layers use ``activation``; the latent and output layers are linear.
-    Weights are Glorot-uniform, biases zero (Keras defaults, as in DESOM).
+    Weights follow ``init`` (see :func:`kernel_initializer`), biases are zero.
     ``input_dim`` may be a shape such as (28, 28, 1): the encoder then
     flattens its input and the decoder reshapes its output back.
     """
@@ -33,20 +44,23 @@ def mlp_autoencoder(input_dim, latent_dim: int = 10, hidden=(500, 500, 2000),
     dim = math.prod(shape)
     x = keras.Input(shape, name="input")
     h = layers.Flatten(name="flatten")(x) if len(shape) > 1 else x
+    def dense(units, **kw):
+        return layers.Dense(units, kernel_initializer=kernel_initializer(init), **kw)
+
     for i, units in enumerate(hidden):
-        h = layers.Dense(units, activation=activation, name=f"encoder_{i}")(h)
+        h = dense(units, activation=activation, name=f"encoder_{i}")(h)
         if batchnorm:
             h = layers.BatchNormalization(name=f"encoder_bn_{i}")(h)
-    z = layers.Dense(latent_dim, name="latent")(h)
+    z = dense(latent_dim, name="latent")(h)
     encoder = keras.Model(x, z, name=f"{name}_encoder")
 
     code = keras.Input((latent_dim,), name="code")
     h = code
     for i, units in reversed(list(enumerate(hidden))):
-        h = layers.Dense(units, activation=activation, name=f"decoder_{i}")(h)
+        h = dense(units, activation=activation, name=f"decoder_{i}")(h)
         if batchnorm:
             h = layers.BatchNormalization(name=f"decoder_bn_{i}")(h)
-    out = layers.Dense(dim, name="reconstruction")(h)
+    out = dense(dim, name="reconstruction")(h)
     if len(shape) > 1:
         out = layers.Reshape(shape, name="reshape")(out)
     decoder = keras.Model(code, out, name=f"{name}_decoder")

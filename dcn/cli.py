@@ -40,7 +40,13 @@ def train_parser():
                    "for vectors)")
     p.add_argument("--embedding_dim", type=int, default=10, help="size of the embedding")
     p.add_argument("--alpha", type=float, default=1.0, help="degrees of freedom of the Student's t kernel")
-    p.add_argument("--pretrain_epochs", type=int, default=50, help="autoencoder pretraining epochs")
+    p.add_argument("--pretrain_epochs", type=int, default=50,
+                   help="autoencoder pretraining epochs (DEC-keras: 300 on MNIST/Fashion-MNIST)")
+    p.add_argument("--pretrain_optimizer", choices=("adam", "sgd"), default="adam",
+                   help="pretraining optimizer (DEC-keras: sgd with --pretrain_lr 1, momentum 0.9)")
+    p.add_argument("--pretrain_lr", type=float, help="pretraining learning rate (default: 0.001 adam, 1 sgd)")
+    p.add_argument("--init", choices=("glorot_uniform", "dec"), default="glorot_uniform",
+                   help="dense autoencoder initialisation; dec is DEC-keras' uniform +-sqrt(1/fan_in)")
     p.add_argument("--ae_weights",
                    help="pretrained autoencoder weights (ae.weights.h5) instead of pretraining")
     p.add_argument("--n_init", type=int, default=20, help="k-means restarts for the initial centres")
@@ -54,8 +60,7 @@ def train_parser():
                    "IDEC/DCEC's gamma 0.1 under Adam")
     p.add_argument("--batch_size", type=int, default=256, help="global batch size")
     p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
-                   help="clustering-phase optimizer (pretraining uses Adam); DEC used SGD, lr 0.01, "
-                   "momentum 0.9")
+                   help="clustering-phase optimizer; DEC used SGD, lr 0.01, momentum 0.9")
     p.add_argument("--lr", type=float, help="clustering learning rate (default: 0.001 adam, 0.01 sgd)")
     p.add_argument("--augment", action="store_true",
                    help="images: random flips, small rotations, brightness and noise while training")
@@ -100,6 +105,8 @@ def _check(args):
         raise UsageError("--pretrain_epochs, --recon_weight and --tol must be 0 or more")
     if args.lr is None:
         args.lr = 0.01 if args.optimizer == "sgd" else 0.001
+    if args.pretrain_lr is None:
+        args.pretrain_lr = 1.0 if args.pretrain_optimizer == "sgd" else 0.001
 
 
 def _augmenter(seed):
@@ -199,8 +206,10 @@ def train_main(argv):
     set_mixed_precision(args.mixed_precision)
     strategy = make_strategy(args.strategy)
     with strategy.scope():
-        model = DCN(x.shape[1:], args.n_clusters, args.embedding_dim, args.architecture, alpha=args.alpha)
-        pre_opt = keras.optimizers.Adam()
+        model = DCN(x.shape[1:], args.n_clusters, args.embedding_dim, args.architecture, alpha=args.alpha,
+                    init=args.init)
+        pre_opt = (keras.optimizers.SGD(args.pretrain_lr, momentum=0.9) if args.pretrain_optimizer == "sgd"
+                   else keras.optimizers.Adam(args.pretrain_lr))
         opt = (keras.optimizers.SGD(args.lr, momentum=0.9) if args.optimizer == "sgd"
                else keras.optimizers.Adam(args.lr))
     plots.architecture(model.functional_view(), save_dir / "architecture.png")

@@ -112,11 +112,13 @@ class DCN(AutoencoderModel):
         alpha: degrees of freedom of the Student's t kernel.
         cluster_names: optional name per cluster (set by naming; saved with
             the model so predictions can name classes in a new process).
+        init: weight initialisation of the dense autoencoder: Keras'
+            ``glorot_uniform`` or ``dec`` (DEC-keras' VarianceScaling).
     """
 
     def __init__(self, input_shape, n_clusters: int, embedding_dim: int = 10, architecture: str | None = None,
                  hidden=(500, 500, 2000), filters=(32, 64, 128), alpha: float = 1.0,
-                 cluster_names=None, **kwargs):
+                 cluster_names=None, init: str = "glorot_uniform", **kwargs):
         kwargs.setdefault("name", "dcn")
         super().__init__(**kwargs)
         self.sample_shape = tuple(int(v) for v in input_shape)
@@ -126,12 +128,13 @@ class DCN(AutoencoderModel):
         if architecture == "conv" and len(self.sample_shape) != 3:
             raise UsageError(f"the convolutional autoencoder needs images, got samples of shape "
                              f"{self.sample_shape}")
-        self.architecture, self.embedding_dim = architecture, int(embedding_dim)
+        self.architecture, self.embedding_dim, self.init = architecture, int(embedding_dim), init
         self.hidden, self.filters = tuple(int(h) for h in hidden), tuple(int(f) for f in filters)
         if architecture == "conv":
             self.encoder, self.decoder = dcec_autoencoder(self.sample_shape, self.embedding_dim, self.filters)
         else:
-            self.encoder, self.decoder = mlp_autoencoder(self.sample_shape, self.embedding_dim, self.hidden)
+            self.encoder, self.decoder = mlp_autoencoder(self.sample_shape, self.embedding_dim, self.hidden,
+                                                         init=init)
         self.clustering = ClusteringLayer(n_clusters, alpha, name="clustering")
         self.clustering.build((None, self.embedding_dim))
         self.cluster_names = None if cluster_names is None else [
@@ -213,7 +216,7 @@ class DCN(AutoencoderModel):
         config.update(input_shape=list(self.sample_shape), n_clusters=self.n_clusters,
                       embedding_dim=self.embedding_dim, architecture=self.architecture,
                       hidden=list(self.hidden), filters=list(self.filters), alpha=self.clustering.alpha,
-                      cluster_names=self.cluster_names)
+                      cluster_names=self.cluster_names, init=self.init)
         return config
 
 

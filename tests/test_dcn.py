@@ -70,6 +70,14 @@ def test_clustering_loss_gathers_each_samples_target():
     np.testing.assert_allclose(terms["loss"].numpy(), terms["kl"].numpy() + 2.0 * rec, rtol=1e-4)
 
 
+def test_dec_initialisation_is_kept_by_save_and_load(tmp_path):
+    model = DCN((50,), 3, hidden=(40,), init="dec")
+    kernel = model.encoder.get_layer("encoder_0").kernel.numpy()
+    assert np.abs(kernel).max() <= np.sqrt(1 / 50) and np.abs(kernel).max() > 0.8 * np.sqrt(1 / 50)
+    model.save(tmp_path / "m.keras")
+    assert load_model(tmp_path / "m.keras").init == "dec"
+
+
 # ---------------------------------------------------------------- naming
 def test_naming_resolves_a_collision_one_to_one():
     # Both classes' references prefer cluster 0; cat prefers it more.
