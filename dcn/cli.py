@@ -243,7 +243,7 @@ def train_main(argv):
         naming = name_from_labels(model.cluster(test.x), test.labels, test.classes, model.n_clusters)
     elif y is not None:
         naming = name_from_labels(model.cluster(x), np.searchsorted(np.unique(y), y), class_names,
-                                  model.n_clusters)
+                                  model.n_clusters, source="the data set's labels")
     else:
         naming = None
     if naming is not None:

@@ -84,7 +84,7 @@ def name_from_references(q_ref: np.ndarray, ref_labels: np.ndarray, class_names:
 
 
 def name_from_labels(clusters: np.ndarray, labels: np.ndarray, class_names: list[str],
-                     n_clusters: int) -> Naming:
+                     n_clusters: int, source: str = "test labels (no reference images)") -> Naming:
     """Name clusters by Hungarian matching on labelled samples (e.g. test/).
 
     The matching maximises the number of agreeing samples (as clustering
@@ -94,4 +94,4 @@ def name_from_labels(clusters: np.ndarray, labels: np.ndarray, class_names: list
     counts = np.zeros((n_clusters, len(class_names)))
     np.add.at(counts, (np.asarray(clusters), np.asarray(labels)), 1)
     score = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    return _match(score, class_names, "test labels (no reference images)", [], weights=counts)
+    return _match(score, class_names, source, [], weights=counts)

@@ -223,7 +223,7 @@ def test_dec_on_digits_vectors(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["train"]["acc"] > 0.5 and results["train"]["nmi"] > 0.4
-    assert json.loads((out / "class_mappings.json").read_text())["source"].startswith("test labels")
+    assert json.loads((out / "class_mappings.json").read_text())["source"] == "the data set's labels"
     assert "reconstruction" not in pd.read_csv(out / "log.csv")  # DEC: no decoder term
 
 
