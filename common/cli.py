@@ -37,6 +37,22 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def add_run_arguments(p, seed_help: str, progress: str = "progress bar"):
+    """The flags every training command shares: --seed, --strategy,
+    --mixed_precision, --no_jit, --resume and --verbose."""
+    from common.training import STRATEGIES
+
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.add_argument("--strategy", choices=STRATEGIES, default="auto",
+                   help="auto: mirrored over all GPUs when there are several")
+    p.add_argument("--mixed_precision", action="store_true", help="float16 compute (GPUs)")
+    p.add_argument("--no_jit", action="store_true", help="do not compile the training step with XLA")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --save_dir from its last checkpoint, with its arguments")
+    p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
+                   help=f"0 quiet, 1 {progress}, 2 one line per log row")
+
+
 def resume_args(args, keep=("verbose", "strategy", "save_dir")):
     """For ``--resume``: the arguments saved in ``<save_dir>/args.json`` by the
     run to continue, except those named in ``keep`` (taken from ``args``)."""

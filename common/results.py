@@ -49,3 +49,12 @@ def text_table(summary: pd.DataFrame, by: list[str], columns, coarse=("seconds",
         lines.append(cells)
     widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in lines)
+
+
+def write_summary(rows: list[dict], path, by: list[str], columns) -> pd.DataFrame:
+    """Summarize benchmark ``rows`` per group, write the summary CSV and print its table."""
+    summary = summarize(pd.DataFrame(rows), by, columns)
+    write_csv(summary, path)
+    print()
+    print(text_table(summary, by, columns))
+    return summary

@@ -36,7 +36,7 @@ from common.cli import ArgumentParser, quiet_tensorflow, run
 from common.data import KNOWN_DATASETS, load_data
 from common.errors import UsageError
 from common.metrics import evaluate_clustering
-from common.results import summarize, text_table, write_csv, write_json
+from common.results import write_csv, write_json, write_summary
 
 METHODS = ("ae+kmeans", "dec", "idec")
 COLUMNS = ("acc", "nmi", "nmi_geometric", "ari", "iterations", "pretrain_seconds", "cluster_seconds")
@@ -50,15 +50,18 @@ def parser():
     p.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS),
                    help="clustering methods on the vectors (none: skip the vector benchmark)")
     p.add_argument("--runs", type=int, default=3, help="seeds seed..seed+runs-1")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--protocol", choices=("ours", "dec-keras"), default="ours",
                    help="pretraining: ours = Glorot init, Adam, 50 epochs; dec-keras = DEC-keras' "
                    "VarianceScaling init, SGD lr 1 momentum 0.9, 300 epochs")
     p.add_argument("--pretrain_epochs", type=int, help="override the protocol's pretraining epochs")
-    p.add_argument("--max_iterations", type=int, default=20000)
-    p.add_argument("--update_interval", type=int, default=140)
-    p.add_argument("--tol", type=float, default=0.001)
-    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--max_iterations", type=int, default=20000,
+                   help="clustering iterations at most (vector and folder runs)")
+    p.add_argument("--update_interval", type=int, default=140,
+                   help="iterations between target refreshes (vector runs; the folder run uses 20)")
+    p.add_argument("--tol", type=float, default=0.001,
+                   help="stop when fewer than this share of labels change between refreshes")
+    p.add_argument("--batch_size", type=int, default=256, help="batch size of the vector runs")
     p.add_argument("--folder", action="store_true", help="also run the image-folder benchmark")
     p.add_argument("--folder_classes", nargs="+", type=int, default=[0, 1, 8, 9],
                    help="Fashion-MNIST classes of the folder benchmark")
@@ -154,8 +157,8 @@ def folder_run(args, out: Path):
     dcn = Path(__file__).resolve().parents[1] / "bin" / "dcn"
     batch = min(256, args.folder_train * len(args.folder_classes))
     cmd = [str(dcn), "--data", str(root), "--image_size", "28", "--pretrain_epochs", str(args.folder_epochs),
-           "--batch_size", str(batch), "--update_interval", "20", "--save_dir", str(report),
-           "--seed", str(args.seed), "--verbose", "0"]
+           "--batch_size", str(batch), "--update_interval", "20", "--max_iterations",
+           str(args.max_iterations), "--save_dir", str(report), "--seed", str(args.seed), "--verbose", "0"]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
@@ -186,10 +189,7 @@ def _main(argv=None):
     rows: list = []
     if args.methods:
         vector_runs(args, out, rows)
-        summary = summarize(pd.DataFrame(rows), ["dataset", "method", "protocol"], COLUMNS)
-        write_csv(summary, out / "summary.csv")
-        print()
-        print(text_table(summary, ["dataset", "method", "protocol"], COLUMNS))
+        write_summary(rows, out / "summary.csv", ["dataset", "method", "protocol"], COLUMNS)
     if args.folder:
         folder_run(args, out)
     print(f"\nwritten: {out}/")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cli import ArgumentParser, dispatch, quiet_tensorflow, resume_args, run
+from common.cli import ArgumentParser, add_run_arguments, dispatch, quiet_tensorflow, resume_args, run
 from common.data import KNOWN_DATASETS, load_data
 from common.errors import UsageError
 from common.results import write_json
@@ -68,15 +68,7 @@ def train_parser():
                    help="iterations between log rows (default: --update_interval)")
     p.add_argument("--save_epochs", type=int, default=5, help="epochs between checkpoints")
     p.add_argument("--save_dir", default="reports", help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and k-means")
-    p.add_argument("--strategy", choices=("auto", "default", "mirrored"), default="auto",
-                   help="auto: mirrored over all GPUs when there are several")
-    p.add_argument("--mixed_precision", action="store_true", help="float16 compute (GPUs)")
-    p.add_argument("--no_jit", action="store_true", help="do not compile the training step with XLA")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --save_dir from its last checkpoint, with its arguments")
-    p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
-                   help="0 quiet, 1 progress bars, 2 one line per log row")
+    add_run_arguments(p, "seed of weights, data order and k-means", progress="progress bars")
     return p
 
 

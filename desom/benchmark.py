@@ -25,7 +25,7 @@ from common.cli import ArgumentParser, quiet_tensorflow, run
 from common.data import IMAGE_SHAPES, KNOWN_DATASETS, load_data
 from common.errors import DataError, UsageError
 from common.metrics import accuracy, evaluate_clustering
-from common.results import summarize, text_table, write_csv
+from common.results import write_csv, write_summary
 
 MODELS = ("desom", "convdesom", "som", "kmeans")
 COLUMNS = ("purity", "nmi", "nmi_geometric", "ari", "acc", "acc_kmeans", "quantization_error",
@@ -160,10 +160,7 @@ def _main(argv=None):
                       f"(geometric {row['nmi_geometric']:.4f}), {row['fit_seconds']:.1f} s", flush=True)
     if not rows:
         raise UsageError("no data set could be loaded; see the notes above")
-    summary = summarize(pd.DataFrame(rows), ["dataset", "model"], COLUMNS)
-    write_csv(summary, out / "summary.csv")
-    print()
-    print(text_table(summary, ["dataset", "model"], COLUMNS))
+    write_summary(rows, out / "summary.csv", ["dataset", "model"], COLUMNS)
     print(f"\nwritten: {out}/runs.csv, {out}/summary.csv")
     return 0
 

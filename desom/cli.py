@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cli import ArgumentParser, dispatch, quiet_tensorflow, resume_args, run
+from common.cli import ArgumentParser, add_run_arguments, dispatch, quiet_tensorflow, resume_args, run
 from common.data import KNOWN_DATASETS, SCALINGS, Scaler, load_data
 from common.errors import UsageError
 from common.results import write_json
@@ -80,15 +80,7 @@ def train_parser():
                    help="prototypes from encoded random samples, or a short batch-SOM fit on the codes")
     p.add_argument("--batchnorm", action="store_true", help="batch normalisation in the autoencoder")
     p.add_argument("--save_dir", help="output folder (default: results/<data>_<model>_<rows>x<cols>)")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and sampling")
-    p.add_argument("--strategy", choices=("auto", "default", "mirrored"), default="auto",
-                   help="auto: mirrored over all GPUs when there are several")
-    p.add_argument("--mixed_precision", action="store_true", help="float16 compute (GPUs)")
-    p.add_argument("--no_jit", action="store_true", help="do not compile the training step with XLA")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --save_dir from its last checkpoint, with its arguments")
-    p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
-                   help="0 quiet, 1 progress bar, 2 one line per log row")
+    add_run_arguments(p, "seed of weights, data order and sampling")
     return p
 
 

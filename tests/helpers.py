@@ -1,5 +1,7 @@
 """Helpers shared by the tests."""
 
+import pytest
+
 
 def interrupt_on_call(monkeypatch, cls, method: str, n: int):
     """Make ``cls.method`` raise KeyboardInterrupt (Ctrl-C) on its n-th call.
@@ -17,3 +19,12 @@ def interrupt_on_call(monkeypatch, cls, method: str, n: int):
 
     monkeypatch.setattr(cls, method, patched)
     return lambda: monkeypatch.setattr(cls, method, original)
+
+
+def assert_one_line_error(main, argv, message: str, capsys):
+    """``main(argv)`` exits with code 2 and one stderr line containing ``message``."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err

@@ -17,7 +17,7 @@ from dcn import DCN, ClusteringLayer, kl_divergence, load_model, target_distribu
 from dcn.cli import main
 from dcn.folders import load_folders, reference_class
 from dcn.naming import name_from_labels, name_from_references
-from tests.helpers import interrupt_on_call
+from tests.helpers import assert_one_line_error, interrupt_on_call
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / "bin" / "dcn"
@@ -263,24 +263,46 @@ def test_tolerance_stops_training_and_resume_keeps_the_targets(tmp_path, monkeyp
 ])
 def test_bad_arguments(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as stop:
-        main(argv)
-    assert stop.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1, err
+    assert_one_line_error(main, argv, message, capsys)
 
 
 def test_folder_without_references_needs_n_clusters(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _save(np.eye(8) * 16, tmp_path / "d" / "train" / "a.png", 8)
-    with pytest.raises(SystemExit):
-        main(["--data", str(tmp_path / "d"), "--image_size", "8"])
-    assert "give --n_clusters" in capsys.readouterr().err
+    assert_one_line_error(main, ["--data", str(tmp_path / "d"), "--image_size", "8"], "give --n_clusters",
+                          capsys)
 
 
 def test_predict_reports_missing_images(image_folder, tmp_path, capsys):
     model = DCN((8, 8, 1), 2, filters=(4, 8), embedding_dim=2)
     model.save(tmp_path / "m.keras")
-    with pytest.raises(SystemExit):
-        main(["predict", "--model", str(tmp_path / "m.keras"), str(tmp_path / "ghost.png")])
-    assert "image file not found" in capsys.readouterr().err
+    argv = ["predict", "--model", str(tmp_path / "m.keras"), str(tmp_path / "ghost.png")]
+    assert_one_line_error(main, argv, "image file not found", capsys)
+
+
+@pytest.mark.fmnist
+def test_dcn_benchmark_writes_tables_and_runs_the_folder_benchmark(require_fmnist, tmp_path, capsys):
+    from dcn.benchmark import main as bench
+
+    out = tmp_path / "b"
+    with pytest.raises(SystemExit) as stop:
+        bench(["--dataset", "digits", "--methods", "ae+kmeans", "dec", "--runs", "2",
+               "--pretrain_epochs", "2", "--max_iterations", "30", "--batch_size", "128", "--folder",
+               "--folder_train", "40", "--folder_references", "2", "--folder_epochs", "1", "--out", str(out)])
+    assert stop.value.code == 0
+    printed = capsys.readouterr().out
+    runs = pd.read_csv(out / "runs.csv")
+    assert runs["method"].tolist() == ["ae+kmeans", "dec"] * 2 and runs["seed"].tolist() == [0, 0, 1, 1]
+    assert (runs.loc[runs["method"] == "dec", "iterations"] <= 30).all()
+    summary = pd.read_csv(out / "summary.csv").set_index("method")
+    assert summary.loc["dec", "runs"] == 2
+    assert np.isclose(summary.loc["dec", "acc_mean"], runs.loc[runs["method"] == "dec", "acc"].mean())
+    assert "ae+kmeans" in printed and "folder benchmark" in printed
+    # four classes written as PNG files, named from the references, scored on all their test images
+    root = out / "fmnist_folders"
+    assert len(list((root / "train").glob("*.png"))) == 4 * 40
+    assert len(list((root / "reference").glob("*.png"))) == 4 * 2
+    folder = json.loads((out / "folder_summary.json").read_text())
+    assert folder["n_test"] == 4000 and 0.0 <= folder["test_accuracy"] <= 1.0
+    mapping = json.loads((out / "folder_report" / "class_mappings.json").read_text())
+    assert mapping["source"] == "reference images"

@@ -19,7 +19,7 @@ from common.data import load_data
 from common.errors import UsageError
 from desom import DESOM, ConvDESOM, Kerasom, load_model
 from desom.cli import main
-from tests.helpers import interrupt_on_call
+from tests.helpers import assert_one_line_error, interrupt_on_call
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / "bin" / "desom"
@@ -255,11 +255,7 @@ def test_bin_desom_csv_with_scaling_and_predict(tmp_path):
 ])
 def test_bad_arguments_get_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as stop:
-        main(argv)
-    assert stop.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1, err
+    assert_one_line_error(main, argv, message, capsys)
 
 
 def test_mixed_precision_path_runs_on_cpu(tmp_path):
@@ -281,9 +277,8 @@ def test_bad_argument_from_the_real_executable():
 def test_convdesom_refuses_vector_data(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     np.savez(tmp_path / "v.npz", x=np.zeros((20, 5)))
-    with pytest.raises(SystemExit):
-        main(["--model", "convdesom", "--data", str(tmp_path / "v.npz")])
-    assert "convdesom needs images" in capsys.readouterr().err
+    assert_one_line_error(main, ["--model", "convdesom", "--data", str(tmp_path / "v.npz")],
+                          "convdesom needs images", capsys)
 
 
 @pytest.mark.fmnist
