@@ -53,14 +53,6 @@ def unit_coordinates(map_size, units=None) -> tuple[np.ndarray, np.ndarray]:
     return units // cols, units % cols
 
 
-def unit_positions(map_size, topology: str = "rectangular") -> np.ndarray:
-    """(x, y) of each unit's centre for drawing: hexagonal rows are offset."""
-    r, c = unit_coordinates(map_size)
-    if topology == "hexagonal":
-        return np.stack([c + 0.5 * (r % 2), r * np.sqrt(3) / 2], axis=1)
-    return np.stack([c, r], axis=1).astype(float)
-
-
 def _hex_distance(r1, c1, r2, c2):
     # odd-r offset -> axial coordinates, then the hexagonal (cube) distance.
     q1, q2 = c1 - (r1 - (r1 & 1)) // 2, c2 - (r2 - (r2 & 1)) // 2

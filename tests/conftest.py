@@ -33,4 +33,3 @@ def require_fmnist():
             pytest.fail(msg)
         pytest.skip(msg)
     return FMNIST_DIR
-
