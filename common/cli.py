@@ -4,13 +4,14 @@
 * :func:`run` turns a :class:`~common.errors.UsageError` into one line on
   stderr and exit code 2, and Ctrl-C into exit code 130, instead of a
   traceback.
-* :func:`quiet_tensorflow` imports TensorFlow without its start-up chatter.
+* :func:`add_run_arguments` adds the flags every training command shares.
+
+TensorFlow's start-up helpers live in :mod:`common.runtime`.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 
@@ -40,7 +41,7 @@ class ArgumentParser(argparse.ArgumentParser):
 def add_run_arguments(p, seed_help: str, progress: str = "progress bar"):
     """The flags every training command shares: --seed, --strategy,
     --mixed_precision, --no_jit, --resume and --verbose."""
-    from common.training import STRATEGIES
+    from common.runtime import STRATEGIES
 
     p.add_argument("--seed", type=int, default=0, help=seed_help)
     p.add_argument("--strategy", choices=STRATEGIES, default="auto",
@@ -96,41 +97,3 @@ def run(main, argv=None, prog: str | None = None) -> int:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
-
-
-@contextlib.contextmanager
-def _stderr_silenced():
-    """Silence file descriptor 2 (C++ logging bypasses sys.stderr)."""
-    try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):  # pytest capture, notebooks
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(fd)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), fd)
-            yield
-    finally:
-        os.dup2(saved, fd)
-        os.close(saved)
-
-
-def quiet_tensorflow():
-    """Import TensorFlow once, hiding its C++ start-up messages.
-
-    Keeps the user's own ``TF_CPP_MIN_LOG_LEVEL`` when set. Errors raised by
-    the import itself still propagate (they are Python exceptions).
-    """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if "tensorflow" in sys.modules:
-        return sys.modules["tensorflow"]
-    with _stderr_silenced():
-        import tensorflow as tf
-
-        tf.constant(0)  # the first op triggers the remaining one-time messages
-    # Each model's predict function counts as a retrace of Keras' one shared
-    # function, so a process that builds several models gets told off for it.
-    tf.get_logger().addFilter(lambda record: "triggered tf.function retracing" not in record.getMessage())
-    return tf

@@ -31,41 +31,7 @@ import numpy as np
 import pandas as pd
 
 from common.errors import UsageError
-
-STRATEGIES = ("auto", "default", "mirrored")
-
-
-def _tf():
-    from common.cli import quiet_tensorflow
-
-    return quiet_tensorflow()
-
-
-# --------------------------------------------------------------------------- #
-# Strategies
-# --------------------------------------------------------------------------- #
-def make_strategy(name: str = "auto"):
-    """A ``tf.distribute`` strategy by name.
-
-    ``auto``: mirrored over all GPUs when there are several, else the default
-    strategy. ``default``: no distribution. ``mirrored``: mirrored over all
-    GPUs, or over all logical CPU devices when there is no GPU.
-    """
-    tf = _tf()
-    if name not in STRATEGIES:
-        raise UsageError(f"unknown strategy '{name}'; choose one of {', '.join(STRATEGIES)}")
-    gpus = tf.config.list_logical_devices("GPU")
-    if name == "default" or (name == "auto" and len(gpus) < 2):
-        return tf.distribute.get_strategy()
-    devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
-    return tf.distribute.MirroredStrategy(devices)
-
-
-def set_mixed_precision(enabled: bool):
-    """Use float16 compute with float32 variables (GPU); the loop scales losses."""
-    import keras
-
-    keras.mixed_precision.set_global_policy("mixed_float16" if enabled else "float32")
+from common.runtime import STRATEGIES, make_strategy, quiet_tensorflow, set_mixed_precision  # noqa: F401
 
 
 # --------------------------------------------------------------------------- #
@@ -206,7 +172,7 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: int | None = 
     """
     import keras
 
-    tf = _tf()
+    tf = quiet_tensorflow()
     x = np.asarray(x) if not hasattr(x, "shape") else x
     n = len(x)
     if batch_size < 1:
@@ -360,6 +326,6 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: int | None = 
 
 def checkpoint_exists(save_dir, phase: str = "train") -> bool:
     """Whether ``save_dir`` holds a checkpoint of ``phase``."""
-    tf = _tf()
+    tf = quiet_tensorflow()
     return tf.train.latest_checkpoint(str(Path(save_dir) / "checkpoints" / phase)) is not None
 

@@ -6,7 +6,7 @@ Importing this package registers the layers and models with Keras, so
 ``keras.saving.load_model("model.keras")`` works in a fresh process.
 """
 
-from common.cli import quiet_tensorflow
+from common.runtime import quiet_tensorflow
 
 quiet_tensorflow()  # before Keras imports TensorFlow: no C++ start-up chatter
 

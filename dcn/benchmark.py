@@ -32,11 +32,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.cli import ArgumentParser, quiet_tensorflow, run
+from common.cli import ArgumentParser, run
 from common.data import KNOWN_DATASETS, load_data
 from common.errors import UsageError
 from common.metrics import evaluate_clustering
 from common.results import write_csv, write_json, write_summary
+from common.runtime import quiet_tensorflow
 
 METHODS = ("ae+kmeans", "dec", "idec")
 COLUMNS = ("acc", "nmi", "nmi_geometric", "ari", "iterations", "pretrain_seconds", "cluster_seconds")

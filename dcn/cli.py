@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cli import ArgumentParser, add_run_arguments, dispatch, quiet_tensorflow, resume_args, run
+from common.cli import ArgumentParser, add_run_arguments, dispatch, resume_args, run
 from common.data import KNOWN_DATASETS, load_data
 from common.errors import UsageError
 from common.results import write_json
+from common.runtime import quiet_tensorflow
 
 
 def train_parser():
@@ -191,7 +192,7 @@ def train_main(argv):
     import keras
 
     from common import plots
-    from common.training import make_strategy, set_mixed_precision
+    from common.runtime import make_strategy, set_mixed_precision
     from dcn.models import DCN
 
     keras.utils.set_random_seed(args.seed)

@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.cli import ArgumentParser, quiet_tensorflow, run
+from common.cli import ArgumentParser, run
 from common.data import IMAGE_SHAPES, KNOWN_DATASETS, load_data
 from common.errors import DataError, UsageError
 from common.metrics import accuracy, evaluate_clustering
 from common.results import write_csv, write_summary
+from common.runtime import quiet_tensorflow
 
 MODELS = ("desom", "convdesom", "som", "kmeans")
 COLUMNS = ("purity", "nmi", "nmi_geometric", "ari", "acc", "acc_kmeans", "quantization_error",
@@ -128,7 +129,7 @@ def _main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tf = quiet_tensorflow()
-    from common.training import make_strategy, set_mixed_precision
+    from common.runtime import make_strategy, set_mixed_precision
 
     set_mixed_precision(args.mixed_precision)
     strategy = make_strategy(args.strategy)

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cli import ArgumentParser, add_run_arguments, dispatch, quiet_tensorflow, resume_args, run
+from common.cli import ArgumentParser, add_run_arguments, dispatch, resume_args, run
 from common.data import KNOWN_DATASETS, SCALINGS, Scaler, load_data
 from common.errors import UsageError
 from common.results import write_json
+from common.runtime import quiet_tensorflow
 
 MODELS = ("desom", "convdesom", "som")
 RESULT_KEYS = ("purity", "nmi", "ari", "acc", "quantization_error", "topographic_error")
@@ -206,7 +207,7 @@ def train_main(argv):
     import keras
 
     from common import plots
-    from common.training import make_strategy, set_mixed_precision
+    from common.runtime import make_strategy, set_mixed_precision
 
     keras.utils.set_random_seed(args.seed)
     set_mixed_precision(args.mixed_precision)

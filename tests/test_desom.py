@@ -92,7 +92,7 @@ def test_mirrored_strategy_on_two_cpus_matches_the_default_strategy(tmp_path):
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         import keras
         from common.data import load_data
-        from common.training import make_strategy
+        from common.runtime import make_strategy
         from desom import DESOM
         (x, y), _ = load_data("digits")
         for name in ("default", "mirrored"):
