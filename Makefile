@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(TF)
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench bench-speed clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	bin/desom-benchmark --datasets fmnist mnist usps --models desom --runs 5 --out bench/desom --fig_dir fig
 	bin/dcn-benchmark --dataset fmnist --runs 3 --folder --out bench/dcn
+
+# ms per training step of every model in our loop and in a bare Keras step (a few minutes)
+bench-speed: $(STAMP)
+	bin/desom-benchmark --speed --out bench/speed
+	bin/dcn-benchmark --speed --out bench/speed
 
 clean:
 	rm -rf $(VENV) results bench .pytest_cache

@@ -12,6 +12,7 @@ TensorFlow's start-up helpers live in :mod:`common.runtime`.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -38,23 +39,61 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number of at least 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got '{text}'") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of at least 0, got {text}")
+    return value
+
+
+def steps_per_execution(text: str):
+    """argparse type: ``auto`` or a positive integer."""
+    return "auto" if text == "auto" else positive_int(text)
+
+
 def add_run_arguments(p, seed_help: str, progress: str = "progress bar"):
     """The flags every training command shares: --seed, --strategy,
-    --mixed_precision, --no_jit, --resume and --verbose."""
-    from common.runtime import STRATEGIES
+    --mixed_precision, --jit (and its alias --no_jit), --steps_per_execution,
+    --checkpoint_minutes, --resume and --verbose."""
+    from common.runtime import JIT_MODES, STRATEGIES
 
     p.add_argument("--seed", type=int, default=0, help=seed_help)
     p.add_argument("--strategy", choices=STRATEGIES, default="auto",
                    help="auto: mirrored over all GPUs when there are several")
     p.add_argument("--mixed_precision", action="store_true", help="float16 compute (GPUs)")
-    p.add_argument("--no_jit", action="store_true", help="do not compile the training step with XLA")
+    p.add_argument("--jit", choices=JIT_MODES, default="auto",
+                   help="compile the training step with XLA; auto: yes, except convolutional models "
+                   "on a CPU (where XLA makes them about twice as slow)")
+    p.add_argument("--no_jit", dest="jit", action="store_const", const="off", help="the same as --jit off")
+    p.add_argument("--steps_per_execution", type=steps_per_execution, default="auto", metavar="K",
+                   help="training steps run per compiled call; auto: enough for calls of about 0.1 s "
+                   "(results do not depend on it)")
+    p.add_argument("--checkpoint_minutes", type=non_negative_float, default=10.0, metavar="MIN",
+                   help="minutes between checkpoints (0: only at the end and when stopped); "
+                   "Ctrl-C and errors save one too")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --save_dir from its last checkpoint, with its arguments")
     p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
                    help=f"0 quiet, 1 {progress}, 2 one line per log row")
 
 
-def resume_args(args, keep=("verbose", "strategy", "save_dir")):
+def resume_args(args, keep=("verbose", "strategy", "save_dir", "jit", "steps_per_execution",
+                            "checkpoint_minutes")):
     """For ``--resume``: the arguments saved in ``<save_dir>/args.json`` by the
     run to continue, except those named in ``keep`` (taken from ``args``)."""
     import json

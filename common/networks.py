@@ -208,19 +208,16 @@ class AutoencoderModel(keras.Model):
             return x.reshape(len(x), -1)
         return predict_in_batches(self.encoder, x, batch_size)
 
-    def pretrain(self, x, epochs: int, batch_size: int = 256, save_dir=None, resume: bool = False,
-                 seed: int = 0, verbose: int = 1, strategy=None, jit_compile: bool = True,
-                 optimizer=None, map_fn=None):
+    def pretrain(self, x, epochs: float, save_dir=None, **loop):
         """Pretrain the autoencoder on reconstruction alone (``epochs`` epochs).
 
         Writes ``pretrain_log.csv`` and ``ae.weights.h5`` to ``save_dir``.
+        Other keyword arguments go to :func:`common.training.train`.
         """
         if self.decoder is None:
             raise UsageError(f"a {type(self).__name__} has no autoencoder to pretrain")
-        result = train(ReconstructionTask(self.encoder, self.decoder), x, epochs=epochs,
-                       batch_size=batch_size, save_dir=save_dir, phase="pretrain",
-                       log_name="pretrain_log.csv", resume=resume, seed=seed, verbose=verbose,
-                       strategy=strategy, jit_compile=jit_compile, optimizer=optimizer, map_fn=map_fn)
+        result = train(ReconstructionTask(self.encoder, self.decoder), x, epochs=epochs, save_dir=save_dir,
+                       phase="pretrain", log_name="pretrain_log.csv", **loop)
         if save_dir is not None:
             self.save_autoencoder_weights(Path(save_dir) / "ae.weights.h5")
         return result

@@ -5,18 +5,29 @@ scalars such as the SOM temperature, an optional periodic refresh such as
 DEC's target distribution, and its evaluation); :func:`train` does the rest:
 
 * iterations (DESOM counts iterations) or epochs (``epochs=``), over
-  ``tf.data`` batches of a fixed-seed shuffle of the samples, reshuffled every
-  epoch; each epoch's order depends only on (seed, epoch), so a resumed run
-  sees exactly the batches the uninterrupted run would have seen;
-* one ``tf.function`` step (XLA with ``jit_compile``), run under a
-  ``tf.distribute`` strategy with the global batch split across replicas and
-  per-sample losses averaged over the global batch;
+  batches of a fixed-seed shuffle of the samples, reshuffled every epoch;
+  each epoch's order depends only on (seed, epoch), so a resumed run sees
+  exactly the batches the uninterrupted run would have seen;
+* one compiled step (XLA where it pays, see
+  :func:`common.runtime.resolve_jit`), run under a ``tf.distribute`` strategy
+  with the global batch split across replicas and per-sample losses averaged
+  over the global batch;
+* several steps per call (Keras' ``steps_per_execution``): a second
+  ``tf.function`` runs up to K steps in a loop over the data iterator, so the
+  host neither builds tensors nor reads values between steps. Per-iteration
+  scalars are computed in the graph from the iteration counter, loss sums
+  accumulate in variables on the device, and a call stops at the next log
+  row, refresh or the end, so K changes nothing but speed. ``auto`` picks K
+  for calls of about 0.1 s;
 * a progress bar, a CSV log row every ``eval_interval`` iterations (and
   before the first and after the last), written atomically;
 * ``tf.train.Checkpoint`` of model, optimizer, iteration and task state every
-  ``checkpoint_interval`` iterations, at the end, and when training stops on
-  an error or Ctrl-C; ``resume=True`` continues from the last one to the same
-  final iteration count, keeping the log rows up to that point.
+  ``checkpoint_minutes`` of wall-clock time, at the end, and when training
+  stops on an error or Ctrl-C; ``resume=True`` continues from the last one to
+  the same final iteration count, keeping the log rows up to that point;
+* timings split into compilation (tracing and the first call, its one step
+  included), training steps, evaluation, refreshes, checkpoints, set-up and
+  the rest (:class:`Timings`).
 """
 
 from __future__ import annotations
@@ -24,14 +35,24 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from common.errors import UsageError
-from common.runtime import STRATEGIES, make_strategy, quiet_tensorflow, set_mixed_precision  # noqa: F401
+from common.runtime import STRATEGIES, make_strategy, quiet_tensorflow, resolve_jit, set_mixed_precision
+
+__all__ = ["STRATEGIES", "CSVLog", "StopTraining", "Task", "Timings", "TrainResult", "checkpoint_exists",
+           "make_strategy", "plan", "proportional_batch_size", "set_mixed_precision", "train"]
+
+#: Wall-clock length aimed at for one call of the K-step function when K is ``auto``.
+TARGET_CALL_SECONDS = 0.1
+#: The largest K that ``auto`` picks.
+MAX_STEPS_PER_EXECUTION = 1000
+#: Seconds between progress-bar refreshes (each one reads the loss sums from the device).
+BAR_SECONDS = 0.5
 
 
 # --------------------------------------------------------------------------- #
@@ -55,8 +76,13 @@ class Task:
         """Variables to train (default: the model's trainable variables)."""
         return list(self.model.trainable_variables)
 
-    def scalars(self, iteration: int) -> dict:
-        """Per-iteration numbers passed to the step (e.g. the temperature T)."""
+    def scalars(self, iteration) -> dict:
+        """Per-iteration numbers passed to ``loss_terms`` (e.g. the temperature T).
+
+        ``iteration`` is an int64 scalar tensor: this runs inside the compiled
+        step, so compute with ``keras.ops`` / TensorFlow ops. The loop also
+        calls it eagerly for the log rows.
+        """
         return {}
 
     def refresh(self, iteration: int) -> dict | None:
@@ -81,12 +107,56 @@ class StopTraining(Exception):
 
 
 @dataclass
+class Timings:
+    """Where the wall-clock time of one :func:`train` call went, in seconds.
+
+    The fields add up to ``total``. ``compile``: the first call of each
+    compiled function (tracing, XLA compilation and the ``compile_steps``
+    steps they ran); ``steps``: every other training step (``timed_steps`` of
+    them); ``evaluation``: log rows (``Task.evaluate`` and the CSV write);
+    ``refresh``: ``Task.refresh``; ``checkpoint``: checkpoint writes;
+    ``setup``: optimizer, checkpoint restore and input pipeline; ``other``:
+    the loop's own bookkeeping and the progress bar.
+    """
+
+    setup: float = 0.0
+    compile: float = 0.0
+    steps: float = 0.0
+    evaluation: float = 0.0
+    refresh: float = 0.0
+    checkpoint: float = 0.0
+    other: float = 0.0
+    total: float = 0.0
+    compile_steps: int = 0
+    timed_steps: int = 0
+
+    @property
+    def iterations_per_second(self) -> float | None:
+        """Training steps per second, compilation excluded."""
+        return self.timed_steps / self.steps if self.steps > 0 and self.timed_steps else None
+
+    def to_dict(self) -> dict:
+        out = {f"{k}_seconds" if isinstance(v, float) else k: round(v, 3) if isinstance(v, float) else v
+               for k, v in asdict(self).items()}
+        ips = self.iterations_per_second
+        out["iterations_per_second"] = None if ips is None else round(ips, 2)
+        return out
+
+
+@dataclass
 class TrainResult:
     iterations: int          # iteration count reached
     trained: int             # iterations run by this call (0 when resuming a finished run)
-    seconds: float           # wall time of this call's training steps
+    seconds: float           # wall time of this call (see timings for where it went)
     stopped_early: str | None
     log_path: Path | None
+    timings: Timings = field(default_factory=Timings)
+    jit_compile: bool = False
+    steps_per_execution: int = 1  # K of the last call (auto: the one it settled on)
+
+    @property
+    def iterations_per_second(self) -> float | None:
+        return self.timings.iterations_per_second
 
 
 # --------------------------------------------------------------------------- #
@@ -115,39 +185,106 @@ class CSVLog:
 # --------------------------------------------------------------------------- #
 # Data
 # --------------------------------------------------------------------------- #
-def _batches(tf, x, batch_size: int, seed: int, start: int, map_fn=None):
-    """Endless (x, idx) batches: epoch e is a permutation seeded by (seed, e).
+class _Batches:
+    """Batches of an in-memory array, drawn inside the compiled loop.
 
-    The last ``n % batch_size`` samples of each epoch's permutation are left
-    out (every batch is full; they differ from epoch to epoch).
+    Epoch e visits the samples in the order of a permutation seeded by
+    (seed, e), in full batches (the last ``n % batch_size`` samples of each
+    epoch's permutation are left out; they differ from epoch to epoch). The
+    batch of iteration i is a function of (seed, i) alone, so a resumed run
+    sees exactly the batches the uninterrupted run would have seen, whatever
+    the number of steps per call. The permutation of the current epoch lives
+    in a variable, redrawn in the graph when an epoch starts; the batch is
+    gathered from the data (a variable too) in the graph (no ``tf.data``
+    iterator between steps: measured, it cost Kerasom a tenth of its step).
     """
-    n = len(x)
-    steps = n // batch_size
-    first_epoch, skip = divmod(start, steps)
-    x_t = tf.convert_to_tensor(x)
 
-    def epoch(e):
-        order = tf.random.experimental.stateless_shuffle(
-            tf.range(n, dtype=tf.int64), seed=tf.stack([tf.cast(seed, tf.int64), e]))
-        batches = tf.reshape(order[: steps * batch_size], (steps, batch_size))
-        return tf.data.Dataset.from_tensor_slices(batches)
+    def __init__(self, tf, x, batch_size: int, seed: int, map_fn=None):
+        self.tf, self.batch_size, self.seed, self.map_fn = tf, batch_size, seed, map_fn
+        self.n = len(x)
+        self.steps_per_epoch = self.n // batch_size
+        # A variable, so that the data stay where the strategy puts them (on the
+        # GPU, once) rather than travel with every call.
+        self.x = tf.Variable(x, trainable=False, name="data")
+        self.order = tf.Variable(tf.zeros([self.n], tf.int64), trainable=False, name="order")
+        self.epoch = tf.Variable(tf.constant(-1, tf.int64), trainable=False, name="order_epoch")
 
-    ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch).skip(skip)
-    ds = ds.map(lambda idx: (tf.gather(x_t, idx), idx), num_parallel_calls=tf.data.AUTOTUNE)
-    if map_fn is not None:
-        ds = ds.map(lambda xb, idx: (map_fn(xb), idx), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    def permutation(self, epoch):
+        tf = self.tf
+        return tf.random.experimental.stateless_shuffle(
+            tf.range(self.n, dtype=tf.int64), seed=tf.stack([tf.cast(self.seed, tf.int64), epoch]))
+
+    def __call__(self, iteration):
+        """(x, idx) of the batch of ``iteration`` (an int64 tensor), in the graph."""
+        tf = self.tf
+        epoch, pos = iteration // self.steps_per_epoch, iteration % self.steps_per_epoch
+        if self.epoch != epoch:  # autograph: a tf.cond, taken once per epoch
+            self.order.assign(self.permutation(epoch))
+            self.epoch.assign(epoch)
+        idx = tf.slice(self.order, [pos * self.batch_size], [self.batch_size])
+        xb = tf.gather(self.x, idx)
+        return (xb if self.map_fn is None else self.map_fn(xb)), idx
+
+
+# --------------------------------------------------------------------------- #
+# Planning
+# --------------------------------------------------------------------------- #
+def check_steps_per_execution(value):
+    """``"auto"`` or a positive integer (K, the steps run per compiled call)."""
+    if value is None or value == "auto":
+        return "auto"
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        k = 0
+    if k < 1 or str(value).strip() not in (str(k), f"{k}.0"):
+        raise UsageError(f"steps per execution must be 'auto' or a positive integer, got {value!r}")
+    return k
+
+
+def proportional_batch_size(n_samples: int, largest: int = 256, min_batches: int = 50,
+                            smallest: int = 16) -> int:
+    """``largest``, or on smaller data the largest power of two giving at least
+    ``min_batches`` batches per epoch (never below ``smallest``).
+
+    Counted in epochs, a small data set in batches of 256 gets few updates:
+    4,000 images make 15 batches, and 5 epochs of autoencoder pretraining are
+    75 updates (k-means accuracy 0.63-0.75 on four Fashion-MNIST classes at
+    64 px); in batches of 64, the same 5 epochs in the same time give 0.91-0.92.
+    """
+    size = largest
+    while size > smallest and n_samples // size < min_batches:
+        size //= 2
+    return max(1, min(size, n_samples))
+
+
+def plan(n_samples: int, batch_size: int, *, iterations: int | None = None,
+         epochs: float | None = None) -> tuple[int, int]:
+    """(total iterations, iterations per epoch) of a run; one of ``iterations``
+    or ``epochs`` (which may be fractional) sets its length."""
+    if batch_size < 1:
+        raise UsageError(f"batch size must be positive, got {batch_size}")
+    if batch_size > n_samples:
+        raise UsageError(f"batch size {batch_size} is larger than the {n_samples} training samples; "
+                         f"use --batch_size {min(256, n_samples)} or less")
+    steps_per_epoch = n_samples // batch_size
+    if (iterations is None) == (epochs is None):
+        raise ValueError("give exactly one of iterations or epochs")
+    total = int(iterations) if iterations is not None else int(round(epochs * steps_per_epoch))
+    if total < 1:
+        raise UsageError(f"the number of iterations must be positive, got {total}")
+    return total, steps_per_epoch
 
 
 # --------------------------------------------------------------------------- #
 # The loop
 # --------------------------------------------------------------------------- #
-def train(task: Task, x, *, iterations: int | None = None, epochs: int | None = None,
+def train(task: Task, x, *, iterations: int | None = None, epochs: float | None = None,
           batch_size: int = 256, optimizer=None, strategy=None, save_dir=None, phase: str = "train",
           log_name: str = "log.csv", eval_interval: int | None = None,
-          checkpoint_interval: int | None = None, refresh_interval: int | None = None,
-          resume: bool = False, seed: int = 0, jit_compile: bool = True, verbose: int = 1,
-          map_fn=None) -> TrainResult:
+          refresh_interval: int | None = None, checkpoint_minutes: float | None = 10.0,
+          resume: bool = False, seed: int = 0, jit_compile="auto", steps_per_execution="auto",
+          verbose: int = 1, map_fn=None) -> TrainResult:
     """Train ``task`` on the samples of ``x`` (numpy array, first axis = samples).
 
     Args:
@@ -161,36 +298,36 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: int | None = 
         save_dir: where ``log_name`` and ``checkpoints/<phase>`` go (None:
             keep nothing on disk).
         eval_interval: iterations between log rows (default: one epoch).
-        checkpoint_interval: iterations between checkpoints (default: only at
-            the end and on failure).
         refresh_interval: iterations between calls of ``task.refresh``.
+        checkpoint_minutes: wall-clock minutes between checkpoints (None or
+            0: only at the end and when training stops on an error or Ctrl-C).
         resume: restore the last checkpoint of this phase, if any.
-        jit_compile: compile the step with XLA (single-replica strategies).
+        jit_compile: ``"auto"``, ``"on"``/True or ``"off"``/False: compile the
+            step with XLA (see :func:`common.runtime.resolve_jit`).
+        steps_per_execution: K, the steps run per compiled call, or ``"auto"``
+            (calls of about 0.1 s). Results do not depend on it.
         verbose: 0 silent, 1 progress bar, 2 one line per log row.
-        map_fn: optional function applied to each batch in the input pipeline
-            (data augmentation).
+        map_fn: optional function applied to each batch in the graph, before
+            the step (data augmentation); it keeps the batch's shape and dtype.
     """
     import keras
 
+    t_start = time.perf_counter()
+    timings = Timings()
     tf = quiet_tensorflow()
     x = np.asarray(x) if not hasattr(x, "shape") else x
-    n = len(x)
-    if batch_size < 1:
-        raise UsageError(f"batch size must be positive, got {batch_size}")
-    if batch_size > n:
-        raise UsageError(f"batch size {batch_size} is larger than the {n} training samples; "
-                         f"use --batch_size {min(256, n)} or less")
-    steps_per_epoch = n // batch_size
-    if (iterations is None) == (epochs is None):
-        raise ValueError("give exactly one of iterations or epochs")
-    total = int(iterations if iterations is not None else epochs * steps_per_epoch)
-    if total < 1:
-        raise UsageError(f"the number of iterations must be positive, got {total}")
+    total, steps_per_epoch = plan(len(x), batch_size, iterations=iterations, epochs=epochs)
     eval_interval = int(eval_interval or steps_per_epoch)
+    if eval_interval < 1 or (refresh_interval is not None and refresh_interval < 1):
+        raise UsageError("eval_interval and refresh_interval must be positive")
+    if checkpoint_minutes is not None and not checkpoint_minutes >= 0:
+        raise UsageError(f"checkpoint_minutes must be 0 or more, got {checkpoint_minutes}")
+    fixed_k = check_steps_per_execution(steps_per_execution)
     strategy = strategy or tf.distribute.get_strategy()
     replicas = strategy.num_replicas_in_sync
     if batch_size % replicas:
         raise UsageError(f"batch size {batch_size} does not split evenly over {replicas} replicas")
+    jit = resolve_jit(jit_compile, task.model, replicas)
 
     variables = task.variables()
     if replicas > 1:
@@ -206,7 +343,7 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: int | None = 
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         optimizer.build(variables)
         iteration = tf.Variable(0, dtype=tf.int64, trainable=False, name="iteration")
-        elapsed = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="elapsed")
+        elapsed = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="elapsed")  # step seconds
         finished = tf.Variable(False, trainable=False, name="finished")  # stopped early
     scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
@@ -226,8 +363,6 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: int | None = 
     start = int(iteration.numpy())
     log_path = save_dir / log_name if save_dir is not None else None
     log = CSVLog(log_path, keep_until=start if start > 0 else None)
-    if start > 0 and verbose:
-        print(f"Resuming {phase} at iteration {start}/{total}")
 
     # --- the step --------------------------------------------------------------
     def mean(per_sample):
@@ -236,7 +371,12 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: int | None = 
         # computes the same, with an Assert that XLA complains about.)
         return tf.reduce_sum(tf.cast(per_sample, tf.float32)) / batch_size
 
+    per_replica = batch_size // replicas
+
     def replica_step(xb, idx, scalars):
+        if replicas > 1:  # this replica's share of the global batch
+            first = tf.distribute.get_replica_context().replica_id_in_sync_group * per_replica
+            xb, idx = xb[first:first + per_replica], idx[first:first + per_replica]
         with tf.GradientTape() as tape:
             terms = task.loss_terms(xb, idx, scalars)
             loss = mean(terms["loss"])
@@ -247,85 +387,162 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: int | None = 
         optimizer.apply_gradients(zip(grads, variables))
         return {k: mean(v) for k, v in terms.items()}
 
-    def step(batch, scalars):
-        xb, idx = batch
+    def one_step(xb, idx):
+        scalars = task.scalars(iteration.read_value())
         out = strategy.run(replica_step, args=(xb, idx, scalars))
         iteration.assign_add(1)  # in the same compiled step as the update it counts
         return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in out.items()}
 
-    step = tf.function(step, jit_compile=bool(jit_compile) and replicas == 1, reduce_retracing=True)
+    one_step = tf.function(one_step, jit_compile=jit, reduce_retracing=True)
+    sums: dict = {}  # loss term -> float64 variable on the device
+
+    def k_steps(k):
+        for _ in tf.range(k):
+            out = one_step(*batches(iteration.read_value()))
+            for name, total_ in sums.items():
+                total_.assign_add(tf.cast(out[name], tf.float64))
+        return iteration.read_value()
+
+    k_steps = tf.function(k_steps)
 
     # --- run -------------------------------------------------------------------
-    def row(it, sums, count):
+    def row(it, means):
+        t = time.perf_counter()
         values = {"iteration": it}
         if epochs is not None:
             values["epoch"] = round(it / steps_per_epoch, 3)
-        values.update(task.scalars(min(it, total - 1)))
-        values.update({k: v / count for k, v in sums.items()} if count else {})
+        scalars = task.scalars(tf.constant(min(it, total - 1), tf.int64))
+        values.update({k: float(f"{float(v):.7g}") for k, v in scalars.items()})  # float32's digits
+        values.update(means)
         values.update(task.evaluate())
         values["time"] = round(float(elapsed.numpy()), 2)
         log.append(values)
         if verbose == 2:
             print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                            for k, v in values.items()))
+                            for k, v in values.items()), flush=True)
+        timings.evaluation += time.perf_counter() - t
 
-    result = TrainResult(iterations=start, trained=0, seconds=0.0, stopped_early=None, log_path=log_path)
-    if start >= total or bool(finished.numpy()):
+    def save_checkpoint(it):
+        t = time.perf_counter()
+        manager.save(checkpoint_number=it)
+        timings.checkpoint += time.perf_counter() - t
+
+    result = TrainResult(iterations=start, trained=0, seconds=0.0, stopped_early=None, log_path=log_path,
+                         timings=timings, jit_compile=jit)
+
+    def finish(it):
+        result.iterations, result.trained = it, it - start
+        timings.total = time.perf_counter() - t_start
+        parts = ("setup", "compile", "steps", "evaluation", "refresh", "checkpoint")
+        timings.other = max(0.0, timings.total - sum(getattr(timings, k) for k in parts))
+        result.seconds = timings.total
         return result
-    data = iter(strategy.experimental_distribute_dataset(_batches(tf, x, batch_size, seed, start, map_fn)))
+
+    if start >= total or bool(finished.numpy()):
+        return finish(start)
+    with strategy.scope():
+        batches = _Batches(tf, x, batch_size, seed, map_fn)
+    timings.setup = time.perf_counter() - t_start
+    t = time.perf_counter()
+    # Tracing (not running) the step names the loss terms to sum.
+    spec = tf.TensorSpec((batch_size, *x.shape[1:]), batches.x.dtype)
+    terms = one_step.get_concrete_function(spec, tf.TensorSpec((batch_size,), tf.int64)).structured_outputs
+    with strategy.scope():
+        for name in terms:
+            sums[name] = tf.Variable(0.0, dtype=tf.float64, trainable=False, name=f"sum_{name}")
+    timings.compile = time.perf_counter() - t
+    if verbose:
+        left = total - start
+        where = f"iterations {start + 1}-{total} of {total} (resumed)" if start else f"{total} iterations"
+        print(f"{phase}: {where} = {left / steps_per_epoch:.1f} epochs of {steps_per_epoch} batches of "
+              f"{batch_size}; XLA {'on' if jit else 'off'}, steps per call "
+              f"{'auto' if fixed_k == 'auto' else fixed_k}", flush=True)
     if start == 0 or (start % eval_interval == 0 and start not in set(log.frame.get("iteration", []))):
-        row(start, {}, 0)  # the map before training (or where an interruption left no row)
+        row(start, {})  # the map before training (or where an interruption left no row)
     bar = keras.utils.Progbar(total, verbose=1 if verbose == 1 else 0, unit_name="it")
     bar.update(start)
-    sums, count, it = {}, 0, start
-    t0 = time.perf_counter()
-    last = t0
+
+    it, row_it = start, start             # iteration reached; iteration of the last log row
+    host_sums: dict = {}                  # sums read at the last bar update
+    bar_it, bar_time = start, time.perf_counter()
+    k_auto, per_step = 1, None
+    last_checkpoint = time.perf_counter()
+    checkpoint_seconds = 60.0 * checkpoint_minutes if checkpoint_minutes else None
+    k_steps_traced = False
+
+    def boundary(i):
+        """The next iteration after ``i`` where a call must stop."""
+        nxt = min(total, (i // eval_interval + 1) * eval_interval)
+        if refresh_interval:
+            nxt = min(nxt, (i // refresh_interval + 1) * refresh_interval)
+        return nxt
+
+    def read_sums():
+        return {k: float(v.numpy()) for k, v in sums.items()}
+
     try:
         while it < total:
             if refresh_interval and it % refresh_interval == 0:
+                t = time.perf_counter()
                 refreshed = task.refresh(it)
+                timings.refresh += time.perf_counter() - t
                 if refreshed and verbose == 2:
-                    print(f"refresh at {it}: " + ", ".join(f"{k}={v:.4g}" for k, v in refreshed.items()))
-            scalars = {k: tf.constant(v, tf.float32) for k, v in task.scalars(it).items()}
-            out = step(next(data), scalars)
-            it += 1
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            count += 1
+                    print(f"refresh at {it}: " + ", ".join(f"{k}={v:.4g}" for k, v in refreshed.items()),
+                          flush=True)
+            t = time.perf_counter()
+            compiling = not k_steps_traced  # the first call traces and compiles: one step only
+            k = 1 if compiling else min(k_auto if fixed_k == "auto" else fixed_k, boundary(it) - it)
+            it = int(k_steps(tf.constant(k, tf.int64)))
+            k_steps_traced = True
+            dt = time.perf_counter() - t
+            if compiling:
+                timings.compile += dt
+                timings.compile_steps += k
+            else:
+                timings.steps += dt
+                timings.timed_steps += k
+                elapsed.assign_add(dt)
+                per_step = dt / k if per_step is None else 0.7 * per_step + 0.3 * dt / k
+                k_auto = int(min(MAX_STEPS_PER_EXECUTION, max(1, TARGET_CALL_SECONDS / max(per_step, 1e-9))))
+            is_row = it % eval_interval == 0 or it == total
             now = time.perf_counter()
-            elapsed.assign_add(now - last)
-            last = now
-            if it % 10 == 0 or it == total:
-                bar.update(it, [(k, float(v)) for k, v in out.items()])
-            if it % eval_interval == 0 or it == total:
-                row(it, sums, count)
-                sums, count = {}, 0
-            if manager is not None and checkpoint_interval and it % checkpoint_interval == 0:
-                manager.save(checkpoint_number=it)
+            if is_row or now - bar_time >= BAR_SECONDS:
+                current = read_sums()
+                if verbose == 1 and it > bar_it:
+                    bar.update(it, [(name, (current[name] - host_sums.get(name, 0.0)) / (it - bar_it))
+                                    for name in current])
+                host_sums, bar_it, bar_time = current, it, now
+            if is_row:
+                row(it, {k: v / (it - row_it) for k, v in host_sums.items()})
+                for v in sums.values():
+                    v.assign(0.0)
+                host_sums, row_it = {}, it
+            if manager is not None and checkpoint_seconds and now - last_checkpoint >= checkpoint_seconds:
+                save_checkpoint(it)
+                last_checkpoint = time.perf_counter()
     except StopTraining as stop:
         result.stopped_early = str(stop)
         finished.assign(True)
-        if count:
-            row(it, sums, count)
+        if it > row_it:
+            row(it, {k: v / (it - row_it) for k, v in read_sums().items()})
         if verbose:
-            print(f"\nStopped at iteration {it}: {stop}")
+            print(f"\nStopped at iteration {it}: {stop}", flush=True)
     except BaseException:
         # Ctrl-C or an error: keep what was trained so far, then re-raise.
+        it = int(iteration.numpy())
         if manager is not None and it > start:
-            manager.save(checkpoint_number=it)
+            save_checkpoint(it)
             if verbose:
                 print(f"\nSaved a checkpoint at iteration {it} in {manager.directory}; "
-                      "continue with --resume")
+                      "continue with --resume", flush=True)
         raise
-    result.seconds = time.perf_counter() - t0
-    result.iterations, result.trained = it, it - start
+    result.steps_per_execution = fixed_k if fixed_k != "auto" else k_auto
     if manager is not None:
-        manager.save(checkpoint_number=it)
-    return result
+        save_checkpoint(it)
+    return finish(it)
 
 
 def checkpoint_exists(save_dir, phase: str = "train") -> bool:
     """Whether ``save_dir`` holds a checkpoint of ``phase``."""
     tf = quiet_tensorflow()
     return tf.train.latest_checkpoint(str(Path(save_dir) / "checkpoints" / phase)) is not None
-

@@ -16,8 +16,12 @@ Targets are refreshed every 140 iterations; training stops when fewer than
 
 Folders (``--folder``): Fashion-MNIST images written as PNG files into
 ``train/`` (unlabelled), ``test/<class>/`` and ``reference/<class>_N.png``
-for four classes, then ``bin/dcn --data`` end to end (DCEC, references name
-the clusters); reports test accuracy.
+for four classes, then ``bin/dcn --data DIR --image_size 64 --pretrain_epochs 5``
+end to end with every other flag at its default (DCEC, references name the
+clusters); reports test accuracy and the run's time.
+
+Speed (``--speed``): milliseconds per training step of DEC and DCEC in the
+shared loop against a bare Keras step (:mod:`common.speed`).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from common.cli import ArgumentParser, run
 from common.data import KNOWN_DATASETS, load_data
 from common.errors import UsageError
 from common.metrics import evaluate_clustering
-from common.results import write_csv, write_json, write_summary
+from common.results import write_csv, write_summary
 from common.runtime import quiet_tensorflow
 
 METHODS = ("ae+kmeans", "dec", "idec")
@@ -50,16 +54,16 @@ def parser():
     p.add_argument("--dataset", choices=KNOWN_DATASETS, default="fmnist", help="vector data set")
     p.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS),
                    help="clustering methods on the vectors (none: skip the vector benchmark)")
-    p.add_argument("--runs", type=int, default=3, help="seeds seed..seed+runs-1")
+    p.add_argument("--runs", type=int, default=3, help="seeds seed..seed+runs-1 (vector and folder runs)")
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--protocol", choices=("ours", "dec-keras"), default="ours",
                    help="pretraining: ours = Glorot init, Adam, 50 epochs; dec-keras = DEC-keras' "
                    "VarianceScaling init, SGD lr 1 momentum 0.9, 300 epochs")
     p.add_argument("--pretrain_epochs", type=int, help="override the protocol's pretraining epochs")
     p.add_argument("--max_iterations", type=int, default=20000,
-                   help="clustering iterations at most (vector and folder runs)")
+                   help="clustering iterations at most (vector runs)")
     p.add_argument("--update_interval", type=int, default=140,
-                   help="iterations between target refreshes (vector runs; the folder run uses 20)")
+                   help="iterations between target refreshes (vector runs)")
     p.add_argument("--tol", type=float, default=0.001,
                    help="stop when fewer than this share of labels change between refreshes")
     p.add_argument("--batch_size", type=int, default=256, help="batch size of the vector runs")
@@ -68,11 +72,45 @@ def parser():
                    help="Fashion-MNIST classes of the folder benchmark")
     p.add_argument("--folder_train", type=int, default=1000, help="training images per class")
     p.add_argument("--folder_references", type=int, default=3, help="reference images per class")
-    p.add_argument("--folder_epochs", type=int, default=50, help="pretraining epochs of the folder run")
+    p.add_argument("--folder_epochs", type=int, default=5, help="pretraining epochs of the folder run")
+    p.add_argument("--folder_image_size", type=int, default=64, help="image size of the folder run")
+    p.add_argument("--folder_max_iterations", type=int,
+                   help="clustering iterations at most of the folder run (default: bin/dcn's, 73 epochs)")
     p.add_argument("--data_dir", help="folder searched first for the data files")
     p.add_argument("--out", default="bench/dcn", help="folder for runs.csv, summary.csv, folder data")
     p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=0)
+    p.add_argument("--speed", action="store_true",
+                   help="instead: ms per training step of DEC and DCEC (28 and 64 px) in our loop and in a "
+                   "bare Keras step (random data; writes <out>/speed_dcn.csv)")
+    p.add_argument("--speed_runs", type=int, default=5, help="--speed: alternating repeats per case")
     return p
+
+
+def speed_cases():
+    """The clustering networks of the speed table (batch 256): DEC's clustering
+    phase on 784-d vectors, DCEC's at 28 and 64 px, and DCEC pretraining at 64 px."""
+    import keras
+
+    from common.networks import ReconstructionTask
+    from common.speed import SpeedCase, random_data
+    from dcn.models import DCN, ClusteringTask
+
+    def case(name, shape, recon_weight, pretrain=False):
+        def make():
+            keras.utils.set_random_seed(0)
+            x = random_data(shape)
+            model = DCN(shape, 10)
+            if pretrain:
+                return ReconstructionTask(model.encoder, model.decoder), x
+            task = ClusteringTask(model, x, recon_weight=recon_weight, tol=0.0)
+            task.refresh(0)  # real targets
+            return task, x
+        return SpeedCase(name, make)
+
+    return [case("DEC (dense, 784)", (784,), 0.0),
+            case("DCEC (28x28)", (28, 28, 1), 10.0),
+            case("DCEC (64x64)", (64, 64, 1), 10.0),
+            case("DCEC pretraining (64x64)", (64, 64, 1), 0.0, pretrain=True)]
 
 
 def _score(pred, y):
@@ -149,43 +187,68 @@ def write_fmnist_folder(root: Path, classes, n_train: int, n_refs: int, seed: in
             save(xv[j], root / "test" / name / f"{i:05d}.png")
 
 
+FOLDER_COLUMNS = ("test_accuracy", "nmi", "ari", "iterations", "seconds", "peak_rss_gb")
+
+
 def folder_run(args, out: Path):
+    """``bin/dcn`` on the Fashion-MNIST folder, one run per seed, in a process of its own."""
+    import resource
+
     root = out / "fmnist_folders"
     if not (root / "train").is_dir():
         write_fmnist_folder(root, args.folder_classes, args.folder_train, args.folder_references,
                             data_dir=args.data_dir)
-    report = out / "folder_report"
     dcn = Path(__file__).resolve().parents[1] / "bin" / "dcn"
-    batch = min(256, args.folder_train * len(args.folder_classes))
-    cmd = [str(dcn), "--data", str(root), "--image_size", "28", "--pretrain_epochs", str(args.folder_epochs),
-           "--batch_size", str(batch), "--update_interval", "20", "--max_iterations",
-           str(args.max_iterations), "--save_dir", str(report), "--seed", str(args.seed), "--verbose", "0"]
-    t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
-    if done.returncode:
-        raise UsageError(f"bin/dcn failed on the folder benchmark: {done.stderr.strip().splitlines()[-1]}")
-    metrics = json.loads((report / "test_metrics.json").read_text())
-    results = json.loads((report / "results.json").read_text())
     print(f"\nfolder benchmark ({len(args.folder_classes)} Fashion-MNIST classes: "
           f"{', '.join(FMNIST_CLASSES[c] for c in args.folder_classes)}; {args.folder_train} training "
-          f"images and {args.folder_references} references per class, 28x28, DCEC):")
-    print(f"  test accuracy {metrics['accuracy']:.4f}, NMI {metrics['nmi']:.4f}, ARI {metrics['ari']:.4f} on "
-          f"{metrics['n_images']} test images; {results['iterations']} clustering iterations; "
-          f"{seconds:.0f} s in all")
-    print(f"  command: {' '.join(cmd[1:])}")
-    summary = {"test_accuracy": metrics["accuracy"], "nmi": metrics["nmi"], "ari": metrics["ari"],
-               "n_test": metrics["n_images"], "seconds": round(seconds, 1), "command": " ".join(cmd[1:])}
-    write_json(out / "folder_summary.json", summary)
+          f"images and {args.folder_references} references per class, {args.folder_image_size}x"
+          f"{args.folder_image_size}, DCEC):")
+    rows = []
+    for r in range(args.runs):
+        seed = args.seed + r
+        report = out / f"folder_report_seed{seed}"
+        cmd = [str(dcn), "--data", str(root), "--image_size", str(args.folder_image_size),
+               "--pretrain_epochs", str(args.folder_epochs), "--save_dir", str(report), "--seed", str(seed),
+               "--verbose", "0"]
+        if args.folder_max_iterations:
+            cmd += ["--max_iterations", str(args.folder_max_iterations)]
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        seconds = time.perf_counter() - t0
+        if done.returncode:
+            last = done.stderr.strip().splitlines()[-1]
+            raise UsageError(f"bin/dcn failed on the folder benchmark: {last}")
+        metrics = json.loads((report / "test_metrics.json").read_text())
+        results = json.loads((report / "results.json").read_text())
+        peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2  # the largest run so far
+        rows.append({"seed": seed, "test_accuracy": metrics["accuracy"], "nmi": metrics["nmi"],
+                     "ari": metrics["ari"], "n_test": metrics["n_images"],
+                     "iterations": results["iterations"], "stopped": results["stopped"],
+                     "seconds": round(seconds, 1), "peak_rss_gb": round(peak_gb, 2),
+                     "command": " ".join(cmd[1:])})
+        write_csv(pd.DataFrame(rows), out / "folder_runs.csv")
+        print(f"  seed {seed}: test accuracy {metrics['accuracy']:.4f}, NMI {metrics['nmi']:.4f}, ARI "
+              f"{metrics['ari']:.4f} on {metrics['n_images']} test images; {results['iterations']} "
+              f"clustering iterations ({results['stopped']}); {seconds:.0f} s in all", flush=True)
+    print(f"  command: {rows[0]['command']}")
+    for row in rows:
+        row["benchmark"] = "folder"
+    write_summary(rows, out / "folder_summary.csv", ["benchmark"], FOLDER_COLUMNS)
 
 
 def _main(argv=None):
     args = parser().parse_args(argv)
-    if args.runs < 1:
-        raise UsageError("--runs must be positive")
+    if args.runs < 1 or args.speed_runs < 1:
+        raise UsageError("--runs and --speed_runs must be positive")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tf = quiet_tensorflow()
+    if args.speed:
+        from common.speed import measure
+
+        measure(speed_cases(), runs=args.speed_runs, out=out / "speed_dcn.csv")
+        print(f"\nwritten: {out}/speed_dcn.csv")
+        return 0
     print(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores")
     rows: list = []
     if args.methods:

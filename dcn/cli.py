@@ -7,70 +7,196 @@
 
 from __future__ import annotations
 
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from common.cli import ArgumentParser, add_run_arguments, dispatch, resume_args, run
+from common.cli import ArgumentParser, dispatch, run
+from common.command import RunData, TrainingCommand
 from common.data import KNOWN_DATASETS, load_data
 from common.errors import UsageError
 from common.results import write_json
 from common.runtime import quiet_tensorflow
+from common.training import proportional_batch_size
+from dcn.models import MAX_EPOCHS, UPDATE_INTERVAL
 
 
-def train_parser():
-    p = ArgumentParser(
-        prog="dcn",
-        description="Deep clustering network: pretrain an autoencoder, initialise cluster centres with "
-        "k-means, then train with DEC's self-training target (KL(P||Q)) plus, with --recon_weight > 0, "
-        "the reconstruction error (IDEC/DCEC). On an image folder it names the clusters from "
-        "reference/ images and evaluates on test/. See `dcn predict --help` to name new images.")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--data", metavar="DIR", help="image folder with train/ and optional test/, reference/")
-    src.add_argument("--dataset", choices=KNOWN_DATASETS, help="a vector data set (DEC/IDEC protocol)")
-    p.add_argument("--data_dir", help="--dataset: folder searched first for its files")
-    p.add_argument("--n_clusters", type=int,
-                   help="number of clusters (default: reference classes, or the data set's classes)")
-    p.add_argument("--image_size", type=int, nargs="+", default=[160, 160], metavar="PX",
-                   help="height and width images are resized to (one value: square)")
-    p.add_argument("--color", choices=("grayscale", "rgb"), default="grayscale", help="colour mode of images")
-    p.add_argument("--architecture", choices=("conv", "mlp"),
-                   help="autoencoder: conv (DCEC, default for images) or mlp (d-500-500-2000-d', default "
-                   "for vectors)")
-    p.add_argument("--embedding_dim", type=int, default=10, help="size of the embedding")
-    p.add_argument("--alpha", type=float, default=1.0, help="degrees of freedom of the Student's t kernel")
-    p.add_argument("--pretrain_epochs", type=int, default=50,
-                   help="autoencoder pretraining epochs (DEC-keras: 300 on MNIST/Fashion-MNIST)")
-    p.add_argument("--pretrain_optimizer", choices=("adam", "sgd"), default="adam",
-                   help="pretraining optimizer (DEC-keras: sgd with --pretrain_lr 1, momentum 0.9)")
-    p.add_argument("--pretrain_lr", type=float, help="pretraining learning rate (default: 0.001 adam, 1 sgd)")
-    p.add_argument("--init", choices=("glorot_uniform", "dec"), default="glorot_uniform",
-                   help="dense autoencoder initialisation; dec is DEC-keras' uniform +-sqrt(1/fan_in)")
-    p.add_argument("--ae_weights",
-                   help="pretrained autoencoder weights (ae.weights.h5) instead of pretraining")
-    p.add_argument("--n_init", type=int, default=20, help="k-means restarts for the initial centres")
-    p.add_argument("--max_iterations", type=int, default=20000, help="clustering iterations at most")
-    p.add_argument("--update_interval", type=int, default=140,
-                   help="iterations between refreshes of the target distribution P over all samples")
-    p.add_argument("--tol", type=float, default=0.001,
-                   help="stop when fewer than this share of labels change between refreshes")
-    p.add_argument("--recon_weight", type=float, default=10.0,
-                   help="weight of the reconstruction error in the clustering phase; 0 gives DEC, 10 is "
-                   "IDEC/DCEC's gamma 0.1 under Adam")
-    p.add_argument("--batch_size", type=int, default=256, help="global batch size")
-    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
-                   help="clustering-phase optimizer; DEC used SGD, lr 0.01, momentum 0.9")
-    p.add_argument("--lr", type=float, help="clustering learning rate (default: 0.001 adam, 0.01 sgd)")
-    p.add_argument("--augment", action="store_true",
-                   help="images: random flips, small rotations, brightness and noise while training")
-    p.add_argument("--eval_interval", type=int,
-                   help="iterations between log rows (default: --update_interval)")
-    p.add_argument("--save_epochs", type=int, default=5, help="epochs between checkpoints")
-    p.add_argument("--save_dir", default="reports", help="output folder")
-    add_run_arguments(p, "seed of weights, data order and k-means", progress="progress bars")
-    return p
+class DcnCommand(TrainingCommand):
+    prog = "dcn"
+    description = ("Deep clustering network: pretrain an autoencoder, initialise cluster centres with "
+                   "k-means, then train with DEC's self-training target (KL(P||Q)) plus, with --recon_weight "
+                   "> 0, the reconstruction error (IDEC/DCEC). On an image folder it names the clusters "
+                   "from reference/ images and evaluates on test/. See `dcn predict --help` to name new "
+                   "images.")
+    seed_help = "seed of weights, data order and k-means"
+    progress = "progress bars"
+    outputs = ("model.keras", "pretrain_log.csv", "log.csv", "class_mappings.json", "results.json",
+               "test_metrics.json", "test_cm.png", "architecture.png", "architecture.txt")
+
+    def add_arguments(self, p):
+        src = p.add_mutually_exclusive_group()
+        src.add_argument("--data", metavar="DIR",
+                         help="image folder with train/ and optional test/, reference/")
+        src.add_argument("--dataset", choices=KNOWN_DATASETS, help="a vector data set (DEC/IDEC protocol)")
+        p.add_argument("--data_dir", help="--dataset: folder searched first for its files")
+        p.add_argument("--n_clusters", type=int,
+                       help="number of clusters (default: reference classes, or the data set's classes)")
+        p.add_argument("--image_size", type=int, nargs="+", default=[160, 160], metavar="PX",
+                       help="height and width images are resized to (one value: square)")
+        p.add_argument("--color", choices=("grayscale", "rgb"), default="grayscale",
+                       help="colour mode of images")
+        p.add_argument("--architecture", choices=("conv", "mlp"),
+                       help="autoencoder: conv (DCEC, default for images) or mlp (d-500-500-2000-d', "
+                       "default for vectors)")
+        p.add_argument("--embedding_dim", type=int, default=10, help="size of the embedding")
+        p.add_argument("--alpha", type=float, default=1.0,
+                       help="degrees of freedom of the Student's t kernel")
+        p.add_argument("--pretrain_epochs", type=int, default=50,
+                       help="autoencoder pretraining epochs (DEC-keras: 300 on MNIST/Fashion-MNIST)")
+        p.add_argument("--pretrain_optimizer", choices=("adam", "sgd"), default="adam",
+                       help="pretraining optimizer (DEC-keras: sgd with --pretrain_lr 1, momentum 0.9)")
+        p.add_argument("--pretrain_lr", type=float,
+                       help="pretraining learning rate (default: 0.001 adam, 1 sgd)")
+        p.add_argument("--init", choices=("glorot_uniform", "dec"), default="glorot_uniform",
+                       help="dense autoencoder initialisation; dec is DEC-keras' uniform +-sqrt(1/fan_in)")
+        p.add_argument("--ae_weights",
+                       help="pretrained autoencoder weights (ae.weights.h5) instead of pretraining")
+        p.add_argument("--n_init", type=int, default=20, help="k-means restarts for the initial centres")
+        p.add_argument("--max_epochs", type=float, default=MAX_EPOCHS,
+                       help="clustering epochs at most (DEC/IDEC/DCEC's 20,000 iterations on 70,000 "
+                       "samples)")
+        p.add_argument("--max_iterations", type=int,
+                       help="clustering iterations at most (instead of --max_epochs)")
+        p.add_argument("--update_interval", type=int,
+                       help=f"iterations between refreshes of the target distribution P over all samples "
+                       f"(default: {UPDATE_INTERVAL}, as DEC, or one epoch when that is shorter)")
+        p.add_argument("--tol", type=float, default=0.001,
+                       help="stop when fewer than this share of labels change between refreshes")
+        p.add_argument("--recon_weight", type=float, default=10.0,
+                       help="weight of the reconstruction error in the clustering phase; 0 gives DEC, 10 "
+                       "is IDEC/DCEC's gamma 0.1 under Adam")
+        p.add_argument("--batch_size", type=int,
+                       help="global batch size (default: 256, or on fewer than 12,800 samples the largest "
+                       "power of two giving 50 batches per epoch, at least 16)")
+        p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
+                       help="clustering-phase optimizer; DEC used SGD, lr 0.01, momentum 0.9")
+        p.add_argument("--lr", type=float, help="clustering learning rate (default: 0.001 adam, 0.01 sgd)")
+        p.add_argument("--augment", action="store_true",
+                       help="images: random flips, small rotations, brightness and noise while training")
+        p.add_argument("--eval_interval", type=int,
+                       help="iterations between log rows (default: --update_interval)")
+        p.add_argument("--save_dir", default="reports", help="output folder")
+
+    def check(self, args):
+        if not (args.data or args.dataset):
+            raise UsageError("give --data DIR (an image folder) or --dataset NAME")
+        _check(args)
+
+    def load(self, args) -> RunData:
+        from dcn import folders as fold
+
+        if args.data:
+            folders = fold.load_folders(args.data, args.image_size, args.color)
+            x = folders.train.x
+            if args.n_clusters is None:
+                if folders.reference is None:
+                    raise UsageError("give --n_clusters (there is no reference/ folder to count classes "
+                                     "from)")
+                args.n_clusters = len(folders.reference.classes)
+            data = RunData(x, name=Path(args.data).name, description=f"{args.data}: {fold.describe(folders)}",
+                           extra={"folders": folders, "class_names": None})
+        else:
+            (x, y), _ = load_data(args.dataset, data_dir=args.data_dir, flatten=args.architecture != "conv")
+            if args.architecture == "conv" and x.ndim != 4:
+                raise UsageError(f"--architecture conv needs images; {args.dataset} holds vectors")
+            class_names = [str(c) for c in np.unique(y)]
+            if args.n_clusters is None:
+                args.n_clusters = len(class_names)
+            data = RunData(x, y, name=args.dataset, description=f"{args.dataset}: {len(x)} samples of shape "
+                           f"{x.shape[1:]}, {len(class_names)} classes",
+                           extra={"folders": None, "class_names": class_names})
+        if args.n_clusters > len(x):
+            raise UsageError(f"--n_clusters {args.n_clusters} is more than the {len(x)} training samples")
+        if args.batch_size is None:
+            args.batch_size = proportional_batch_size(len(x))
+        return data
+
+    def describe(self, run):
+        m = run.model
+        kind = ("DEC" if not run.args.recon_weight else "IDEC") if m.architecture == "mlp" else "DCEC"
+        return (f"{kind} ({m.architecture} autoencoder, embedding {m.embedding_dim}) with {m.n_clusters} "
+                "clusters")
+
+    def build(self, run):
+        import keras
+
+        from dcn.models import DCN
+
+        a = run.args
+        run.optimizers = {
+            "pretrain": (keras.optimizers.SGD(a.pretrain_lr, momentum=0.9) if a.pretrain_optimizer == "sgd"
+                         else keras.optimizers.Adam(a.pretrain_lr)),
+            "train": (keras.optimizers.SGD(a.lr, momentum=0.9) if a.optimizer == "sgd"
+                      else keras.optimizers.Adam(a.lr))}
+        return DCN(run.data.x.shape[1:], a.n_clusters, a.embedding_dim, a.architecture, alpha=a.alpha,
+                   init=a.init)
+
+    def train(self, run):
+        from dcn import folders as fold
+        from dcn.naming import name_from_labels, name_from_references
+
+        a, x, y, model = run.args, run.data.x, run.data.y, run.model
+        augment = _augmenter(a.seed) if a.augment and x.ndim == 4 else None
+        options = run.loop_options(map_fn=augment)
+        run.pretrain(model, run.optimizers["pretrain"], map_fn=augment)
+        model.init_centers(x, n_init=a.n_init, seed=a.seed)
+        run.record("train", model.fit(x, y, max_iterations=a.max_iterations, max_epochs=a.max_epochs,
+                                      update_interval=a.update_interval, tol=a.tol,
+                                      recon_weight=a.recon_weight, eval_interval=a.eval_interval,
+                                      optimizer=run.optimizers["train"], **options))
+
+        # naming
+        folders = run.data.extra["folders"]
+        if folders is not None and folders.reference is not None:
+            ref = folders.reference
+            naming = name_from_references(model.soft_assign(ref.x), ref.labels, ref.classes)
+        elif folders is not None and folders.test is not None:
+            test = folders.test
+            naming = name_from_labels(model.cluster(test.x), test.labels, test.classes, model.n_clusters)
+        elif y is not None:
+            naming = name_from_labels(model.cluster(x), np.searchsorted(np.unique(y), y),
+                                      run.data.extra["class_names"], model.n_clusters,
+                                      source="the data set's labels")
+        else:
+            naming = None
+        run.data.extra["naming"] = naming
+        if naming is not None:
+            for w in naming.warnings:
+                fold.warn(w)
+            model.cluster_names = naming.names
+            write_json(run.save_dir / "class_mappings.json", naming.to_json())
+            if naming.source.startswith("test labels") and folders is not None:
+                fold.warn("no reference images: clusters were named by matching them to the test labels, "
+                          "so the test accuracy is an upper bound")
+
+    def results(self, run):
+        r, folders = run.phases["train"], run.data.extra["folders"]
+        naming = run.data.extra["naming"]
+        out = {"n_samples": len(run.data.x), "n_clusters": run.model.n_clusters, "iterations": r.iterations,
+               "stopped": r.stopped_early or "max_iterations",
+               "train": run.model.evaluate_clusters(run.data.x, run.data.y, seed=run.args.seed)}
+        if folders is not None and folders.test is not None and naming is not None:
+            out["test"] = _test_report(run.model, naming, folders.test, run.save_dir)
+        return out
+
+    def summary(self, run, results):
+        train = results["train"]
+        line = f"{results['iterations']} clustering iterations ({results['stopped']})"
+        if "acc" in train:
+            line += f"; accuracy {train['acc']:.4f}, NMI {train['nmi']:.4f}, ARI {train['ari']:.4f}"
+        if "test" in results:
+            line += f"; test accuracy {results['test']['accuracy']:.4f}"
+        return line
 
 
 def predict_parser():
@@ -89,9 +215,16 @@ def _check(args):
         args.image_size = args.image_size * 2
     if len(args.image_size) != 2 or min(args.image_size) < 8:
         raise UsageError(f"--image_size takes one or two sizes of at least 8 pixels, got {args.image_size}")
-    for name in ("max_iterations", "update_interval", "batch_size", "embedding_dim", "n_init", "save_epochs"):
+    for name in ("embedding_dim", "n_init"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("batch_size", "max_iterations", "update_interval", "eval_interval"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
+    if not (args.max_epochs > 0 and np.isfinite(args.max_epochs)):
+        raise UsageError(f"--max_epochs must be a positive number, got {args.max_epochs}")
+    if not (args.alpha > 0 and np.isfinite(args.alpha)):
+        raise UsageError(f"--alpha must be a positive number, got {args.alpha}")
     if args.n_clusters is not None and args.n_clusters < 2:
         raise UsageError(f"--n_clusters must be at least 2, got {args.n_clusters}")
     if args.pretrain_epochs < 0 or args.recon_weight < 0 or args.tol < 0:
@@ -103,15 +236,22 @@ def _check(args):
 
 
 def _augmenter(seed):
+    """Random flips, small rotations, brightness and noise, clipped to [0, 1]."""
     import keras
+    import tensorflow as tf
 
     layers = keras.layers
-    return keras.Sequential([
+    augmenter = keras.Sequential([
         layers.RandomFlip("horizontal", seed=seed),
         layers.RandomRotation(0.05, fill_mode="constant", seed=seed),
         layers.RandomBrightness(0.1, value_range=(0.0, 1.0), seed=seed),
         layers.GaussianNoise(0.02, seed=seed),
     ], name="augment")
+
+    def augment(batch):
+        return tf.clip_by_value(augmenter(batch, training=True), 0.0, 1.0)
+
+    return augment
 
 
 def _test_report(model, naming, test, save_dir: Path):
@@ -146,131 +286,7 @@ def _test_report(model, naming, test, save_dir: Path):
 
 # --------------------------------------------------------------------------- #
 def train_main(argv):
-    args = train_parser().parse_args(argv)
-    if args.resume:
-        args = resume_args(args)
-    if not (args.data or args.dataset):
-        raise UsageError("give --data DIR (an image folder) or --dataset NAME")
-    _check(args)
-    if args.verbose == 1 and not sys.stdout.isatty():
-        args.verbose = 2
-    save_dir = Path(args.save_dir)
-    tf = quiet_tensorflow()
-
-    from dcn import folders as fold
-    from dcn.naming import name_from_labels, name_from_references
-
-    # ---- data
-    folders, y, class_names = None, None, None
-    if args.data:
-        folders = fold.load_folders(args.data, args.image_size, args.color)
-        x = folders.train.x
-        if args.verbose:
-            print(f"{args.data}: {fold.describe(folders)}")
-        if args.n_clusters is None:
-            if folders.reference is None:
-                raise UsageError("give --n_clusters (there is no reference/ folder to count classes from)")
-            args.n_clusters = len(folders.reference.classes)
-    else:
-        (x, y), _ = load_data(args.dataset, data_dir=args.data_dir, flatten=args.architecture != "conv")
-        if args.architecture == "conv" and x.ndim != 4:
-            raise UsageError(f"--architecture conv needs images; {args.dataset} holds vectors")
-        class_names = [str(c) for c in np.unique(y)]
-        if args.n_clusters is None:
-            args.n_clusters = len(class_names)
-        if args.verbose:
-            print(f"{args.dataset}: {len(x)} samples of shape {x.shape[1:]}, {len(class_names)} classes")
-    if args.batch_size > len(x):
-        raise UsageError(f"--batch_size {args.batch_size} is larger than the {len(x)} training samples")
-    if args.n_clusters > len(x):
-        raise UsageError(f"--n_clusters {args.n_clusters} is more than the {len(x)} training samples")
-    save_dir.mkdir(parents=True, exist_ok=True)
-    if not args.resume:
-        write_json(save_dir / "args.json", vars(args))
-
-    # ---- model
-    import keras
-
-    from common import plots
-    from common.runtime import make_strategy, set_mixed_precision
-    from dcn.models import DCN
-
-    keras.utils.set_random_seed(args.seed)
-    set_mixed_precision(args.mixed_precision)
-    strategy = make_strategy(args.strategy)
-    with strategy.scope():
-        model = DCN(x.shape[1:], args.n_clusters, args.embedding_dim, args.architecture, alpha=args.alpha,
-                    init=args.init)
-        pre_opt = (keras.optimizers.SGD(args.pretrain_lr, momentum=0.9) if args.pretrain_optimizer == "sgd"
-                   else keras.optimizers.Adam(args.pretrain_lr))
-        opt = (keras.optimizers.SGD(args.lr, momentum=0.9) if args.optimizer == "sgd"
-               else keras.optimizers.Adam(args.lr))
-    plots.architecture(model.functional_view(), save_dir / "architecture.png")
-    augment = None
-    if args.augment and x.ndim == 4:
-        augmenter = _augmenter(args.seed)
-
-        def augment(batch):
-            return tf.clip_by_value(augmenter(batch, training=True), 0.0, 1.0)
-
-    common = dict(batch_size=args.batch_size, save_dir=save_dir, resume=args.resume, seed=args.seed,
-                  verbose=args.verbose, strategy=strategy, jit_compile=not args.no_jit, map_fn=augment)
-    t0 = time.perf_counter()
-    if args.ae_weights:
-        model.load_autoencoder_weights(args.ae_weights)
-    elif args.pretrain_epochs:
-        model.pretrain(x, args.pretrain_epochs, optimizer=pre_opt, **common)
-    pretrain_seconds = time.perf_counter() - t0
-    model.init_centers(x, n_init=args.n_init, seed=args.seed)
-    steps_per_epoch = max(len(x) // args.batch_size, 1)
-    result = model.fit(x, y, max_iterations=args.max_iterations, update_interval=args.update_interval,
-                       tol=args.tol, recon_weight=args.recon_weight, eval_interval=args.eval_interval,
-                       checkpoint_interval=args.save_epochs * steps_per_epoch, optimizer=opt, **common)
-
-    # ---- naming and evaluation
-    if folders is not None and folders.reference is not None:
-        ref = folders.reference
-        naming = name_from_references(model.soft_assign(ref.x), ref.labels, ref.classes)
-    elif folders is not None and folders.test is not None:
-        test = folders.test
-        naming = name_from_labels(model.cluster(test.x), test.labels, test.classes, model.n_clusters)
-    elif y is not None:
-        naming = name_from_labels(model.cluster(x), np.searchsorted(np.unique(y), y), class_names,
-                                  model.n_clusters, source="the data set's labels")
-    else:
-        naming = None
-    if naming is not None:
-        for w in naming.warnings:
-            fold.warn(w)
-        model.cluster_names = naming.names
-        write_json(save_dir / "class_mappings.json", naming.to_json())
-        if naming.source.startswith("test labels") and folders is not None:
-            fold.warn("no reference images: clusters were named by matching them to the test labels, "
-                      "so the test accuracy is an upper bound")
-    from common.networks import save_keras_model
-
-    save_keras_model(model, save_dir / "model.keras")
-
-    results = {"n_samples": len(x), "n_clusters": model.n_clusters, "iterations": result.iterations,
-               "stopped": result.stopped_early or "max_iterations",
-               "pretrain_seconds": round(pretrain_seconds, 2), "cluster_seconds": round(result.seconds, 2),
-               "train": model.evaluate_clusters(x, y, seed=args.seed)}
-    if folders is not None and folders.test is not None and naming is not None:
-        results["test"] = _test_report(model, naming, folders.test, save_dir)
-    results["args"] = vars(args)
-    results["environment"] = {"tensorflow": tf.__version__, "keras": keras.__version__,
-                              "replicas": strategy.num_replicas_in_sync}
-    write_json(save_dir / "results.json", results)
-    if args.verbose:
-        train = results["train"]
-        line = f"{result.iterations} clustering iterations ({results['stopped']})"
-        if "acc" in train:
-            line += f"; accuracy {train['acc']:.4f}, NMI {train['nmi']:.4f}, ARI {train['ari']:.4f}"
-        if "test" in results:
-            line += f"; test accuracy {results['test']['accuracy']:.4f}"
-        print(line)
-        print(f"outputs in {save_dir}/")
-    return 0
+    return DcnCommand().main(argv)
 
 
 def predict_main(argv):

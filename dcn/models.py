@@ -34,10 +34,35 @@ from common.networks import (
     mse_per_sample,
     predict_in_batches,
 )
-from common.training import StopTraining, Task, train
+from common.training import StopTraining, Task, plan, train
 from dcn.layers import ClusteringLayer, kl_divergence, target_distribution
 
 ARCHITECTURES = ("conv", "mlp")
+#: DEC, IDEC and DCEC refresh the target every 140 iterations (MNIST: 70,000 samples, batches of 256) ...
+UPDATE_INTERVAL = 140
+#: ... and stop after 20,000 iterations at most, about 73 epochs of those 70,000 samples.
+MAX_EPOCHS = 73
+
+
+def clustering_schedule(n_samples: int, batch_size: int = 256, update_interval: int | None = None,
+                        max_iterations: int | None = None, max_epochs: float | None = None):
+    """(update_interval, max_iterations) of the clustering phase, proportioned to the data.
+
+    Defaults: a target refresh every ``min(140, one epoch)`` iterations, and a
+    budget of ``MAX_EPOCHS`` epochs; ``max_iterations`` overrides ``max_epochs``.
+    """
+    if max_iterations is None:
+        epochs = MAX_EPOCHS if max_epochs is None else max_epochs
+        if not epochs > 0:
+            raise UsageError(f"max_epochs must be positive, got {max_epochs}")
+        max_iterations, steps_per_epoch = plan(n_samples, batch_size, epochs=epochs)
+    else:
+        max_iterations, steps_per_epoch = plan(n_samples, batch_size, iterations=max_iterations)
+    if update_interval is None:
+        update_interval = min(UPDATE_INTERVAL, steps_per_epoch)
+    if update_interval < 1:
+        raise UsageError(f"update_interval must be positive, got {update_interval}")
+    return int(update_interval), int(max_iterations)
 
 
 class ClusteringTask(Task):
@@ -183,33 +208,32 @@ class DCN(AutoencoderModel):
         pred = ops.convert_to_numpy(self.clustering(z)).argmax(axis=1)
         return evaluate_clustering(pred, y, features=z, sample_size=sample_size, seed=seed)
 
-    def fit(self, x, y=None, *, max_iterations: int = 20000, update_interval: int = 140, tol: float = 0.001,
-            recon_weight: float = 10.0, batch_size: int = 256, eval_interval: int | None = None,
-            eval_samples: int = 10000, save_dir=None, checkpoint_interval: int | None = None,
-            resume: bool = False, seed: int = 0, jit_compile: bool = True, verbose: int = 1,
-            strategy=None, optimizer=None, map_fn=None):
+    def fit(self, x, y=None, *, max_iterations: int | None = None, max_epochs: float | None = None,
+            update_interval: int | None = None, tol: float = 0.001, recon_weight: float = 10.0,
+            eval_interval: int | None = None, eval_samples: int = 10000, seed: int = 0, **loop):
         """The clustering phase (after :meth:`pretrain` and :meth:`init_centers`).
 
+        The target P is refreshed every ``update_interval`` iterations (default
+        ``min(140, one epoch)``); training stops when fewer than ``tol`` of the
+        labels change between refreshes, or after ``max_iterations`` (default:
+        ``max_epochs``, itself 73 by default; see :func:`clustering_schedule`).
         Log rows (every ``eval_interval`` iterations, default
         ``update_interval``) hold the loss terms, the share of labels that
         changed at the last refresh, and accuracy/NMI/ARI on ``eval_samples``
-        fixed samples when labels ``y`` are given. Returns the
+        fixed samples when labels ``y`` are given. Other keyword arguments go to
+        :func:`common.training.train`. Returns its
         :class:`common.training.TrainResult`.
         """
-        for name, value in (("max_iterations", max_iterations), ("update_interval", update_interval)):
-            if value < 1:
-                raise UsageError(f"{name} must be positive, got {value}")
         if recon_weight < 0 or tol < 0:
             raise UsageError("recon_weight and tol must be 0 or more")
         x = np.asarray(x, np.float32)
-        with (strategy or _default_strategy()).scope():
+        update_interval, max_iterations = clustering_schedule(
+            len(x), loop.get("batch_size", 256), update_interval, max_iterations, max_epochs)
+        with (loop.get("strategy") or _default_strategy()).scope():
             task = ClusteringTask(self, x, recon_weight=recon_weight, tol=tol, y=y,
                                   eval_samples=eval_samples, seed=seed)
-        return train(task, x, iterations=max_iterations, batch_size=batch_size, save_dir=save_dir,
-                     eval_interval=eval_interval or update_interval, refresh_interval=update_interval,
-                     checkpoint_interval=checkpoint_interval, resume=resume, seed=seed,
-                     jit_compile=jit_compile, verbose=verbose, strategy=strategy, optimizer=optimizer,
-                     map_fn=map_fn)
+        return train(task, x, iterations=max_iterations, eval_interval=eval_interval or update_interval,
+                     refresh_interval=update_interval, seed=seed, **loop)
 
     def get_config(self):
         config = super().get_config()

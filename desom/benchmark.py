@@ -58,7 +58,35 @@ def parser():
     p.add_argument("--strategy", choices=("auto", "default", "mirrored"), default="auto")
     p.add_argument("--mixed_precision", action="store_true", help="float16 compute (GPUs)")
     p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=0, help="training output per run")
+    p.add_argument("--speed", action="store_true",
+                   help="instead: ms per training step of DESOM, ConvDESOM and Kerasom in our loop and in a "
+                   "bare Keras step (random data; writes <out>/speed_desom.csv)")
+    p.add_argument("--speed_runs", type=int, default=5, help="--speed: alternating repeats per case")
     return p
+
+
+def speed_cases():
+    """The SOM models of the speed table, at the paper's sizes (8x8 map, batch 256)."""
+    import keras
+
+    from common.speed import SpeedCase, random_data
+    from desom.models import SOMTask
+
+    def case(name, build, shape):
+        def make():
+            keras.utils.set_random_seed(0)
+            x = random_data(shape)
+            model = build()
+            model.init_prototypes(x)
+            return SOMTask(model, gamma=0.001, Tmax=10.0, Tmin=0.1, decay="exponential",
+                           neighborhood="gaussian", som_iterations=10000, update_interval=1), x
+        return SpeedCase(name, make)
+
+    from desom.models import DESOM, ConvDESOM, Kerasom
+
+    return [case("DESOM (dense, 784)", lambda: DESOM(784, (8, 8)), (784,)),
+            case("ConvDESOM (28x28)", lambda: ConvDESOM((28, 28, 1), (8, 8)), (28, 28, 1)),
+            case("Kerasom (784)", lambda: Kerasom(784, (8, 8)), (784,))]
 
 
 def _peak_rss_gb() -> float:
@@ -110,7 +138,7 @@ def _one_run(args, name, model_name, x, y, seed, strategy, run_dir):
     seconds = time.perf_counter() - t0
     shutil.rmtree(Path(run_dir) / "checkpoints", ignore_errors=True)  # keep the log, not the weights
     out = model.evaluate_map(x, y, seed=seed)
-    out.update(fit_seconds=seconds, iterations_per_second=result.trained / result.seconds,
+    out.update(fit_seconds=seconds, iterations_per_second=result.iterations_per_second,
                acc_kmeans=_kmeans_accuracy(model, x, y, seed))
     if args.fig_dir and name in IMAGE_SHAPES and not (Path(args.fig_dir) / f"desom_map_{name}.png").exists():
         from common.plots import prototype_grid
@@ -124,11 +152,17 @@ def _one_run(args, name, model_name, x, y, seed, strategy, run_dir):
 
 def _main(argv=None):
     args = parser().parse_args(argv)
-    if args.runs < 1 or args.iterations < 1:
-        raise UsageError("--runs and --iterations must be positive")
+    if args.runs < 1 or args.iterations < 1 or args.speed_runs < 1:
+        raise UsageError("--runs, --iterations and --speed_runs must be positive")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tf = quiet_tensorflow()
+    if args.speed:
+        from common.speed import measure
+
+        measure(speed_cases(), runs=args.speed_runs, out=out / "speed_desom.csv")
+        print(f"\nwritten: {out}/speed_desom.csv")
+        return 0
     from common.runtime import make_strategy, set_mixed_precision
 
     set_mixed_precision(args.mixed_precision)

@@ -7,14 +7,12 @@
 from __future__ import annotations
 
 import json
-import platform
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from common.cli import ArgumentParser, add_run_arguments, dispatch, resume_args, run
+from common.cli import ArgumentParser, dispatch, run
+from common.command import RunData, TrainingCommand
 from common.data import KNOWN_DATASETS, SCALINGS, Scaler, load_data
 from common.errors import UsageError
 from common.results import write_json
@@ -35,54 +33,141 @@ def _data_arguments(p, required: bool):
     p.add_argument("--label_col", help="CSV: the column holding labels (used for evaluation only)")
 
 
-def train_parser():
-    p = ArgumentParser(
-        prog="desom",
-        description="Train a deep embedded self-organizing map (DESOM), its convolutional "
-        "variant or a plain SOM, and write the model, its log, metrics and pictures to "
-        "--save_dir. Use `desom predict --help` to apply a trained model.")
-    _data_arguments(p, required=False)
-    p.add_argument("--scaling", choices=SCALINGS, default="none",
-                   help="per-feature scaling of --data files (statistics saved for predict)")
-    p.add_argument("--model", choices=MODELS, default="desom",
-                   help="desom: dense autoencoder + SOM; convdesom: convolutional autoencoder + SOM "
-                   "(images); som: a plain SOM on the inputs (Kerasom)")
-    p.add_argument("--validation", action="store_true",
-                   help="train on the canonical training split and also evaluate on the test split")
-    p.add_argument("--ae_weights", help="pretrained autoencoder weights (ae.weights.h5 from an earlier run)")
-    p.add_argument("--map_size", nargs=2, type=int, default=[8, 8], metavar=("ROWS", "COLS"),
-                   help="number of rows and columns of the map")
-    p.add_argument("--topology", choices=("rectangular", "hexagonal"), default="rectangular",
-                   help="grid of the map")
-    p.add_argument("--toroidal", action="store_true", help="wrap the map around its edges")
-    p.add_argument("--latent_dim", type=int, default=10, help="size of the latent code")
-    p.add_argument("--gamma", type=float, default=0.001, help="weight of the SOM loss")
-    p.add_argument("--pretrain_epochs", type=int, default=0,
-                   help="epochs of autoencoder pretraining before DESOM training (0: none, as in the paper)")
-    p.add_argument("--iterations", type=int, default=10000, help="training iterations (batches)")
-    p.add_argument("--som_iterations", type=int, default=None,
-                   help="iterations over which T decays from Tmax to Tmin (default: --iterations)")
-    p.add_argument("--update_interval", type=int, default=1,
-                   help="iterations between updates of the temperature T")
-    p.add_argument("--eval_interval", type=int, default=500,
-                   help="iterations between rows of log.csv (losses and map quality)")
-    p.add_argument("--eval_samples", type=int, default=10000,
-                   help="fixed random samples on which each log row measures map quality")
-    p.add_argument("--save_epochs", type=int, default=5, help="epochs between checkpoints")
-    p.add_argument("--batch_size", type=int, default=256, help="global batch size")
-    p.add_argument("--lr", type=float, default=0.001, help="Adam learning rate")
-    p.add_argument("--Tmax", type=float, default=10.0, help="initial neighbourhood radius")
-    p.add_argument("--Tmin", type=float, default=0.1, help="final neighbourhood radius")
-    p.add_argument("--decay", choices=("exponential", "linear", "constant"), default="exponential",
-                   help="how T goes from Tmax to Tmin")
-    p.add_argument("--neighborhood", choices=("gaussian", "window"), default="gaussian",
-                   help="neighbourhood kernel: exp(-d^2/T^2) or d <= T")
-    p.add_argument("--som_init", choices=("random", "som"), default="random",
-                   help="prototypes from encoded random samples, or a short batch-SOM fit on the codes")
-    p.add_argument("--batchnorm", action="store_true", help="batch normalisation in the autoencoder")
-    p.add_argument("--save_dir", help="output folder (default: results/<data>_<model>_<rows>x<cols>)")
-    add_run_arguments(p, "seed of weights, data order and sampling")
-    return p
+class DesomCommand(TrainingCommand):
+    prog = "desom"
+    description = ("Train a deep embedded self-organizing map (DESOM), its convolutional variant or a "
+                   "plain SOM, and write the model, its log, metrics and pictures to --save_dir. Use "
+                   "`desom predict --help` to apply a trained model.")
+    outputs = ("model.keras", "log.csv", "results.json", "map.png", "umatrix.png", "training.png",
+               "architecture.png", "architecture.txt")
+
+    def add_arguments(self, p):
+        _data_arguments(p, required=False)
+        p.add_argument("--scaling", choices=SCALINGS, default="none",
+                       help="per-feature scaling of --data files (statistics saved for predict)")
+        p.add_argument("--model", choices=MODELS, default="desom",
+                       help="desom: dense autoencoder + SOM; convdesom: convolutional autoencoder + SOM "
+                       "(images); som: a plain SOM on the inputs (Kerasom)")
+        p.add_argument("--validation", action="store_true",
+                       help="train on the canonical training split and also evaluate on the test split")
+        p.add_argument("--ae_weights",
+                       help="pretrained autoencoder weights (ae.weights.h5 from an earlier run)")
+        p.add_argument("--map_size", nargs=2, type=int, default=[8, 8], metavar=("ROWS", "COLS"),
+                       help="number of rows and columns of the map")
+        p.add_argument("--topology", choices=("rectangular", "hexagonal"), default="rectangular",
+                       help="grid of the map")
+        p.add_argument("--toroidal", action="store_true", help="wrap the map around its edges")
+        p.add_argument("--latent_dim", type=int, default=10, help="size of the latent code")
+        p.add_argument("--gamma", type=float, default=0.001, help="weight of the SOM loss")
+        p.add_argument("--pretrain_epochs", type=int, default=0,
+                       help="epochs of autoencoder pretraining before DESOM training (0: none, as in the "
+                       "paper)")
+        p.add_argument("--iterations", type=int, default=10000, help="training iterations (batches)")
+        p.add_argument("--som_iterations", type=int, default=None,
+                       help="iterations over which T decays from Tmax to Tmin (default: --iterations)")
+        p.add_argument("--update_interval", type=int, default=1,
+                       help="iterations between updates of the temperature T")
+        p.add_argument("--eval_interval", type=int, default=500,
+                       help="iterations between rows of log.csv (losses and map quality)")
+        p.add_argument("--eval_samples", type=int, default=10000,
+                       help="fixed random samples on which each log row measures map quality")
+        p.add_argument("--batch_size", type=int, default=256, help="global batch size")
+        p.add_argument("--lr", type=float, default=0.001, help="Adam learning rate")
+        p.add_argument("--Tmax", type=float, default=10.0, help="initial neighbourhood radius")
+        p.add_argument("--Tmin", type=float, default=0.1, help="final neighbourhood radius")
+        p.add_argument("--decay", choices=("exponential", "linear", "constant"), default="exponential",
+                       help="how T goes from Tmax to Tmin")
+        p.add_argument("--neighborhood", choices=("gaussian", "window"), default="gaussian",
+                       help="neighbourhood kernel: exp(-d^2/T^2) or d <= T")
+        p.add_argument("--som_init", choices=("random", "som"), default="random",
+                       help="prototypes from encoded random samples, or a short batch-SOM fit on the codes")
+        p.add_argument("--batchnorm", action="store_true", help="batch normalisation in the autoencoder")
+        p.add_argument("--save_dir", help="output folder (default: results/<data>_<model>_<rows>x<cols>)")
+
+    def check(self, args):
+        for name in ("iterations", "batch_size", "eval_interval", "update_interval", "latent_dim",
+                     "eval_samples"):
+            if getattr(args, name) < 1:
+                raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
+        if args.pretrain_epochs < 0:
+            raise UsageError(f"--pretrain_epochs must be 0 or more, got {args.pretrain_epochs}")
+        if args.som_iterations is not None and args.som_iterations < 1:
+            raise UsageError(f"--som_iterations must be positive, got {args.som_iterations}")
+        from desom.layers import check_map
+
+        check_map(args.map_size, args.topology, args.toroidal)
+        if args.model == "som" and (args.pretrain_epochs or args.ae_weights):
+            raise UsageError("--model som has no autoencoder: drop --pretrain_epochs/--ae_weights")
+        if args.data is None and args.scaling != "none":
+            raise UsageError("--scaling applies to --data files; the named data sets come scaled as in DESOM")
+
+    def load(self, args) -> RunData:
+        source, (x, y), (xv, yv) = _load(args, args.validation)
+        image_shape = x.shape[1:] if x.ndim == 4 else None
+        scaler = Scaler(args.scaling).fit(x.reshape(len(x), -1))
+        x = _shape_for(args.model, _scaled(scaler, x), source)
+        if xv is not None:
+            xv = _shape_for(args.model, _scaled(scaler, xv), source)
+        args.dataset = None if args.data else source
+        name = Path(source).stem if args.data else source
+        description = f"{source}: {len(x)} samples of shape {x.shape[1:]}" + (
+            f", {len(xv)} validation samples" if xv is not None else "")
+        return RunData(x, y, xv, yv, name=name, description=description,
+                       extra={"scaler": scaler, "image_shape": image_shape})
+
+    def default_save_dir(self, args, data):
+        return f"results/{data.name}_{args.model}_{args.map_size[0]}x{args.map_size[1]}"
+
+    def describe(self, run):
+        a = run.args
+        return (f"{a.model} with a {a.map_size[0]}x{a.map_size[1]} {a.topology} map"
+                f"{' (toroidal)' if a.toroidal else ''}")
+
+    def build(self, run):
+        import keras
+
+        run.optimizers = {"train": keras.optimizers.Adam(run.args.lr),
+                          "pretrain": keras.optimizers.Adam(run.args.lr)}
+        return _build_model(run.args, run.data.x)
+
+    def train(self, run):
+        a, x = run.args, run.data.x
+        if a.scaling != "none":
+            write_json(run.save_dir / "preprocessing.json", run.data.extra["scaler"].to_dict())
+        run.pretrain(run.model, run.optimizers["pretrain"])
+        run.model.init_prototypes(x, method=a.som_init, seed=a.seed)
+        run.record("train", run.model.fit(
+            x, run.data.y, iterations=a.iterations, gamma=a.gamma, Tmax=a.Tmax, Tmin=a.Tmin,
+            decay=a.decay, neighborhood=a.neighborhood, som_iterations=a.som_iterations,
+            update_interval=a.update_interval, eval_interval=a.eval_interval, eval_samples=a.eval_samples,
+            optimizer=run.optimizers["train"], **run.loop_options()))
+
+    def results(self, run):
+        d, model = run.data, run.model
+        out = {"data": d.name if run.args.data is None else run.args.data, "model": run.args.model,
+               "n_samples": len(d.x), "iterations": run.phases["train"].iterations,
+               "train": model.evaluate_map(d.x, d.y, seed=run.args.seed)}
+        if d.x_val is not None:
+            out["validation"] = model.evaluate_map(d.x_val, d.y_val, seed=run.args.seed)
+        out.update({k: out["train"][k] for k in RESULT_KEYS if k in out["train"]})
+        return out
+
+    def pictures(self, run, results):
+        import pandas as pd
+
+        from common import plots
+
+        a = run.args
+        title = f"{run.data.name} {a.model} {a.map_size[0]}x{a.map_size[1]}"
+        _pictures(run.model, run.data.x, run.data.y, run.save_dir, run.data.extra["image_shape"], title)
+        plots.training_curves(pd.read_csv(run.save_dir / "log.csv"), run.save_dir / "training.png")
+
+    def summary(self, run, results):
+        r = run.phases["train"]
+        shown = ", ".join(f"{k} {results[k]:.4f}" for k in RESULT_KEYS if k in results)
+        ips = r.iterations_per_second
+        speed = f" ({ips:.1f} training iterations/s)" if ips else ""
+        return f"{r.iterations} iterations in {r.seconds:.1f} s{speed}; {shown}"
 
 
 def predict_parser():
@@ -157,118 +242,8 @@ def _build_model(args, x):
     return DESOM(input_dim=x.shape[1], latent_dim=args.latent_dim, batchnorm=args.batchnorm, **common)
 
 
-def _check_args(args):
-    for name in ("iterations", "batch_size", "eval_interval", "update_interval", "save_epochs",
-                 "latent_dim", "eval_samples"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
-    if args.pretrain_epochs < 0:
-        raise UsageError(f"--pretrain_epochs must be 0 or more, got {args.pretrain_epochs}")
-    if args.som_iterations is not None and args.som_iterations < 1:
-        raise UsageError(f"--som_iterations must be positive, got {args.som_iterations}")
-    from desom.layers import check_map
-
-    check_map(args.map_size, args.topology, args.toroidal)
-    if args.model == "som" and (args.pretrain_epochs or args.ae_weights):
-        raise UsageError("--model som has no autoencoder: drop --pretrain_epochs/--ae_weights")
-    if args.data is None and args.scaling != "none":
-        raise UsageError("--scaling applies to --data files; the named data sets come scaled as in DESOM")
-
-
-# --------------------------------------------------------------------------- #
-# train
-# --------------------------------------------------------------------------- #
 def train_main(argv):
-    args = train_parser().parse_args(argv)
-    if args.resume:
-        args = resume_args(args)
-    _check_args(args)
-    if args.verbose == 1 and not sys.stdout.isatty():
-        args.verbose = 2  # a progress bar in a log file is noise
-    source, (x, y), (xv, yv) = _load(args, args.validation)
-    image_shape = x.shape[1:] if x.ndim == 4 else None
-    scaler = Scaler(args.scaling).fit(x.reshape(len(x), -1))
-    x = _shape_for(args.model, _scaled(scaler, x), source)
-    if xv is not None:
-        xv = _shape_for(args.model, _scaled(scaler, xv), source)
-    if args.batch_size > len(x):
-        raise UsageError(f"--batch_size {args.batch_size} is larger than the {len(x)} training samples")
-    args.dataset = None if args.data else source
-    name = Path(source).stem if args.data else source
-    save_dir = Path(args.save_dir or f"results/{name}_{args.model}_{args.map_size[0]}x{args.map_size[1]}")
-    save_dir.mkdir(parents=True, exist_ok=True)
-    args.save_dir = str(save_dir)
-    if not args.resume:
-        write_json(save_dir / "args.json", vars(args))
-    if args.scaling != "none":
-        write_json(save_dir / "preprocessing.json", scaler.to_dict())
-
-    tf = quiet_tensorflow()
-    import keras
-
-    from common import plots
-    from common.runtime import make_strategy, set_mixed_precision
-
-    keras.utils.set_random_seed(args.seed)
-    set_mixed_precision(args.mixed_precision)
-    strategy = make_strategy(args.strategy)
-    with strategy.scope():
-        model = _build_model(args, x)
-        optimizer = keras.optimizers.Adam(args.lr)
-    if args.verbose:
-        print(f"{source}: {len(x)} samples of shape {x.shape[1:]}"
-              + (f", {len(xv)} validation samples" if xv is not None else "")
-              + f"; {args.model} with a {args.map_size[0]}x{args.map_size[1]} {args.topology} map"
-              + f"{' (toroidal)' if args.toroidal else ''}; {strategy.num_replicas_in_sync} replica(s)")
-    plots.architecture(model.functional_view(), save_dir / "architecture.png")
-
-    fit_kw = dict(batch_size=args.batch_size, save_dir=save_dir, resume=args.resume, seed=args.seed,
-                  verbose=args.verbose, strategy=strategy, jit_compile=not args.no_jit)
-    t0 = time.perf_counter()
-    if args.ae_weights:
-        model.load_autoencoder_weights(args.ae_weights)
-    elif args.pretrain_epochs:
-        with strategy.scope():
-            pre_opt = keras.optimizers.Adam(args.lr)
-        model.pretrain(x, args.pretrain_epochs, optimizer=pre_opt, **fit_kw)
-    model.init_prototypes(x, method=args.som_init, seed=args.seed)
-    steps_per_epoch = max(len(x) // args.batch_size, 1)
-    result = model.fit(
-        x, y, iterations=args.iterations, gamma=args.gamma, Tmax=args.Tmax, Tmin=args.Tmin,
-        decay=args.decay, neighborhood=args.neighborhood, som_iterations=args.som_iterations,
-        update_interval=args.update_interval, eval_interval=args.eval_interval,
-        eval_samples=args.eval_samples, checkpoint_interval=args.save_epochs * steps_per_epoch,
-        optimizer=optimizer, **fit_kw)
-    total_seconds = time.perf_counter() - t0
-    from common.networks import save_keras_model
-
-    save_keras_model(model, save_dir / "model.keras")
-
-    results = {"data": source, "model": args.model, "n_samples": len(x),
-               "iterations": result.iterations, "fit_seconds": round(result.seconds, 2),
-               "iterations_per_second": round(result.trained / result.seconds, 2) if result.seconds else None,
-               "total_seconds": round(total_seconds, 2),
-               "train": model.evaluate_map(x, y, seed=args.seed)}
-    if xv is not None:
-        results["validation"] = model.evaluate_map(xv, yv, seed=args.seed)
-    results.update({k: results["train"][k] for k in RESULT_KEYS if k in results["train"]})
-    results["args"] = vars(args)
-    results["environment"] = {"python": platform.python_version(), "tensorflow": tf.__version__,
-                              "keras": keras.__version__, "replicas": strategy.num_replicas_in_sync,
-                              "devices": [d.name for d in tf.config.list_logical_devices()]}
-    write_json(save_dir / "results.json", results)
-
-    title = f"{name} {args.model} {args.map_size[0]}x{args.map_size[1]}"
-    _pictures(model, x, y, save_dir, image_shape, title)
-    import pandas as pd
-
-    plots.training_curves(pd.read_csv(save_dir / "log.csv"), save_dir / "training.png")
-    if args.verbose:
-        shown = ", ".join(f"{k} {results[k]:.4f}" for k in RESULT_KEYS if k in results)
-        print(f"{result.iterations} iterations in {result.seconds:.1f} s; {shown}")
-        print(f"outputs in {save_dir}/: model.keras log.csv results.json map.png umatrix.png "
-              "training.png architecture.png")
-    return 0
+    return DesomCommand().main(argv)
 
 
 # --------------------------------------------------------------------------- #

@@ -5,7 +5,8 @@
 * :data:`KERNELS`: the neighbourhood kernels ``gaussian`` exp(-d^2 / T^2) and
   ``window`` (d <= T).
 * :func:`temperature`: the neighbourhood radius T at an iteration
-  (``exponential``, ``linear`` or ``constant`` decay from Tmax to Tmin).
+  (``exponential``, ``linear`` or ``constant`` decay from Tmax to Tmin);
+  :func:`temperature_op`, the same as a tensor inside the compiled step.
 * :class:`SOMLayer`: the prototypes as a Keras layer returning squared
   Euclidean distances; :func:`som_loss`: the SOM loss of DESOM.
 * :func:`umatrix` and :func:`batch_som`: numpy tools on trained prototypes.
@@ -119,6 +120,29 @@ def temperature(iteration: int, iterations: int, Tmax: float, Tmin: float,
     if decay == "exponential":
         return float(Tmax * (Tmin / Tmax) ** frac)
     return float(Tmax - (Tmax - Tmin) * frac)
+
+
+def temperature_op(iteration, iterations: int, Tmax: float, Tmin: float, decay: str = "exponential",
+                   update_interval: int = 1):
+    """:func:`temperature` as a float32 tensor, for use inside a compiled step.
+
+    ``iteration`` is an integer tensor (the training loop's counter); T is
+    held for ``update_interval`` iterations at a time (its value at the last
+    multiple of ``update_interval``).
+    """
+    if decay not in DECAYS:
+        raise ValueError(f"unknown decay '{decay}'; choose one of {', '.join(DECAYS)}")
+    if decay == "constant" or iterations <= 1:
+        return ops.convert_to_tensor(Tmax, "float32")
+    it = ops.convert_to_tensor(iteration, "int64")
+    it = it - it % int(update_interval)
+    # Counted from the end of the schedule, where T is small: float32 keeps its
+    # relative precision there (Tmax - (Tmax - Tmin) frac would cancel).
+    last = float(iterations - 1)
+    rest = (last - ops.minimum(ops.cast(it, "float32"), last)) / last
+    if decay == "exponential":
+        return Tmin * ops.exp(rest * float(np.log(Tmax / Tmin)))
+    return Tmin + (Tmax - Tmin) * rest
 
 
 # --------------------------------------------------------------------------- #

@@ -40,6 +40,7 @@ from desom.layers import (
     batch_som,
     pairwise_sq_distances,
     temperature,
+    temperature_op,
     umatrix,
     unit_coordinates,
 )
@@ -60,8 +61,8 @@ class SOMTask(Task):
         self.x_eval, self.y_eval = x_eval, y_eval
 
     def scalars(self, iteration):
-        it = iteration - iteration % self.update_interval
-        return {"T": temperature(it, self.som_iterations, self.Tmax, self.Tmin, self.decay)}
+        return {"T": temperature_op(iteration, self.som_iterations, self.Tmax, self.Tmin, self.decay,
+                                    self.update_interval)}
 
     def loss_terms(self, x, idx, scalars):
         out = self.model(x, training=True)
@@ -180,12 +181,10 @@ class SOMModel(AutoencoderModel):
                              Tmax=max(max(self.map_size) / 2.0, 1.0), Tmin=1.0)
         self.set_prototypes(init)
 
-    def fit(self, x, y=None, *, iterations: int = 10000, batch_size: int = 256, gamma: float = 0.001,
-            Tmax: float = 10.0, Tmin: float = 0.1, decay: str = "exponential",
-            neighborhood: str = "gaussian", som_iterations: int | None = None,
-            update_interval: int = 1, eval_interval: int = 500, eval_samples: int = 10000,
-            save_dir=None, checkpoint_interval: int | None = None, resume: bool = False,
-            seed: int = 0, jit_compile: bool = True, verbose: int = 1, strategy=None, optimizer=None):
+    def fit(self, x, y=None, *, iterations: int = 10000, gamma: float = 0.001, Tmax: float = 10.0,
+            Tmin: float = 0.1, decay: str = "exponential", neighborhood: str = "gaussian",
+            som_iterations: int | None = None, update_interval: int = 1, eval_interval: int = 500,
+            eval_samples: int = 10000, seed: int = 0, **loop):
         """Train the map (and the autoencoder) for ``iterations`` batches.
 
         The temperature T decays from ``Tmax`` to ``Tmin`` over
@@ -193,7 +192,10 @@ class SOMModel(AutoencoderModel):
         is updated every ``update_interval`` iterations. Every
         ``eval_interval`` iterations a row of losses and map quality on
         ``eval_samples`` fixed random samples (with their labels ``y`` when
-        given) goes to ``save_dir/log.csv``. Returns the
+        given) goes to ``save_dir/log.csv``. Other keyword arguments go to
+        :func:`common.training.train` (``batch_size``, ``optimizer``,
+        ``strategy``, ``save_dir``, ``checkpoint_minutes``, ``resume``,
+        ``jit_compile``, ``steps_per_execution``, ``verbose``). Returns the
         :class:`common.training.TrainResult`.
         """
         if neighborhood not in KERNELS:
@@ -212,10 +214,7 @@ class SOMModel(AutoencoderModel):
                        neighborhood=neighborhood, som_iterations=som_iterations or iterations,
                        update_interval=update_interval, x_eval=x[pick],
                        y_eval=None if y is None else np.asarray(y)[pick])
-        return train(task, x, iterations=iterations, batch_size=batch_size, save_dir=save_dir,
-                     eval_interval=eval_interval, checkpoint_interval=checkpoint_interval,
-                     resume=resume, seed=seed, jit_compile=jit_compile, verbose=verbose,
-                     strategy=strategy, optimizer=optimizer)
+        return train(task, x, iterations=iterations, eval_interval=eval_interval, seed=seed, **loop)
 
     def get_config(self):
         config = super().get_config()

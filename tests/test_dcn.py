@@ -260,6 +260,10 @@ def test_tolerance_stops_training_and_resume_keeps_the_targets(tmp_path, monkeyp
     (["--dataset", "digits", "--n_clusters", "1"], "--n_clusters must be at least 2"),
     (["--dataset", "digits", "--batch_size", "4000"], "larger than the 1797 training samples"),
     (["predict", "--model", "none.keras", "a.png"], "model file none.keras not found"),
+    (["--dataset", "digits", "--max_epochs", "0"], "--max_epochs must be a positive number, got 0.0"),
+    (["--dataset", "digits", "--update_interval", "0"], "--update_interval must be positive, got 0"),
+    (["--dataset", "digits", "--alpha", "0"], "--alpha must be a positive number, got 0.0"),
+    (["--dataset", "digits", "--checkpoint_minutes", "-2"], "must be a finite number of at least 0, got -2"),
 ])
 def test_bad_arguments(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -288,7 +292,8 @@ def test_dcn_benchmark_writes_tables_and_runs_the_folder_benchmark(require_fmnis
     with pytest.raises(SystemExit) as stop:
         bench(["--dataset", "digits", "--methods", "ae+kmeans", "dec", "--runs", "2",
                "--pretrain_epochs", "2", "--max_iterations", "30", "--batch_size", "128", "--folder",
-               "--folder_train", "40", "--folder_references", "2", "--folder_epochs", "1", "--out", str(out)])
+               "--folder_train", "40", "--folder_references", "2", "--folder_epochs", "1",
+               "--folder_image_size", "16", "--folder_max_iterations", "30", "--out", str(out)])
     assert stop.value.code == 0
     printed = capsys.readouterr().out
     runs = pd.read_csv(out / "runs.csv")
@@ -302,7 +307,9 @@ def test_dcn_benchmark_writes_tables_and_runs_the_folder_benchmark(require_fmnis
     root = out / "fmnist_folders"
     assert len(list((root / "train").glob("*.png"))) == 4 * 40
     assert len(list((root / "reference").glob("*.png"))) == 4 * 2
-    folder = json.loads((out / "folder_summary.json").read_text())
-    assert folder["n_test"] == 4000 and 0.0 <= folder["test_accuracy"] <= 1.0
-    mapping = json.loads((out / "folder_report" / "class_mappings.json").read_text())
+    folder = pd.read_csv(out / "folder_runs.csv")
+    assert folder["seed"].tolist() == [0, 1] and (folder["n_test"] == 4000).all()
+    assert folder["test_accuracy"].between(0, 1).all() and (folder["iterations"] <= 30).all()
+    assert pd.read_csv(out / "folder_summary.csv")["runs"].tolist() == [2]
+    mapping = json.loads((out / "folder_report_seed1" / "class_mappings.json").read_text())
     assert mapping["source"] == "reference images"

@@ -56,7 +56,7 @@ def test_short_run_raises_purity_well_above_the_untrained_map(digits, tmp_path):
 
 def test_interrupted_fit_resumes_to_the_same_result(digits, tmp_path, monkeypatch):
     x, y = digits
-    kwargs = dict(iterations=120, batch_size=64, eval_interval=40, checkpoint_interval=1000,
+    kwargs = dict(iterations=120, batch_size=64, eval_interval=40, checkpoint_minutes=0,
                   verbose=0, jit_compile=False)
 
     def fresh():
@@ -194,7 +194,7 @@ def test_bin_desom_writes_every_output_and_predicts_in_a_new_process(tmp_path):
 
 def test_bin_desom_resumes_after_ctrl_c(tmp_path):
     out_dir = tmp_path / "run"
-    args = ["--iterations", 600, "--eval_interval", 50, "--save_epochs", 1, "--map_size", 3, 3,
+    args = ["--iterations", 600, "--eval_interval", 50, "--map_size", 3, 3,
             "--batch_size", 64, "--save_dir", out_dir, "--verbose", 2, "--no_jit"]
     proc = subprocess.Popen([str(BIN), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)

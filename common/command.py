@@ -1,0 +1,223 @@
+"""The run skeleton of every training command (``bin/desom``, ``bin/dcn``, ...).
+
+A command subclasses :class:`TrainingCommand` and fills in what is its own:
+its flags, their checks, its data, its model, its training phases, its
+results and pictures. :meth:`TrainingCommand.main` does the rest, in this
+order, the same for every command:
+
+1. parse the flags (the command's own and :func:`common.cli.add_run_arguments`);
+   ``--resume`` takes the run's saved ``args.json``;
+2. :meth:`~TrainingCommand.check` the arguments, then
+   :meth:`~TrainingCommand.load` the data (before TensorFlow is set up, so bad
+   input fails fast) and check the batch size against it;
+3. create ``--save_dir`` and write ``args.json``;
+4. seed, precision policy, ``tf.distribute`` strategy; one start-up line
+   naming the data, the model and the device;
+5. :meth:`~TrainingCommand.build` the model inside the strategy's scope and
+   draw its architecture;
+6. :meth:`~TrainingCommand.train` (phases record their
+   :class:`~common.training.TrainResult` with :meth:`Run.record`;
+   :meth:`Run.pretrain` and :meth:`Run.loop_options` do the common parts);
+7. save ``model.keras`` atomically; write ``results.json``: the command's
+   :meth:`~TrainingCommand.results` plus timings of every phase and stage,
+   arguments and environment;
+8. :meth:`~TrainingCommand.pictures`, then a summary line.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from common.cli import ArgumentParser, add_run_arguments, resume_args
+from common.errors import UsageError
+from common.results import write_json
+
+
+@dataclass
+class RunData:
+    """What a command trains on. ``extra`` holds anything else it needs later."""
+
+    x: np.ndarray
+    y: np.ndarray | None = None
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
+    name: str = "data"          # short name, for folders and titles
+    description: str = ""       # for the start-up line, e.g. "fmnist: 70000 samples of shape (784,)"
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    """One training run in progress: what every hook of a command receives."""
+
+    args: object
+    data: RunData
+    save_dir: Path
+    strategy: object = None
+    model: object = None
+    optimizers: dict = field(default_factory=dict)  # set by build() where a command needs several
+    phases: dict = field(default_factory=dict)   # phase name -> TrainResult
+    stages: dict = field(default_factory=dict)   # stage name -> seconds (load, build, ...)
+
+    def loop_options(self, **overrides) -> dict:
+        """Keyword arguments of :func:`common.training.train` from the shared flags."""
+        a = self.args
+        options = dict(batch_size=a.batch_size, save_dir=self.save_dir, resume=a.resume, seed=a.seed,
+                       verbose=a.verbose, strategy=self.strategy, jit_compile=a.jit,
+                       steps_per_execution=a.steps_per_execution, checkpoint_minutes=a.checkpoint_minutes)
+        options.update(overrides)
+        return options
+
+    def record(self, phase: str, result):
+        """Keep a phase's :class:`~common.training.TrainResult` for results.json."""
+        self.phases[phase] = result
+        return result
+
+    def pretrain(self, model, optimizer, **overrides):
+        """``--ae_weights`` if given, else ``--pretrain_epochs`` of autoencoder
+        pretraining (the ``pretrain`` phase); nothing when both are unset."""
+        a = self.args
+        if getattr(a, "ae_weights", None):
+            model.load_autoencoder_weights(a.ae_weights)
+        elif getattr(a, "pretrain_epochs", 0):
+            self.record("pretrain", model.pretrain(self.data.x, a.pretrain_epochs, optimizer=optimizer,
+                                                   **self.loop_options(**overrides)))
+
+
+class TrainingCommand:
+    """Base of the training commands; see the module docstring for the order of the hooks."""
+
+    prog = "command"
+    description = ""
+    seed_help = "seed of weights, data order and sampling"
+    progress = "progress bar"
+    outputs = ("model.keras", "log.csv", "results.json")
+
+    # ------------------------------------------------------------------ hooks
+    def add_arguments(self, parser):
+        """The command's own flags (the shared run flags are added after them)."""
+
+    def check(self, args):
+        """Validate the arguments; raise :class:`~common.errors.UsageError`."""
+
+    def load(self, args) -> RunData:
+        raise NotImplementedError
+
+    def default_save_dir(self, args, data: RunData) -> str:
+        return f"results/{data.name}"
+
+    def describe(self, run: Run) -> str:
+        """The model part of the start-up line."""
+        return type(run.model).__name__
+
+    def build(self, run: Run):
+        """Return the model (called inside ``strategy.scope()``)."""
+        raise NotImplementedError
+
+    def train(self, run: Run):
+        """Run the training phases, recording each with :meth:`Run.record`."""
+        raise NotImplementedError
+
+    def results(self, run: Run) -> dict:
+        """Metrics and facts of the run for results.json (the skeleton adds
+        timings, arguments and environment)."""
+        return {}
+
+    def pictures(self, run: Run, results: dict):
+        """Figures written after results.json."""
+
+    def summary(self, run: Run, results: dict) -> str:
+        """The closing line printed after training."""
+        return ""
+
+    # ------------------------------------------------------------- skeleton
+    def parser(self) -> ArgumentParser:
+        p = ArgumentParser(prog=self.prog, description=self.description)
+        self.add_arguments(p)
+        add_run_arguments(p, self.seed_help, progress=self.progress)
+        return p
+
+    def main(self, argv=None) -> int:
+        t0 = time.perf_counter()
+        args = self.parser().parse_args(argv)
+        if args.resume:
+            args = resume_args(args)
+        self.check(args)
+        if args.verbose == 1 and not sys.stdout.isatty():
+            args.verbose = 2  # a progress bar in a log file is noise
+        data = self.load(args)
+        if args.batch_size > len(data.x):
+            raise UsageError(f"--batch_size {args.batch_size} is larger than the {len(data.x)} training "
+                             f"samples; use --batch_size {min(256, len(data.x))} or less")
+        save_dir = Path(args.save_dir or self.default_save_dir(args, data))
+        save_dir.mkdir(parents=True, exist_ok=True)
+        args.save_dir = str(save_dir)
+        if not args.resume:
+            write_json(save_dir / "args.json", vars(args))
+        run = Run(args=args, data=data, save_dir=save_dir)
+        run.stages["load"] = time.perf_counter() - t0
+
+        t = time.perf_counter()
+        from common.runtime import describe_devices, make_strategy, quiet_tensorflow, set_mixed_precision
+
+        tf = quiet_tensorflow()
+        import keras
+
+        from common import plots
+
+        keras.utils.set_random_seed(args.seed)
+        set_mixed_precision(args.mixed_precision)
+        run.strategy = make_strategy(args.strategy)
+        with run.strategy.scope():
+            run.model = self.build(run)
+        device = describe_devices(run.strategy)
+        if args.verbose:
+            print(f"{data.description}; {self.describe(run)}; {device}", flush=True)
+        if hasattr(run.model, "functional_view"):
+            plots.architecture(run.model.functional_view(), save_dir / "architecture.png")
+        run.stages["build"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        self.train(run)
+        run.stages["train"] = time.perf_counter() - t
+        from common.networks import save_keras_model
+
+        t = time.perf_counter()
+        save_keras_model(run.model, save_dir / "model.keras")
+        run.stages["save"] = time.perf_counter() - t
+        t = time.perf_counter()
+        results = self.results(run)
+        run.stages["results"] = time.perf_counter() - t
+        results["timings"] = {name: r.timings.to_dict() for name, r in run.phases.items()}
+        last = list(results["timings"].values())[-1] if run.phases else {}
+        results["iterations_per_second"] = last.get("iterations_per_second")  # the last phase's
+        results["args"] = vars(args)
+        results["environment"] = {
+            "python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
+            "device": device, "replicas": run.strategy.num_replicas_in_sync,
+            "jit": {name: r.jit_compile for name, r in run.phases.items()},
+            "steps_per_execution": {name: r.steps_per_execution for name, r in run.phases.items()}}
+
+        def write_results():
+            results["timings"]["stages"] = {f"{k}_seconds": round(v, 3) for k, v in run.stages.items()}
+            results["timings"]["total_seconds"] = round(time.perf_counter() - t0, 3)
+            write_json(save_dir / "results.json", results)
+
+        write_results()  # before the pictures: nothing lost if drawing fails
+        t = time.perf_counter()
+        self.pictures(run, results)
+        run.stages["pictures"] = time.perf_counter() - t
+        write_results()
+        if args.verbose:
+            line = self.summary(run, results)
+            if line:
+                print(line)
+            written = [f for f in self.outputs if (save_dir / f).exists()]
+            print(f"outputs in {save_dir}/: {' '.join(written)}")
+        return 0

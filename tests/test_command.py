@@ -1,0 +1,90 @@
+"""The run skeleton shared by the training commands, through a minimal new command."""
+
+import json
+
+import pytest
+
+from common.command import RunData, TrainingCommand
+from common.data import load_data
+from common.errors import UsageError
+from tests.helpers import assert_one_line_error
+
+
+class TinySom(TrainingCommand):
+    """What a new command writes: its flags, data, model, phases, results."""
+
+    prog = "tiny"
+    outputs = ("model.keras", "log.csv", "results.json", "extra.txt")
+
+    def add_arguments(self, p):
+        p.add_argument("--iterations", type=int, default=30)
+        p.add_argument("--batch_size", type=int, default=64)
+        p.add_argument("--save_dir")
+
+    def check(self, args):
+        if args.iterations < 1:
+            raise UsageError(f"--iterations must be positive, got {args.iterations}")
+
+    def load(self, args):
+        (x, y), _ = load_data("digits")
+        return RunData(x, y, name="digits", description=f"digits: {len(x)} samples")
+
+    def build(self, run):
+        from desom import Kerasom
+
+        return Kerasom(64, (2, 3))
+
+    def train(self, run):
+        run.model.init_prototypes(run.data.x, seed=run.args.seed)
+        run.record("train", run.model.fit(run.data.x, run.data.y, iterations=run.args.iterations,
+                                          eval_interval=10, **run.loop_options()))
+
+    def results(self, run):
+        return {"purity": run.model.evaluate_map(run.data.x, run.data.y, internal=False)["purity"]}
+
+    def pictures(self, run, results):
+        (run.save_dir / "extra.txt").write_text(f"purity {results['purity']:.3f}")
+
+    def summary(self, run, results):
+        return f"purity {results['purity']:.3f}"
+
+
+def test_a_new_command_gets_every_shared_step(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert TinySom().main(["--save_dir", str(out), "--steps_per_execution", "4", "--verbose", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "digits: 1797 samples; Kerasom; CPU (" in printed  # data, model and device on one line
+    assert "train: 30 iterations = 1.1 epochs of 28 batches of 64; XLA on, steps per call 4" in printed
+    assert "outputs in" in printed and "extra.txt" in printed and "purity" in printed
+    for name in ("args.json", "model.keras", "log.csv", "results.json", "extra.txt"):
+        assert (out / name).is_file(), name
+    assert (out / "architecture.png").is_file() or (out / "architecture.txt").is_file()
+    results = json.loads((out / "results.json").read_text())
+    timings = results["timings"]
+    assert timings["train"]["timed_steps"] + timings["train"]["compile_steps"] == 30
+    assert set(timings["stages"]) == {"load_seconds", "build_seconds", "train_seconds", "save_seconds",
+                                      "results_seconds", "pictures_seconds"}
+    assert timings["total_seconds"] >= timings["stages"]["train_seconds"] >= timings["train"]["total_seconds"]
+    assert results["iterations_per_second"] == timings["train"]["iterations_per_second"]
+    env = results["environment"]
+    assert env["device"].startswith("CPU") and env["jit"] == {"train": True}
+    assert env["steps_per_execution"] == {"train": 4}
+    assert results["args"]["iterations"] == 30 and 0 < results["purity"] <= 1
+
+    # --resume takes the saved arguments (the finished run has nothing left to train)
+    assert TinySom().main(["--resume", "--save_dir", str(out), "--verbose", "0"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["args"]["iterations"] == 30 and again["args"]["resume"] is True
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--iterations", "0"], "--iterations must be positive, got 0"),
+    (["--batch_size", "5000"], "--batch_size 5000 is larger than the 1797 training samples"),
+    (["--steps_per_execution", "-3"], "must be a positive integer, got -3"),
+    (["--resume", "--save_dir", "nowhere"], "nothing to resume in nowhere"),
+])
+def test_a_new_command_reports_bad_input_in_one_line(argv, message, capsys, tmp_path, monkeypatch):
+    from common.cli import run
+
+    monkeypatch.chdir(tmp_path)
+    assert_one_line_error(lambda a: run(TinySom().main, a, prog="tiny"), argv, message, capsys)

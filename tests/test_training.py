@@ -1,0 +1,280 @@
+"""The shared training loop: K steps per call, in-graph scalars, timings, checkpoints, XLA choice."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+import common.training as training
+import dcn.models as dcn_models
+import desom.models as desom_models
+from common.cli import ArgumentParser, add_run_arguments
+from common.data import load_data
+from common.errors import UsageError
+from common.runtime import resolve_jit
+from dcn import DCN
+from dcn.models import clustering_schedule
+from desom import DESOM, ConvDESOM, Kerasom
+from desom.layers import temperature, temperature_op
+from tests.helpers import interrupt_on_call
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {"hidden": (32, 32, 64)}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    (x, y), _ = load_data("digits")
+    return x, y
+
+
+def _desom(x, seed=3):
+    keras.utils.set_random_seed(seed)
+    model = DESOM(64, (3, 3), **SMALL)
+    model.init_prototypes(x, seed=seed)
+    return model
+
+
+# ---------------------------------------------------------------- K steps per call
+@pytest.mark.parametrize("jit", ["on", "off"])
+def test_k_steps_per_call_train_exactly_like_one_step_per_call(digits, tmp_path, jit):
+    x, y = digits
+    runs = {}
+    for k in (1, 16, "auto"):
+        model = _desom(x)
+        result = model.fit(x, y, iterations=70, batch_size=64, eval_interval=25, verbose=0, jit_compile=jit,
+                           steps_per_execution=k, save_dir=tmp_path / str(k))
+        runs[k] = (model.prototypes, pd.read_csv(tmp_path / str(k) / "log.csv").drop(columns="time"), result)
+    protos, log, result = runs[1]
+    assert log["iteration"].tolist() == [0, 25, 50, 70]
+    assert result.steps_per_execution == 1 and runs[16][2].steps_per_execution == 16
+    for k in (16, "auto"):
+        np.testing.assert_allclose(runs[k][0], protos, rtol=1e-6, atol=1e-7)
+        pd.testing.assert_frame_equal(runs[k][1], log, rtol=1e-6)
+        assert runs[k][2].iterations == 70
+
+
+def test_refresh_and_stop_points_do_not_depend_on_k(digits, monkeypatch):
+    x, y = digits
+    original = dcn_models.ClusteringTask.refresh
+    seen = []
+
+    def recording(self, iteration):
+        # steps taken so far, read from the optimizer: a call stopped right at the refresh
+        seen.append((iteration, int(optimizer.iterations.numpy())))
+        return original(self, iteration)
+
+    monkeypatch.setattr(dcn_models.ClusteringTask, "refresh", recording)
+    reference = None
+    for k in (1, 4, 16, "auto"):
+        for tol, stop in ((0.0, None), (1.0, 7)):  # tol 1: stops at the second refresh
+            seen.clear()
+            keras.utils.set_random_seed(2)
+            model = DCN((64,), 10, hidden=(32, 32))
+            model.init_centers(x, n_init=2, seed=2)
+            optimizer = keras.optimizers.Adam()
+            result = model.fit(x, y, max_iterations=61, update_interval=7, eval_interval=5, tol=tol,
+                               batch_size=64, verbose=0, steps_per_execution=k, optimizer=optimizer)
+            if stop is None:
+                assert seen == [(i, i) for i in range(0, 61, 7)]
+                assert result.iterations == 61 and result.stopped_early is None
+                if reference is None:
+                    reference = model.centers
+                np.testing.assert_allclose(model.centers, reference, rtol=1e-5, atol=1e-6)
+            else:
+                assert seen == [(0, 0), (7, 7)]
+                assert result.iterations == 7 and "labels changed" in result.stopped_early
+
+
+def test_resume_with_another_k_ends_where_an_uninterrupted_run_ends(digits, tmp_path, monkeypatch):
+    x, y = digits
+    kwargs = dict(iterations=90, batch_size=64, eval_interval=30, verbose=0, checkpoint_minutes=0)
+    reference = _desom(x)
+    reference.fit(x, y, save_dir=tmp_path / "ref", steps_per_execution=1, **kwargs)
+    restore = interrupt_on_call(monkeypatch, desom_models.SOMTask, "evaluate", 3)  # the row at 60
+    with pytest.raises(KeyboardInterrupt):
+        _desom(x).fit(x, y, save_dir=tmp_path / "run", steps_per_execution=16, **kwargs)
+    restore()
+    resumed = _desom(x)
+    result = resumed.fit(x, y, save_dir=tmp_path / "run", resume=True, steps_per_execution="auto", **kwargs)
+    assert (result.iterations, result.trained) == (90, 30)
+    np.testing.assert_allclose(resumed.prototypes, reference.prototypes, rtol=1e-5, atol=1e-6)
+    log, ref_log = (pd.read_csv(tmp_path / d / "log.csv") for d in ("run", "ref"))
+    assert log["iteration"].tolist() == [0, 30, 60, 90]
+    # the row at 60, cut short by the interruption, is written on resume with the map's metrics; the
+    # loss sums of its steps died with the process
+    assert np.isnan(log["loss"].iloc[2]) and log["quantization_error"].notna().all()
+    np.testing.assert_allclose(log["loss"].iloc[[1, 3]], ref_log["loss"].iloc[[1, 3]], rtol=1e-5)
+    np.testing.assert_allclose(log["quantization_error"], ref_log["quantization_error"], rtol=1e-5)
+
+
+# ---------------------------------------------------------------- in-graph scalars
+@pytest.mark.parametrize("decay", ["exponential", "linear", "constant"])
+@pytest.mark.parametrize("update_interval", [1, 7])
+def test_temperature_computed_in_the_compiled_step_equals_the_schedule(decay, update_interval):
+    import tensorflow as tf
+
+    iterations = np.array([0, 1, 6, 7, 8, 500, 998, 999, 1000, 5000], np.int64)
+    graph = tf.function(lambda it: temperature_op(it, 1000, 10.0, 0.1, decay, update_interval),
+                        jit_compile=True)
+    got = np.array([float(graph(tf.constant(i))) for i in iterations])
+    expected = [temperature(i - i % update_interval, 1000, 10.0, 0.1, decay) for i in iterations]
+    np.testing.assert_allclose(got, expected, rtol=2e-6)
+    assert float(temperature_op(0, 1, 10.0, 0.1, decay)) == temperature(0, 1, 10.0, 0.1, decay)
+    # and the closed form itself, against numpy
+    if decay == "exponential":
+        frac = np.minimum(iterations - iterations % update_interval, 999) / 999
+        np.testing.assert_allclose(expected, 10.0 * 0.01**frac, rtol=1e-12)
+
+
+def test_the_log_records_the_temperature_the_step_used(digits, tmp_path):
+    x, y = digits
+    model = _desom(x)
+    model.fit(x, y, iterations=40, batch_size=64, eval_interval=10, update_interval=4, Tmax=5.0, Tmin=0.5,
+              verbose=0, save_dir=tmp_path, steps_per_execution=16)
+    log = pd.read_csv(tmp_path / "log.csv")
+    expected = [temperature(min(i, 39) - min(i, 39) % 4, 40, 5.0, 0.5) for i in log["iteration"]]
+    np.testing.assert_allclose(log["T"], expected, rtol=2e-6)
+
+
+# ---------------------------------------------------------------- timings
+def test_timings_add_up_and_name_where_the_time_went(digits, monkeypatch):
+    x, y = digits
+    evaluate, refresh = dcn_models.ClusteringTask.evaluate, dcn_models.ClusteringTask.refresh
+
+    def slow_evaluate(self):
+        time.sleep(0.2)
+        return evaluate(self)
+
+    def slow_refresh(self, iteration):
+        time.sleep(0.3)
+        return refresh(self, iteration)
+
+    monkeypatch.setattr(dcn_models.ClusteringTask, "evaluate", slow_evaluate)
+    monkeypatch.setattr(dcn_models.ClusteringTask, "refresh", slow_refresh)
+    keras.utils.set_random_seed(0)
+    model = DCN((64,), 10, hidden=(32, 32))
+    model.init_centers(x, n_init=1)
+    result = model.fit(x, y, max_iterations=40, update_interval=10, eval_interval=20, tol=0.0,
+                       batch_size=64, verbose=0)
+    t = result.timings
+    parts = [t.setup, t.compile, t.steps, t.evaluation, t.refresh, t.checkpoint, t.other]
+    assert min(parts) >= 0 and sum(parts) == pytest.approx(t.total, abs=1e-6)
+    assert t.evaluation >= 3 * 0.2 and t.refresh >= 4 * 0.3        # rows at 0, 20, 40; refreshes at 0-30
+    assert t.steps < 0.5 * (t.evaluation + t.refresh)              # the sleeps are not counted as steps
+    assert t.compile_steps == 1 and t.timed_steps == 39 and t.compile > t.steps / 39
+    assert result.iterations_per_second == pytest.approx(39 / t.steps)
+    assert result.seconds == pytest.approx(t.total)
+    saved = t.to_dict()
+    assert saved["timed_steps"] == 39 and saved["evaluation_seconds"] == round(t.evaluation, 3)
+
+
+# ---------------------------------------------------------------- checkpoints
+def test_checkpoints_follow_the_wall_clock_not_the_iterations(digits, tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    x, y = digits
+    saved = []
+    save = tf.train.CheckpointManager.save
+
+    def recording(self, checkpoint_number=None, **kw):
+        saved.append(checkpoint_number)
+        return save(self, checkpoint_number=checkpoint_number, **kw)
+
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", recording)
+    _desom(x).fit(x, y, iterations=60, batch_size=64, eval_interval=20, verbose=0, save_dir=tmp_path / "a",
+                  checkpoint_minutes=0)
+    assert saved == [60]  # only the end
+    saved.clear()
+    _desom(x).fit(x, y, iterations=60, batch_size=64, eval_interval=20, verbose=0, save_dir=tmp_path / "b",
+                  checkpoint_minutes=1e-9, steps_per_execution=5)
+    assert saved[-1] == 60 and len(saved) > 5 and saved == sorted(saved)  # after every call, then the end
+
+
+# ---------------------------------------------------------------- XLA where it pays
+def test_auto_compiles_dense_models_and_not_convolutional_ones_on_a_cpu():
+    dense, conv, som = DESOM(64, (2, 2), **SMALL), ConvDESOM((8, 8, 1), (2, 2), filters=(4,)), Kerasom(5)
+    assert resolve_jit("auto", dense) and resolve_jit("auto", som)
+    assert not resolve_jit("auto", conv)  # this machine has no GPU (CI neither)
+    assert resolve_jit("on", conv) and resolve_jit(True, conv)
+    assert not resolve_jit("off", dense) and not resolve_jit(False, dense)
+    assert not resolve_jit("auto", dense, replicas=2) and not resolve_jit("on", dense, replicas=2)
+    dense.encoder.layers[1].supports_jit = False  # a layer XLA cannot compile
+    assert not resolve_jit("auto", dense)
+    with pytest.raises(UsageError, match="unknown XLA mode 'maybe'"):
+        resolve_jit("maybe", dense)
+
+
+def test_the_loop_reports_its_xla_choice_and_plan(digits, capsys):
+    x, _ = digits
+    images = x.reshape(-1, 8, 8, 1)
+    conv = ConvDESOM((8, 8, 1), (2, 2), filters=(4,))
+    conv.init_prototypes(images)
+    result = conv.fit(images, iterations=14, batch_size=128, eval_interval=7, verbose=2)
+    assert result.jit_compile is False
+    out = capsys.readouterr().out
+    assert "train: 14 iterations = 1.0 epochs of 14 batches of 128; XLA off, steps per call auto" in out
+
+
+# ---------------------------------------------------------------- defaults proportioned to the data
+def test_batch_size_default_gives_small_data_enough_batches_per_epoch():
+    from common.training import proportional_batch_size
+
+    assert proportional_batch_size(70000) == 256 and proportional_batch_size(12800) == 256
+    assert proportional_batch_size(12799) == 128 and proportional_batch_size(4000) == 64
+    assert proportional_batch_size(1797) == 32 and proportional_batch_size(300) == 16
+    assert proportional_batch_size(10) == 10  # never more than the samples
+
+
+def test_clustering_schedule_scales_with_the_data():
+    assert clustering_schedule(70000, 256) == (140, 19929)           # DEC's 140 and ~20,000 iterations
+    assert clustering_schedule(1200, 256) == (4, 292)                # a refresh per epoch, 73 epochs
+    assert clustering_schedule(1200, 256, update_interval=10, max_epochs=2) == (10, 8)
+    assert clustering_schedule(1200, 256, max_iterations=50, max_epochs=2) == (4, 50)
+    with pytest.raises(UsageError, match="max_epochs must be positive"):
+        clustering_schedule(1200, 256, max_epochs=0)
+
+
+# ---------------------------------------------------------------- flags and structure
+@pytest.mark.parametrize("argv, message", [
+    (["--steps_per_execution", "0"], "argument --steps_per_execution: must be a positive integer, got 0"),
+    (["--steps_per_execution", "many"], "must be a positive integer, got 'many'"),
+    (["--checkpoint_minutes", "-1"], "argument --checkpoint_minutes: must be a finite number of at least 0"),
+    (["--checkpoint_minutes", "nan"], "must be a finite number of at least 0, got nan"),
+    (["--jit", "maybe"], "argument --jit: invalid choice: 'maybe'"),
+])
+def test_bad_run_flags_get_one_line(argv, message, capsys):
+    p = ArgumentParser(prog="cmd")
+    add_run_arguments(p, "seed")
+    with pytest.raises(SystemExit) as stop:
+        p.parse_args(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_run_flags_parse_and_no_jit_is_an_alias():
+    p = ArgumentParser(prog="cmd")
+    add_run_arguments(p, "seed")
+    a = p.parse_args([])
+    assert (a.jit, a.steps_per_execution, a.checkpoint_minutes) == ("auto", "auto", 10.0)
+    a = p.parse_args(["--no_jit", "--steps_per_execution", "32", "--checkpoint_minutes", "0"])
+    assert (a.jit, a.steps_per_execution, a.checkpoint_minutes) == ("off", 32, 0.0)
+    with pytest.raises(UsageError, match="'auto' or a positive integer"):
+        training.check_steps_per_execution(2.5)
+
+
+def test_cli_helpers_and_the_loop_do_not_import_each_other():
+    script = ("import sys, importlib\n"
+              "importlib.import_module(sys.argv[1])\n"
+              "print(sys.argv[2] in sys.modules)\n")
+    for module, other in (("common.cli", "common.training"), ("common.training", "common.cli")):
+        out = subprocess.run([sys.executable, "-c", script, module, other], capture_output=True, text=True,
+                             cwd=ROOT, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip() == "False", (module, other)
