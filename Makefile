@@ -27,6 +27,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	bin/desom-benchmark --datasets fmnist mnist usps --models desom --runs 5 --out bench/desom --fig_dir fig
 	bin/dcn-benchmark --dataset fmnist --runs 3 --folder --out bench/dcn
+	bin/rswnet-benchmark --runs 3 --out bench/rswnet
 
 # ms per training step of every model in our loop and in a bare Keras step (a few minutes)
 bench-speed: $(STAMP)

@@ -98,6 +98,7 @@ class TrainingCommand:
     seed_help = "seed of weights, data order and sampling"
     progress = "progress bar"
     outputs = ("model.keras", "log.csv", "results.json")
+    expand_architecture = True  # draw nested models layer by layer in architecture.png
 
     # ------------------------------------------------------------------ hooks
     def add_arguments(self, parser):
@@ -180,7 +181,8 @@ class TrainingCommand:
         if args.verbose:
             print(f"{data.description}; {self.describe(run)}; {device}", flush=True)
         if hasattr(run.model, "functional_view"):
-            plots.architecture(run.model.functional_view(), save_dir / "architecture.png")
+            plots.architecture(run.model.functional_view(), save_dir / "architecture.png",
+                               expand_nested=self.expand_architecture)
         run.stages["build"] = time.perf_counter() - t
 
         t = time.perf_counter()

@@ -77,7 +77,8 @@ def search_dirs(name: str, data_dir: str | os.PathLike | None = None) -> list[Pa
     return dirs
 
 
-def _downloads_allowed(download: bool | None) -> bool:
+def downloads_allowed(download: bool | None = None) -> bool:
+    """``download`` when given, else yes unless ``DESOM_NO_DOWNLOAD=1``."""
     if download is not None:
         return download
     return os.environ.get("DESOM_NO_DOWNLOAD", "") in ("", "0")
@@ -139,7 +140,7 @@ def _load_mnist_like(name: str, data_dir, download: bool | None):
         if name == "mnist" and npz.is_file():
             with np.load(npz) as f:
                 return (f["x_train"], f["y_train"]), (f["x_test"], f["y_test"])
-    if _downloads_allowed(download):
+    if downloads_allowed(download):
         try:
             import keras
 

@@ -235,15 +235,22 @@ class AutoencoderModel(keras.Model):
             raise UsageError(f"a {type(self).__name__} has no autoencoder weights to load")
         if not path.is_file():
             raise UsageError(f"autoencoder weights {path} not found")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                self._autoencoder().load_weights(str(path))
-                problem = next((str(w.message) for w in caught if "Skipping" in str(w.message)), None)
-            except (ValueError, OSError, KeyError) as e:
-                problem = str(e).strip() or type(e).__name__
-        if problem:  # Keras skips mismatched parts with a warning: a partial load is an error here
-            raise UsageError(f"{path} does not fit this autoencoder: {problem.splitlines()[0]}")
+        load_weights_strictly(self._autoencoder(), path, "does not fit this autoencoder")
+
+
+def load_weights_strictly(model, path, mismatch: str = "does not fit this model"):
+    """``model.load_weights(path)``, all or nothing: Keras skips parts that do
+    not match with a warning; here any skipped part or error is one
+    :class:`UsageError` line, ``"{path} {mismatch}: {reason}"``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model.load_weights(str(path))
+            problem = next((str(w.message) for w in caught if "Skipping" in str(w.message)), None)
+        except (ValueError, OSError, KeyError) as e:
+            problem = str(e).strip() or type(e).__name__
+    if problem:
+        raise UsageError(f"{path} {mismatch}: {problem.splitlines()[0]}")
 
 
 def save_keras_model(model, path) -> Path:

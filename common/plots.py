@@ -133,8 +133,36 @@ def confusion_matrix(cm, class_names, path, title: str | None = None, row_names=
     return _save(fig, path)
 
 
-def architecture(model, path) -> Path:
-    """``keras.utils.plot_model`` to ``path`` (.png), nested models expanded.
+def scatter_panels(panels, path, title: str | None = None):
+    """Side-by-side 2-d scatter plots: ``panels`` is a list of
+    ``(title, xy, labels)`` with ``xy`` of shape (n, 2) and one label per
+    point (up to 20 distinct labels get their own colours and a legend; more
+    are drawn with a continuous colour map)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
+    for ax, (name, xy, labels) in zip(axes[0], panels):
+        xy, labels = np.asarray(xy), np.asarray(labels)
+        kinds = np.unique(labels)
+        if len(kinds) <= 20:
+            cmap = plt.get_cmap("tab10" if len(kinds) <= 10 else "tab20")
+            for i, k in enumerate(kinds):
+                at = labels == k
+                ax.scatter(xy[at, 0], xy[at, 1], s=4, color=cmap(i), label=str(k), alpha=0.7, linewidths=0)
+            ax.legend(markerscale=3, fontsize=6, loc="best", frameon=False, ncol=2)
+        else:
+            ax.scatter(xy[:, 0], xy[:, 1], s=4, c=np.searchsorted(kinds, labels), cmap="viridis", alpha=0.7,
+                       linewidths=0)
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def architecture(model, path, expand_nested: bool = True) -> Path:
+    """``keras.utils.plot_model`` to ``path`` (.png), nested models expanded
+    unless ``expand_nested=False`` (a ResNet50 expanded is hundreds of boxes).
 
     Graphviz's ``dot`` aborts on some nested layouts (an assertion in its
     orthogonal router); the plot is then drawn without expanding the nested
@@ -146,7 +174,7 @@ def architecture(model, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     reason = ""
-    for expand in (True, False):
+    for expand in ((True, False) if expand_nested else (False,)):
         try:
             keras.utils.plot_model(model, to_file=str(path), show_shapes=True, expand_nested=expand, dpi=72)
             return path

@@ -11,6 +11,6 @@ from common.runtime import quiet_tensorflow
 quiet_tensorflow()  # before Keras imports TensorFlow: no C++ start-up chatter
 
 from dcn.layers import ClusteringLayer, kl_divergence, target_distribution  # noqa: E402
-from dcn.models import DCN, load_model  # noqa: E402
+from dcn.models import DCN, ClusteringModel, load_model  # noqa: E402
 
-__all__ = ["DCN", "ClusteringLayer", "kl_divergence", "load_model", "target_distribution"]
+__all__ = ["DCN", "ClusteringLayer", "ClusteringModel", "kl_divergence", "load_model", "target_distribution"]

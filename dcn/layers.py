@@ -5,7 +5,8 @@
   q_ij = (1 + |z_i - mu_j|^2 / alpha)^(-(alpha + 1) / 2), normalised over j.
 * :func:`target_distribution`: DEC's sharpened target
   p_ij = (q_ij^2 / f_j) / sum_j' (q_ij'^2 / f_j'), with f_j = sum_i q_ij the
-  soft cluster frequency (which keeps large clusters from taking over).
+  soft cluster frequency (which keeps large clusters from taking over);
+  :func:`batch_target_distribution`, the same over one mini-batch, in the graph.
 * :func:`kl_divergence`: the clustering loss KL(P || Q) of each sample.
 """
 
@@ -73,6 +74,13 @@ def target_distribution(q):
     q = np.asarray(q, np.float64)
     weight = q**2 / q.sum(axis=0)
     return (weight / weight.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def batch_target_distribution(q):
+    """:func:`target_distribution` of one batch's Q (Keras ops, float32)."""
+    q = ops.cast(q, "float32")
+    weight = ops.square(q) / ops.sum(q, axis=0, keepdims=True)
+    return weight / ops.sum(weight, axis=1, keepdims=True)
 
 
 def kl_divergence(p, q):

@@ -35,7 +35,7 @@ from common.networks import (
     predict_in_batches,
 )
 from common.training import StopTraining, Task, plan, train
-from dcn.layers import ClusteringLayer, kl_divergence, target_distribution
+from dcn.layers import ClusteringLayer, batch_target_distribution, kl_divergence, target_distribution
 
 ARCHITECTURES = ("conv", "mlp")
 #: DEC, IDEC and DCEC refresh the target every 140 iterations (MNIST: 70,000 samples, batches of 256) ...
@@ -65,14 +65,24 @@ def clustering_schedule(n_samples: int, batch_size: int = 256, update_interval: 
     return int(update_interval), int(max_iterations)
 
 
-class ClusteringTask(Task):
-    """KL(P || Q) (+ reconstruction) with DEC's periodic target refresh."""
+TARGETS = ("refresh", "batch")
 
-    def __init__(self, model: DCN, x, *, recon_weight: float, tol: float, y=None,
-                 eval_samples: int = 10000, seed: int = 0):
+
+class ClusteringTask(Task):
+    """KL(P || Q) (+ reconstruction) with DEC's periodic target refresh.
+
+    ``target="refresh"``: P is computed over all samples by :meth:`refresh`
+    (DEC). ``target="batch"``: P comes from each mini-batch's own Q, inside
+    the step, with no gradient through it (RSWNet's notebook).
+    """
+
+    def __init__(self, model: ClusteringModel, x, *, recon_weight: float, tol: float, y=None,
+                 eval_samples: int = 10000, seed: int = 0, target: str = "refresh"):
         import tensorflow as tf
 
-        self.model, self.x = model, x
+        if target not in TARGETS:
+            raise UsageError(f"unknown target '{target}'; choose {' or '.join(TARGETS)}")
+        self.model, self.x, self.target = model, x, target
         self.recon_weight, self.tol = float(recon_weight), float(tol)
         n = len(x)
         self.targets = tf.Variable(tf.zeros((n, model.n_clusters)), trainable=False, name="targets")
@@ -101,14 +111,18 @@ class ClusteringTask(Task):
         # DEC: the decoder takes no part in the clustering phase
         return list(self.model.encoder.trainable_variables) + list(self.model.clustering.trainable_variables)
 
+    def _target(self, idx, q):
+        if self.target == "batch":
+            return batch_target_distribution(ops.stop_gradient(q))
+        return ops.take(self.targets, idx, axis=0)
+
     def loss_terms(self, x, idx, scalars):
-        target = ops.take(self.targets, idx, axis=0)
         if not self.recon_weight:
             q = self.model.clustering(self.model.encoder(x, training=True))
-            kl = kl_divergence(target, q)
+            kl = kl_divergence(self._target(idx, q), q)
             return {"loss": kl, "kl": kl}
         out = self.model(x, training=True)
-        kl = kl_divergence(target, out["q"])
+        kl = kl_divergence(self._target(idx, out["q"]), out["q"])
         rec = mse_per_sample(x, out["reconstruction"])
         return {"loss": kl + self.recon_weight * rec, "kl": kl, "reconstruction": rec}
 
@@ -123,43 +137,20 @@ class ClusteringTask(Task):
         return {"model": self.model, "targets": self.targets, "labels": self.labels}
 
 
-@keras.saving.register_keras_serializable(package="dcn")
-class DCN(AutoencoderModel):
-    """Deep clustering network: autoencoder + Student's t clustering layer.
+class ClusteringModel(AutoencoderModel):
+    """Shared behaviour of the clustering networks: an autoencoder (built by the
+    subclass) and a Student's t :class:`~dcn.layers.ClusteringLayer` on its
+    embedding.
 
-    Args:
-        input_shape: (features,) for vectors or (height, width, channels) for
-            images.
-        n_clusters: number of clusters.
-        embedding_dim: size of the embedding (10 in DEC/IDEC/DCEC).
-        architecture: ``conv`` (DCEC: stride-2 convolutions ``filters``) or
-            ``mlp`` (DEC: dense ``hidden`` layers); default: conv for images.
-        alpha: degrees of freedom of the Student's t kernel.
-        cluster_names: optional name per cluster (set by naming; saved with
-            the model so predictions can name classes in a new process).
-        init: weight initialisation of the dense autoencoder: Keras'
-            ``glorot_uniform`` or ``dec`` (DEC-keras' VarianceScaling).
+    Subclasses build ``self.encoder`` and ``self.decoder`` in ``__init__``,
+    then call :meth:`_finish_init`; their ``get_config`` adds what their
+    networks need.
     """
 
-    def __init__(self, input_shape, n_clusters: int, embedding_dim: int = 10, architecture: str | None = None,
-                 hidden=(500, 500, 2000), filters=(32, 64, 128), alpha: float = 1.0,
-                 cluster_names=None, init: str = "glorot_uniform", **kwargs):
-        kwargs.setdefault("name", "dcn")
-        super().__init__(**kwargs)
+    def _finish_init(self, input_shape, n_clusters: int, embedding_dim: int, alpha: float = 1.0,
+                     cluster_names=None):
         self.sample_shape = tuple(int(v) for v in input_shape)
-        architecture = architecture or ("conv" if len(self.sample_shape) == 3 else "mlp")
-        if architecture not in ARCHITECTURES:
-            raise UsageError(f"unknown architecture '{architecture}'; choose conv or mlp")
-        if architecture == "conv" and len(self.sample_shape) != 3:
-            raise UsageError(f"the convolutional autoencoder needs images, got samples of shape "
-                             f"{self.sample_shape}")
-        self.architecture, self.embedding_dim, self.init = architecture, int(embedding_dim), init
-        self.hidden, self.filters = tuple(int(h) for h in hidden), tuple(int(f) for f in filters)
-        if architecture == "conv":
-            self.encoder, self.decoder = dcec_autoencoder(self.sample_shape, self.embedding_dim, self.filters)
-        else:
-            self.encoder, self.decoder = mlp_autoencoder(self.sample_shape, self.embedding_dim, self.hidden,
-                                                         init=init)
+        self.embedding_dim = int(embedding_dim)
         self.clustering = ClusteringLayer(n_clusters, alpha, name="clustering")
         self.clustering.build((None, self.embedding_dim))
         self.cluster_names = None if cluster_names is None else [
@@ -191,6 +182,15 @@ class DCN(AutoencoderModel):
         """Hard cluster of each sample (the most probable under Q)."""
         return self.soft_assign(x, batch_size).argmax(axis=1)
 
+    def assign_embeddings(self, z, chunk: int = 1024) -> np.ndarray:
+        """Q of embeddings ``z`` (computed in chunks: the layer broadcasts over
+        samples x clusters x dimensions)."""
+        z = np.asarray(z, np.float32)
+        if not len(z):
+            return np.zeros((0, self.n_clusters), np.float32)
+        return np.concatenate([ops.convert_to_numpy(self.clustering(z[s:s + chunk]))
+                               for s in range(0, len(z), chunk)])
+
     def init_centers(self, x, n_init: int = 20, seed: int = 0) -> np.ndarray:
         """k-means (``n_init`` restarts) on the embeddings; returns its labels."""
         from sklearn.cluster import KMeans
@@ -205,12 +205,13 @@ class DCN(AutoencoderModel):
     def evaluate_clusters(self, x, y=None, *, sample_size: int = 10000, seed: int = 0) -> dict:
         """Accuracy, NMI, ARI (with labels) and internal indices of the embedding."""
         z = self.transform(x)
-        pred = ops.convert_to_numpy(self.clustering(z)).argmax(axis=1)
+        pred = self.assign_embeddings(z).argmax(axis=1)
         return evaluate_clustering(pred, y, features=z, sample_size=sample_size, seed=seed)
 
     def fit(self, x, y=None, *, max_iterations: int | None = None, max_epochs: float | None = None,
             update_interval: int | None = None, tol: float = 0.001, recon_weight: float = 10.0,
-            eval_interval: int | None = None, eval_samples: int = 10000, seed: int = 0, **loop):
+            eval_interval: int | None = None, eval_samples: int = 10000, seed: int = 0,
+            target: str = "refresh", **loop):
         """The clustering phase (after :meth:`pretrain` and :meth:`init_centers`).
 
         The target P is refreshed every ``update_interval`` iterations (default
@@ -220,27 +221,74 @@ class DCN(AutoencoderModel):
         Log rows (every ``eval_interval`` iterations, default
         ``update_interval``) hold the loss terms, the share of labels that
         changed at the last refresh, and accuracy/NMI/ARI on ``eval_samples``
-        fixed samples when labels ``y`` are given. Other keyword arguments go to
+        fixed samples when labels ``y`` are given. ``target="batch"`` instead
+        computes P from each mini-batch's own Q (RSWNet's published variant; no
+        refresh and no ``tol`` stop). Other keyword arguments go to
         :func:`common.training.train`. Returns its
         :class:`common.training.TrainResult`.
         """
         if recon_weight < 0 or tol < 0:
             raise UsageError("recon_weight and tol must be 0 or more")
+        if target not in TARGETS:
+            raise UsageError(f"unknown target '{target}'; choose {' or '.join(TARGETS)}")
         x = np.asarray(x, np.float32)
         update_interval, max_iterations = clustering_schedule(
             len(x), loop.get("batch_size", 256), update_interval, max_iterations, max_epochs)
         with (loop.get("strategy") or _default_strategy()).scope():
             task = ClusteringTask(self, x, recon_weight=recon_weight, tol=tol, y=y,
-                                  eval_samples=eval_samples, seed=seed)
+                                  eval_samples=eval_samples, seed=seed, target=target)
+        refresh = update_interval if target == "refresh" else None
         return train(task, x, iterations=max_iterations, eval_interval=eval_interval or update_interval,
-                     refresh_interval=update_interval, seed=seed, **loop)
+                     refresh_interval=refresh, seed=seed, **loop)
 
     def get_config(self):
         config = super().get_config()
         config.update(input_shape=list(self.sample_shape), n_clusters=self.n_clusters,
-                      embedding_dim=self.embedding_dim, architecture=self.architecture,
-                      hidden=list(self.hidden), filters=list(self.filters), alpha=self.clustering.alpha,
-                      cluster_names=self.cluster_names, init=self.init)
+                      alpha=self.clustering.alpha, cluster_names=self.cluster_names)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="dcn")
+class DCN(ClusteringModel):
+    """Deep clustering network: autoencoder + Student's t clustering layer.
+
+    Args:
+        input_shape: (features,) for vectors or (height, width, channels) for
+            images.
+        n_clusters: number of clusters.
+        embedding_dim: size of the embedding (10 in DEC/IDEC/DCEC).
+        architecture: ``conv`` (DCEC: stride-2 convolutions ``filters``) or
+            ``mlp`` (DEC: dense ``hidden`` layers); default: conv for images.
+        alpha: degrees of freedom of the Student's t kernel.
+        cluster_names: optional name per cluster (set by naming; saved with
+            the model so predictions can name classes in a new process).
+        init: weight initialisation of the dense autoencoder: Keras'
+            ``glorot_uniform`` or ``dec`` (DEC-keras' VarianceScaling).
+    """
+
+    def __init__(self, input_shape, n_clusters: int, embedding_dim: int = 10, architecture: str | None = None,
+                 hidden=(500, 500, 2000), filters=(32, 64, 128), alpha: float = 1.0,
+                 cluster_names=None, init: str = "glorot_uniform", **kwargs):
+        kwargs.setdefault("name", "dcn")
+        super().__init__(**kwargs)
+        shape = tuple(int(v) for v in input_shape)
+        architecture = architecture or ("conv" if len(shape) == 3 else "mlp")
+        if architecture not in ARCHITECTURES:
+            raise UsageError(f"unknown architecture '{architecture}'; choose conv or mlp")
+        if architecture == "conv" and len(shape) != 3:
+            raise UsageError(f"the convolutional autoencoder needs images, got samples of shape {shape}")
+        self.architecture, self.init = architecture, init
+        self.hidden, self.filters = tuple(int(h) for h in hidden), tuple(int(f) for f in filters)
+        if architecture == "conv":
+            self.encoder, self.decoder = dcec_autoencoder(shape, embedding_dim, self.filters)
+        else:
+            self.encoder, self.decoder = mlp_autoencoder(shape, embedding_dim, self.hidden, init=init)
+        self._finish_init(shape, n_clusters, embedding_dim, alpha, cluster_names)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(embedding_dim=self.embedding_dim, architecture=self.architecture,
+                      hidden=list(self.hidden), filters=list(self.filters), init=self.init)
         return config
 
 

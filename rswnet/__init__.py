@@ -1,6 +1,16 @@
-"""RSWNet: an ImageNet ResNet50 encoder with a decoder and a clustering head,
-compared fairly with a self-organizing map on the same features.
+"""RSWNet: a ResNet50 application encoder and a decoder with a clustering head
+(the published Fashion-MNIST model) or a self-organizing-map head, and the
+honest comparison with k-means, SOMs and DESOM (``bin/rswnet``).
 
-The models arrive with their own issue; this package reuses the SOM layer of
-``desom`` and the clustering layer of ``dcn``.
+Importing this package registers the layers and models with Keras, so
+``keras.saving.load_model("model.keras")`` works in a fresh process.
 """
+
+from common.runtime import quiet_tensorflow
+
+quiet_tensorflow()  # before Keras imports TensorFlow: no C++ start-up chatter
+
+from rswnet.models import HEADS, RSWNet, RSWNetSOM, load_model  # noqa: E402
+from rswnet.networks import ResNetInput, resnet_decoder, resnet_encoder  # noqa: E402
+
+__all__ = ["HEADS", "RSWNet", "RSWNetSOM", "ResNetInput", "load_model", "resnet_decoder", "resnet_encoder"]

@@ -55,6 +55,25 @@ def test_target_distribution_and_kl_against_numpy():
     np.testing.assert_allclose(kl, (expected * np.log(expected / q)).sum(axis=1), rtol=1e-5)
 
 
+def test_per_batch_target_is_decs_target_of_the_batch_in_the_graph():
+    import tensorflow as tf
+
+    from dcn.layers import batch_target_distribution
+
+    q = np.random.default_rng(3).dirichlet(np.ones(4), size=7).astype(np.float32)
+    graph = tf.function(batch_target_distribution, jit_compile=True)
+    np.testing.assert_allclose(graph(tf.constant(q)).numpy(), target_distribution(q), rtol=1e-5)
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).random((20, 6)).astype(np.float32)
+    model = DCN((6,), 3, embedding_dim=2, hidden=(5,))
+    task = dcn_models.ClusteringTask(model, x, recon_weight=0.0, tol=0.0, target="batch")
+    idx = np.array([3, 11, 5, 0])
+    q = model.soft_assign(x[idx])
+    p = target_distribution(q)  # from these four samples only
+    kl = task.loss_terms(x[idx], idx, {})["kl"].numpy()
+    np.testing.assert_allclose(kl, (p * np.log(p / q)).sum(axis=1), rtol=1e-4, atol=1e-7)
+
+
 def test_clustering_loss_gathers_each_samples_target():
     keras.utils.set_random_seed(0)
     x = np.random.default_rng(0).random((20, 6)).astype(np.float32)

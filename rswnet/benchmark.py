@@ -1,0 +1,89 @@
+"""bin/rswnet-benchmark: bin/rswnet at a CPU's size, several seeds, one table.
+
+A ResNet50 step at 224x224 is GPU work; here each run is ``bin/rswnet
+--dataset fmnist --input_size 32 --weights none --subset 5000`` (a stratified
+subset of the 60,000 training images; all 10,000 test images scored), one
+process per head and seed. Any flag this program does not know goes to
+``bin/rswnet`` unchanged (e.g. ``--epochs 3``, ``--protocol published``).
+Writes ``runs.csv`` (every method of every run), ``summary.csv`` (mean ± std
+per head and method) and prints the summary with each run's wall time.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from common.cli import ArgumentParser, run
+from common.errors import UsageError
+from common.results import write_csv, write_summary
+
+COLUMNS = ("acc", "purity", "nmi", "ari", "silhouette", "davies_bouldin", "calinski_harabasz",
+           "largest_share", "clusters", "run_seconds")
+
+
+def parser():
+    p = ArgumentParser(prog="rswnet-benchmark", description=__doc__.split("\n\n")[0] + " Flags not listed "
+                       "here are passed on to bin/rswnet.")
+    p.add_argument("--dataset", default="fmnist", help="image data set")
+    p.add_argument("--heads", nargs="+", choices=("clustering", "som"), default=["clustering"],
+                   help="heads to run")
+    p.add_argument("--runs", type=int, default=3, help="seeds seed..seed+runs-1 per head")
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--subset", type=int, default=5000, help="stratified training subset")
+    p.add_argument("--input_size", type=int, default=32, help="ResNet50 input side")
+    p.add_argument("--weights", default="none", help="ResNet50 weights (none: random)")
+    p.add_argument("--out", default="bench/rswnet", help="folder for the runs and the tables")
+    return p
+
+
+def _main(argv=None):
+    args, passed = parser().parse_known_args(argv)
+    if args.runs < 1:
+        raise UsageError("--runs must be positive")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rswnet = Path(__file__).resolve().parents[1] / "bin" / "rswnet"
+    print(f"{os.cpu_count()} CPU cores; bin/rswnet --dataset {args.dataset} --input_size {args.input_size} "
+          f"--weights {args.weights} --subset {args.subset} {' '.join(passed)}".rstrip())
+    rows = []
+    for head in args.heads:
+        for r in range(args.runs):
+            seed = args.seed + r
+            save_dir = out / f"{head}_seed{seed}"
+            cmd = [str(rswnet), "--dataset", args.dataset, "--head", head, "--input_size",
+                   str(args.input_size), "--weights", args.weights, "--subset", str(args.subset), "--seed",
+                   str(seed), "--save_dir", str(save_dir), "--verbose", "0", *passed]
+            t0 = time.perf_counter()
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            seconds = time.perf_counter() - t0
+            if done.returncode:
+                last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
+                raise UsageError(f"bin/rswnet failed ({head}, seed {seed}): {last}")
+            table = pd.read_csv(save_dir / "comparison.csv")
+            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
+            for _, row in table.iterrows():
+                rows.append({"head": head, "method": row["method"], "seed": seed,
+                             **row.drop("method").to_dict(), "run_seconds": round(seconds, 1),
+                             "peak_rss_gb": round(peak, 2)})
+            write_csv(pd.DataFrame(rows), out / "runs.csv")
+            model_row = table[table["method"].str.startswith("RSWNet")].iloc[0]
+            print(f"{head} seed {seed}: {model_row['method']}: acc {model_row['acc']:.4f}, NMI "
+                  f"{model_row['nmi']:.4f}; {seconds:.0f} s", flush=True)
+    write_summary(rows, out / "summary.csv", ["head", "method"], COLUMNS)
+    print(f"\nwritten: {out}/runs.csv, {out}/summary.csv")
+    return 0
+
+
+def main(argv=None):
+    run(_main, argv, prog="rswnet-benchmark")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""bin/rswnet: train RSWNet (a ResNet50 encoder and a decoder with a clustering or
+a SOM head) and compare it honestly with k-means, SOMs and DESOM.
+
+    bin/rswnet --dataset fmnist --input_size 32 --weights none --subset 5000   # CPU-sized
+    bin/rswnet --dataset fmnist --protocol published                          # the notebook (GPU)
+    bin/rswnet predict --model DIR/model.keras --dataset fmnist
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from common.cli import ArgumentParser, dispatch, run
+from common.command import RunData, TrainingCommand
+from common.data import IMAGE_SHAPES, load_data
+from common.errors import UsageError
+from common.results import write_csv
+from common.runtime import quiet_tensorflow
+
+IMAGE_DATASETS = tuple(IMAGE_SHAPES)
+#: What each protocol sets when the flag is not given on the command line.
+PROTOCOLS = {
+    # ours: the published network, DEC's training (full-data target refreshes
+    # + reconstruction, as IDEC), shorter phases
+    "ours": dict(input_size=224, weights="imagenet", pretrain_epochs=10, epochs=10, recon_weight=10.0,
+                 target="refresh", batch_size=128, lr=0.001, bn_momentum=0.9),
+    # published: the notebook's settings (22 + 22 epochs, target P from each
+    # mini-batch, KL alone with the decoder frozen)
+    "published": dict(input_size=224, weights="imagenet", pretrain_epochs=22, epochs=22, recon_weight=0.0,
+                      target="batch", batch_size=128, lr=0.001, bn_momentum=0.99),
+}
+
+
+def _positive(args, *names):
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise UsageError(f"--{name} must be positive, got {value}")
+
+
+def _stratified(x, y, n: int, seed: int, what: str):
+    """``n`` samples of ``x`` (and ``y``), stratified by ``y`` when known."""
+    if n >= len(x):
+        return x, y
+    if y is None:
+        pick = np.sort(np.random.default_rng(seed).choice(len(x), size=n, replace=False))
+        return x[pick], None
+    from sklearn.model_selection import train_test_split
+
+    classes = len(np.unique(y))
+    if n < classes:
+        raise UsageError(f"{what} {n} is smaller than the {classes} classes; give at least {classes}")
+    pick, _ = train_test_split(np.arange(len(x)), train_size=n, stratify=y, random_state=seed)
+    pick = np.sort(pick)
+    return x[pick], y[pick]
+
+
+class RswnetCommand(TrainingCommand):
+    prog = "rswnet"
+    description = ("RSWNet: a ResNet50 application encoder (2048-d latent) and a transposed-convolution "
+                   "decoder with a clustering head (DEC's Student-t layer, the published model) or a SOM "
+                   "head (DESOM's), trained on the shared loop; then every method (k-means on pixels and "
+                   "on latents, RSWNet, a SOM trained on the latents, an untrained SOM, DESOM) scored on the "
+                   "same held-out images. Use `rswnet predict --help` to apply a trained model.")
+    seed_help = "seed of weights, data order, subsets, k-means and the compared methods"
+    outputs = ("model.keras", "pretrain_log.csv", "log.csv", "comparison.csv", "results.json", "pca.png",
+               "tsne.png", "architecture.png", "architecture.txt")
+    expand_architecture = False
+
+    def add_arguments(self, p):
+        src = p.add_mutually_exclusive_group(required=True)
+        src.add_argument("--dataset", choices=IMAGE_DATASETS,
+                         help="an image data set (its canonical train/test split)")
+        src.add_argument("--data", metavar="DIR",
+                         help="an image folder as for bin/dcn: train/ and, for the comparison, test/<class>/")
+        p.add_argument("--data_dir", help="--dataset: folder searched first for its files")
+        p.add_argument("--image_size", type=int, default=64,
+                       help="--data: side the images are resized to (what the decoder reconstructs)")
+        p.add_argument("--color", choices=("grayscale", "rgb"), default="grayscale",
+                       help="--data: colour mode")
+        p.add_argument("--subset", type=int,
+                       help="train on a stratified subset of this many training images")
+        p.add_argument("--test_subset", type=int, help="score on a stratified subset of the test images")
+        p.add_argument("--head", choices=("clustering", "som"), default="clustering",
+                       help="clustering: DEC's Student-t layer (published); som: DESOM's SOM layer")
+        p.add_argument("--protocol", choices=tuple(PROTOCOLS), default="ours",
+                       help="defaults of the flags below: ours (refreshed targets + reconstruction, 10 + 10 "
+                       "epochs) or published (the notebook: per-batch target, KL only, frozen decoder, "
+                       "22 + 22 epochs); flags given explicitly win")
+        p.add_argument("--input_size", type=int,
+                       help="side images are resized to for ResNet50 (224; 32 at least)")
+        p.add_argument("--weights", help="ResNet50 weights: imagenet (Keras' download, cached in "
+                       "~/.keras/models), none (random) or a local weights file (default: imagenet)")
+        p.add_argument("--bn_momentum", type=float,
+                       help="momentum of ResNet50's batch-normalisation statistics (0.9; published: Keras' "
+                       "0.99, slow for short runs from random weights)")
+        p.add_argument("--freeze_until", metavar="LAYER",
+                       help="freeze ResNet50 up to and including this layer (e.g. conv4_block6_out)")
+        p.add_argument("--n_clusters", type=int, help="clusters of the clustering head and of k-means "
+                       "(default: the number of classes)")
+        p.add_argument("--map_size", nargs=2, type=int, default=[8, 8], metavar=("ROWS", "COLS"),
+                       help="map of the SOM head")
+        p.add_argument("--pretrain_epochs", type=int,
+                       help="epochs of reconstruction pretraining (10; published 22; 0: none)")
+        p.add_argument("--epochs", type=int, help="epochs of the joint phase (10; published 22)")
+        p.add_argument("--recon_weight", type=float,
+                       help="clustering head: weight of the reconstruction error beside KL(P||Q) (10; "
+                       "published 0: KL alone, decoder frozen)")
+        p.add_argument("--update_interval", type=int,
+                       help="clustering head: iterations between target refreshes (default: 140, or one "
+                       "epoch when shorter)")
+        p.add_argument("--tol", type=float, default=0.001,
+                       help="clustering head: stop when fewer than this share of labels change at a refresh")
+        p.add_argument("--gamma", type=float, default=0.001,
+                       help="SOM head: weight of the SOM loss (DESOM's; on 2048-d latents the map "
+                       "collapses, see the README)")
+        p.add_argument("--Tmax", type=float, default=10.0, help="SOM head: initial neighbourhood radius")
+        p.add_argument("--Tmin", type=float, default=0.1, help="SOM head: final neighbourhood radius")
+        p.add_argument("--batch_size", type=int, help="global batch size (128)")
+        p.add_argument("--lr", type=float, help="Adam learning rate of both phases (0.001)")
+        p.add_argument("--n_init", type=int, default=20, help="k-means restarts for the initial centres")
+        p.add_argument("--som_map_size", nargs=2, type=int, default=[2, 5], metavar=("ROWS", "COLS"),
+                       help="comparison: the SOM trained on the latents (2x5 as published)")
+        p.add_argument("--som_epochs", type=int, default=100,
+                       help="comparison: epochs of that SOM on the training latents")
+        p.add_argument("--desom_iterations", type=int, default=10000,
+                       help="comparison: iterations of DESOM 8x8 on the pixels (0: leave it out)")
+        p.add_argument("--internal_samples", type=int, default=5000,
+                       help="comparison: test samples on which the internal indices are computed")
+        p.add_argument("--tsne_samples", type=int, default=2000,
+                       help="test samples drawn in pca.png and tsne.png")
+        p.add_argument("--save_dir", help="output folder (default: results/<data>_rswnet_<head>)")
+
+    def check(self, args):
+        protocol = PROTOCOLS[args.protocol]
+        for name, value in protocol.items():
+            if getattr(args, name, None) is None:
+                setattr(args, name, value)
+        if args.protocol == "published" and args.head != "clustering":
+            raise UsageError("the published protocol trains the clustering head; use --protocol ours with "
+                             "--head som")
+        if str(args.weights).lower() == "none":
+            args.weights = None
+        _positive(args, "input_size", "epochs", "batch_size", "lr", "n_init", "som_epochs",
+                  "internal_samples", "tsne_samples", "subset", "test_subset", "n_clusters",
+                  "update_interval", "gamma", "Tmax", "Tmin", "image_size")
+        if args.pretrain_epochs < 0:
+            raise UsageError(f"--pretrain_epochs must be 0 or more, got {args.pretrain_epochs}")
+        if args.input_size < 32:
+            raise UsageError(f"--input_size must be at least 32 (ResNet50's smallest input), got "
+                             f"{args.input_size}")
+        if not (args.recon_weight >= 0 and args.tol >= 0 and args.desom_iterations >= 0):
+            raise UsageError("--recon_weight, --tol and --desom_iterations must be 0 or more")
+        if not 0 <= args.bn_momentum < 1:
+            raise UsageError(f"--bn_momentum must be in [0, 1), got {args.bn_momentum}")
+        if args.Tmin > args.Tmax:
+            raise UsageError(f"need --Tmin <= --Tmax, got {args.Tmin} > {args.Tmax}")
+        if min(args.map_size + args.som_map_size) < 1:
+            raise UsageError("--map_size and --som_map_size must be positive")
+        if args.n_clusters is not None and args.n_clusters < 2:
+            raise UsageError(f"--n_clusters must be at least 2, got {args.n_clusters}")
+
+    def load(self, args) -> RunData:
+        classes = None
+        if args.dataset:
+            (x, y), (xt, yt) = load_data(args.dataset, validation=True, flatten=False, data_dir=args.data_dir)
+            name = args.dataset
+            where = f"{args.dataset}: {len(x)} training and {len(xt)} test images of {x.shape[1:]}"
+        else:
+            from dcn import folders as fold
+
+            folders = fold.load_folders(args.data, (args.image_size, args.image_size), args.color)
+            x, y = folders.train.x, None
+            xt, yt = (folders.test.x, folders.test.labels) if folders.test is not None else (None, None)
+            classes = folders.test.classes if folders.test is not None else (
+                folders.reference.classes if folders.reference is not None else None)
+            name = Path(args.data).name
+            where = f"{args.data}: {fold.describe(folders)}"
+        if args.n_clusters is None:
+            known = y if y is not None else yt
+            if known is None and classes is None:
+                raise UsageError("give --n_clusters (no labels or class folders to count classes from)")
+            args.n_clusters = len(classes) if classes is not None else len(np.unique(known))
+        if args.subset:
+            x, y = _stratified(x, y, args.subset, args.seed, "--subset")
+        if args.test_subset and xt is not None:
+            xt, yt = _stratified(xt, yt, args.test_subset, args.seed, "--test_subset")
+        if args.n_clusters > len(x):
+            raise UsageError(f"--n_clusters {args.n_clusters} is more than the {len(x)} training images")
+        description = where + (f"; training on {len(x)}" if args.subset else "") + (
+            f", scoring on {len(xt)}" if args.test_subset and xt is not None else "")
+        return RunData(x, y, xt, yt, name=name, description=description)
+
+    def default_save_dir(self, args, data):
+        return f"results/{data.name}_rswnet_{args.head}"
+
+    def describe(self, run):
+        a = run.args
+        head = (f"clustering head, {a.n_clusters} clusters" if a.head == "clustering"
+                else f"SOM head, {a.map_size[0]}x{a.map_size[1]} map")
+        return (f"RSWNet ({head}; ResNet50 at {a.input_size}x{a.input_size}, weights "
+                f"{a.weights or 'none'}; protocol {a.protocol})")
+
+    def build(self, run):
+        import keras
+
+        from rswnet.models import RSWNet, RSWNetSOM
+
+        a = run.args
+        run.optimizers = {"pretrain": keras.optimizers.Adam(a.lr), "train": keras.optimizers.Adam(a.lr)}
+        shape = run.data.x.shape[1:]
+        if a.head == "som":
+            return RSWNetSOM(shape, a.map_size, a.input_size, a.weights, a.freeze_until, a.bn_momentum)
+        return RSWNet(shape, a.n_clusters, a.input_size, a.weights, a.freeze_until, a.bn_momentum)
+
+    def train(self, run):
+        a, x, y, model = run.args, run.data.x, run.data.y, run.model
+        run.pretrain(model, run.optimizers["pretrain"])
+        options = run.loop_options()
+        eval_samples = min(2000, len(x))
+        if a.head == "som":
+            model.init_prototypes(x, seed=a.seed)
+            per_epoch = max(len(x) // a.batch_size, 1)
+            run.record("train", model.fit(x, y, iterations=a.epochs * per_epoch, gamma=a.gamma, Tmax=a.Tmax,
+                                          Tmin=a.Tmin, eval_interval=per_epoch, eval_samples=eval_samples,
+                                          optimizer=run.optimizers["train"], **options))
+        else:
+            model.init_centers(x, n_init=a.n_init, seed=a.seed)
+            run.record("train", model.fit(x, y, max_epochs=a.epochs, update_interval=a.update_interval,
+                                          tol=a.tol, recon_weight=a.recon_weight, target=a.target,
+                                          eval_samples=eval_samples, optimizer=run.optimizers["train"],
+                                          **options))
+
+    def results(self, run):
+        from rswnet import compare
+
+        a, d = run.args, run.data
+        held_out = d.x_val is not None
+        x_eval, y_eval = (d.x_val, d.y_val) if held_out else (d.x, d.y)
+        comparison = compare.compare(
+            run.model, d.x, x_eval, y_eval, n_clusters=a.n_clusters, som_map_size=a.som_map_size,
+            som_epochs=a.som_epochs, desom_iterations=a.desom_iterations, internal_samples=a.internal_samples,
+            batch_size=a.batch_size, seed=a.seed, verbose=a.verbose)
+        run.data.extra["comparison"] = (comparison, x_eval, y_eval)
+        write_csv(comparison.table, run.save_dir / "comparison.csv")
+        scored = "the held-out test images" if held_out else "the training images (no test split)"
+        if a.verbose:
+            print(f"\ncomparison on {len(x_eval)} of {scored}; internal indices in the RSWNet latent space "
+                  f"(2048-d) on {min(a.internal_samples, len(x_eval))} samples:")
+            print(compare.text(comparison.table))
+        model_row = comparison.table.set_index("method").loc[comparison.model_method]
+        r = run.phases["train"]
+        return {"n_train": len(d.x), "n_scored": len(x_eval), "scored_on": scored,
+                "iterations": r.iterations, "stopped": r.stopped_early or "budget",
+                "rswnet": {"method": comparison.model_method, **{
+                    k: (None if v is None or (isinstance(v, float) and math.isnan(v)) else v)
+                    for k, v in model_row.to_dict().items()}},
+                "internal_space": "RSWNet latents (2048-d) of the scored images",
+                "comparison": comparison.table.to_dict(orient="records")}
+
+    def pictures(self, run, results):
+        from rswnet import compare
+
+        comparison, x_eval, y_eval = run.data.extra["comparison"]
+        compare.figures(comparison, x_eval, y_eval, run.save_dir, samples=run.args.tsne_samples,
+                        seed=run.args.seed)
+
+    def summary(self, run, results):
+        m = results["rswnet"]
+        shown = ", ".join(f"{k} {m[k]:.4f}" for k in ("acc", "nmi", "ari", "purity", "silhouette")
+                          if m.get(k) is not None)
+        return (f"{results['iterations']} joint iterations ({results['stopped']}); RSWNet on "
+                f"{results['scored_on']}: {shown}")
+
+
+def train_main(argv):
+    return RswnetCommand().main(argv)
+
+
+def predict_parser():
+    p = ArgumentParser(prog="rswnet predict",
+                       description="Clusters (clustering head: cluster and probability) or map units (SOM "
+                       "head: bmu, row, col, latent distance) of images under a trained RSWNet; one CSV row "
+                       "per image.")
+    p.add_argument("--model", required=True, metavar="MODEL.keras", help="a model written by rswnet")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (or --dataset, or --data)")
+    p.add_argument("--dataset", choices=IMAGE_DATASETS, help="every image of a data set (train and test)")
+    p.add_argument("--data", metavar="DIR", help="every image under a folder")
+    p.add_argument("--data_dir", help="--dataset: folder searched first for its files")
+    p.add_argument("--out", metavar="CSV", help="output file (default: predictions.csv beside the model)")
+    return p
+
+
+def predict_main(argv):
+    args = predict_parser().parse_args(argv)
+    given = [name for name, value in (("IMAGE files", args.images), ("--dataset", args.dataset),
+                                      ("--data", args.data)) if value]
+    if len(given) != 1:
+        raise UsageError("give exactly one of IMAGE files, --dataset or --data"
+                         + (f" (got {' and '.join(given)})" if given else ""))
+    quiet_tensorflow()
+    import pandas as pd
+
+    from desom.layers import pairwise_sq_distances
+    from rswnet.models import RSWNetSOM, load_model
+
+    model = load_model(args.model)
+    height, width, channels = model.sample_shape
+    color = "grayscale" if channels == 1 else "rgb"
+    names, labels = None, None
+    if args.dataset:
+        (x, labels), _ = load_data(args.dataset, flatten=False, data_dir=args.data_dir)
+        if tuple(x.shape[1:]) != tuple(model.sample_shape):
+            raise UsageError(f"the model expects images of shape {tuple(model.sample_shape)}, {args.dataset} "
+                             f"has {tuple(x.shape[1:])}")
+    elif args.data:
+        from dcn.folders import load_images
+
+        if not Path(args.data).is_dir():
+            raise UsageError(f"folder {args.data} not found")
+        found = load_images(args.data, (height, width), color)
+        x, names = found.x, found.paths
+    else:
+        from dcn.folders import load_image_files
+
+        x, names = load_image_files(args.images, (height, width), color)
+    if len(x) == 0:
+        raise UsageError("no image could be read")
+    out = pd.DataFrame({"image": names} if names is not None else {"index": np.arange(len(x))})
+    if isinstance(model, RSWNetSOM):
+        d = pairwise_sq_distances(model.transform(x), model.prototypes)
+        bmu = d.argmin(axis=1)
+        rows, cols = model.unit_coordinates(bmu)
+        out = out.assign(bmu=bmu, row=rows, col=cols, distance=np.sqrt(d[np.arange(len(d)), bmu]))
+    else:
+        q = model.soft_assign(x)
+        out = out.assign(cluster=q.argmax(axis=1), probability=q.max(axis=1).round(6))
+        if model.cluster_names:
+            out["class"] = [model.cluster_names[k] for k in out["cluster"]]
+    if labels is not None:
+        out["label"] = labels
+    path = Path(args.out) if args.out else Path(args.model).parent / "predictions.csv"
+    write_csv(out, path)
+    print(f"{len(out)} predictions written to {path}")
+    return 0
+
+
+def main(argv=None):
+    run(dispatch({"train": train_main, "predict": predict_main}, "train"), argv, prog="rswnet")
+
+
+if __name__ == "__main__":
+    main()
