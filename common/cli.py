@@ -4,7 +4,8 @@
 * :func:`run` turns a :class:`~common.errors.UsageError` into one line on
   stderr and exit code 2, and Ctrl-C into exit code 130, instead of a
   traceback.
-* :func:`add_run_arguments` adds the flags every training command shares.
+* :func:`add_run_arguments` adds the flags every training command shares;
+  :func:`add_data_arguments` the data flags of the commands on data sets.
 
 TensorFlow's start-up helpers live in :mod:`common.runtime`.
 """
@@ -64,6 +65,20 @@ def non_negative_float(text: str) -> float:
 def steps_per_execution(text: str):
     """argparse type: ``auto`` or a positive integer."""
     return "auto" if text == "auto" else positive_int(text)
+
+
+def add_data_arguments(p, required: bool, default: str | None = "digits", what: str = "a data set"):
+    """``--dataset NAME`` or ``--data FILE`` (one of them; with neither, the
+    command uses ``default``), ``--data_dir`` and ``--label_col``."""
+    from common.data import KNOWN_DATASETS
+
+    src = p.add_mutually_exclusive_group(required=required)
+    src.add_argument("--dataset", choices=KNOWN_DATASETS, help=what + (
+        "" if required or default is None else f" (default: {default}, bundled with scikit-learn)"))
+    src.add_argument("--data", metavar="FILE", help="your own data: .npz (arrays x, optional y) "
+                     "or .csv (numeric columns; see --label_col)")
+    p.add_argument("--data_dir", help="folder searched first for the data set's files")
+    p.add_argument("--label_col", help="CSV: the column holding labels (used for evaluation only)")
 
 
 def add_run_arguments(p, seed_help: str, progress: str = "progress bar"):

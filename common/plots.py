@@ -58,6 +58,32 @@ def prototype_grid(images, map_size, path, topology: str = "rectangular", title:
     return _save(fig, path)
 
 
+def image_rows(rows, path, title: str | None = None):
+    """Rows of images, each with a label on its left: ``rows`` is a list of
+    ``(label, images)``, images (n, H, W) or (n, H, W, C) in [0, 1] (e.g.
+    originals above reconstructions, or one generated row per cluster)."""
+    rows = [(label, np.asarray(images)) for label, images in rows]
+    cols = max(len(images) for _, images in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(0.9 * cols + 1.2, 0.95 * len(rows) + 0.4),
+                             squeeze=False)
+    for (label, images), line in zip(rows, axes):
+        if images.ndim == 4 and images.shape[-1] == 1:
+            images = images[..., 0]
+        for i, ax in enumerate(line):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if i < len(images):
+                ax.imshow(np.clip(images[i], 0, 1), cmap="gray" if images[i].ndim == 2 else None,
+                          vmin=0, vmax=1, interpolation="nearest")
+        line[0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def _hexes(ax, values, map_size, cmap, label):
     x, y = _positions(map_size, "hexagonal")
     norm = matplotlib.colors.Normalize(np.min(values), np.max(values))
@@ -158,6 +184,22 @@ def scatter_panels(panels, path, title: str | None = None):
         fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def project_2d(features, kind: str = "tsne", seed: int = 0) -> np.ndarray:
+    """(n, 2) coordinates of ``features``: ``"pca"`` or ``"tsne"`` (scikit-learn;
+    t-SNE after a PCA to 50 dimensions for wider features, perplexity at
+    most 30 and a third of the samples)."""
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    features = np.asarray(features, np.float32).reshape(len(features), -1)
+    if kind == "pca":
+        return PCA(2, random_state=seed).fit_transform(features)
+    if features.shape[1] > 50 and len(features) > 50:
+        features = PCA(50, random_state=seed).fit_transform(features)
+    perplexity = min(30.0, (len(features) - 1) / 3.0)
+    return TSNE(2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(features)
 
 
 def architecture(model, path, expand_nested: bool = True) -> Path:

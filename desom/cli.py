@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cli import ArgumentParser, dispatch, run
+from common.cli import ArgumentParser, add_data_arguments, dispatch, run
 from common.command import RunData, TrainingCommand
-from common.data import KNOWN_DATASETS, SCALINGS, Scaler, load_data
+from common.data import SCALINGS, Scaler, load_data
 from common.errors import UsageError
 from common.results import write_json
 from common.runtime import quiet_tensorflow
@@ -23,14 +23,7 @@ RESULT_KEYS = ("purity", "nmi", "ari", "acc", "quantization_error", "topographic
 
 
 def _data_arguments(p, required: bool):
-    src = p.add_mutually_exclusive_group(required=required)
-    src.add_argument("--dataset", choices=KNOWN_DATASETS,
-                     help="a data set of the DESOM papers" + ("" if required else
-                     " (default: digits, bundled with scikit-learn)"))
-    src.add_argument("--data", metavar="FILE", help="your own data: .npz (arrays x, optional y) "
-                     "or .csv (numeric columns; see --label_col)")
-    p.add_argument("--data_dir", help="folder searched first for the data set's files")
-    p.add_argument("--label_col", help="CSV: the column holding labels (used for evaluation only)")
+    add_data_arguments(p, required, what="a data set of the DESOM papers")
 
 
 class DesomCommand(TrainingCommand):
@@ -59,6 +52,9 @@ class DesomCommand(TrainingCommand):
         p.add_argument("--toroidal", action="store_true", help="wrap the map around its edges")
         p.add_argument("--latent_dim", type=int, default=10, help="size of the latent code")
         p.add_argument("--gamma", type=float, default=0.001, help="weight of the SOM loss")
+        p.add_argument("--som_loss", choices=("desom", "normalized"), default="desom",
+                       help="desom: the papers' SOM loss; normalized: divided by the batch's latent spread, "
+                       "so the encoder cannot lower it by shrinking the codes (for wide latents)")
         p.add_argument("--pretrain_epochs", type=int, default=0,
                        help="epochs of autoencoder pretraining before DESOM training (0: none, as in the "
                        "paper)")
@@ -139,7 +135,8 @@ class DesomCommand(TrainingCommand):
         run.record("train", run.model.fit(
             x, run.data.y, iterations=a.iterations, gamma=a.gamma, Tmax=a.Tmax, Tmin=a.Tmin,
             decay=a.decay, neighborhood=a.neighborhood, som_iterations=a.som_iterations,
-            update_interval=a.update_interval, eval_interval=a.eval_interval, eval_samples=a.eval_samples,
+            update_interval=a.update_interval, normalize=a.som_loss == "normalized",
+            eval_interval=a.eval_interval, eval_samples=a.eval_samples,
             optimizer=run.optimizers["train"], **run.loop_options()))
 
     def results(self, run):

@@ -48,14 +48,27 @@ from desom.layers import (
 SOM_INITS = ("random", "som")
 
 
+def latent_spread(z):
+    """Mean squared distance of a batch's codes to their mean (the trace of their covariance).
+
+    Dividing the SOM loss by it (``normalize``) makes the loss blind to the
+    scale of the latent space: an encoder can no longer lower it by
+    shrinking every code towards one point, which is what a wide latent
+    (ResNet50's 2048-d) does under DESOM's plain loss. The gradient flows
+    through it, so collapsing the codes raises the loss instead.
+    """
+    centred = z - ops.mean(z, axis=0, keepdims=True)
+    return ops.mean(ops.sum(ops.square(centred), axis=1))
+
+
 class SOMTask(Task):
     """The DESOM loss (or Kerasom's, without an autoencoder) for the shared loop."""
 
     def __init__(self, model: SOMModel, *, gamma: float, Tmax: float, Tmin: float, decay: str,
                  neighborhood: str, som_iterations: int, update_interval: int,
-                 x_eval=None, y_eval=None):
+                 normalize: bool = False, x_eval=None, y_eval=None):
         self.model = model
-        self.gamma, self.neighborhood = float(gamma), neighborhood
+        self.gamma, self.neighborhood, self.normalize = float(gamma), neighborhood, bool(normalize)
         self.Tmax, self.Tmin, self.decay = float(Tmax), float(Tmin), decay
         self.som_iterations, self.update_interval = int(som_iterations), int(update_interval)
         self.x_eval, self.y_eval = x_eval, y_eval
@@ -67,10 +80,15 @@ class SOMTask(Task):
     def loss_terms(self, x, idx, scalars):
         out = self.model(x, training=True)
         som = self.model.som.loss(out["distances"], scalars["T"], self.neighborhood)
+        terms = {}
+        if self.normalize:
+            spread = latent_spread(out["latent"])
+            som = som / (spread + keras.config.epsilon())
+            terms["latent_spread"] = ops.broadcast_to(spread, ops.shape(som))
         if self.model.decoder is None:
-            return {"loss": som, "som": som}
+            return {"loss": som, "som": som, **terms}
         rec = mse_per_sample(x, out["reconstruction"])
-        return {"loss": rec + self.gamma * som, "reconstruction": rec, "som": som}
+        return {"loss": rec + self.gamma * som, "reconstruction": rec, "som": som, **terms}
 
     def evaluate(self):
         if self.x_eval is None:
@@ -183,13 +201,15 @@ class SOMModel(AutoencoderModel):
 
     def fit(self, x, y=None, *, iterations: int = 10000, gamma: float = 0.001, Tmax: float = 10.0,
             Tmin: float = 0.1, decay: str = "exponential", neighborhood: str = "gaussian",
-            som_iterations: int | None = None, update_interval: int = 1, eval_interval: int = 500,
-            eval_samples: int = 10000, seed: int = 0, **loop):
+            som_iterations: int | None = None, update_interval: int = 1, normalize: bool = False,
+            eval_interval: int = 500, eval_samples: int = 10000, seed: int = 0, **loop):
         """Train the map (and the autoencoder) for ``iterations`` batches.
 
         The temperature T decays from ``Tmax`` to ``Tmin`` over
         ``som_iterations`` (default: all iterations) following ``decay``, and
-        is updated every ``update_interval`` iterations. Every
+        is updated every ``update_interval`` iterations. ``normalize`` divides
+        the SOM loss by the batch's latent spread (:func:`latent_spread`; not
+        in the papers). Every
         ``eval_interval`` iterations a row of losses and map quality on
         ``eval_samples`` fixed random samples (with their labels ``y`` when
         given) goes to ``save_dir/log.csv``. Other keyword arguments go to
@@ -212,7 +232,7 @@ class SOMModel(AutoencoderModel):
         pick = np.sort(rng.choice(len(x), size=min(eval_samples, len(x)), replace=False))
         task = SOMTask(self, gamma=gamma, Tmax=Tmax, Tmin=Tmin, decay=decay,
                        neighborhood=neighborhood, som_iterations=som_iterations or iterations,
-                       update_interval=update_interval, x_eval=x[pick],
+                       update_interval=update_interval, normalize=normalize, x_eval=x[pick],
                        y_eval=None if y is None else np.asarray(y)[pick])
         return train(task, x, iterations=iterations, eval_interval=eval_interval, seed=seed, **loop)
 
@@ -300,6 +320,30 @@ class Kerasom(SOMModel):
         config = super().get_config()
         config.update(input_dim=self.input_dim)
         return config
+
+
+def som_on_codes(z, map_size=(8, 8), epochs: float = 20, batch_size: int = 256, seed: int = 0,
+                 verbose: int = 0, name: str = "som_on_codes") -> tuple[Kerasom, float]:
+    """A Kerasom trained on fixed codes ``z``: the two-stage SOM baseline (AE + SOM).
+
+    Trained on ``z`` divided by its overall standard deviation (the same
+    geometry and best-matching units, at the scale Adam's steps suit),
+    prototypes initialised by a short batch SOM, T from half the map's larger
+    side (at least 1) to 0.1 over ``epochs`` epochs. Returns the SOM and that
+    scale: ``som.predict(z / scale)`` gives each code's unit.
+    """
+    import keras
+
+    z = np.asarray(z, np.float32).reshape(len(z), -1)
+    scale = float(np.std(z)) or 1.0
+    keras.utils.set_random_seed(seed)
+    som = Kerasom(z.shape[1], map_size, name=name)
+    som.init_prototypes(z / scale, method="som", seed=seed)
+    bs = min(batch_size, len(z))
+    iterations = max(1, int(epochs * (len(z) // bs)))
+    som.fit(z / scale, iterations=iterations, batch_size=bs, Tmax=max(1.0, max(map_size) / 2.0), Tmin=0.1,
+            eval_interval=iterations, eval_samples=min(2000, len(z)), seed=seed, verbose=verbose)
+    return som, scale
 
 
 def load_model(path) -> SOMModel:

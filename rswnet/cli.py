@@ -115,8 +115,14 @@ class RswnetCommand(TrainingCommand):
         p.add_argument("--tol", type=float, default=0.001,
                        help="clustering head: stop when fewer than this share of labels change at a refresh")
         p.add_argument("--gamma", type=float, default=0.001,
-                       help="SOM head: weight of the SOM loss (DESOM's; on 2048-d latents the map "
-                       "collapses, see the README)")
+                       help="SOM head: weight of the SOM loss (DESOM's)")
+        p.add_argument("--som_loss", choices=("normalized", "desom"), default="normalized",
+                       help="SOM head: normalized divides the SOM loss by the batch's latent spread, so "
+                       "the encoder cannot lower it by shrinking the codes; desom is the papers' loss "
+                       "(on 2048-d latents its map collapses, see the README)")
+        p.add_argument("--som_init", choices=("som", "random"), default="som",
+                       help="SOM head: prototypes from a short batch SOM on the pretrained codes (an ordered "
+                       "map from the start) or the codes of random samples (DESOM's benchmark)")
         p.add_argument("--Tmax", type=float, default=10.0, help="SOM head: initial neighbourhood radius")
         p.add_argument("--Tmin", type=float, default=0.1, help="SOM head: final neighbourhood radius")
         p.add_argument("--batch_size", type=int, help="global batch size (128)")
@@ -222,10 +228,11 @@ class RswnetCommand(TrainingCommand):
         options = run.loop_options()
         eval_samples = min(2000, len(x))
         if a.head == "som":
-            model.init_prototypes(x, seed=a.seed)
+            model.init_prototypes(x, method=a.som_init, seed=a.seed)
             per_epoch = max(len(x) // a.batch_size, 1)
             run.record("train", model.fit(x, y, iterations=a.epochs * per_epoch, gamma=a.gamma, Tmax=a.Tmax,
-                                          Tmin=a.Tmin, eval_interval=per_epoch, eval_samples=eval_samples,
+                                          Tmin=a.Tmin, normalize=a.som_loss == "normalized",
+                                          eval_interval=per_epoch, eval_samples=eval_samples,
                                           optimizer=run.optimizers["train"], **options))
         else:
             model.init_centers(x, n_init=a.n_init, seed=a.seed)

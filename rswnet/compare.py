@@ -68,7 +68,7 @@ def compare(model, x_train, x_test, y_test=None, *, n_clusters: int, som_map_siz
     import keras
 
     from desom.layers import pairwise_sq_distances
-    from desom.models import DESOM, Kerasom
+    from desom.models import DESOM, Kerasom, som_on_codes
     from rswnet.models import RSWNetSOM
 
     rows, assignments = [], {}
@@ -103,18 +103,8 @@ def compare(model, x_train, x_test, y_test=None, *, n_clusters: int, som_map_siz
     som_method = SOM_TRAINED.format(rows=rows_, cols=cols_)
 
     def som_trained():
-        # On the latents divided by one overall scale: the same geometry (the
-        # same best-matching units), at the scale Adam's steps suit (on raw
-        # ResNet latents, quantization errors of ~350, 300 steps moved nothing).
-        scale = float(np.std(z_train)) or 1.0
-        keras.utils.set_random_seed(seed)
-        som = Kerasom(z_train.shape[1], som_map_size, name="som_on_latents")
-        som.init_prototypes(z_train / scale, method="som", seed=seed)
-        bs = min(batch_size, len(z_train))
-        iterations = max(1, som_epochs * (len(z_train) // bs))
-        som.fit(z_train / scale, iterations=iterations, batch_size=bs, Tmax=max(1.0, max(som_map_size) / 2.0),
-                Tmin=0.1, eval_interval=iterations, eval_samples=min(2000, len(z_train)), seed=seed,
-                verbose=verbose)
+        som, scale = som_on_codes(z_train, som_map_size, som_epochs, batch_size, seed, verbose,
+                                  "som_on_latents")
         return pairwise_sq_distances(z_test / scale, som.prototypes).argmin(axis=1)
 
     score(som_method, *timed(som_trained))
@@ -151,26 +141,15 @@ def figures(comparison: Comparison, x_test, y_test, save_dir, *, samples: int = 
     """``pca.png`` and ``tsne.png``: raw pixels coloured by k-means on pixels;
     the RSWNet latents coloured by RSWNet, by the trained SOM and by the true
     classes (when known). Returns the paths written."""
-    from sklearn.decomposition import PCA
-    from sklearn.manifold import TSNE
-
     from common import plots
 
     n = len(x_test)
     pick = np.sort(np.random.default_rng(seed).choice(n, size=min(n, samples), replace=False))
     pixels, latents = _flat(x_test)[pick], comparison.latents[pick]
 
-    def reduce(kind, features):
-        if kind == "pca":
-            return PCA(2, random_state=seed).fit_transform(features)
-        if features.shape[1] > 50 and len(features) > 50:
-            features = PCA(50, random_state=seed).fit_transform(features)
-        perplexity = min(30.0, (len(features) - 1) / 3.0)
-        return TSNE(2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(features)
-
     written = []
     for kind, label in (("pca", "PCA"), ("tsne", "t-SNE")):
-        xy_pixels, xy_latents = reduce(kind, pixels), reduce(kind, latents)
+        xy_pixels, xy_latents = plots.project_2d(pixels, kind, seed), plots.project_2d(latents, kind, seed)
         a = comparison.assignments
         panels = [("raw pixels, coloured by k-means on the pixels", xy_pixels, a[KMEANS_PIXELS][pick]),
                   (f"latents, coloured by {comparison.model_method}", xy_latents,

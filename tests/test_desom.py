@@ -229,8 +229,9 @@ def test_bin_desom_csv_with_scaling_and_predict(tmp_path):
     out_dir = tmp_path / "run"
     res = run_bin("--data", tmp_path / "t.csv", "--label_col", "kind", "--scaling", "standard",
                   "--model", "som", "--map_size", 2, 3, "--iterations", 50, "--batch_size", 32,
-                  "--save_dir", out_dir, "--verbose", 0)
+                  "--som_loss", "normalized", "--save_dir", out_dir, "--verbose", 0)
     assert res.returncode == 0, res.stderr[-2000:]
+    assert (pd.read_csv(out_dir / "log.csv")["latent_spread"].dropna() > 0).any()
     assert json.loads((out_dir / "preprocessing.json").read_text())["scaling"] == "standard"
     assert (out_dir / "map.png").is_file()
     res = run_bin("predict", "--model", out_dir / "model.keras", "--data", tmp_path / "t.csv",

@@ -191,6 +191,8 @@ def test_benchmark_with_the_som_head_end_to_end(tmp_path, capsys):
     assert (summary["runs"] == 1).all() and len(summary) == 6
     out = tmp_path / "b" / "som_seed0"
     check_run(out, "RSWNet, SOM head 2x3 (best-matching unit)")
+    log = pd.read_csv(out / "log.csv")  # the default normalized SOM loss logs the spread it divides by
+    assert (log["latent_spread"].dropna() > 0).all() and log["latent_spread"].notna().any()
     model, x, preds = predict_and_compare(out / "model.keras", tmp_path)
     assert isinstance(model, RSWNetSOM)
     np.testing.assert_array_equal(preds["bmu"], model.predict(x, verbose=0))

@@ -19,7 +19,7 @@ from desom.layers import (
     umatrix,
     window_kernel,
 )
-from desom.models import DESOM, SOMTask
+from desom.models import DESOM, Kerasom, SOMTask
 
 
 # ---------------------------------------------------------------- map distances
@@ -173,6 +173,62 @@ def test_desom_loss_against_numpy():
     np.testing.assert_allclose(terms["som"].numpy(), som, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(terms["loss"].numpy(), rec + 0.5 * som, rtol=1e-4, atol=1e-5)
 
+
+
+def _normalized_task(model, gamma=0.5):
+    return SOMTask(model, gamma=gamma, Tmax=2.0, Tmin=1.0, decay="exponential", neighborhood="gaussian",
+                   som_iterations=10, update_interval=1, normalize=True)
+
+
+def test_normalized_som_loss_is_the_som_loss_over_the_batch_spread():
+    rng = np.random.default_rng(4)
+    model = Kerasom(input_dim=3, map_size=(2, 3))
+    model.set_prototypes(rng.normal(size=(6, 3)))
+    x = rng.normal(size=(9, 3)).astype(np.float32)
+    terms = _normalized_task(model).loss_terms(x, None, {"T": tf.constant(1.5)})
+    d = ((x[:, None, :] - model.prototypes[None]) ** 2).sum(-1)
+    w = np.exp(-(map_distances((2, 3))[d.argmin(axis=1)] ** 2) / 1.5**2)
+    spread = ((x - x.mean(axis=0)) ** 2).sum(axis=1).mean()
+    np.testing.assert_allclose(terms["som"].numpy(), (w * d).sum(axis=1) / spread, rtol=1e-4)
+    np.testing.assert_allclose(terms["latent_spread"].numpy(), np.full(9, spread), rtol=1e-5)
+
+
+def test_normalized_som_loss_ignores_the_scale_of_the_latent_space():
+    # DESOM's plain loss falls by c^2 when codes and prototypes shrink by c:
+    # the incentive that collapses a 2048-d ResNet latent. The normalized one
+    # does not move.
+    rng = np.random.default_rng(5)
+    model = Kerasom(input_dim=4, map_size=(3, 3))
+    protos, x = rng.normal(size=(9, 4)), rng.normal(size=(16, 4)).astype(np.float32)
+    plain = SOMTask(model, gamma=1.0, Tmax=2.0, Tmin=1.0, decay="exponential", neighborhood="gaussian",
+                    som_iterations=10, update_interval=1)
+    values = {}
+    for c in (1.0, 0.01):
+        model.set_prototypes(c * protos)
+        values[c] = [float(np.mean(task.loss_terms(c * x, None, {"T": tf.constant(1.0)})["loss"]))
+                     for task in (plain, _normalized_task(model))]
+    assert values[0.01][0] == pytest.approx(1e-4 * values[1.0][0], rel=1e-3)
+    assert values[0.01][1] == pytest.approx(values[1.0][1], rel=1e-3)
+
+
+def test_normalized_som_loss_gives_no_gradient_towards_shrinking_the_codes():
+    # Along the direction that scales codes and prototypes together, the plain
+    # loss L has derivative 2 L (shrinking pays); the normalized one 0, which
+    # needs the gradient to flow through the spread too.
+    rng = np.random.default_rng(6)
+    model = Kerasom(input_dim=3, map_size=(2, 2))
+    model.set_prototypes(rng.normal(size=(4, 3)))
+    x = tf.constant(rng.normal(size=(10, 3)).astype(np.float32))
+    for normalize in (False, True):
+        task = SOMTask(model, gamma=1.0, Tmax=2.0, Tmin=1.0, decay="exponential", neighborhood="gaussian",
+                       som_iterations=10, update_interval=1, normalize=normalize)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_mean(task.loss_terms(x, None, {"T": tf.constant(1.0)})["som"])
+        gx, gp = tape.gradient(loss, [x, model.som.prototypes])
+        along_scale = float(tf.reduce_sum(gx * x) + tf.reduce_sum(gp * model.som.prototypes))
+        expected = 0.0 if normalize else 2 * float(loss)
+        assert along_scale == pytest.approx(expected, abs=1e-4 * abs(2 * float(loss)))
 
 # ---------------------------------------------------------------- numpy tools
 def test_umatrix_on_a_line():
