@@ -28,6 +28,8 @@ bench: $(STAMP)
 	bin/desom-benchmark --datasets fmnist mnist usps --models desom --runs 5 --out bench/desom --fig_dir fig
 	bin/dcn-benchmark --dataset fmnist --runs 3 --folder --out bench/dcn
 	bin/rswnet-benchmark --runs 3 --out bench/rswnet
+	bin/rswnet-benchmark --heads som --runs 3 --out bench/rswnet_som
+	bin/ae-benchmark --runs 3 --out bench/ae
 
 # ms per training step of every model in our loop and in a bare Keras step (a few minutes)
 bench-speed: $(STAMP)

@@ -32,10 +32,11 @@ def kernel_initializer(name: str):
 
 def mlp_autoencoder(input_dim, latent_dim: int = 10, hidden=(500, 500, 2000),
                     activation: str = "relu", batchnorm: bool = False, name: str = "ae",
-                    init: str = "glorot_uniform"):
+                    init: str = "glorot_uniform", output_activation: str | None = None):
     """Symmetric dense autoencoder d-500-500-2000-latent-2000-500-500-d (DEC/DESOM).
 
-    Hidden layers use ``activation``; the latent and output layers are linear.
+    Hidden layers use ``activation``; the latent layer is linear, the output
+    layer too unless ``output_activation`` (e.g. ``"sigmoid"`` for data in [0, 1]).
     Weights follow ``init`` (see :func:`kernel_initializer`), biases are zero.
     ``input_dim`` may be a shape such as (28, 28, 1): the encoder then
     flattens its input and the decoder reshapes its output back.
@@ -60,11 +61,65 @@ def mlp_autoencoder(input_dim, latent_dim: int = 10, hidden=(500, 500, 2000),
         h = dense(units, activation=activation, name=f"decoder_{i}")(h)
         if batchnorm:
             h = layers.BatchNormalization(name=f"decoder_bn_{i}")(h)
-    out = dense(dim, name="reconstruction")(h)
+    out = dense(dim, activation=output_activation, name="reconstruction")(h)
     if len(shape) > 1:
         out = layers.Reshape(shape, name="reshape")(out)
     decoder = keras.Model(code, out, name=f"{name}_decoder")
     return encoder, decoder
+
+
+def gaussian_encoder(input_shape, latent_dim: int = 8, hidden=(400, 128), dropout: float = 0.2,
+                     condition_dim: int = 0, name: str = "vae_encoder") -> keras.Model:
+    """Encoder of a (conditional) VAE: inputs -> (posterior mean, log-variance).
+
+    Dense ReLU layers ``hidden``, each followed by dropout, then two linear
+    heads of ``latent_dim``. With ``condition_dim`` > 0 the model takes
+    ``[x, c]`` and joins the condition (a one-hot label) to the flattened
+    input.
+    """
+    shape = tuple(int(v) for v in input_shape)
+    x = keras.Input(shape, name="input")
+    h = layers.Flatten(name="flatten")(x) if len(shape) > 1 else x
+    inputs = [x]
+    if condition_dim:
+        c = keras.Input((int(condition_dim),), name="condition")
+        inputs.append(c)
+        h = layers.Concatenate(name="join_condition")([h, c])
+    for i, units in enumerate(hidden):
+        h = layers.Dense(int(units), activation="relu", name=f"encoder_{i}")(h)
+        if dropout:
+            h = layers.Dropout(float(dropout), name=f"encoder_dropout_{i}")(h)
+    mean = layers.Dense(latent_dim, name="mean")(h)
+    log_var = layers.Dense(latent_dim, name="log_var")(h)
+    return keras.Model(inputs if condition_dim else x, [mean, log_var], name=name)
+
+
+def logit_decoder(output_shape, latent_dim: int = 8, hidden=(128, 400), condition_dim: int = 0,
+                  name: str = "vae_decoder") -> keras.Model:
+    """Decoder of a (conditional) VAE: code (joined to a condition) -> logits
+    of every input value, in the input's shape (Bernoulli likelihood)."""
+    shape = tuple(int(v) for v in output_shape)
+    code = keras.Input((int(latent_dim),), name="code")
+    h, inputs = code, [code]
+    if condition_dim:
+        c = keras.Input((int(condition_dim),), name="condition")
+        inputs.append(c)
+        h = layers.Concatenate(name="join_condition")([h, c])
+    for i, units in enumerate(hidden):
+        h = layers.Dense(int(units), activation="relu", name=f"decoder_{i}")(h)
+    out = layers.Dense(math.prod(shape), name="logits")(h)
+    if len(shape) > 1:
+        out = layers.Reshape(shape, name="reshape")(out)
+    return keras.Model(inputs if condition_dim else code, out, name=name)
+
+
+def mlp_classifier(input_dim: int, n_classes: int, hidden=(64,), name: str = "classifier") -> keras.Model:
+    """Dense ReLU layers ``hidden`` then linear logits of ``n_classes`` (e.g. 32-64-10)."""
+    code = keras.Input((int(input_dim),), name="code")
+    h = code
+    for i, units in enumerate(hidden):
+        h = layers.Dense(int(units), activation="relu", name=f"classifier_{i}")(h)
+    return keras.Model(code, layers.Dense(int(n_classes), name="logits")(h), name=name)
 
 
 def conv_autoencoder(input_shape, latent_dim: int = 10, filters=(32, 64, 64), kernel_size: int = 3,

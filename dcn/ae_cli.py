@@ -1,0 +1,372 @@
+"""bin/ae: an autoencoder (AE, semi-supervised AE, VAE, CVAE), two-stage clustering of its codes
+(k-means, DBSCAN, SOM) and images generated from the clusters.
+
+    bin/ae --model vae --dataset fmnist                  # train, cluster, draw
+    bin/ae --model ae --hidden 500 500 2000 --latent_dim 10 --cluster kmeans som
+    bin/ae generate --model results/fmnist_vae/model.keras --cluster 3 --out cluster3.png
+    bin/ae generate --model results/fmnist_cvae/model.keras --label 7 --out sevens.png
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from common.cli import ArgumentParser, add_data_arguments, dispatch, run
+from common.command import RunData, TrainingCommand
+from common.data import load_data
+from common.errors import UsageError
+from common.results import write_csv
+from common.runtime import quiet_tensorflow
+from dcn.autoencoders import MODELS
+from dcn.twostage import METHODS
+
+#: (latent_dim, hidden) of each model when not given
+DEFAULTS = {"ae": (32, (128,)), "semisupervised": (32, (128,)), "vae": (8, (400, 128)),
+            "cvae": (8, (400, 128))}
+
+
+def _positive(args, *names):
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise UsageError(f"--{name} must be positive, got {value}")
+
+
+class AeCommand(TrainingCommand):
+    prog = "ae"
+    description = ("Train an autoencoder (ae, semi-supervised, vae or cvae), cluster its codes with k-means, "
+                   "DBSCAN and a SOM (scores in clustering.csv), and draw reconstructions, images generated "
+                   "from each cluster and t-SNE/PCA maps of the codes. `ae generate --help` draws new "
+                   "images from a saved model.")
+    seed_help = "seed of weights, data order, labelled subset, clustering and pictures"
+    outputs = ("model.keras", "log.csv", "clustering.csv", "results.json", "reconstructions.png",
+               "generated_from_clusters.png", "tsne.png", "pca.png", "kdistance.png", "manifold.png",
+               "training.png", "architecture.png", "architecture.txt")
+
+    def add_arguments(self, p):
+        add_data_arguments(p, required=False, what="a data set, values in [0, 1]")
+        p.add_argument("--model", choices=MODELS, default="ae",
+                       help="ae: dense autoencoder; semisupervised: + a classifier trained on "
+                       "--labeled_fraction of the labels; vae: variational; cvae: conditional VAE (uses "
+                       "every label)")
+        p.add_argument("--latent_dim", type=int, help="size of the code (32 ae/semisupervised, 8 vae/cvae)")
+        p.add_argument("--hidden", type=int, nargs="+", metavar="UNITS",
+                       help="encoder layer sizes, mirrored by the decoder (128 ae/semisupervised; 400 128 "
+                       "vae/cvae; DESOM/DEC: 500 500 2000 with --latent_dim 10)")
+        p.add_argument("--epochs", type=float, default=20, help="training epochs")
+        p.add_argument("--batch_size", type=int, default=128, help="global batch size")
+        p.add_argument("--lr", type=float, default=0.001, help="Adam learning rate")
+        p.add_argument("--beta", type=float, default=1.0,
+                       help="vae/cvae: weight of the KL term; semisupervised: weight of the cross-entropy")
+        p.add_argument("--alpha", type=float, default=1.0,
+                       help="semisupervised: weight of the reconstruction")
+        p.add_argument("--dropout", type=float, default=0.2,
+                       help="vae/cvae: dropout after each encoder layer")
+        p.add_argument("--labeled_fraction", type=float, default=0.01,
+                       help="semisupervised: share of the labels used in training (stratified, fixed by "
+                       "--seed)")
+        p.add_argument("--cluster", nargs="+", choices=(*METHODS, "all"), default=["all"],
+                       help="clusterings of the codes to run and score")
+        p.add_argument("--n_clusters", type=int, help="k-means clusters (default: the number of classes)")
+        p.add_argument("--eps", type=float,
+                       help="DBSCAN radius (default: the knee of the k-distance curve, reported)")
+        p.add_argument("--min_samples", type=int, default=10, help="DBSCAN: neighbours of a core point")
+        p.add_argument("--dbscan_samples", type=int, default=10000,
+                       help="DBSCAN runs on at most this many codes (fixed-seed sample)")
+        p.add_argument("--som_map_size", type=int, nargs=2, default=[8, 8], metavar=("ROWS", "COLS"),
+                       help="the SOM (Kerasom) trained on the codes")
+        p.add_argument("--som_epochs", type=float, default=20, help="epochs of that SOM on the codes")
+        p.add_argument("--tsne_samples", type=int, default=2000, help="codes drawn in tsne.png and pca.png")
+        p.add_argument("--save_dir", help="output folder (default: results/<data>_<model>)")
+
+    def check(self, args):
+        _positive(args, "latent_dim", "epochs", "batch_size", "lr", "n_clusters", "eps", "min_samples",
+                  "dbscan_samples", "som_epochs", "tsne_samples")
+        if args.hidden is not None and min(args.hidden) < 1:
+            raise UsageError(f"--hidden sizes must be positive, got {args.hidden}")
+        if not (args.beta >= 0 and args.alpha >= 0 and math.isfinite(args.beta + args.alpha)):
+            raise UsageError("--alpha and --beta must be 0 or more")
+        if not 0 <= args.dropout < 1:
+            raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
+        if not 0 < args.labeled_fraction <= 1:
+            raise UsageError(f"--labeled_fraction must be in (0, 1], got {args.labeled_fraction}")
+        if min(args.som_map_size) < 1:
+            raise UsageError("--som_map_size must be positive")
+        if args.n_clusters is not None and args.n_clusters < 2:
+            raise UsageError(f"--n_clusters must be at least 2, got {args.n_clusters}")
+        args.cluster = list(METHODS) if "all" in args.cluster else list(dict.fromkeys(args.cluster))
+        latent, hidden = DEFAULTS[args.model]
+        args.latent_dim = args.latent_dim or latent
+        args.hidden = list(args.hidden or hidden)
+
+    def load(self, args) -> RunData:
+        source = args.data or args.dataset or "digits"
+        (x, y), _ = load_data(source, flatten=False, data_dir=args.data_dir, label_col=args.label_col)
+        if x.min() < 0 or x.max() > 1:
+            raise UsageError(f"bin/ae models values in [0, 1] (sigmoid and Bernoulli outputs); {source} "
+                             f"holds {x.min():.3g}..{x.max():.3g}: rescale it to [0, 1] first")
+        classes = None
+        if y is not None:
+            classes, y = np.unique(y, return_inverse=True)
+        if args.model in ("semisupervised", "cvae") and y is None:
+            raise UsageError(f"--model {args.model} trains with labels; {source} has none (give --label_col, "
+                             f"or use --model ae or vae)")
+        if args.n_clusters is None:
+            if classes is None:
+                raise UsageError("give --n_clusters (the data have no labels to count classes from)")
+            args.n_clusters = len(classes)
+        if args.n_clusters > len(x):
+            raise UsageError(f"--n_clusters {args.n_clusters} is more than the {len(x)} samples")
+        name = Path(source).stem if args.data else source
+        return RunData(x, y, name=name, description=f"{source}: {len(x)} samples of shape {x.shape[1:]}"
+                       + (f", {len(classes)} classes" if classes is not None else ""),
+                       extra={"classes": None if classes is None else [str(c) for c in classes]})
+
+    def default_save_dir(self, args, data):
+        return f"results/{data.name}_{args.model}"
+
+    def describe(self, run):
+        a, m = run.args, run.model
+        return (f"{type(m).__name__} ({'-'.join(map(str, [math.prod(m.sample_shape), *a.hidden]))}"
+                f"-{a.latent_dim} code)")
+
+    def build(self, run):
+        import keras
+
+        from dcn.autoencoders import build
+
+        a = run.args
+        run.optimizers = {"train": keras.optimizers.Adam(a.lr)}
+        n_classes = len(run.data.extra["classes"] or [])
+        return build(a.model, run.data.x.shape[1:], n_classes, latent_dim=a.latent_dim, hidden=a.hidden,
+                     beta=a.beta, alpha=a.alpha, n_clusters=a.n_clusters, dropout=a.dropout)
+
+    def train(self, run):
+        from sklearn.cluster import KMeans
+
+        from dcn.autoencoders import labeled_subset
+        from dcn.twostage import cluster_codes
+
+        a, x, y, model = run.args, run.data.x, run.data.y, run.model
+        labels = None
+        if a.model == "semisupervised":
+            labels = labeled_subset(y, a.labeled_fraction, a.seed)
+        elif a.model == "cvae":
+            labels = y
+        run.data.extra["labels"] = labels
+        run.record("train", model.fit(x, labels, epochs=a.epochs, y_eval=y, optimizer=run.optimizers["train"],
+                                      **run.loop_options()))
+        codes = model.embed(x, y if model.needs_labels else None)
+        stages = cluster_codes(codes, y, methods=a.cluster, n_clusters=a.n_clusters, eps=a.eps,
+                               min_samples=a.min_samples, dbscan_samples=a.dbscan_samples,
+                               som_map_size=a.som_map_size, som_epochs=a.som_epochs, seed=a.seed,
+                               verbose=0)
+        kmeans = stages.assignments.get("k-means")
+        if kmeans is None:  # generation needs the k-means clusters even when not scored
+            kmeans = KMeans(a.n_clusters, n_init=10, random_state=a.seed).fit_predict(codes)
+        model.fit_clusters(codes, kmeans)
+        run.data.extra.update(codes=codes, stages=stages, kmeans=kmeans)
+
+    def results(self, run):
+        from dcn.twostage import text
+
+        a, d, model = run.args, run.data, run.model
+        stages = d.extra["stages"]
+        write_csv(stages.table, run.save_dir / "clustering.csv")
+        if a.verbose:
+            print(f"\ntwo-stage clustering of the {model.latent_dim}-d codes of all {len(d.x)} samples:")
+            print(text(stages.table))
+            if stages.dbscan:
+                db = stages.dbscan
+                print(f"DBSCAN: eps {db['eps']:.4g} ({db['eps_from']}), min_samples {db['min_samples']}: "
+                      f"{db['clusters']} clusters, {db['noise']} of {db['samples']} samples noise")
+        out = {"n_samples": len(d.x), "model": a.model, "latent_dim": model.latent_dim,
+               "iterations": run.phases["train"].iterations,
+               "clustering": stages.table.to_dict(orient="records")}
+        if stages.dbscan:
+            out["dbscan"] = {k: v for k, v in stages.dbscan.items() if k != "curve"}
+        labels = d.extra["labels"]
+        if a.model == "semisupervised" and d.y is not None:
+            unlabeled = labels < 0
+            predicted = model.predict_classes(d.x[unlabeled])
+            out["classifier"] = {"labelled_samples": int(np.sum(~unlabeled)),
+                                 "accuracy_on_unlabelled": float(np.mean(predicted == d.y[unlabeled]))}
+        return out
+
+    def pictures(self, run, results):
+        import pandas as pd
+
+        from common import plots
+
+        a, d, model = run.args, run.data, run.model
+        save, rng = run.save_dir, np.random.default_rng(a.seed)
+        y, stages, codes = d.y, d.extra["stages"], d.extra["codes"]
+        condition = y if model.needs_labels else None
+        if d.x.ndim == 4:
+            pick = np.sort(rng.choice(len(d.x), size=min(10, len(d.x)), replace=False))
+            rec = model.reconstruct(d.x[pick], None if condition is None else condition[pick])
+            plots.image_rows([("original", d.x[pick]), ("reconstruction", rec)], save / "reconstructions.png",
+                             title=f"{type(model).__name__}: {len(pick)} samples and their reconstructions")
+            plots.image_rows(_generated_rows(model, d.extra["classes"], a.seed),
+                             save / "generated_from_clusters.png", title=_generated_title(model))
+            if model.latent_dim == 2:
+                plots.prototype_grid(_manifold(model, codes), (12, 12), save / "manifold.png",
+                                     title="decoded codes on a grid over the latent plane")
+        # t-SNE / PCA of the codes, on samples DBSCAN also saw
+        pool = stages.samples.get("DBSCAN", np.arange(len(codes)))
+        at = np.sort(rng.choice(len(pool), size=min(a.tsne_samples, len(pool)), replace=False))
+        idx = pool[at]
+        panels = []
+        if y is not None:
+            panels.append(("true classes", y[idx]))
+        panels.append(("k-means", d.extra["kmeans"][idx]))
+        if "DBSCAN" in stages.assignments:
+            panels.append(("DBSCAN (-1: noise)", stages.assignments["DBSCAN"][at]))
+        for kind, label in (("tsne", "t-SNE"), ("pca", "PCA")):
+            xy = plots.project_2d(codes[idx], kind, a.seed)
+            plots.scatter_panels([(f"codes, coloured by {name}", xy, lab) for name, lab in panels],
+                                 save / f"{kind}.png",
+                                 title=f"{label} of {len(idx)} codes ({model.latent_dim}-d)")
+        if stages.dbscan.get("curve") is not None:
+            _kdistance_plot(stages.dbscan, save / "kdistance.png")
+        log = save / "log.csv"
+        if log.is_file():
+            plots.training_curves(pd.read_csv(log), save / "training.png",
+                                  columns=("loss", "reconstruction", "bce", "kl", "cross_entropy",
+                                           "kmeans_acc", "classifier_acc"))
+
+    def summary(self, run, results):
+        rows = {r["method"]: r for r in results["clustering"]}
+        line = f"{results['iterations']} iterations"
+        k = rows.get("k-means")
+        if k is not None and k.get("acc") is not None:
+            line += f"; k-means on the codes: accuracy {k['acc']:.4f}, NMI {k['nmi']:.4f}"
+        if "classifier" in results:
+            accuracy = results["classifier"]["accuracy_on_unlabelled"]
+            line += f"; classifier on the unlabelled samples: accuracy {accuracy:.4f}"
+        return line
+
+
+def _generated_title(model) -> str:
+    if model.needs_labels:
+        return "generated per class: codes from the prior, decoded with the label"
+    return ("generated per k-means cluster: the decoded centre, then samples of a Gaussian fitted to the "
+            "cluster's codes")
+
+
+def _generated_rows(model, classes, seed: int, per_row: int = 8):
+    """One row per class (CVAE) or per cluster: the decoded centre and samples around it."""
+    import keras
+
+    rows = []
+    if model.needs_labels:
+        for c in range(model.n_classes):
+            name = classes[c] if classes else str(c)
+            rows.append((f"class {name}", model.generate(per_row, label=c, seed=seed + c)))
+        return rows
+    centres = keras.ops.convert_to_numpy(model.cluster_means)
+    for k in range(model.n_clusters):
+        images = np.concatenate([model.decode(centres[k:k + 1]), model.generate(per_row - 1, cluster=k,
+                                                                               seed=seed + k)])
+        rows.append((f"cluster {k}", images))
+    return rows
+
+
+def _manifold(model, codes, n: int = 12):
+    """Decoded codes on an n x n grid over a 2-d latent plane: Gaussian
+    quantiles for variational models, the codes' 2-98 % range otherwise."""
+    from scipy.stats import norm
+
+    if hasattr(model, "noise"):  # VAE: the prior's quantiles
+        axis = [norm.ppf(np.linspace(0.05, 0.95, n))] * 2
+    else:
+        lo, hi = np.percentile(codes, [2, 98], axis=0)
+        axis = [np.linspace(lo[i], hi[i], n) for i in range(2)]
+    grid = np.array([[a, b] for b in axis[1][::-1] for a in axis[0]], np.float32)
+    labels = np.zeros(len(grid), int) if model.needs_labels else None
+    return model.decode(grid, labels)
+
+
+def _kdistance_plot(info, path):
+    import matplotlib.pyplot as plt
+
+    curve = info["curve"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(np.arange(len(curve)), curve)
+    ax.axhline(info["eps"], color="tab:red", linestyle="--", label=f"eps = {info['eps']:.3g} (knee)")
+    ax.set_xlabel("codes, sorted")
+    ax.set_ylabel(f"distance to neighbour {info['min_samples']} (itself counted)")
+    ax.set_title(f"DBSCAN: {info['clusters']} clusters, {info['noise']} of {info['samples']} noise",
+                 fontsize=9)
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- #
+def generate_parser():
+    p = ArgumentParser(prog="ae generate",
+                       description="Draw new samples from a model written by bin/ae: from a k-means cluster "
+                       "(--cluster), a class (--label, CVAE), or with neither from the prior (VAE), the "
+                       "mixture of clusters (AE) or every class (CVAE).")
+    p.add_argument("--model", required=True, metavar="MODEL.keras", help="a model written by bin/ae")
+    p.add_argument("--cluster", type=int, help="the k-means cluster to draw from (ae, semisupervised, vae)")
+    p.add_argument("--label", type=int, help="the class to draw (cvae)")
+    p.add_argument("--n", type=int, default=16, help="samples to draw (per class for a CVAE without --label)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="a .png grid (image models) or a .csv of the samples (any model)")
+    return p
+
+
+def generate_main(argv):
+    args = generate_parser().parse_args(argv)
+    if args.n < 1:
+        raise UsageError(f"--n must be positive, got {args.n}")
+    out = Path(args.out)
+    if out.suffix.lower() not in (".png", ".csv"):
+        raise UsageError(f"--out must end in .png or .csv, got {out.name}")
+    quiet_tensorflow()
+    from common import plots
+    from dcn.autoencoders import load_model
+
+    model = load_model(args.model)
+    if args.label is not None and not model.needs_labels:
+        raise UsageError(f"{args.model} is a {type(model).__name__}, not conditioned on labels: use "
+                         f"--cluster 0..{model.n_clusters - 1}")
+    if model.needs_labels and args.label is None:
+        rows = [(f"class {c}", model.generate(args.n, label=c, seed=args.seed + c))
+                for c in range(model.n_classes)]
+    else:
+        images = model.generate(args.n, cluster=args.cluster, label=args.label, seed=args.seed)
+        what = (f"cluster {args.cluster}" if args.cluster is not None else
+                f"class {args.label}" if args.label is not None else "samples")
+        rows = [(what if i == 0 else "", images[i:i + 8]) for i in range(0, len(images), 8)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".csv":
+        import pandas as pd
+
+        frame = pd.concat([pd.DataFrame(imgs.reshape(len(imgs), -1)).assign(row=name) for name, imgs in rows])
+        frame.to_csv(out, index=False)
+    else:
+        if len(model.sample_shape) != 3:
+            raise UsageError(f"{args.model} models vectors, not images: use --out FILE.csv")
+        plots.image_rows(rows, out, title=f"{type(model).__name__} from {args.model}")
+    print(f"{sum(len(imgs) for _, imgs in rows)} samples written to {out}")
+    return 0
+
+
+def train_main(argv):
+    return AeCommand().main(argv)
+
+
+def main(argv=None):
+    run(dispatch({"train": train_main, "generate": generate_main}, "train"), argv, prog="ae")
+
+
+if __name__ == "__main__":
+    main()
