@@ -2,6 +2,8 @@
 
 import json
 import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import keras
@@ -184,6 +186,38 @@ def test_bin_ae_writes_every_output_and_the_model_generates_in_a_new_process(mod
     assert res.returncode == 0, res.stderr[-2000:]
     written = pd.read_csv(tmp_path / "gen.csv").drop(columns="row").to_numpy()
     np.testing.assert_allclose(written, expected.reshape(5, -1), atol=1e-6)
+
+
+def test_semisupervised_model_on_two_mirrored_cpus_matches_the_default_strategy(tmp_path):
+    # the labels are looked up by sample index inside each replica's step
+    script = textwrap.dedent("""
+        import sys
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        import keras
+        from common.data import load_data
+        from common.runtime import make_strategy
+        from dcn.autoencoders import SemiSupervisedAutoencoder, labeled_subset
+        (x, y), _ = load_data("digits")
+        for name in ("default", "mirrored"):
+            strategy = make_strategy(name)
+            keras.utils.set_random_seed(1)
+            with strategy.scope():
+                model = SemiSupervisedAutoencoder((64,), 10, latent_dim=8, hidden=(32,))
+            model.fit(x, labeled_subset(y, 0.2, seed=1), epochs=2, batch_size=64, eval_interval=14, verbose=0,
+                      seed=1, strategy=strategy, save_dir=sys.argv[1] + "/" + name, jit_compile=False)
+            print(name, strategy.num_replicas_in_sync)
+    """)
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "mirrored 2" in out.stdout
+    default = pd.read_csv(tmp_path / "default" / "log.csv")
+    mirrored = pd.read_csv(tmp_path / "mirrored" / "log.csv")
+    assert default["cross_entropy"].notna().sum() == 4  # rows at 14, 28, 42, 56
+    for col in ("loss", "reconstruction", "cross_entropy"):
+        np.testing.assert_allclose(mirrored[col], default[col], rtol=1e-3, atol=1e-6)
 
 
 @pytest.mark.parametrize("argv, message", [
