@@ -369,6 +369,8 @@ class VAE(CodeModel):
         n_clusters: number of cluster Gaussians kept for generation.
     """
 
+    draws_random_numbers = True  # the reparameterised sample: XLA is slower for it on a CPU
+
     def __init__(self, input_shape=(784,), latent_dim: int = 8, hidden=(400, 128), dropout: float = 0.2,
                  beta: float = 1.0, n_clusters: int = 10, **kwargs):
         kwargs.setdefault("name", "vae")

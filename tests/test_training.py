@@ -204,6 +204,11 @@ def test_auto_compiles_dense_models_and_not_convolutional_ones_on_a_cpu():
     assert resolve_jit("on", conv) and resolve_jit(True, conv)
     assert not resolve_jit("off", dense) and not resolve_jit(False, dense)
     assert not resolve_jit("auto", dense, replicas=2) and not resolve_jit("on", dense, replicas=2)
+    from dcn.autoencoders import VAE, Autoencoder
+
+    assert resolve_jit("auto", Autoencoder((6,), 2, (4,)))
+    assert not resolve_jit("auto", VAE((6,), 2, (4,), dropout=0.0))  # draws its code: slower under XLA
+    assert not resolve_jit("auto", keras.Sequential([keras.Input((3,)), keras.layers.Dropout(0.1)]))
     dense.encoder.layers[1].supports_jit = False  # a layer XLA cannot compile
     assert not resolve_jit("auto", dense)
     with pytest.raises(UsageError, match="unknown XLA mode 'maybe'"):
