@@ -38,6 +38,12 @@ IMAGE_SHAPES = {"digits": (8, 8), "mnist": (28, 28), "fmnist": (28, 28), "usps":
 
 #: Feature scalings for :func:`load_data` (``scaling=``).
 SCALINGS = ("none", "minmax", "standard")
+#: Names of the classes (in label order) of the named data sets that have them.
+CLASS_NAMES = {
+    "fmnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+               "Ankle boot"),
+    **{name: tuple(str(d) for d in range(10)) for name in ("digits", "mnist", "usps")},
+}
 
 SYSTEM_DIR = Path("/usr/share/datasets")
 _IDX_FILES = {

@@ -122,6 +122,31 @@ def mlp_classifier(input_dim: int, n_classes: int, hidden=(64,), name: str = "cl
     return keras.Model(code, layers.Dense(int(n_classes), name="logits")(h), name=name)
 
 
+def cnn_features(input_shape, filters=(32, 64, 128), dense=(512, 256), name: str = "features") -> keras.Model:
+    """Convolutional feature extractor with L2-normalised output.
+
+    One block per entry of ``filters``: a 3x3 'same' convolution, batch
+    normalisation, ReLU and 2x2 max-pooling (28x28 -> 14 -> 7 -> 3, so
+    1152 values for 128 filters); then dense layers ``dense`` (ReLU, the last
+    one linear) and a division by the L2 norm: features on the unit sphere,
+    where Euclidean k-means compares directions.
+    """
+    x = keras.Input(tuple(int(v) for v in input_shape), name="input")
+    h = x
+    for i, f in enumerate(filters):
+        h = layers.Conv2D(int(f), 3, padding="same", use_bias=False, name=f"conv_{i}")(h)
+        h = layers.BatchNormalization(momentum=0.9, name=f"bn_{i}")(h)
+        h = layers.Activation("relu", name=f"relu_{i}")(h)
+        if min(h.shape[1], h.shape[2]) >= 2:  # small images (8x8 digits) stop pooling at 1x1
+            h = layers.MaxPooling2D(2, name=f"pool_{i}")(h)
+    h = layers.Flatten(name="flatten")(h)
+    for i, units in enumerate(dense):
+        last = i == len(dense) - 1
+        h = layers.Dense(int(units), activation=None if last else "relu", name=f"dense_{i}")(h)
+    h = layers.UnitNormalization(name="l2_normalise")(h)
+    return keras.Model(x, h, name=name)
+
+
 def conv_autoencoder(input_shape, latent_dim: int = 10, filters=(32, 64, 64), kernel_size: int = 3,
                      pool_size: int = 2, activation: str = "relu", batchnorm: bool = False,
                      name: str = "cae"):

@@ -300,8 +300,6 @@ def predict_main(argv):
         raise UsageError(f"{args.model} was trained on vectors, not images")
     height, width, channels = model.sample_shape
     x, paths = load_image_files(args.images, (height, width), "grayscale" if channels == 1 else "rgb")
-    if len(x) == 0:
-        raise UsageError("none of the images could be read")
     q = model.soft_assign(x)
     clusters = q.argmax(axis=1)
     names = model.cluster_names or [None] * model.n_clusters

@@ -181,6 +181,9 @@ def load_image_files(paths, image_size, color: str = "grayscale"):
     if missing:
         raise DataError(f"image file{'s' if len(missing) > 1 else ''} not found: {', '.join(missing)}")
     x, kept, corrupt = decode_images(paths, image_size, color)
+    if not kept:
+        raise DataError(f"none of the images could be read ({', '.join(map(str, corrupt[:3]))}"
+                        f"{', ...' if len(corrupt) > 3 else ''}): use PNG, JPEG, BMP or GIF files")
     for c in corrupt:
         warn(f"skipped unreadable image {c}")
     return x, kept
