@@ -1,0 +1,481 @@
+"""Self-labelling: a CNN classifier trained on its own, iteratively refined pseudo-labels.
+
+No ground-truth label enters training or the choice of the model; labels,
+where the data have them, are only scored against, after the fact.
+
+1. **Initial pseudo-labels** (:func:`initial_labels`): codes of an
+   autoencoder (``ae``, DEC/DESOM size), of DESOM (``desom``), or the
+   randomly initialised CNN's own features (``random``, as in DeepCluster);
+   optionally reduced with UMAP (``manifold="umap"``: N2D, McConville et al.
+   2020), then clustered by a Gaussian mixture or k-means. Each sample gets a
+   label and a confidence (its posterior, or its k-means margin).
+2. **Training** (:func:`refine`): the :class:`SelfLabelNet` classifier
+   learns the pseudo-labels of the most confident share of each cluster
+   (:func:`select_confident`; balanced by construction), with data
+   augmentation and label smoothing, ``epochs_per_iteration`` epochs per
+   iteration on the shared training loop.
+3. **Relabelling** every ``recluster_interval`` iterations: the classifier's
+   own predictions, made balanced with Sinkhorn-Knopp as in SeLa (Asano et
+   al. 2020; :func:`balanced_labels`), or k-means on its L2-normalised
+   features started from the previous clusters' centres (DeepCluster).
+   New labels are aligned to the previous ones by the Hungarian method
+   (:func:`align_labels`); the share that kept its label is the *aligned
+   stability* (:func:`aligned_stability`). Training stops when it reaches
+   ``convergence_threshold``.
+
+The model kept at the end is the iteration with the highest aligned
+stability (an unsupervised criterion; ties go to the later iteration).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import keras
+import numpy as np
+from keras import ops
+
+from common.errors import UsageError
+from common.networks import cnn_features, load_keras_model, mlp_classifier, predict_in_batches
+from common.training import Task, train
+
+INITS = ("ae", "desom", "random")
+MANIFOLDS = ("umap", "none")
+CLUSTERERS = ("gmm", "kmeans")
+RELABELS = ("predict", "cluster")
+AUGMENTATIONS = ("translate", "flip", "rotate", "zoom", "noise")
+
+
+@keras.saving.register_keras_serializable(package="dcn")
+class SelfLabelNet(keras.Model):
+    """CNN feature extractor + classifier head, for learning from pseudo-labels.
+
+    ``predict(x)`` gives each sample's class probabilities.
+
+    Args:
+        input_shape: (height, width, channels) of the images.
+        n_clusters: number of pseudo-classes.
+        filters: convolution blocks of the feature extractor
+            (:func:`common.networks.cnn_features`; 32-64-128).
+        dense: its dense layers, the last one the L2-normalised feature size
+            (512-256).
+        head: hidden layers of the classifier on the features (128).
+        cluster_names: optional name per cluster (set after training from a
+            labelled split, for reports and ``predict``).
+
+    Input shape: ``(batch, height, width, channels)``.
+    Output shape: ``(batch, n_clusters)``.
+    """
+
+    def __init__(self, input_shape=(28, 28, 1), n_clusters: int = 10, filters=(32, 64, 128), dense=(512, 256),
+                 head=(128,), cluster_names=None, **kwargs):
+        kwargs.setdefault("name", "selflabel")
+        super().__init__(**kwargs)
+        self.sample_shape = tuple(int(v) for v in input_shape)
+        if len(self.sample_shape) != 3:
+            raise UsageError(f"SelfLabelNet needs images (height, width, channels), got {self.sample_shape}")
+        if n_clusters < 2:
+            raise UsageError(f"n_clusters must be at least 2, got {n_clusters}")
+        self.n_clusters = int(n_clusters)
+        self.filters, self.dense_units = tuple(int(f) for f in filters), tuple(int(d) for d in dense)
+        self.head_units = tuple(int(h) for h in head)
+        self.features = cnn_features(self.sample_shape, self.filters, self.dense_units)
+        self.classifier = mlp_classifier(self.dense_units[-1], self.n_clusters, self.head_units)
+        self.cluster_names = None if cluster_names is None else [str(c) for c in cluster_names]
+        self.build((None, *self.sample_shape))
+
+    def build(self, input_shape):  # every part is built in __init__
+        self.built = True
+
+    def logits(self, x, training=False):
+        return self.classifier(self.features(x, training=training), training=training)
+
+    def call(self, x, training=False):
+        return ops.softmax(ops.cast(self.logits(x, training=training), "float32"), axis=-1)
+
+    def predict_step(self, data):
+        return self(data[0] if isinstance(data, (tuple, list)) else data)
+
+    def functional_view(self) -> keras.Model:
+        inputs = keras.Input(self.sample_shape, name="input")
+        return keras.Model(inputs, self.classifier(self.features(inputs)), name=self.name)
+
+    def predict_proba(self, x, batch_size: int = 1024) -> np.ndarray:
+        """(samples, clusters) class probabilities."""
+        return predict_in_batches(self, x, batch_size)
+
+    def embed(self, x, batch_size: int = 1024) -> np.ndarray:
+        """The L2-normalised features of ``x``."""
+        return predict_in_batches(self.features, x, batch_size)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(input_shape=list(self.sample_shape), n_clusters=self.n_clusters,
+                      filters=list(self.filters), dense=list(self.dense_units), head=list(self.head_units),
+                      cluster_names=self.cluster_names)
+        return config
+
+
+def load_model(path) -> SelfLabelNet:
+    """Load a model written by ``bin/selflabel`` (a ``.keras`` file)."""
+    return load_keras_model(path, SelfLabelNet, "a self-labelling model")
+
+
+# --------------------------------------------------------------------------- #
+# Pseudo-labels
+# --------------------------------------------------------------------------- #
+def align_labels(new, previous, n_clusters: int) -> np.ndarray:
+    """``new`` with its ids renamed to agree best with ``previous`` (Hungarian
+    matching on the K x K contingency table; every id gets a partner)."""
+    from scipy.optimize import linear_sum_assignment
+
+    new, previous = np.asarray(new, np.int64), np.asarray(previous, np.int64)
+    if new.shape != previous.shape:
+        raise ValueError(f"labellings of different lengths: {new.shape} and {previous.shape}")
+    k = int(n_clusters)
+    table = np.bincount(new * k + previous, minlength=k * k).reshape(k, k)
+    rows, cols = linear_sum_assignment(-table)
+    mapping = np.arange(k)
+    mapping[rows] = cols
+    return mapping[new]
+
+
+def aligned_stability(new, previous, n_clusters: int) -> float:
+    """Share of samples whose label survives a relabelling, after aligning the
+    new ids to the old ones (1.0 for a permuted copy of the same labelling)."""
+    previous = np.asarray(previous)
+    return float(np.mean(align_labels(new, previous, n_clusters) == previous)) if len(previous) else 1.0
+
+
+def balanced_labels(probs, power: float = 10.0, iterations: int = 100) -> np.ndarray:
+    """Labels of an equal-size partition close to the probabilities (SeLa).
+
+    Sinkhorn-Knopp scales ``probs ** power`` until every column (cluster)
+    sums to N/K and every row to 1; each sample takes the argmax of its row.
+    A larger ``power`` stays closer to the plain argmax. This assumes
+    clusters of about equal size (true of Fashion-MNIST and MNIST).
+    """
+    p = np.asarray(probs, np.float64)
+    n, k = p.shape
+    logq = power * np.log(np.clip(p, 1e-30, None))
+    q = np.exp(logq - logq.max(axis=1, keepdims=True))
+    for _ in range(iterations):
+        q *= (n / k) / np.maximum(q.sum(axis=0, keepdims=True), 1e-300)
+        q /= q.sum(axis=1, keepdims=True)
+    return q.argmax(axis=1)
+
+
+def select_confident(labels, confidence, fraction: float, n_clusters: int) -> np.ndarray:
+    """Mask of the ``fraction`` most confident members of each cluster (at
+    least one per non-empty cluster), so every cluster keeps its share."""
+    labels, confidence = np.asarray(labels), np.asarray(confidence)
+    if not 0 < fraction <= 1:
+        raise UsageError(f"the confident fraction must be in (0, 1], got {fraction}")
+    keep = np.zeros(len(labels), bool)
+    for k in range(n_clusters):
+        members = np.flatnonzero(labels == k)
+        if len(members):
+            m = max(1, int(round(fraction * len(members))))
+            keep[members[np.argsort(-confidence[members], kind="stable")[:m]]] = True
+    return keep
+
+
+def kmeans_labels(z, n_clusters: int, seed: int = 0, init_labels=None):
+    """k-means labels and margins (1 - nearest / second-nearest distance).
+
+    ``init_labels``: start from the centres of these clusters (one run), so
+    the new ids follow the old ones; otherwise 10 k-means++ restarts.
+    """
+    from sklearn.cluster import KMeans
+
+    z = np.asarray(z, np.float64)
+    if init_labels is None:
+        km = KMeans(n_clusters, n_init=10, random_state=seed)
+    else:
+        rng = np.random.default_rng(seed)
+        centres = np.stack([z[init_labels == k].mean(axis=0) if np.any(init_labels == k)
+                            else z[rng.integers(len(z))] for k in range(n_clusters)])
+        km = KMeans(n_clusters, init=centres, n_init=1, random_state=seed)
+    d = km.fit_transform(z)
+    labels = d.argmin(axis=1)
+    two = np.sort(d, axis=1)[:, :2]
+    return labels, 1.0 - two[:, 0] / np.maximum(two[:, 1], 1e-12)
+
+
+def cluster_features(z, n_clusters: int, method: str = "gmm", seed: int = 0):
+    """(labels, confidence) of a Gaussian mixture (full covariances; the
+    posterior of the chosen component) or of k-means (the margin)."""
+    if method == "kmeans":
+        return kmeans_labels(z, n_clusters, seed)
+    if method != "gmm":
+        raise UsageError(f"unknown clusterer '{method}'; choose {' or '.join(CLUSTERERS)}")
+    from sklearn.mixture import GaussianMixture
+
+    gmm = GaussianMixture(n_clusters, covariance_type="full", random_state=seed).fit(z)
+    p = gmm.predict_proba(z)
+    return p.argmax(axis=1), p.max(axis=1)
+
+
+def umap_embedding(z, n_components: int, n_neighbors: int = 10, seed: int = 0) -> np.ndarray:
+    """UMAP of the codes (min_dist 0, as N2D), fixed by ``seed``."""
+    try:
+        import umap
+    except ImportError as e:
+        raise UsageError("--manifold umap needs the umap-learn package: pip install umap-learn, "
+                         "or use --manifold none") from e
+    reducer = umap.UMAP(n_components=int(n_components), n_neighbors=int(n_neighbors), min_dist=0.0,
+                        random_state=seed, n_jobs=1)  # a seed makes UMAP serial anyway
+    return reducer.fit_transform(np.asarray(z, np.float32))
+
+
+def relabel(model: SelfLabelNet, x, previous, method: str = "predict", balance: bool = True, seed: int = 0):
+    """New (labels, confidence) from the trained classifier, aligned to ``previous``.
+
+    ``predict``: the classifier's predictions (balanced with Sinkhorn-Knopp
+    when ``balance``), confidence = the probability of the chosen label;
+    ``cluster``: k-means on the L2-normalised features started from the
+    previous clusters' centres, confidence = the k-means margin.
+    """
+    k = model.n_clusters
+    if method == "predict":
+        p = model.predict_proba(x)
+        labels = balanced_labels(p) if balance else p.argmax(axis=1)
+        confidence = p[np.arange(len(p)), labels]
+    elif method == "cluster":
+        labels, confidence = kmeans_labels(model.embed(x), k, seed, init_labels=previous)
+    else:
+        raise UsageError(f"unknown relabelling '{method}'; choose {' or '.join(RELABELS)}")
+    return align_labels(labels, previous, k), confidence
+
+
+# --------------------------------------------------------------------------- #
+# Initial features
+# --------------------------------------------------------------------------- #
+def initial_features(kind: str, x, model: SelfLabelNet | None = None, *, epochs: float = 50,
+                     iterations: int = 10000, seed: int = 0, **loop) -> np.ndarray:
+    """Features the first pseudo-labels come from.
+
+    ``ae``: codes of a d-500-500-2000-10 autoencoder trained ``epochs`` epochs
+    (phase ``init``, log ``init_log.csv``); ``desom``: codes of an 8x8 DESOM
+    trained ``iterations`` iterations; ``random``: ``model``'s features at
+    initialisation. Other keyword arguments go to :func:`common.training.train`.
+    """
+    x = np.asarray(x, np.float32)
+    if kind == "random":
+        if model is None:
+            raise UsageError("--init random needs the classifier")
+        return model.embed(x)
+    if kind == "ae":
+        from dcn.autoencoders import Autoencoder
+
+        with _scope(loop.get("strategy")):
+            ae = Autoencoder(x.shape[1:], latent_dim=10, hidden=(500, 500, 2000), name="init_ae")
+            optimizer = keras.optimizers.Adam(0.001)
+        ae.fit(x, epochs=epochs, seed=seed, optimizer=optimizer, phase="init", log_name="init_log.csv",
+               **loop)
+        return ae.embed(x)
+    if kind == "desom":
+        from desom.models import DESOM
+
+        flat = x.reshape(len(x), -1)
+        with _scope(loop.get("strategy")):
+            som = DESOM(flat.shape[1], map_size=(8, 8), name="init_desom")
+            optimizer = keras.optimizers.Adam(0.001)
+        som.init_prototypes(flat, method="random", seed=seed)
+        som.fit(flat, iterations=iterations, seed=seed, optimizer=optimizer, phase="init",
+                log_name="init_log.csv", **loop)
+        return som.transform(flat)
+    raise UsageError(f"unknown initialisation '{kind}'; choose {', '.join(INITS)}")
+
+
+def _scope(strategy):
+    """A fresh ``strategy.scope()`` (the current strategy's when None)."""
+    import tensorflow as tf
+
+    return (strategy or tf.distribute.get_strategy()).scope()
+
+
+# --------------------------------------------------------------------------- #
+# Training
+# --------------------------------------------------------------------------- #
+class PseudoLabelTask(Task):
+    """Cross-entropy of the classifier against fixed pseudo-labels, with label smoothing."""
+
+    def __init__(self, model: SelfLabelNet, labels, smoothing: float = 0.1):
+        import tensorflow as tf
+
+        self.model, self.smoothing = model, float(smoothing)
+        self.labels = tf.Variable(np.asarray(labels, np.int32), trainable=False, name="pseudo_labels")
+
+    def loss_terms(self, x, idx, scalars):
+        k = self.model.n_clusters
+        logits = ops.cast(self.model.logits(x, training=True), "float32")
+        target = ops.one_hot(ops.take(self.labels, idx, axis=0), k)
+        if self.smoothing:
+            target = target * (1.0 - self.smoothing) + self.smoothing / k
+        ce = -ops.sum(target * ops.log_softmax(logits, axis=-1), axis=-1)
+        return {"loss": ce, "cross_entropy": ce}
+
+    def trackables(self):
+        return {"model": self.model, "labels": self.labels}
+
+
+def augmenter(kinds, seed: int = 0):
+    """A batch function for the loop's ``map_fn``: Keras preprocessing layers
+    (shifts of 10 %, horizontal flips, rotations of 5 %, zooms of 10 %,
+    Gaussian noise), clipped to [0, 1]; None when ``kinds`` is empty."""
+    import tensorflow as tf
+
+    layers = keras.layers
+    make = {
+        "translate": lambda: layers.RandomTranslation(0.1, 0.1, fill_mode="constant", seed=seed),
+        "flip": lambda: layers.RandomFlip("horizontal", seed=seed),
+        "rotate": lambda: layers.RandomRotation(0.05, fill_mode="constant", seed=seed),
+        "zoom": lambda: layers.RandomZoom(0.1, fill_mode="constant", seed=seed),
+        "noise": lambda: layers.GaussianNoise(0.02, seed=seed),
+    }
+    unknown = [k for k in kinds if k not in make]
+    if unknown:
+        raise UsageError(f"unknown augmentation {unknown[0]}; choose from {', '.join(AUGMENTATIONS)}")
+    if not kinds:
+        return None
+    pipeline = keras.Sequential([make[k]() for k in kinds], name="augment")
+
+    def augment(batch):
+        return tf.clip_by_value(pipeline(batch, training=True), 0.0, 1.0)
+
+    return augment
+
+
+def fraction_at(i: int, iterations: int, start: float, end: float) -> float:
+    """The confident share of iteration ``i``: linear from ``start`` to ``end``."""
+    return start if iterations <= 1 else start + (end - start) * i / (iterations - 1)
+
+
+def label_scores(labels, y) -> dict:
+    """Accuracy, NMI, purity, ARI of a labelling against true labels (reporting)."""
+    from common.metrics import evaluate_clustering
+
+    m = evaluate_clustering(labels, y)
+    return {k: m[k] for k in ("acc", "nmi", "purity", "ari")}
+
+
+def refine(model: SelfLabelNet, x, labels, confidence, *, iterations: int = 10,
+           epochs_per_iteration: float = 2, recluster_interval: int = 1, relabelling: str = "predict",
+           balance: bool = True, confident_fraction=(0.5, 1.0), smoothing: float = 0.1,
+           threshold: float = 0.95, lr: float = 0.001, augment=None, save_dir=None, resume: bool = False,
+           seed: int = 0, y=None, x_test=None, y_test=None, on_rows=None, **loop) -> list[dict]:
+    """Iterations of training on pseudo-labels and relabelling (module docstring).
+
+    Iteration i trains on labels L_i (its confident share) for
+    ``epochs_per_iteration`` epochs with a fresh Adam (``lr``), saves
+    ``iteration_<i>.keras`` and, on relabelling iterations, computes L_{i+1}
+    and its aligned stability against L_i. With ``save_dir`` every
+    iteration's labels are kept in ``pseudo_labels/`` and ``resume`` skips
+    finished iterations (the one in progress resumes from its checkpoint).
+    ``y`` / ``y_test`` (optional) are scored in each row, for reporting only.
+    ``on_rows(rows)`` is called with every row so far after each iteration
+    (to write history.csv). Returns the rows. A resumed run given more
+    iterations than it had relabels from its last model first.
+    """
+    k = model.n_clusters
+    x = np.asarray(x, np.float32)
+    save = None if save_dir is None else Path(save_dir)
+    if save is not None:
+        (save / "pseudo_labels").mkdir(parents=True, exist_ok=True)
+        (save / "logs").mkdir(exist_ok=True)
+    rows, start = [], 0
+    labels, confidence = np.asarray(labels, np.int64), np.asarray(confidence, np.float64)
+    if resume and save is not None:
+        rows, start, labels, confidence = _resume_state(model, save, labels, confidence)
+        if rows and rows[-1].get("stopped"):
+            return rows
+        if start and not (save / "pseudo_labels" / f"iteration_{start:02d}.npz").is_file():
+            # the run ended without relabelling (its last iteration) and goes on: relabel now
+            with np.load(save / "pseudo_labels" / f"iteration_{start - 1:02d}.npz") as f:
+                previous = f["labels"]
+            labels, confidence = relabel(model, x, previous, relabelling, balance, seed)
+            rows[-1]["stability"] = aligned_stability(labels, previous, k)
+            if on_rows is not None:
+                on_rows(rows)
+    for i in range(start, iterations):
+        if save is not None:
+            np.savez(save / "pseudo_labels" / f"iteration_{i:02d}.npz", labels=labels, confidence=confidence)
+        fraction = fraction_at(i, iterations, *confident_fraction)
+        keep = select_confident(labels, confidence, fraction, k)
+        with _scope(loop.get("strategy")):
+            task = PseudoLabelTask(model, labels[keep], smoothing)
+            optimizer = keras.optimizers.Adam(lr)
+        phase = f"iteration_{i:02d}"
+        result = train(task, x[keep], epochs=epochs_per_iteration, optimizer=optimizer, save_dir=save,
+                       phase=phase, log_name=f"logs/{phase}.csv", resume=resume, seed=seed + 1000 * i,
+                       map_fn=augment, **loop)
+        row = {"iteration": i, "confident_fraction": round(fraction, 4), "trained_on": int(keep.sum()),
+               "loss": _last_loss(result), "seconds": round(result.seconds, 2)}
+        if y is not None:
+            row.update({f"label_{n}": v for n, v in label_scores(labels, y).items()})
+            row["label_acc_trained_on"] = label_scores(labels[keep], np.asarray(y)[keep])["acc"]
+        if x_test is not None and y_test is not None:
+            pred = model.predict_proba(x_test).argmax(axis=1)
+            row.update({f"test_{n}": v for n, v in label_scores(pred, y_test).items()})
+        relabelled = (i + 1) % recluster_interval == 0 and i + 1 < iterations
+        if relabelled:
+            new, new_conf = relabel(model, x, labels, relabelling, balance, seed)
+            row["stability"] = aligned_stability(new, labels, k)
+            labels, confidence = new, new_conf
+        if relabelled and row["stability"] >= threshold:
+            row["stopped"] = f"aligned stability {row['stability']:.4f} >= {threshold}"
+        if save is not None:  # the next labels first: a finished iteration's model implies them
+            from common.networks import save_keras_model
+
+            if relabelled:
+                np.savez(save / "pseudo_labels" / f"iteration_{i + 1:02d}.npz", labels=labels,
+                         confidence=confidence)
+            save_keras_model(model, save / f"iteration_{i:02d}.keras")
+            shutil.rmtree(save / "checkpoints" / phase, ignore_errors=True)
+        rows.append(row)
+        if on_rows is not None:
+            on_rows(rows)
+        if row.get("stopped"):
+            break
+    return rows
+
+
+def best_iteration(rows: list[dict]) -> int:
+    """The iteration with the highest aligned stability (later on ties; the
+    last one when none was measured)."""
+    scored = [(r["stability"], r["iteration"]) for r in rows if r.get("stability") is not None
+              and not math.isnan(r["stability"])]
+    return max(scored)[1] if scored else rows[-1]["iteration"]
+
+
+def _last_loss(result) -> float | None:
+    import pandas as pd
+
+    if result.log_path is None or not Path(result.log_path).is_file():
+        return None
+    log = pd.read_csv(result.log_path)
+    losses = log["loss"].dropna() if "loss" in log else log.iloc[:0, 0]
+    return None if losses.empty else round(float(losses.iloc[-1]), 5)
+
+
+def _resume_state(model, save: Path, labels, confidence):
+    """Rows of history.csv, the first unfinished iteration, its labels; the
+    model gets the weights of the last finished iteration."""
+    import pandas as pd
+
+    history = save / "history.csv"
+    rows = pd.read_csv(history).to_dict(orient="records") if history.is_file() else []
+    rows = [{key: v for key, v in r.items() if not (isinstance(v, float) and math.isnan(v))} for r in rows]
+    # keep only iterations whose model was written
+    rows = [r for r in rows if (save / f"iteration_{int(r['iteration']):02d}.keras").is_file()]
+    start = len(rows)
+    if start:
+        model.set_weights(load_model(save / f"iteration_{start - 1:02d}.keras").get_weights())
+    saved = save / "pseudo_labels" / f"iteration_{start:02d}.npz"
+    if saved.is_file():
+        with np.load(saved) as f:
+            labels, confidence = f["labels"], f["confidence"]
+    return rows, start, labels, confidence

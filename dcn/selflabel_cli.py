@@ -1,0 +1,458 @@
+"""bin/selflabel: a CNN classifier that learns image classes without labels, by
+iterative pseudo-label refinement (see :mod:`dcn.selflabel`).
+
+    bin/selflabel --dataset fmnist                        # train on 60k, report on the 10k test images
+    bin/selflabel evaluate --model results/fmnist_selflabel/model.keras --dataset fmnist
+    bin/selflabel predict --model results/fmnist_selflabel/model.keras shoe.jpg shirt.png
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from common.cli import ArgumentParser, add_data_arguments, dispatch, run
+from common.command import RunData, TrainingCommand
+from common.data import CLASS_NAMES, load_data
+from common.errors import DataError, UsageError
+from common.results import write_json
+from common.runtime import quiet_tensorflow
+from dcn.selflabel import AUGMENTATIONS, CLUSTERERS, INITS, MANIFOLDS, RELABELS
+
+#: What the issue's authors asked of an unsupervised Fashion-MNIST classifier.
+TARGETS = {"accuracy": 0.72, "nmi": 0.65, "purity": 0.75, "min_f1": 0.60, "stability": 0.95}
+
+
+def load_images(args):
+    """(x, y, class names) of the training part and (x, y) of the test part
+    (None for a single file, which has no split). Images keep their shape."""
+    source = args.data or args.dataset or "digits"
+    try:
+        (x, y), (x_test, y_test) = load_data(source, validation=True, flatten=False, data_dir=args.data_dir,
+                                             label_col=args.label_col)
+    except DataError:
+        if not args.data:
+            raise
+        (x, y), _ = load_data(source, flatten=False, label_col=args.label_col)
+        x_test = y_test = None
+    if x.ndim != 4:
+        raise UsageError(f"bin/selflabel classifies images; {source} holds vectors of shape {x.shape[1:]}: "
+                         f"save them as an array of shape (samples, height, width, channels)")
+    if x.min() < 0 or x.max() > 1:
+        raise UsageError(f"{source} holds values {x.min():.3g}..{x.max():.3g}; rescale the images to [0, 1]")
+    names = None
+    if y is not None:
+        values = np.unique(y if y_test is None else np.concatenate([y, y_test]))
+        y = np.searchsorted(values, y)
+        y_test = None if y_test is None else np.searchsorted(values, y_test)
+        known = CLASS_NAMES.get(source)
+        names = [known[int(v)] if known is not None and 0 <= int(v) < len(known) else str(v) for v in values]
+    return x, y, names, x_test, y_test
+
+
+class SelfLabelCommand(TrainingCommand):
+    prog = "selflabel"
+    description = ("Learn to classify images without labels: initial pseudo-labels from clustering "
+                   "autoencoder codes (UMAP + Gaussian mixture by default), then a CNN trained on the most "
+                   "confident of them with augmentation, relabelled from its own balanced predictions until "
+                   "the labels are stable. Labels, where the data have them, are only used for the "
+                   "reports. `selflabel evaluate --help`, `selflabel predict --help` for saved models.")
+    seed_help = "seed of weights, data order, augmentation and clustering"
+    outputs = ("model.keras", "history.csv", "test_metrics.json", "results.json", "confusion_matrix.png",
+               "clustering_quality.png", "training_progress.png", "architecture.png", "architecture.txt")
+
+    def add_arguments(self, p):
+        add_data_arguments(p, required=False, what="a data set of images")
+        p.add_argument("--iterations", type=int, default=10,
+                       help="most iterations (training + relabelling) before stopping")
+        p.add_argument("--epochs_per_iteration", type=float, default=2, help="training epochs per iteration")
+        p.add_argument("--recluster_interval", type=int, default=1,
+                       help="iterations between relabellings (1: after every iteration)")
+        p.add_argument("--convergence_threshold", type=float, default=0.95,
+                       help="stop when the aligned stability of a relabelling reaches this")
+        p.add_argument("--n_clusters", type=int, help="pseudo-classes (default: the number of classes)")
+        p.add_argument("--init", choices=INITS, default="ae",
+                       help="features of the first pseudo-labels: ae (autoencoder codes), desom (codes of "
+                       "an 8x8 DESOM), random (the untrained CNN's features)")
+        p.add_argument("--init_epochs", type=float, default=50, help="ae: autoencoder training epochs")
+        p.add_argument("--init_iterations", type=int, default=10000, help="desom: training iterations")
+        p.add_argument("--manifold", choices=MANIFOLDS, default="umap",
+                       help="reduce the initial features with UMAP to --n_clusters dimensions before "
+                       "clustering (N2D)")
+        p.add_argument("--neighbors", type=int, default=10, help="UMAP neighbours")
+        p.add_argument("--clusterer", choices=CLUSTERERS, default="gmm",
+                       help="clustering of the initial features")
+        p.add_argument("--relabel", choices=RELABELS, default="predict",
+                       help="predict: the classifier's own predictions; cluster: k-means on its features")
+        p.add_argument("--balance", choices=("sinkhorn", "none"), default="sinkhorn",
+                       help="predict: make the relabelled clusters equal in size (Sinkhorn-Knopp, SeLa); "
+                       "none for data with very unequal classes")
+        p.add_argument("--confident_fraction", type=float, nargs="+", default=[0.5, 1.0], metavar="F",
+                       help="share of each cluster trained on, the most confident first: one value, or the "
+                       "first and last iteration's (linear in between)")
+        p.add_argument("--label_smoothing", type=float, default=0.1, help="label smoothing of the targets")
+        p.add_argument("--augment", nargs="*", choices=AUGMENTATIONS, default=["translate", "flip"],
+                       help="augmentations of the training batches (none: give the flag alone)")
+        p.add_argument("--batch_size", type=int, default=256, help="global batch size")
+        p.add_argument("--lr", type=float, default=0.001, help="Adam learning rate (fresh each iteration)")
+        p.add_argument("--save_dir", help="output folder (default: results/<data>_selflabel)")
+
+    def check(self, args):
+        for name in ("iterations", "epochs_per_iteration", "recluster_interval", "init_epochs",
+                     "init_iterations", "neighbors", "batch_size", "lr"):
+            value = getattr(args, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise UsageError(f"--{name} must be positive, got {value}")
+        if not 0 < args.convergence_threshold <= 1:
+            raise UsageError(f"--convergence_threshold must be in (0, 1], got {args.convergence_threshold}")
+        if args.n_clusters is not None and args.n_clusters < 2:
+            raise UsageError(f"--n_clusters must be at least 2, got {args.n_clusters}")
+        f = args.confident_fraction
+        if len(f) > 2 or not all(0 < v <= 1 for v in f):
+            raise UsageError(f"--confident_fraction takes one or two shares in (0, 1], got {f}")
+        args.confident_fraction = [f[0], f[-1]]
+        if not 0 <= args.label_smoothing < 1:
+            raise UsageError(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
+
+    def load(self, args) -> RunData:
+        x, y, names, x_test, y_test = load_images(args)
+        if args.n_clusters is None:
+            if names is None:
+                raise UsageError("give --n_clusters (the data have no labels to count classes from)")
+            args.n_clusters = len(names)
+        if args.n_clusters > len(x):
+            raise UsageError(f"--n_clusters {args.n_clusters} is more than the {len(x)} images")
+        source = args.data or args.dataset or "digits"
+        name = Path(source).stem if args.data else source
+        test = f", {len(x_test)} test images" if x_test is not None else ", no test split"
+        return RunData(x, y, x_test, y_test, name=name,
+                       description=f"{source}: {len(x)} training images of shape {x.shape[1:]}{test}",
+                       extra={"classes": names})
+
+    def default_save_dir(self, args, data):
+        return f"results/{data.name}_selflabel"
+
+    def describe(self, run):
+        m = run.model
+        def dashed(values):
+            return "-".join(map(str, values))
+
+        return (f"SelfLabelNet (conv {dashed(m.filters)}, dense {dashed(m.dense_units)}, "
+                f"head {dashed(m.head_units)}-{m.n_clusters})")
+
+    def build(self, run):
+        from dcn.selflabel import SelfLabelNet
+
+        return SelfLabelNet(run.data.x.shape[1:], run.args.n_clusters)
+
+    def train(self, run):
+        import time
+
+        from common.results import write_csv
+        from dcn.selflabel import augmenter, cluster_features, initial_features, refine, umap_embedding
+
+        a, d, model = run.args, run.data, run.model
+        save, k = run.save_dir, a.n_clusters
+        loop = run.loop_options()
+        loop.pop("seed")
+        resume = loop.pop("resume")
+        loop.pop("save_dir")
+        first = save / "pseudo_labels" / "iteration_00.npz"
+        if resume and first.is_file():
+            labels = confidence = np.zeros(len(d.x))  # replaced by the saved ones
+        else:
+            t = time.perf_counter()
+            z = initial_features(a.init, d.x, model, epochs=a.init_epochs, iterations=a.init_iterations,
+                                 seed=a.seed, save_dir=save, resume=resume, **loop)
+            run.stages["init_features"] = time.perf_counter() - t
+            t = time.perf_counter()
+            if a.manifold == "umap":
+                if a.verbose:
+                    print(f"UMAP of the {z.shape[1]}-d features to {k} dimensions ...", flush=True)
+                z = umap_embedding(z, k, a.neighbors, a.seed)
+            labels, confidence = cluster_features(z, k, a.clusterer, a.seed)
+            run.stages["init_clustering"] = time.perf_counter() - t
+        def on_rows(rows):
+            import pandas as pd
+
+            write_csv(pd.DataFrame(rows), save / "history.csv")
+            if a.verbose:
+                print(_row_line(rows[-1]), flush=True)
+
+        t = time.perf_counter()
+        rows = refine(model, d.x, labels, confidence, iterations=a.iterations,
+                      epochs_per_iteration=a.epochs_per_iteration, recluster_interval=a.recluster_interval,
+                      relabelling=a.relabel, balance=a.balance == "sinkhorn",
+                      confident_fraction=a.confident_fraction, smoothing=a.label_smoothing,
+                      threshold=a.convergence_threshold, lr=a.lr, augment=augmenter(a.augment, a.seed),
+                      save_dir=save, resume=resume, seed=a.seed, y=d.y, x_test=d.x_val, y_test=d.y_val,
+                      on_rows=on_rows, **loop)
+        run.stages["refine"] = time.perf_counter() - t
+        self._choose(run, rows)
+
+    def _choose(self, run, rows):
+        """Weights of the iteration chosen without labels; cluster names from the
+        training labels (reporting), kept in the model for ``predict``."""
+        from dcn.selflabel import best_iteration, load_model
+
+        model, d = run.model, run.data
+        best = best_iteration(rows)
+        model.set_weights(load_model(run.save_dir / f"iteration_{best:02d}.keras").get_weights())
+        run.data.extra.update(rows=rows, best=best)
+        if d.y is not None:
+            pred = model.predict_proba(d.x).argmax(axis=1)
+            model.cluster_names = name_clusters(pred, d.y, d.extra["classes"], model.n_clusters)
+
+    def results(self, run):
+        d, model = run.data, run.model
+        rows, best = d.extra["rows"], d.extra["best"]
+        out = {"iterations_run": len(rows), "chosen_iteration": best,
+               "chosen_by": "highest aligned stability of the relabelling (no labels)",
+               "stopped": rows[-1].get("stopped"), "final_stability": _last_stability(rows),
+               "n_train": len(d.x), "cluster_names": model.cluster_names}
+        if d.y is not None:
+            from dcn.selflabel import label_scores
+
+            out["train"] = label_scores(model.predict_proba(d.x).argmax(axis=1), d.y)
+        if d.x_val is not None and d.y_val is not None:
+            metrics = test_metrics(model, d.x_val, d.y_val, d.extra["classes"])
+            metrics["stability"] = out["final_stability"]
+            metrics["targets"] = {name: {"target": target, "reached": _reached(metrics, name, target)}
+                                  for name, target in TARGETS.items()}
+            write_json(run.save_dir / "test_metrics.json", metrics)
+            out["test"] = {key: metrics[key] for key in ("accuracy", "nmi", "purity", "ari", "min_f1")}
+            d.extra["test_metrics"] = metrics
+        return out
+
+    def pictures(self, run, results):
+        import pandas as pd
+
+        from common import plots
+
+        save, d = run.save_dir, run.data
+        metrics = d.extra.get("test_metrics")
+        if metrics is not None:
+            plots.confusion_matrix(np.array(metrics["confusion_matrix"]), metrics["predicted_names"],
+                                   save / "confusion_matrix.png", row_names=d.extra["classes"],
+                                   title=f"test set: accuracy {metrics['accuracy']:.3f}, "
+                                   f"NMI {metrics['nmi']:.3f} (iteration {d.extra['best']})")
+        history = save / "history.csv"
+        if history.is_file():
+            frame = pd.read_csv(history)
+            history_plots(frame, save / "clustering_quality.png", save / "training_progress.png",
+                          run.args.convergence_threshold)
+
+    def summary(self, run, results):
+        line = f"{results['iterations_run']} iterations, model of iteration {results['chosen_iteration']}"
+        if results.get("final_stability") is not None:
+            line += f", aligned stability {results['final_stability']:.4f}"
+        t = results.get("test")
+        if t:
+            line += (f"; test accuracy {t['accuracy']:.4f}, NMI {t['nmi']:.4f}, purity {t['purity']:.4f}, "
+                     f"lowest class F1 {t['min_f1']:.4f}")
+        return line
+
+
+def _row_line(row) -> str:
+    parts = [f"iteration {row['iteration']}: trained on {row['trained_on']}"]
+    if "label_acc" in row:
+        parts.append(f"pseudo-label accuracy {row['label_acc']:.4f}")
+    if "test_acc" in row:
+        parts.append(f"test accuracy {row['test_acc']:.4f} NMI {row['test_nmi']:.4f}")
+    if row.get("stability") is not None:
+        parts.append(f"aligned stability {row['stability']:.4f}")
+    if row.get("stopped"):
+        parts.append(f"stop: {row['stopped']}")
+    return "; ".join(parts)
+
+
+def _last_stability(rows):
+    values = [r["stability"] for r in rows if r.get("stability") is not None]
+    return float(values[-1]) if values else None
+
+
+def _reached(metrics, name, target):
+    value = metrics.get(name)
+    return None if value is None else bool(value >= target)
+
+
+def name_clusters(pred, y, classes, n_clusters: int) -> list[str]:
+    """A class name per cluster: the Hungarian one-to-one match on the given
+    samples, then the majority class for clusters left without a partner."""
+    from common.metrics import hungarian_mapping
+
+    pred, y = np.asarray(pred), np.asarray(y)
+    classes = classes or [str(c) for c in range(int(y.max()) + 1)]
+    mapping = hungarian_mapping(y, pred)
+    names = []
+    for k in range(n_clusters):
+        if k in mapping:
+            names.append(classes[mapping[k]])
+        else:
+            members = y[pred == k]
+            names.append(classes[int(np.bincount(members).argmax())] if len(members) else f"cluster {k}")
+    return names
+
+
+def test_metrics(model, x, y, classes) -> dict:
+    """Accuracy (Hungarian), NMI, purity, ARI of the predictions on ``x``, and
+    per-class precision / recall / F1 under the model's cluster names."""
+    from sklearn.metrics import classification_report, confusion_matrix
+
+    from dcn.selflabel import label_scores
+
+    pred = model.predict_proba(x).argmax(axis=1)
+    scores = label_scores(pred, y)
+    classes = classes or [str(c) for c in range(int(np.max(y)) + 1)]
+    names = model.cluster_names or name_clusters(pred, y, classes, model.n_clusters)
+    truth = [classes[int(c)] for c in y]
+    named = [names[int(k)] for k in pred]
+    report = classification_report(truth, named, labels=classes, output_dict=True, zero_division=0)
+    keys = ("precision", "recall", "f1-score", "support")
+    per_class = {c: {key: round(float(report[c][key]), 4) for key in keys} for c in classes}
+    predicted_names = list(classes) + sorted({n for n in named if n not in classes})
+    return {
+        "n_images": len(y), "accuracy": scores["acc"], "nmi": scores["nmi"], "purity": scores["purity"],
+        "ari": scores["ari"], "named_accuracy": float(np.mean(np.array(named) == np.array(truth))),
+        "min_f1": min(v["f1-score"] for v in per_class.values()), "per_class": per_class,
+        "cluster_names": names, "predicted_names": predicted_names,
+        "confusion_matrix": confusion_matrix(truth, named, labels=predicted_names)[: len(classes)].tolist(),
+    }
+
+
+def history_plots(frame, quality_path, progress_path, threshold: float):
+    """clustering_quality.png (label scores per iteration, with the targets)
+    and training_progress.png (loss, aligned stability, share trained on)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    it = frame["iteration"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, prefix, title in ((axes[0], "label_", "pseudo-labels of the training images"),
+                              (axes[1], "test_", "classifier on the test images")):
+        for metric, target in (("acc", TARGETS["accuracy"]), ("nmi", TARGETS["nmi"]),
+                               ("purity", TARGETS["purity"])):
+            column = prefix + metric
+            if column in frame:
+                line, = ax.plot(it, frame[column], marker="o", label=metric)
+                ax.axhline(target, color=line.get_color(), linestyle=":", linewidth=1)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("iteration")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("score (dotted: targets)")
+    axes[1].legend(frameon=False)
+    fig.tight_layout()
+    fig.savefig(quality_path, dpi=100)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    axes[0].plot(it, frame["loss"], marker="o")
+    axes[0].set_title("cross-entropy at the end of the iteration", fontsize=9)
+    if "stability" in frame:
+        axes[1].plot(it, frame["stability"], marker="o")
+    axes[1].axhline(threshold, color="tab:red", linestyle="--", label=f"threshold {threshold}")
+    axes[1].set_title("aligned stability of the relabelling", fontsize=9)
+    axes[1].legend(frameon=False)
+    axes[2].plot(it, frame["confident_fraction"], marker="o")
+    axes[2].set_title("share of each cluster trained on", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("iteration")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(progress_path, dpi=100)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- #
+def evaluate_parser():
+    p = ArgumentParser(prog="selflabel evaluate",
+                       description="Score a saved model on the test split of a data set (or on all of a "
+                       "labelled file): accuracy, NMI, purity, ARI, per-class F1.")
+    p.add_argument("--model", required=True, metavar="MODEL.keras", help="a model written by bin/selflabel")
+    add_data_arguments(p, required=False, what="a labelled data set of images")
+    p.add_argument("--out", metavar="JSON", help="also write the metrics to this file")
+    return p
+
+
+def evaluate_main(argv):
+    args = evaluate_parser().parse_args(argv)
+    x, y, names, x_test, y_test = load_images(args)
+    if x_test is None:
+        x_test, y_test = x, y
+    if y_test is None:
+        raise UsageError("evaluation needs labels; the data have none (give --label_col for a CSV)")
+    quiet_tensorflow()
+    from dcn.selflabel import load_model
+
+    model = load_model(args.model)
+    if tuple(x_test.shape[1:]) != model.sample_shape:
+        raise UsageError(f"{args.model} takes images of shape {model.sample_shape}, the data have "
+                         f"{x_test.shape[1:]}")
+    m = test_metrics(model, x_test, y_test, names)
+    print(f"{m['n_images']} images: accuracy {m['accuracy']:.4f}, NMI {m['nmi']:.4f}, "
+          f"purity {m['purity']:.4f}, ARI {m['ari']:.4f}, lowest class F1 {m['min_f1']:.4f}")
+    for c, v in m["per_class"].items():
+        print(f"  {c:<14} precision {v['precision']:.3f}  recall {v['recall']:.3f}  F1 {v['f1-score']:.3f}")
+    if args.out:
+        write_json(Path(args.out), m)
+    return 0
+
+
+def predict_parser():
+    p = ArgumentParser(prog="selflabel predict",
+                       description="Name image files with a saved model (any size or colour: converted to "
+                       "the model's size and channels): the top-k classes and their probabilities.")
+    p.add_argument("--model", required=True, metavar="MODEL.keras", help="a model written by bin/selflabel")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (png, jpeg, bmp, gif)")
+    p.add_argument("--top_k", type=int, default=3, help="classes listed per image")
+    p.add_argument("--out", metavar="CSV", help="also write the predictions to this CSV file")
+    return p
+
+
+def predict_main(argv):
+    args = predict_parser().parse_args(argv)
+    if args.top_k < 1:
+        raise UsageError(f"--top_k must be positive, got {args.top_k}")
+    quiet_tensorflow()
+    from dcn.folders import load_image_files
+    from dcn.selflabel import load_model
+
+    model = load_model(args.model)
+    height, width, channels = model.sample_shape
+    x, paths = load_image_files(args.images, (height, width), "grayscale" if channels == 1 else "rgb")
+    probs = model.predict_proba(x.astype(np.float32))
+    names = model.cluster_names or [f"cluster {k}" for k in range(model.n_clusters)]
+    labels = list(dict.fromkeys(names))  # clusters sharing a name add up
+    per_name = np.stack([probs[:, [k for k, n in enumerate(names) if n == name]].sum(axis=1)
+                         for name in labels], axis=1)
+    rows = []
+    for path, p in zip(paths, per_name):
+        order = np.argsort(-p, kind="stable")[: args.top_k]
+        print(f"{path}\t" + "\t".join(f"{labels[j]} {p[j]:.3f}" for j in order))
+        rows.append({"image": str(path), **{f"class_{r + 1}": labels[j] for r, j in enumerate(order)},
+                     **{f"probability_{r + 1}": round(float(p[j]), 4) for r, j in enumerate(order)}})
+    if args.out:
+        import pandas as pd
+
+        pd.DataFrame(rows).to_csv(args.out, index=False)
+    return 0
+
+
+def train_main(argv):
+    return SelfLabelCommand().main(argv)
+
+
+def main(argv=None):
+    run(dispatch({"train": train_main, "evaluate": evaluate_main, "predict": predict_main}, "train"), argv,
+        prog="selflabel")
+
+
+if __name__ == "__main__":
+    main()

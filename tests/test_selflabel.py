@@ -1,0 +1,221 @@
+"""bin/selflabel: aligned stability, balanced relabelling, the loop on digits, saved models, bad input."""
+
+import itertools
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dcn.selflabel import (
+    PseudoLabelTask,
+    SelfLabelNet,
+    align_labels,
+    aligned_stability,
+    balanced_labels,
+    best_iteration,
+    fraction_at,
+    load_model,
+    refine,
+    select_confident,
+)
+from dcn.selflabel_cli import main
+from tests.helpers import assert_one_line_error
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = ROOT / "bin" / "selflabel"
+#: digits, DeepCluster's start (k-means of the untrained CNN's features), a short run
+SHORT = ["--dataset", "digits", "--init", "random", "--manifold", "none", "--clusterer", "kmeans",
+         "--iterations", "4", "--epochs_per_iteration", "8", "--batch_size", "64", "--augment", "translate",
+         "--verbose", "0"]
+
+
+def run_bin(*args, timeout=300):
+    return subprocess.run([str(BIN), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+# ------------------------------------------------------------ pseudo-labels
+def brute_force_stability(new, previous, k):
+    return max(np.mean(np.array(perm)[new] == previous) for perm in itertools.permutations(range(k)))
+
+
+def test_aligned_stability_of_a_permuted_copy_is_one_and_matches_brute_force():
+    rng = np.random.default_rng(0)
+    previous = rng.integers(0, 4, size=200)
+    permuted = np.array([2, 0, 3, 1])[previous]
+    assert aligned_stability(permuted, previous, 4) == 1.0
+    np.testing.assert_array_equal(align_labels(permuted, previous, 4), previous)
+    # raw ids of the permuted copy agree on only the samples of the fixed points of the permutation
+    assert np.mean(permuted == previous) < 0.1
+    for _ in range(5):
+        noisy = permuted.copy()
+        flip = rng.random(200) < 0.3
+        noisy[flip] = rng.integers(0, 4, size=flip.sum())
+        expected = brute_force_stability(noisy, previous, 4)
+        assert aligned_stability(noisy, previous, 4) == pytest.approx(expected)
+
+
+def test_alignment_gives_every_id_a_partner_when_a_cluster_is_empty():
+    previous = np.array([0, 0, 1, 1, 2, 2])
+    new = np.array([1, 1, 1, 1, 0, 0])  # cluster 2 empty in the new labelling
+    aligned = align_labels(new, previous, 3)
+    assert set(aligned) <= {0, 1, 2} and aligned[4] == 2 and aligned[0] == aligned[2]
+
+
+def test_balanced_labels_make_equal_clusters_and_keep_a_balanced_argmax():
+    rng = np.random.default_rng(1)
+    p = rng.dirichlet(np.ones(4), size=400)
+    p[:, 0] += 2.0  # most samples prefer cluster 0
+    p /= p.sum(axis=1, keepdims=True)
+    assert np.bincount(p.argmax(axis=1), minlength=4)[0] > 300
+    sizes = np.bincount(balanced_labels(p), minlength=4)
+    assert sizes.min() >= 90 and sizes.max() <= 110, sizes
+    sharp = np.eye(4)[np.repeat(np.arange(4), 50)] * 0.9 + 0.025  # already balanced and confident
+    np.testing.assert_array_equal(balanced_labels(sharp), sharp.argmax(axis=1))
+
+
+def test_select_confident_keeps_the_top_share_of_every_cluster():
+    labels = np.array([0] * 10 + [1] * 4)
+    confidence = np.concatenate([np.arange(10) / 10, [0.9, 0.1, 0.5, 0.3]])
+    keep = select_confident(labels, confidence, 0.5, 3)
+    np.testing.assert_array_equal(np.flatnonzero(keep), [5, 6, 7, 8, 9, 10, 12])
+    assert select_confident(labels, confidence, 0.01, 2).sum() == 2  # at least one per cluster
+    assert fraction_at(0, 5, 0.5, 1.0) == 0.5 and fraction_at(4, 5, 0.5, 1.0) == 1.0
+    assert fraction_at(2, 5, 0.5, 1.0) == pytest.approx(0.75)
+
+
+def test_smoothed_cross_entropy_against_numpy():
+    model = SelfLabelNet((8, 8, 1), 3, filters=(4,), dense=(8,), head=(4,))
+    x = np.random.default_rng(2).random((5, 8, 8, 1)).astype(np.float32)
+    labels = np.array([0, 2, 1, 1, 0, 2, 2])
+    idx = np.array([6, 0, 3, 1, 2])
+    terms = PseudoLabelTask(model, labels, smoothing=0.3).loss_terms(x, idx, {})
+    logits = np.asarray(model.logits(x, training=True), np.float64)
+    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    target = np.eye(3)[labels[idx]] * 0.7 + 0.1
+    np.testing.assert_allclose(np.asarray(terms["loss"]), -(target * log_p).sum(axis=1), rtol=1e-5)
+    probs = np.asarray(model(x))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_best_iteration_is_the_most_stable_and_later_on_ties():
+    rows = [{"iteration": 0, "stability": 0.8}, {"iteration": 1, "stability": 0.9},
+            {"iteration": 2, "stability": 0.9}, {"iteration": 3}]
+    assert best_iteration(rows) == 2
+    assert best_iteration([{"iteration": 0}, {"iteration": 1}]) == 1
+
+
+# ------------------------------------------------------------------ the loop
+def test_refine_resumes_after_the_last_finished_iteration(tmp_path):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images[:256] / 16.0)[..., None].astype(np.float32)
+    labels = d.target[:256] % 4
+    kwargs = dict(epochs_per_iteration=1, batch_size=64, verbose=0, jit_compile=False, save_dir=tmp_path,
+                  threshold=1.0)
+    model = SelfLabelNet((8, 8, 1), 4, filters=(8,), dense=(16,), head=(8,))
+    def on_rows(rows):
+        pd.DataFrame(rows).to_csv(tmp_path / "history.csv", index=False)
+
+    rows = refine(model, x, labels, np.ones(256), iterations=2, on_rows=on_rows, **kwargs)
+    assert [r["iteration"] for r in rows] == [0, 1]
+    assert (tmp_path / "iteration_01.keras").is_file()
+    assert not (tmp_path / "checkpoints" / "iteration_01").exists()  # removed once the model is saved
+    saved = np.load(tmp_path / "pseudo_labels" / "iteration_01.npz")["labels"]
+    before = load_model(tmp_path / "iteration_01.keras").get_weights()
+    # a longer run resumed: iterations 0 and 1 are kept, 2 starts from the weights of 1 and its labels
+    fresh = SelfLabelNet((8, 8, 1), 4, filters=(8,), dense=(16,), head=(8,))
+    rows = refine(fresh, x, np.zeros(256, int), np.ones(256), iterations=3, resume=True, on_rows=on_rows,
+                  **kwargs)
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert "stability" not in rows[0] or rows[0]["stability"] >= 0
+    history = pd.read_csv(tmp_path / "history.csv")  # iteration 1 got the relabelling it had not needed
+    assert history["iteration"].tolist() == [0, 1, 2] and 0 <= history["stability"].iloc[1] <= 1
+    after = load_model(tmp_path / "iteration_01.keras").get_weights()
+    for a, b in zip(before, after):  # iteration 1 was not trained again
+        np.testing.assert_array_equal(a, b)
+    assert np.array_equal(np.load(tmp_path / "pseudo_labels" / "iteration_01.npz")["labels"], saved)
+    assert (tmp_path / "pseudo_labels" / "iteration_02.npz").is_file()
+    assert (tmp_path / "iteration_02.keras").is_file()
+
+
+@pytest.mark.slow
+def test_bin_selflabel_on_digits_improves_on_its_first_clustering_and_writes_everything(tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        main([*SHORT, "--save_dir", str(out)])
+    assert stop.value.code == 0
+    for name in ("model.keras", "history.csv", "test_metrics.json", "results.json", "confusion_matrix.png",
+                 "clustering_quality.png", "training_progress.png", "iteration_00.keras",
+                 "iteration_03.keras", "pseudo_labels/iteration_00.npz", "logs/iteration_00.csv"):
+        assert (out / name).is_file(), name
+    history = pd.read_csv(out / "history.csv")
+    assert history["iteration"].tolist() == [0, 1, 2, 3]
+    assert {"label_acc", "label_nmi", "label_purity", "test_acc", "test_nmi", "stability", "loss",
+            "trained_on"} <= set(history.columns)
+    assert history["stability"].iloc[:3].between(0, 1).all() and np.isnan(history["stability"].iloc[3])
+    results = json.loads((out / "results.json").read_text())
+    # the loop labels the training images better than the first clustering did
+    assert history["label_acc"].iloc[-1] > history["label_acc"].iloc[0] + 0.03, history
+    assert results["train"]["acc"] > history["label_acc"].iloc[0] + 0.02, (results["train"], history)
+    metrics = json.loads((out / "test_metrics.json").read_text())
+    assert metrics["n_images"] == 450 and set(metrics["per_class"]) == {str(d) for d in range(10)}
+    assert metrics["targets"]["accuracy"]["target"] == 0.72
+    assert sorted(metrics["cluster_names"]) == [str(d) for d in range(10)]
+    # evaluate in a new process: the same numbers from the saved model
+    res = run_bin("evaluate", "--model", out / "model.keras", "--dataset", "digits", "--out",
+                  tmp_path / "e.json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    again = json.loads((tmp_path / "e.json").read_text())
+    assert again["accuracy"] == pytest.approx(metrics["accuracy"])
+    assert again["nmi"] == pytest.approx(metrics["nmi"])
+    assert f"accuracy {metrics['accuracy']:.4f}" in res.stdout
+
+
+def test_predict_names_image_files_of_any_size_in_a_new_process(tmp_path, capsys):
+    import keras
+
+    from dcn.folders import load_image_files
+
+    model = SelfLabelNet((8, 8, 1), 3, filters=(4,), dense=(8,), head=(4,), cluster_names=["a", "b", "a"])
+    model.save(tmp_path / "m.keras")
+    rng = np.random.default_rng(3)
+    paths = []
+    for i, shape in enumerate([(30, 20, 3), (8, 8, 1)]):
+        path = tmp_path / f"img{i}.png"
+        keras.utils.save_img(path, (rng.random(shape) * 255).astype(np.uint8), scale=False)
+        paths.append(path)
+    res = run_bin("predict", "--model", tmp_path / "m.keras", *paths, "--top_k", "2", "--out",
+                  tmp_path / "p.csv")
+    assert res.returncode == 0, res.stderr[-2000:]
+    table = pd.read_csv(tmp_path / "p.csv")
+    x, _ = load_image_files(paths, (8, 8), "grayscale")
+    p = load_model(tmp_path / "m.keras").predict_proba(x)
+    expected = np.stack([p[:, 0] + p[:, 2], p[:, 1]], axis=1)  # clusters named "a" add up
+    names = np.array(["a", "b"])
+    assert table["class_1"].tolist() == names[expected.argmax(axis=1)].tolist()
+    np.testing.assert_allclose(table["probability_1"], expected.max(axis=1), atol=1e-4)
+    assert len(res.stdout.strip().splitlines()) == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["predict", "--model", "m.keras", "missing.png"], "image file not found: missing.png"),
+    (["predict", "--model", "m.keras", "broken.png"], "none of the images could be read"),
+    (["predict", "--model", "none.keras", "broken.png"], "model file none.keras not found"),
+    (["--iterations", "0"], "--iterations must be positive"),
+    (["--confident_fraction", "0"], "--confident_fraction takes one or two shares in (0, 1]"),
+    (["--convergence_threshold", "1.5"], "--convergence_threshold must be in (0, 1]"),
+    (["--label_smoothing", "1"], "--label_smoothing must be in [0, 1)"),
+    (["--lr", "nan"], "--lr must be positive"),
+    (["--data", "vectors.npz"], "bin/selflabel classifies images"),
+    (["--n_clusters", "5000"], "--n_clusters 5000 is more than the 1347 images"),
+])
+def test_bad_input_gets_one_line(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    SelfLabelNet((8, 8, 1), 3, filters=(4,), dense=(8,), head=(4,)).save("m.keras")
+    Path("broken.png").write_text("not an image")
+    np.savez("vectors.npz", x=np.random.default_rng(0).random((20, 5)))
+    assert_one_line_error(main, argv, message, capsys)
