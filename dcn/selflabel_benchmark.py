@@ -22,6 +22,7 @@ import resource
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -47,6 +48,8 @@ def parser():
     p.add_argument("--runs", type=int, default=3, help="seeds seed..seed+runs-1 per configuration")
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--out", default="bench/selflabel", help="folder for the runs and the tables")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once (their wall times then share the CPU)")
     return p
 
 
@@ -61,16 +64,23 @@ def _main(argv=None):
     program = Path(__file__).resolve().parents[1] / "bin" / "selflabel"
     print(f"{os.cpu_count()} CPU cores; bin/selflabel on {args.dataset}, {args.runs} seeds {' '.join(passed)}"
           .rstrip())
+    if args.jobs < 1:
+        raise UsageError("--jobs must be positive")
+    runs = [(config, args.seed + r) for config in args.configs for r in range(args.runs)]
+
+    def one(config, seed):
+        save_dir = out / f"{args.dataset}_{config}_seed{seed}"
+        cmd = [str(program), "--dataset", args.dataset, *CONFIGS[config], "--seed", str(seed),
+               "--save_dir", str(save_dir), "--verbose", "0", *passed]
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        return save_dir, done, time.perf_counter() - t0
+
     rows = []
-    for config in args.configs:
-        for r in range(args.runs):
-            seed = args.seed + r
-            save_dir = out / f"{args.dataset}_{config}_seed{seed}"
-            cmd = [str(program), "--dataset", args.dataset, *CONFIGS[config], "--seed", str(seed),
-                   "--save_dir", str(save_dir), "--verbose", "0", *passed]
-            t0 = time.perf_counter()
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            seconds = time.perf_counter() - t0
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = [pool.submit(one, config, seed) for config, seed in runs]
+        for (config, seed), future in zip(runs, futures):
+            save_dir, done, seconds = future.result()
             if done.returncode:
                 last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
                 raise UsageError(f"bin/selflabel failed ({config}, seed {seed}): {last}")
@@ -79,7 +89,7 @@ def _main(argv=None):
             peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
             rows.append({"config": config, "seed": seed, **{k: metrics.get(k) for k in COLUMNS[:6]},
                          "iterations": results["iterations_run"], "run_seconds": round(seconds, 1),
-                         "peak_rss_gb": round(peak, 2)})
+                         "peak_rss_gb": round(peak, 2), "jobs": args.jobs})
             write_csv(pd.DataFrame(rows), out / "runs.csv")
             print(f"{config} seed {seed}: test accuracy {metrics['accuracy']:.4f}, NMI {metrics['nmi']:.4f}, "
                   f"purity {metrics['purity']:.4f}, lowest F1 {metrics['min_f1']:.4f}; {seconds:.0f} s",

@@ -84,6 +84,15 @@ class SelfLabelCommand(TrainingCommand):
         p.add_argument("--neighbors", type=int, default=10, help="UMAP neighbours")
         p.add_argument("--clusterer", choices=CLUSTERERS, default="gmm",
                        help="clustering of the initial features")
+        p.add_argument("--knn", type=int, default=20,
+                       help="neighbours per image, in the initial features, for the neighbour phase")
+        p.add_argument("--knn_epochs", type=float, default=1,
+                       help="epochs per iteration of SCAN's neighbour loss after the pseudo-label epochs: "
+                       "each image and one of its --knn nearest neighbours should get the same class "
+                       "(0: none)")
+        p.add_argument("--entropy_weight", type=float, default=5.0,
+                       help="neighbour phase: weight of the entropy of the mean prediction (against "
+                       "empty classes)")
         p.add_argument("--relabel", choices=RELABELS, default="predict",
                        help="predict: the classifier's own predictions; cluster: k-means on its features")
         p.add_argument("--balance", choices=("sinkhorn", "none"), default="sinkhorn",
@@ -101,10 +110,14 @@ class SelfLabelCommand(TrainingCommand):
 
     def check(self, args):
         for name in ("iterations", "epochs_per_iteration", "recluster_interval", "init_epochs",
-                     "init_iterations", "neighbors", "batch_size", "lr"):
+                     "init_iterations", "neighbors", "knn", "batch_size", "lr"):
             value = getattr(args, name)
             if not (value > 0 and math.isfinite(value)):
                 raise UsageError(f"--{name} must be positive, got {value}")
+        for name in ("knn_epochs", "entropy_weight"):
+            value = getattr(args, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise UsageError(f"--{name} must be 0 or more, got {value}")
         if not 0 < args.convergence_threshold <= 1:
             raise UsageError(f"--convergence_threshold must be in (0, 1], got {args.convergence_threshold}")
         if args.n_clusters is not None and args.n_clusters < 2:
@@ -150,8 +163,8 @@ class SelfLabelCommand(TrainingCommand):
     def train(self, run):
         import time
 
+        import dcn.selflabel as sl
         from common.results import write_csv
-        from dcn.selflabel import augmenter, cluster_features, initial_features, refine, umap_embedding
 
         a, d, model = run.args, run.data, run.model
         save, k = run.save_dir, a.n_clusters
@@ -160,19 +173,31 @@ class SelfLabelCommand(TrainingCommand):
         resume = loop.pop("resume")
         loop.pop("save_dir")
         first = save / "pseudo_labels" / "iteration_00.npz"
+        knn_file = save / "neighbours.npy"
+        neighbours = None
         if resume and first.is_file():
             labels = confidence = np.zeros(len(d.x))  # replaced by the saved ones
+            if a.knn_epochs > 0:
+                if not knn_file.is_file():
+                    raise UsageError(f"{save} was trained without the neighbour phase; resume it with "
+                                     f"--knn_epochs 0")
+                neighbours = np.load(knn_file)
         else:
             t = time.perf_counter()
-            z = initial_features(a.init, d.x, model, epochs=a.init_epochs, iterations=a.init_iterations,
+            z = sl.initial_features(a.init, d.x, model, epochs=a.init_epochs, iterations=a.init_iterations,
                                  seed=a.seed, save_dir=save, resume=resume, **loop)
             run.stages["init_features"] = time.perf_counter() - t
+            if a.knn_epochs > 0:
+                t = time.perf_counter()
+                neighbours = sl.nearest_neighbours(z, a.knn)
+                np.save(knn_file, neighbours)
+                run.stages["nearest_neighbours"] = time.perf_counter() - t
             t = time.perf_counter()
             if a.manifold == "umap":
                 if a.verbose:
                     print(f"UMAP of the {z.shape[1]}-d features to {k} dimensions ...", flush=True)
-                z = umap_embedding(z, k, a.neighbors, a.seed)
-            labels, confidence = cluster_features(z, k, a.clusterer, a.seed)
+                z = sl.umap_embedding(z, k, a.neighbors, a.seed)
+            labels, confidence = sl.cluster_features(z, k, a.clusterer, a.seed)
             run.stages["init_clustering"] = time.perf_counter() - t
         def on_rows(rows):
             import pandas as pd
@@ -182,11 +207,12 @@ class SelfLabelCommand(TrainingCommand):
                 print(_row_line(rows[-1]), flush=True)
 
         t = time.perf_counter()
-        rows = refine(model, d.x, labels, confidence, iterations=a.iterations,
+        rows = sl.refine(model, d.x, labels, confidence, iterations=a.iterations,
                       epochs_per_iteration=a.epochs_per_iteration, recluster_interval=a.recluster_interval,
                       relabelling=a.relabel, balance=a.balance == "sinkhorn",
                       confident_fraction=a.confident_fraction, smoothing=a.label_smoothing,
-                      threshold=a.convergence_threshold, lr=a.lr, augment=augmenter(a.augment, a.seed),
+                      threshold=a.convergence_threshold, lr=a.lr, augment=sl.augmenter(a.augment, a.seed),
+                      neighbours=neighbours, knn_epochs=a.knn_epochs, entropy_weight=a.entropy_weight,
                       save_dir=save, resume=resume, seed=a.seed, y=d.y, x_test=d.x_val, y_test=d.y_val,
                       on_rows=on_rows, **loop)
         run.stages["refine"] = time.perf_counter() - t
@@ -259,6 +285,8 @@ def _row_line(row) -> str:
     parts = [f"iteration {row['iteration']}: trained on {row['trained_on']}"]
     if "label_acc" in row:
         parts.append(f"pseudo-label accuracy {row['label_acc']:.4f}")
+    if row.get("agreement") is not None:
+        parts.append(f"neighbour agreement loss {row['agreement']:.4f}")
     if "test_acc" in row:
         parts.append(f"test accuracy {row['test_acc']:.4f} NMI {row['test_nmi']:.4f}")
     if row.get("stability") is not None:

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from dcn.selflabel import (
+    NeighbourTask,
     PseudoLabelTask,
     SelfLabelNet,
     align_labels,
@@ -18,6 +19,7 @@ from dcn.selflabel import (
     best_iteration,
     fraction_at,
     load_model,
+    nearest_neighbours,
     refine,
     select_confident,
 )
@@ -100,6 +102,36 @@ def test_smoothed_cross_entropy_against_numpy():
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-6)
 
 
+def test_neighbour_loss_against_numpy():
+    import tensorflow as tf
+
+    model = SelfLabelNet((8, 8, 1), 3, filters=(4,), dense=(8,), head=(4,))
+    x = np.random.default_rng(4).random((6, 8, 8, 1)).astype(np.float32)
+    neighbours = np.array([[1], [0], [3], [2], [5], [4]])  # one neighbour each: the draw is fixed
+    idx = np.array([4, 0, 3])
+    terms = NeighbourTask(model, x, neighbours, entropy_weight=2.0).loss_terms(
+        tf.constant(x[idx]), tf.constant(idx, tf.int64), {"iteration": tf.constant(7, tf.int64)})
+    # the same forward pass (batch normalisation sees the images and their neighbours together)
+    logits = np.asarray(model.logits(np.concatenate([x[idx], x[[5, 1, 2]]]), training=True), np.float64)
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    agreement = -np.log((p[:3] * p[3:]).sum(axis=1))
+    mean = p[:3].mean(axis=0)
+    entropy = -(mean * np.log(mean)).sum()
+    np.testing.assert_allclose(np.asarray(terms["agreement"]), agreement, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(terms["entropy"]), entropy, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(terms["loss"]), agreement - 2.0 * entropy, rtol=1e-4, atol=1e-6)
+
+
+def test_nearest_neighbours_leave_out_the_sample_itself():
+    z = np.array([[0.0], [1.0], [1.5], [10.0], [10.2]])
+    nb = nearest_neighbours(z, 2)
+    assert nb.shape == (5, 2) and nb.dtype == np.int32
+    np.testing.assert_array_equal(nb[:, 0], [1, 2, 1, 4, 3])
+    assert not np.any(nb == np.arange(5)[:, None])
+    assert nearest_neighbours(z, 50).shape == (5, 4)  # at most the other samples
+
+
 def test_best_iteration_is_the_most_stable_and_later_on_ties():
     rows = [{"iteration": 0, "stability": 0.8}, {"iteration": 1, "stability": 0.9},
             {"iteration": 2, "stability": 0.9}, {"iteration": 3}]
@@ -115,7 +147,7 @@ def test_refine_resumes_after_the_last_finished_iteration(tmp_path):
     x = (d.images[:256] / 16.0)[..., None].astype(np.float32)
     labels = d.target[:256] % 4
     kwargs = dict(epochs_per_iteration=1, batch_size=64, verbose=0, jit_compile=False, save_dir=tmp_path,
-                  threshold=1.0)
+                  threshold=1.0, neighbours=nearest_neighbours(x, 5), knn_epochs=1)
     model = SelfLabelNet((8, 8, 1), 4, filters=(8,), dense=(16,), head=(8,))
     def on_rows(rows):
         pd.DataFrame(rows).to_csv(tmp_path / "history.csv", index=False)
@@ -123,7 +155,9 @@ def test_refine_resumes_after_the_last_finished_iteration(tmp_path):
     rows = refine(model, x, labels, np.ones(256), iterations=2, on_rows=on_rows, **kwargs)
     assert [r["iteration"] for r in rows] == [0, 1]
     assert (tmp_path / "iteration_01.keras").is_file()
-    assert not (tmp_path / "checkpoints" / "iteration_01").exists()  # removed once the model is saved
+    for phase in ("iteration_01", "iteration_01_knn"):  # removed once the model is saved
+        assert not (tmp_path / "checkpoints" / phase).exists()
+    assert (tmp_path / "logs" / "iteration_01_knn.csv").is_file() and rows[1]["agreement"] > 0
     saved = np.load(tmp_path / "pseudo_labels" / "iteration_01.npz")["labels"]
     before = load_model(tmp_path / "iteration_01.keras").get_weights()
     # a longer run resumed: iterations 0 and 1 are kept, 2 starts from the weights of 1 and its labels
@@ -150,12 +184,13 @@ def test_bin_selflabel_on_digits_improves_on_its_first_clustering_and_writes_eve
     assert stop.value.code == 0
     for name in ("model.keras", "history.csv", "test_metrics.json", "results.json", "confusion_matrix.png",
                  "clustering_quality.png", "training_progress.png", "iteration_00.keras",
-                 "iteration_03.keras", "pseudo_labels/iteration_00.npz", "logs/iteration_00.csv"):
+                 "iteration_03.keras", "pseudo_labels/iteration_00.npz", "logs/iteration_00.csv",
+                 "logs/iteration_00_knn.csv", "neighbours.npy"):
         assert (out / name).is_file(), name
     history = pd.read_csv(out / "history.csv")
     assert history["iteration"].tolist() == [0, 1, 2, 3]
     assert {"label_acc", "label_nmi", "label_purity", "test_acc", "test_nmi", "stability", "loss",
-            "trained_on"} <= set(history.columns)
+            "trained_on", "agreement"} <= set(history.columns)
     assert history["stability"].iloc[:3].between(0, 1).all() and np.isnan(history["stability"].iloc[3])
     results = json.loads((out / "results.json").read_text())
     # the loop labels the training images better than the first clustering did
@@ -210,6 +245,8 @@ def test_predict_names_image_files_of_any_size_in_a_new_process(tmp_path, capsys
     (["--convergence_threshold", "1.5"], "--convergence_threshold must be in (0, 1]"),
     (["--label_smoothing", "1"], "--label_smoothing must be in [0, 1)"),
     (["--lr", "nan"], "--lr must be positive"),
+    (["--knn", "0"], "--knn must be positive"),
+    (["--knn_epochs", "-1"], "--knn_epochs must be 0 or more"),
     (["--data", "vectors.npz"], "bin/selflabel classifies images"),
     (["--n_clusters", "5000"], "--n_clusters 5000 is more than the 1347 images"),
 ])
