@@ -444,8 +444,10 @@ def refine(model: SelfLabelNet, x, labels, confidence, *, iterations: int = 10,
     ``epochs_per_iteration`` epochs with a fresh Adam (``lr``), then, given
     ``neighbours`` ((samples, k) indices into ``x``), ``knn_epochs`` epochs
     of :class:`NeighbourTask` on every image (phase ``iteration_<i>_knn``),
-    saves ``iteration_<i>.keras`` and, on relabelling iterations, computes L_{i+1}
-    and its aligned stability against L_i. With ``save_dir`` every
+    saves ``iteration_<i>.keras`` and, on relabelling iterations (every
+    ``recluster_interval``-th and the last, so that every model can be
+    chosen by its stability), computes L_{i+1} and its aligned stability
+    against L_i. With ``save_dir`` every
     iteration's labels are kept in ``pseudo_labels/`` and ``resume`` skips
     finished iterations (the one in progress resumes from its checkpoint).
     ``y`` / ``y_test`` (optional) are scored in each row, for reporting only.
@@ -466,7 +468,7 @@ def refine(model: SelfLabelNet, x, labels, confidence, *, iterations: int = 10,
         if rows and rows[-1].get("stopped"):
             return rows
         if start and not (save / "pseudo_labels" / f"iteration_{start:02d}.npz").is_file():
-            # the run ended without relabelling (its last iteration) and goes on: relabel now
+            # its last iteration was not relabelled (interval, or an earlier version): relabel now
             with np.load(save / "pseudo_labels" / f"iteration_{start - 1:02d}.npz") as f:
                 previous = f["labels"]
             labels, confidence = relabel(model, x, previous, relabelling, balance, seed)
@@ -506,7 +508,7 @@ def refine(model: SelfLabelNet, x, labels, confidence, *, iterations: int = 10,
         if x_test is not None and y_test is not None:
             pred = model.predict_proba(x_test).argmax(axis=1)
             row.update({f"test_{n}": v for n, v in label_scores(pred, y_test).items()})
-        relabelled = (i + 1) % recluster_interval == 0 and i + 1 < iterations
+        relabelled = (i + 1) % recluster_interval == 0 or i + 1 == iterations
         if relabelled:
             new, new_conf = relabel(model, x, labels, relabelling, balance, seed)
             row["stability"] = aligned_stability(new, labels, k)

@@ -4,9 +4,10 @@ One ``bin/selflabel`` process per configuration and seed, trained on the
 60,000 training images and scored on the 10,000 test images:
 
 * ``n2d``: the defaults (autoencoder codes, UMAP, Gaussian mixture, then
-  balanced self-labelling);
-* ``deepcluster``: the original project's start (k-means of the untrained
-  CNN's features, relabelled by k-means on its features).
+  balanced self-labelling with the neighbour phase);
+* ``deepcluster``: the original project's loop (k-means of the untrained
+  CNN's features, relabelled by k-means on its features, no neighbour
+  phase).
 
 Writes ``runs.csv`` and ``summary.csv`` (mean ± std of test accuracy, NMI,
 purity, ARI, lowest per-class F1, final aligned stability, iterations, wall
@@ -34,7 +35,7 @@ from common.results import write_csv, write_summary
 CONFIGS = {
     "n2d": [],
     "deepcluster": ["--init", "random", "--manifold", "none", "--clusterer", "kmeans",
-                    "--relabel", "cluster"],
+                    "--relabel", "cluster", "--knn_epochs", "0"],
 }
 COLUMNS = ("accuracy", "nmi", "purity", "ari", "min_f1", "stability", "iterations", "run_seconds")
 

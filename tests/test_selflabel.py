@@ -158,21 +158,30 @@ def test_refine_resumes_after_the_last_finished_iteration(tmp_path):
     for phase in ("iteration_01", "iteration_01_knn"):  # removed once the model is saved
         assert not (tmp_path / "checkpoints" / phase).exists()
     assert (tmp_path / "logs" / "iteration_01_knn.csv").is_file() and rows[1]["agreement"] > 0
+    assert 0 <= rows[1]["stability"] <= 1  # the last iteration is relabelled too, for its stability
     saved = np.load(tmp_path / "pseudo_labels" / "iteration_01.npz")["labels"]
+    next_labels = np.load(tmp_path / "pseudo_labels" / "iteration_02.npz")["labels"]
+    stability = rows[1]["stability"]
     before = load_model(tmp_path / "iteration_01.keras").get_weights()
-    # a longer run resumed: iterations 0 and 1 are kept, 2 starts from the weights of 1 and its labels
+    # as if the last iteration had not been relabelled (an interval, or an earlier version)
+    (tmp_path / "pseudo_labels" / "iteration_02.npz").unlink()
+    pd.DataFrame(rows).drop(columns="stability").to_csv(tmp_path / "history.csv", index=False)
+    # a longer run resumed: iterations 0 and 1 are kept, 1 is relabelled from its saved model, 2 starts
+    # from the weights of 1 and those labels
     fresh = SelfLabelNet((8, 8, 1), 4, filters=(8,), dense=(16,), head=(8,))
     rows = refine(fresh, x, np.zeros(256, int), np.ones(256), iterations=3, resume=True, on_rows=on_rows,
                   **kwargs)
     assert [r["iteration"] for r in rows] == [0, 1, 2]
-    assert "stability" not in rows[0] or rows[0]["stability"] >= 0
-    history = pd.read_csv(tmp_path / "history.csv")  # iteration 1 got the relabelling it had not needed
-    assert history["iteration"].tolist() == [0, 1, 2] and 0 <= history["stability"].iloc[1] <= 1
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert history["iteration"].tolist() == [0, 1, 2]
+    assert history["stability"].iloc[1] == pytest.approx(stability)
+    np.testing.assert_array_equal(np.load(tmp_path / "pseudo_labels" / "iteration_02.npz")["labels"],
+                                  next_labels)
     after = load_model(tmp_path / "iteration_01.keras").get_weights()
     for a, b in zip(before, after):  # iteration 1 was not trained again
         np.testing.assert_array_equal(a, b)
     assert np.array_equal(np.load(tmp_path / "pseudo_labels" / "iteration_01.npz")["labels"], saved)
-    assert (tmp_path / "pseudo_labels" / "iteration_02.npz").is_file()
+    assert (tmp_path / "pseudo_labels" / "iteration_03.npz").is_file()
     assert (tmp_path / "iteration_02.keras").is_file()
 
 
@@ -191,8 +200,9 @@ def test_bin_selflabel_on_digits_improves_on_its_first_clustering_and_writes_eve
     assert history["iteration"].tolist() == [0, 1, 2, 3]
     assert {"label_acc", "label_nmi", "label_purity", "test_acc", "test_nmi", "stability", "loss",
             "trained_on", "agreement"} <= set(history.columns)
-    assert history["stability"].iloc[:3].between(0, 1).all() and np.isnan(history["stability"].iloc[3])
+    assert history["stability"].between(0, 1).all()  # the last iteration too: any model can be chosen
     results = json.loads((out / "results.json").read_text())
+    assert results["chosen_iteration"] == max(zip(history["stability"], history["iteration"]))[1]
     # the loop labels the training images better than the first clustering did
     assert history["label_acc"].iloc[-1] > history["label_acc"].iloc[0] + 0.03, history
     assert results["train"]["acc"] > history["label_acc"].iloc[0] + 0.02, (results["train"], history)
