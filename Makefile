@@ -30,7 +30,7 @@ bench: $(STAMP)
 	bin/rswnet-benchmark --runs 3 --out bench/rswnet
 	bin/rswnet-benchmark --heads som --runs 3 --out bench/rswnet_som
 	bin/ae-benchmark --runs 3 --out bench/ae
-	bin/selflabel-benchmark --runs 3 --out bench/selflabel
+	bin/selflabel-benchmark --runs 3 --jobs 3 --iterations 3 --out bench/selflabel
 
 # ms per training step of every model in our loop and in a bare Keras step (a few minutes)
 bench-speed: $(STAMP)
