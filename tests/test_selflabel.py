@@ -28,7 +28,8 @@ from tests.helpers import assert_one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / "bin" / "selflabel"
-#: digits, DeepCluster's start (k-means of the untrained CNN's features), a short run
+#: digits, DeepCluster's start (k-means of the untrained CNN's features; neighbours of those features for
+#: the default neighbour phase), a short run
 SHORT = ["--dataset", "digits", "--init", "random", "--manifold", "none", "--clusterer", "kmeans",
          "--iterations", "4", "--epochs_per_iteration", "8", "--batch_size", "64", "--augment", "translate",
          "--verbose", "0"]
