@@ -344,9 +344,14 @@ def save_keras_model(model, path) -> Path:
 
 def load_keras_model(path, expected: type, what: str):
     """``keras.saving.load_model`` with one-line errors and a type check."""
+    import zipfile
+
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"model file {path} not found")
+    if path.suffix != ".keras" or not zipfile.is_zipfile(path):
+        raise UsageError(f"{path} is not a .keras model (a zip archive written by Keras 3); give the "
+                         f"model.keras of a run")
     try:
         model = keras.saving.load_model(str(path))
     except (ValueError, OSError, KeyError, TypeError) as e:

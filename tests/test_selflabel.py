@@ -251,6 +251,8 @@ def test_predict_names_image_files_of_any_size_in_a_new_process(tmp_path, capsys
     (["predict", "--model", "m.keras", "missing.png"], "image file not found: missing.png"),
     (["predict", "--model", "m.keras", "broken.png"], "none of the images could be read"),
     (["predict", "--model", "none.keras", "broken.png"], "model file none.keras not found"),
+    (["predict", "--model", "notes.txt", "broken.png"], "notes.txt is not a .keras model (a zip archive"),
+    (["predict", "--model", "fake.keras", "broken.png"], "fake.keras is not a .keras model (a zip archive"),
     (["--iterations", "0"], "--iterations must be positive"),
     (["--confident_fraction", "0"], "--confident_fraction takes one or two shares in (0, 1]"),
     (["--convergence_threshold", "1.5"], "--convergence_threshold must be in (0, 1]"),
@@ -265,5 +267,7 @@ def test_bad_input_gets_one_line(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     SelfLabelNet((8, 8, 1), 3, filters=(4,), dense=(8,), head=(4,)).save("m.keras")
     Path("broken.png").write_text("not an image")
+    Path("notes.txt").write_text("not a model")
+    Path("fake.keras").write_text("not a model")
     np.savez("vectors.npz", x=np.random.default_rng(0).random((20, 5)))
     assert_one_line_error(main, argv, message, capsys)
