@@ -21,7 +21,7 @@ where the data have them, are only scored against, after the fact.
    prediction should stay spread over the classes. The neighbours carry
    what the first clustering lost (on Fashion-MNIST 81 % of the 20 nearest
    autoencoder codes share the image's class; the Gaussian mixture's labels
-   of the same codes were 68 % right, 60-68 % over three seeds).
+   of the same codes were 60-68 % right over three seeds).
 3. **Relabelling** every ``recluster_interval`` iterations: the classifier's
    own predictions, made balanced with Sinkhorn-Knopp as in SeLa (Asano et
    al. 2020; :func:`balanced_labels`), or k-means on its L2-normalised

@@ -206,6 +206,8 @@ class SelfLabelCommand(TrainingCommand):
             if a.verbose:
                 print(_row_line(rows[-1]), flush=True)
 
+        if neighbours is not None and d.y is not None:  # reporting: how often a neighbour shares the class
+            d.extra["neighbours_same_class"] = float(np.mean(d.y[neighbours] == d.y[:, None]))
         t = time.perf_counter()
         rows = sl.refine(model, d.x, labels, confidence, iterations=a.iterations,
                       epochs_per_iteration=a.epochs_per_iteration, recluster_interval=a.recluster_interval,
@@ -238,6 +240,8 @@ class SelfLabelCommand(TrainingCommand):
                "chosen_by": "highest aligned stability of the relabelling (no labels)",
                "stopped": rows[-1].get("stopped"), "final_stability": _last_stability(rows),
                "n_train": len(d.x), "cluster_names": model.cluster_names}
+        if "neighbours_same_class" in d.extra:
+            out["neighbours_same_class"] = round(d.extra["neighbours_same_class"], 4)
         if d.y is not None:
             from dcn.selflabel import label_scores
 

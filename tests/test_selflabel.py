@@ -203,6 +203,11 @@ def test_bin_selflabel_on_digits_improves_on_its_first_clustering_and_writes_eve
             "trained_on", "agreement"} <= set(history.columns)
     assert history["stability"].between(0, 1).all()  # the last iteration too: any model can be chosen
     results = json.loads((out / "results.json").read_text())
+    from sklearn.datasets import load_digits
+
+    neighbours, y = np.load(out / "neighbours.npy"), load_digits().target
+    y = y[:len(neighbours)]  # the training part of digits' split comes first
+    assert results["neighbours_same_class"] == pytest.approx(np.mean(y[neighbours] == y[:, None]), abs=1e-4)
     assert results["chosen_iteration"] == max(zip(history["stability"], history["iteration"]))[1]
     # the loop labels the training images better than the first clustering did
     assert history["label_acc"].iloc[-1] > history["label_acc"].iloc[0] + 0.03, history
