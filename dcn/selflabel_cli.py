@@ -230,8 +230,9 @@ class SelfLabelCommand(TrainingCommand):
         model.set_weights(load_model(run.save_dir / f"iteration_{best:02d}.keras").get_weights())
         run.data.extra.update(rows=rows, best=best)
         if d.y is not None:
-            pred = model.predict_proba(d.x).argmax(axis=1)
-            model.cluster_names = name_clusters(pred, d.y, d.extra["classes"], model.n_clusters)
+            d.extra["train_pred"] = model.predict_proba(d.x).argmax(axis=1)
+            model.cluster_names = name_clusters(d.extra["train_pred"], d.y, d.extra["classes"],
+                                                model.n_clusters)
 
     def results(self, run):
         d, model = run.data, run.model
@@ -245,7 +246,7 @@ class SelfLabelCommand(TrainingCommand):
         if d.y is not None:
             from dcn.selflabel import label_scores
 
-            out["train"] = label_scores(model.predict_proba(d.x).argmax(axis=1), d.y)
+            out["train"] = label_scores(d.extra["train_pred"], d.y)  # predicted once, in _choose
         if d.x_val is not None and d.y_val is not None:
             metrics = test_metrics(model, d.x_val, d.y_val, d.extra["classes"])
             metrics["stability"] = out["final_stability"]
