@@ -2,8 +2,9 @@
 
 * :class:`ArgumentParser` prints a bad flag as one line (no usage dump).
 * :func:`run` turns a :class:`~common.errors.UsageError` into one line on
-  stderr and exit code 2, and Ctrl-C into exit code 130, instead of a
-  traceback.
+  stderr and exit code 2, a diverged training (NaN or infinite loss) into one
+  line and exit code 3, and Ctrl-C or SIGTERM (what schedulers send) into
+  exit code 130 or 143, instead of a traceback.
 * :func:`add_run_arguments` adds the flags every training command shares;
   :func:`add_data_arguments` the data flags of the commands on data sets.
 
@@ -15,9 +16,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 
-from common.errors import UsageError
+from common.errors import TrainingDiverged, UsageError
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -139,15 +141,34 @@ def dispatch(commands: dict, default: str):
     return main
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it stops like on Ctrl-C
+    (the training loop saves a checkpoint and says how to resume)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def run(main, argv=None, prog: str | None = None) -> int:
-    """Call ``main(argv)``; report user errors in one line and exit non-zero."""
+    """Call ``main(argv)``; report user errors in one line and exit non-zero.
+
+    SIGTERM is handled like Ctrl-C while ``main`` runs.
+    """
     prog = prog or os.path.basename(sys.argv[0]) or "desom"
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         code = main(argv)
     except UsageError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        sys.exit(130)
+    except TrainingDiverged as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(3)
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, Terminated)
+        print(f"{prog}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        sys.exit(143 if terminated else 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     sys.exit(code or 0)

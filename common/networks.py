@@ -306,7 +306,10 @@ class AutoencoderModel(keras.Model):
         return keras.Sequential([self.encoder, self.decoder], name="autoencoder")
 
     def save_autoencoder_weights(self, path):
-        self._autoencoder().save_weights(str(path))
+        from common.results import atomic_path
+
+        with atomic_path(path) as tmp:  # keeps the .weights.h5 ending Keras asks for
+            self._autoencoder().save_weights(str(tmp))
 
     def load_autoencoder_weights(self, path):
         """Load weights written by :meth:`save_autoencoder_weights` (or pretraining)."""
@@ -335,11 +338,11 @@ def load_weights_strictly(model, path, mismatch: str = "does not fit this model"
 
 def save_keras_model(model, path) -> Path:
     """``model.save`` to a temporary name, then rename: no half-written model file."""
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".partial.keras")
-    model.save(str(tmp))
-    tmp.replace(path)
-    return path
+    from common.results import atomic_path
+
+    with atomic_path(path) as tmp:
+        model.save(str(tmp))
+    return Path(path)
 
 
 def load_keras_model(path, expected: type, what: str):

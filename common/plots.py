@@ -25,10 +25,14 @@ def _positions(map_size, topology):
     return c.astype(float), r.astype(float)
 
 
-def _save(fig, path):
+def save_figure(fig, path, bbox_inches="tight"):
+    """Write ``fig`` atomically (a failed redraw keeps the old picture), then close it."""
+    from common.results import atomic_path
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight", dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, bbox_inches=bbox_inches, dpi=100)
     plt.close(fig)
     return path
 
@@ -55,7 +59,7 @@ def prototype_grid(images, map_size, path, topology: str = "rectangular", title:
         ax.set_axis_off()
     if title:
         fig.suptitle(title, y=1.02)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def image_rows(rows, path, title: str | None = None):
@@ -81,7 +85,7 @@ def image_rows(rows, path, title: str | None = None):
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _hexes(ax, values, map_size, cmap, label):
@@ -117,7 +121,7 @@ def map_heatmaps(panels: dict, map_size, path, topology: str = "rectangular", ti
             ax.set_title(name)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def training_curves(log, path, columns=("loss", "purity", "nmi", "quantization_error", "topographic_error")):
@@ -133,7 +137,7 @@ def training_curves(log, path, columns=("loss", "purity", "nmi", "quantization_e
         ax.set_title(col)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def confusion_matrix(cm, class_names, path, title: str | None = None, row_names=None):
@@ -156,7 +160,7 @@ def confusion_matrix(cm, class_names, path, title: str | None = None, row_names=
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def scatter_panels(panels, path, title: str | None = None):
@@ -183,7 +187,7 @@ def scatter_panels(panels, path, title: str | None = None):
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def project_2d(features, kind: str = "tsne", seed: int = 0) -> np.ndarray:

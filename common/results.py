@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -9,22 +10,40 @@ from pathlib import Path
 import pandas as pd
 
 
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary name to write ``path`` under; renamed to ``path`` when the
+    block ends without error, removed when it fails. A reader never sees a
+    half-written file, and a file written before survives a failed rewrite.
+
+    The temporary name keeps the suffixes (``ae.partial.weights.h5``), so
+    writers that choose a format by the suffix (numpy, Keras, matplotlib)
+    still do.
+    """
+    path = Path(path)
+    first, dot, rest = path.name.partition(".")
+    tmp = path.with_name(f"{first}.partial{dot}{rest}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def write_csv(frame: pd.DataFrame, path) -> Path:
     """Write a CSV atomically (a temporary file, then a rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+    return Path(path)
 
 
 def write_json(path, obj) -> Path:
     """Write JSON atomically; numpy scalars become Python numbers."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
-    os.replace(tmp, path)
-    return path
+    text = json.dumps(obj, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
 
 
 def summarize(runs: pd.DataFrame, by: list[str], columns) -> pd.DataFrame:

@@ -19,11 +19,15 @@ DEC's target distribution, and its evaluation); :func:`train` does the rest:
   accumulate in variables on the device, and a call stops at the next log
   row, refresh or the end, so K changes nothing but speed. ``auto`` picks K
   for calls of about 0.1 s;
+* a guard against divergence: the first step whose loss terms are not all
+  finite ends the call at once, and :class:`~common.errors.TrainingDiverged`
+  names the iteration and the terms; nothing is saved after it, so the last
+  checkpoint holds weights from before;
 * a progress bar, a CSV log row every ``eval_interval`` iterations (and
   before the first and after the last), written atomically;
 * ``tf.train.Checkpoint`` of model, optimizer, iteration and task state every
   ``checkpoint_minutes`` of wall-clock time, at the end, and when training
-  stops on an error or Ctrl-C; ``resume=True`` continues from the last one to
+  stops on an error, Ctrl-C or SIGTERM; ``resume=True`` continues from the last one to
   the same final iteration count, keeping the log rows up to that point;
 * timings split into compilation (tracing and the first call, its one step
   included), training steps, evaluation, refreshes, checkpoints, set-up and
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,7 +46,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.errors import UsageError
+from common.errors import TrainingDiverged, UsageError
+from common.results import atomic_path
 from common.runtime import STRATEGIES, make_strategy, quiet_tensorflow, resolve_jit, set_mixed_precision
 
 __all__ = ["STRATEGIES", "CSVLog", "StopTraining", "Task", "Timings", "TrainResult", "checkpoint_exists",
@@ -357,9 +363,9 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: float | None 
             shutil.rmtree(ckpt_dir)
         ckpt = tf.train.Checkpoint(optimizer=optimizer, iteration=iteration, elapsed=elapsed,
                                    finished=finished, **task.trackables())
-        manager = tf.train.CheckpointManager(ckpt, str(ckpt_dir), max_to_keep=2)
-        if resume and manager.latest_checkpoint:
-            ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        manager = _checkpoint_manager(tf, ckpt, ckpt_dir)
+        if resume and manager.checkpoints:
+            _restore(tf, ckpt, manager)
     start = int(iteration.numpy())
     log_path = save_dir / log_name if save_dir is not None else None
     log = CSVLog(log_path, keep_until=start if start > 0 else None)
@@ -395,13 +401,20 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: float | None 
 
     one_step = tf.function(one_step, jit_compile=jit, reduce_retracing=True)
     sums: dict = {}  # loss term -> float64 variable on the device
+    bad_terms: dict = {}  # loss term -> its value at the first non-finite step
 
     def k_steps(k):
+        bad = tf.constant(False)
         for _ in tf.range(k):
             out = one_step(*batches(iteration.read_value()))
+            bad = tf.logical_not(tf.reduce_all(tf.stack([tf.math.is_finite(v) for v in out.values()])))
+            if bad:  # stop at once: this step's update has already spoiled the weights
+                for name, value in out.items():
+                    bad_terms[name].assign(value)
+                break
             for name, total_ in sums.items():
                 total_.assign_add(tf.cast(out[name], tf.float64))
-        return iteration.read_value()
+        return iteration.read_value(), bad
 
     k_steps = tf.function(k_steps)
 
@@ -450,6 +463,7 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: float | None 
     with strategy.scope():
         for name in terms:
             sums[name] = tf.Variable(0.0, dtype=tf.float64, trainable=False, name=f"sum_{name}")
+            bad_terms[name] = tf.Variable(0.0, dtype=tf.float32, trainable=False, name=f"bad_{name}")
     timings.compile = time.perf_counter() - t
     if verbose:
         left = total - start
@@ -492,8 +506,11 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: float | None 
             t = time.perf_counter()
             compiling = not k_steps_traced  # the first call traces and compiles: one step only
             k = 1 if compiling else min(k_auto if fixed_k == "auto" else fixed_k, boundary(it) - it)
-            it = int(k_steps(tf.constant(k, tf.int64)))
+            reached, bad = k_steps(tf.constant(k, tf.int64))
+            it = int(reached)
             k_steps_traced = True
+            if bool(bad):
+                raise TrainingDiverged(_divergence_message(phase, it, bad_terms, manager))
             dt = time.perf_counter() - t
             if compiling:
                 timings.compile += dt
@@ -527,8 +544,10 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: float | None 
             row(it, {k: v / (it - row_it) for k, v in read_sums().items()})
         if verbose:
             print(f"\nStopped at iteration {it}: {stop}", flush=True)
+    except TrainingDiverged:
+        raise  # the weights are spoiled: keep the last checkpoint as it is
     except BaseException:
-        # Ctrl-C or an error: keep what was trained so far, then re-raise.
+        # Ctrl-C, SIGTERM or an error: keep what was trained so far, then re-raise.
         it = int(iteration.numpy())
         if manager is not None and it > start:
             save_checkpoint(it)
@@ -540,6 +559,55 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: float | None 
     if manager is not None:
         save_checkpoint(it)
     return finish(it)
+
+
+def _checkpoint_manager(tf, ckpt, directory: Path):
+    """A manager keeping the last two checkpoints in ``directory``. If the
+    ``checkpoint`` index file is lost or damaged (TensorFlow then ignores it
+    and would start again from scratch), a new one is written naming the
+    checkpoint files found."""
+    manager = tf.train.CheckpointManager(ckpt, str(directory), max_to_keep=2)
+    found = sorted(directory.glob("ckpt-*.index"), key=lambda f: int(f.stem.split("-")[1]))
+    if found and not manager.checkpoints:
+        print(f"warning: the checkpoint index {directory / 'checkpoint'} is missing or cannot be read; "
+              f"using the checkpoint files found there", file=sys.stderr)
+        # TensorFlow's text format of the index, oldest first; the manager only
+        # counts checkpoints with a time stamp as its own.
+        text = "".join([f'model_checkpoint_path: "{found[-1].stem}"\n']
+                       + [f'all_model_checkpoint_paths: "{f.stem}"\n' for f in found]
+                       + [f"all_model_checkpoint_timestamps: {f.stat().st_mtime}\n" for f in found])
+        with atomic_path(directory / "checkpoint") as tmp:
+            tmp.write_text(text)
+        manager = tf.train.CheckpointManager(ckpt, str(directory), max_to_keep=2)
+    return manager
+
+
+def _restore(tf, ckpt, manager):
+    """Restore the newest checkpoint that can be read; warn about each one
+    that cannot (e.g. cut short by a full disk) and fall back to the one before."""
+    paths = list(manager.checkpoints)
+    for k, path in enumerate(reversed(paths)):
+        try:
+            ckpt.restore(path).assert_existing_objects_matched()
+            return path
+        except Exception as e:  # TensorFlow raises OpError, IndexError, ValueError, ... here
+            older = paths[-k - 2] if k + 1 < len(paths) else None
+            reason = (str(e).strip().splitlines() or [""])[0][:200]
+            then = f"resuming from the one before, {Path(older).name}" if older else "and there is no other"
+            print(f"warning: checkpoint {path} cannot be read ({type(e).__name__}: {reason}); {then}",
+                  file=sys.stderr)
+    raise UsageError(f"no checkpoint in {manager.directory} can be read; start the run again without "
+                     f"--resume (or in another --save_dir)")
+
+
+def _divergence_message(phase: str, it: int, terms: dict, manager) -> str:
+    values = {name: float(v.numpy()) for name, v in terms.items()}
+    broken = [name for name, v in values.items() if not np.isfinite(v)]
+    what = ", ".join(f"{name} = {values[name]}" for name in broken)
+    kept = (f"the checkpoint of iteration {manager.latest_checkpoint.rsplit('-', 1)[-1]} is kept"
+            if manager is not None and manager.latest_checkpoint else "no checkpoint had been written yet")
+    return (f"{phase}: training diverged at iteration {it} ({what}); stopped without saving, "
+            f"{kept}. Lower the learning rate (--lr) or the loss weights and start again")
 
 
 def checkpoint_exists(save_dir, phase: str = "train") -> bool:

@@ -293,6 +293,8 @@ def _manifold(model, codes, n: int = 12):
 def _kdistance_plot(info, path):
     import matplotlib.pyplot as plt
 
+    from common import plots
+
     curve = info["curve"]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(np.arange(len(curve)), curve)
@@ -303,8 +305,7 @@ def _kdistance_plot(info, path):
                  fontsize=9)
     ax.legend(frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plots.save_figure(fig, path, bbox_inches=None)
 
 
 # --------------------------------------------------------------------------- #
@@ -351,7 +352,7 @@ def generate_main(argv):
         import pandas as pd
 
         frame = pd.concat([pd.DataFrame(imgs.reshape(len(imgs), -1)).assign(row=name) for name, imgs in rows])
-        frame.to_csv(out, index=False)
+        write_csv(frame, out)
     else:
         if len(model.sample_shape) != 3:
             raise UsageError(f"{args.model} models vectors, not images: use --out FILE.csv")

@@ -311,7 +311,9 @@ def predict_main(argv):
     if args.out:
         import pandas as pd
 
-        pd.DataFrame(rows).to_csv(args.out, index=False)
+        from common.results import write_csv
+
+        write_csv(pd.DataFrame(rows), args.out)
     return 0
 
 

@@ -47,6 +47,7 @@ from keras import ops
 
 from common.errors import UsageError
 from common.networks import cnn_features, load_keras_model, mlp_classifier, predict_in_batches
+from common.results import atomic_path
 from common.training import Task, train
 
 INITS = ("ae", "desom", "random")
@@ -481,7 +482,7 @@ def refine(model: SelfLabelNet, x, labels, confidence, *, iterations: int = 10,
             knn = NeighbourTask(model, x, neighbours, entropy_weight, augment)
     for i in range(start, iterations):
         if save is not None:
-            np.savez(save / "pseudo_labels" / f"iteration_{i:02d}.npz", labels=labels, confidence=confidence)
+            _save_labels(save / "pseudo_labels" / f"iteration_{i:02d}.npz", labels, confidence)
         fraction = fraction_at(i, iterations, *confident_fraction)
         keep = select_confident(labels, confidence, fraction, k)
         with _scope(loop.get("strategy")):
@@ -519,8 +520,7 @@ def refine(model: SelfLabelNet, x, labels, confidence, *, iterations: int = 10,
             from common.networks import save_keras_model
 
             if relabelled:
-                np.savez(save / "pseudo_labels" / f"iteration_{i + 1:02d}.npz", labels=labels,
-                         confidence=confidence)
+                _save_labels(save / "pseudo_labels" / f"iteration_{i + 1:02d}.npz", labels, confidence)
             save_keras_model(model, save / f"iteration_{i:02d}.keras")
             for done in (phase, f"{phase}_knn"):
                 shutil.rmtree(save / "checkpoints" / done, ignore_errors=True)
@@ -530,6 +530,11 @@ def refine(model: SelfLabelNet, x, labels, confidence, *, iterations: int = 10,
         if row.get("stopped"):
             break
     return rows
+
+
+def _save_labels(path, labels, confidence):
+    with atomic_path(path) as tmp:
+        np.savez(tmp, labels=labels, confidence=confidence)
 
 
 def best_iteration(rows: list[dict]) -> int:

@@ -17,7 +17,7 @@ from common.cli import ArgumentParser, add_data_arguments, dispatch, run
 from common.command import RunData, TrainingCommand
 from common.data import CLASS_NAMES, load_data
 from common.errors import DataError, UsageError
-from common.results import write_json
+from common.results import atomic_path, write_json
 from common.runtime import quiet_tensorflow
 from dcn.selflabel import AUGMENTATIONS, CLUSTERERS, INITS, MANIFOLDS, RELABELS
 
@@ -190,7 +190,8 @@ class SelfLabelCommand(TrainingCommand):
             if a.knn_epochs > 0:
                 t = time.perf_counter()
                 neighbours = sl.nearest_neighbours(z, a.knn)
-                np.save(knn_file, neighbours)
+                with atomic_path(knn_file) as tmp:
+                    np.save(tmp, neighbours)
                 run.stages["nearest_neighbours"] = time.perf_counter() - t
             t = time.perf_counter()
             if a.manifold == "umap":
@@ -364,6 +365,8 @@ def history_plots(frame, quality_path, progress_path, threshold: float):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    from common import plots
+
     it = frame["iteration"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for ax, prefix, title in ((axes[0], "label_", "pseudo-labels of the training images"),
@@ -381,8 +384,7 @@ def history_plots(frame, quality_path, progress_path, threshold: float):
     axes[0].set_ylabel("score (dotted: targets)")
     axes[1].legend(frameon=False)
     fig.tight_layout()
-    fig.savefig(quality_path, dpi=100)
-    plt.close(fig)
+    plots.save_figure(fig, quality_path, bbox_inches=None)
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
     axes[0].plot(it, frame["loss"], marker="o")
@@ -399,8 +401,7 @@ def history_plots(frame, quality_path, progress_path, threshold: float):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(progress_path, dpi=100)
-    plt.close(fig)
+    plots.save_figure(fig, progress_path, bbox_inches=None)
 
 
 # --------------------------------------------------------------------------- #
@@ -474,7 +475,9 @@ def predict_main(argv):
     if args.out:
         import pandas as pd
 
-        pd.DataFrame(rows).to_csv(args.out, index=False)
+        from common.results import write_csv
+
+        write_csv(pd.DataFrame(rows), args.out)
     return 0
 
 

@@ -15,7 +15,7 @@ from common.cli import ArgumentParser, add_data_arguments, dispatch, run
 from common.command import RunData, TrainingCommand
 from common.data import SCALINGS, Scaler, load_data
 from common.errors import UsageError
-from common.results import write_json
+from common.results import write_csv, write_json
 from common.runtime import quiet_tensorflow
 
 MODELS = ("desom", "convdesom", "som")
@@ -273,7 +273,7 @@ def predict_main(argv):
         out["label"] = y
     path = Path(args.out) if args.out else model_path.parent / "predictions.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
-    out.to_csv(path, index=False)
+    write_csv(out, path)
     msg = f"{len(out)} predictions written to {path}"
     if y is not None:
         from common.metrics import nmi, purity

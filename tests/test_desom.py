@@ -192,7 +192,9 @@ def test_bin_desom_writes_every_output_and_predicts_in_a_new_process(tmp_path):
         json.loads((out_dir / "results.json").read_text())["train"]["purity"])
 
 
-def test_bin_desom_resumes_after_ctrl_c(tmp_path):
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "interrupted"),
+                                             (signal.SIGTERM, 143, "terminated")])  # Ctrl-C; a scheduler
+def test_bin_desom_resumes_after_ctrl_c_or_sigterm(tmp_path, sig, code, said):
     out_dir = tmp_path / "run"
     args = ["--iterations", 600, "--eval_interval", 50, "--map_size", 3, 3,
             "--batch_size", 64, "--save_dir", out_dir, "--verbose", 2, "--no_jit"]
@@ -206,10 +208,10 @@ def test_bin_desom_resumes_after_ctrl_c(tmp_path):
         if log.is_file() and len(pd.read_csv(log)) >= 3:
             break
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
-    assert "interrupted" in err
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-2000:]
+    assert said in err and "continue with --resume" in out
     rows_before = pd.read_csv(log)["iteration"].tolist()
     assert 0 < rows_before[-1] < 600
 

@@ -196,6 +196,98 @@ def test_checkpoints_follow_the_wall_clock_not_the_iterations(digits, tmp_path, 
     assert saved[-1] == 60 and len(saved) > 5 and saved == sorted(saved)  # after every call, then the end
 
 
+class _Regression(training.Task):
+    """A linear model fitting the pixel sums; the loss turns NaN from step ``poison_at`` on."""
+
+    def __init__(self, dim, poison_at=None):
+        self.model = keras.Sequential([keras.Input((dim,)), keras.layers.Dense(1)])
+        self.poison_at = poison_at
+
+    def scalars(self, iteration):
+        import tensorflow as tf
+
+        if self.poison_at is None:
+            return {}
+        return {"poison": tf.where(iteration >= self.poison_at, float("nan"), 0.0)}
+
+    def loss_terms(self, x, idx, scalars):
+        err = keras.ops.square(self.model(x)[:, 0] - keras.ops.sum(x, axis=1) / 10.0)
+        return {"loss": err + scalars.get("poison", 0.0), "error": err}
+
+
+def _regression(x, poison_at=None):
+    keras.utils.set_random_seed(5)
+    return _Regression(x.shape[1], poison_at)
+
+
+def _weights(task):
+    return [w.numpy().copy() for w in task.model.weights]
+
+
+@pytest.mark.parametrize("k", [1, 16])
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(digits, tmp_path, k):
+    from common.errors import TrainingDiverged
+
+    x, _ = digits
+    kwargs = dict(batch_size=64, eval_interval=10, verbose=0, checkpoint_minutes=0, save_dir=tmp_path,
+                  steps_per_execution=k)
+    task = _regression(x, poison_at=37)
+    training.train(task, x, iterations=30, **kwargs)  # the checkpoint of iteration 30
+    good = _weights(task)
+    with pytest.raises(TrainingDiverged, match=r"train: training diverged at iteration 38 \(loss = nan\); "
+                       r"stopped without saving, the checkpoint of iteration 30 is kept"):
+        training.train(task, x, iterations=60, resume=True, **kwargs)
+    assert pd.read_csv(tmp_path / "log.csv")["iteration"].tolist() == [0, 10, 20, 30]
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "train").glob("*.index")) == ["ckpt-30.index"]
+    again = _regression(x)
+    result = training.train(again, x, iterations=30, resume=True, **kwargs)
+    assert result.trained == 0
+    for a, b in zip(_weights(again), good):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bin_desom_exits_non_zero_with_one_line_when_training_diverges(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "desom.cli", "--lr", "1e6", "--iterations", "300",
+                          "--map_size", "3", "3", "--save_dir", str(tmp_path), "--verbose", "0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 3, res.stderr[-2000:]
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and "training diverged at iteration" in err[0] and "--lr" in err[0], err
+    assert not (tmp_path / "model.keras").exists()
+
+
+def test_resume_falls_back_to_the_previous_checkpoint_when_the_newest_is_damaged(digits, tmp_path, capsys):
+    x, _ = digits
+    kwargs = dict(batch_size=64, eval_interval=10, verbose=0, checkpoint_minutes=0, save_dir=tmp_path)
+    reference = _regression(x)
+    training.train(reference, x, iterations=90, **{**kwargs, "save_dir": None})
+    task = _regression(x)
+    training.train(task, x, iterations=30, **kwargs)
+    training.train(task, x, iterations=60, resume=True, **kwargs)
+    folder = tmp_path / "checkpoints" / "train"
+    data = next(folder.glob("ckpt-60.data-*"))
+    data.write_bytes(data.read_bytes()[:100])  # cut short, as by a full disk
+    capsys.readouterr()
+    resumed = _regression(x)
+    result = training.train(resumed, x, iterations=90, resume=True, **kwargs)
+    err = capsys.readouterr().err
+    assert "checkpoint" in err and "ckpt-60 cannot be read" in err and "resuming from the one before, ckpt-30" in err
+    assert (result.iterations, result.trained) == (90, 60)
+    for a, b in zip(_weights(resumed), _weights(reference)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert pd.read_csv(tmp_path / "log.csv")["iteration"].tolist() == list(range(0, 100, 10))
+
+    (folder / "checkpoint").write_text("garbage {{")  # a damaged index: found by file names
+    result = training.train(_regression(x), x, iterations=100, resume=True, **kwargs)
+    assert "using the checkpoint files found there" in capsys.readouterr().err
+    assert (result.iterations, result.trained) == (100, 10)
+
+    for f in folder.glob("ckpt-*"):
+        f.write_bytes(b"")
+    with pytest.raises(UsageError, match="no checkpoint in .* can be read; start the run again without --resume"):
+        training.train(_regression(x), x, iterations=110, resume=True, **kwargs)
+
+
 # ---------------------------------------------------------------- XLA where it pays
 def test_auto_compiles_dense_models_and_not_convolutional_ones_on_a_cpu():
     dense, conv, som = DESOM(64, (2, 2), **SMALL), ConvDESOM((8, 8, 1), (2, 2), filters=(4,)), Kerasom(5)
