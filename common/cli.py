@@ -1,6 +1,9 @@
 """Helpers shared by the command-line programs in ``bin/``.
 
-* :class:`ArgumentParser` prints a bad flag as one line (no usage dump).
+* :class:`ArgumentParser` prints a bad flag as one line (no usage dump), and
+  checks numeric flags: ``add_argument("--lr", type=float, bounds="(0, inf)")``
+  rejects ``--lr 0`` with ``argument --lr: must be in (0, inf), got 0``; a
+  float flag is always finite (no ``nan``/``inf``).
 * :func:`run` turns a :class:`~common.errors.UsageError` into one line on
   stderr and exit code 2, a diverged training (NaN or infinite loss) into one
   line and exit code 3, and Ctrl-C or SIGTERM (what schedulers send) into
@@ -31,15 +34,82 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class Number:
+    """argparse type: an ``int`` or a finite ``float`` within ``bounds``.
+
+    ``bounds`` is an interval as written in mathematics: ``"[0, 1]"``,
+    ``"(0, inf)"``, ``"[1, 65536]"``; ``None`` allows any value (floats must
+    still be finite).
+    """
+
+    def __init__(self, kind: type = float, bounds: str | None = None):
+        self.kind, self.bounds = kind, bounds
+        self.__name__ = kind.__name__  # argparse names the type in some messages
+        if bounds is not None:
+            text = bounds.replace(" ", "")
+            if text[0] not in "[(" or text[-1] not in "])" or text.count(",") != 1:
+                raise ValueError(f"bounds must look like '[0, 1]' or '(0, inf)', got {bounds!r}")
+            low, high = text[1:-1].split(",")
+            self.low, self.high = float(low), float(high)
+            self.open_low, self.open_high = text[0] == "(", text[-1] == ")"
+
+    def __call__(self, text: str):
+        try:
+            value = self.kind(text)
+        except ValueError:
+            what = "an integer" if self.kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"must be {what}, got '{text}'") from None
+        where = f" in {self.bounds}" if self.bounds else ""
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number{where}, got {text}")
+        if self.bounds is not None:
+            below = value <= self.low if self.open_low else value < self.low
+            above = value >= self.high if self.open_high else value > self.high
+            if below or above:
+                raise argparse.ArgumentTypeError(f"must be in {self.bounds}, got {text}")
+        return value
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with defaults shown in --help and one-line errors."""
+    """argparse with defaults shown in --help, one-line errors and checked numbers."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
 
+    def add_argument(self, *args, bounds: str | None = None, **kwargs):
+        """``argparse``'s, plus ``bounds`` (see :class:`Number`) for ``type=int``
+        or ``type=float``; every ``float`` flag must be finite."""
+        return super().add_argument(*args, **_checked_number(kwargs, bounds))
+
+    def add_argument_group(self, *args, **kwargs):
+        return _with_bounds(super().add_argument_group(*args, **kwargs))
+
+    def add_mutually_exclusive_group(self, **kwargs):
+        return _with_bounds(super().add_mutually_exclusive_group(**kwargs))
+
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _checked_number(kwargs: dict, bounds: str | None) -> dict:
+    kind = kwargs.get("type")
+    if kind in (int, float):
+        kwargs["type"] = Number(kind, bounds)
+    elif bounds is not None:
+        raise ValueError("bounds need type=int or type=float")
+    return kwargs
+
+
+def _with_bounds(group):
+    """A group whose ``add_argument`` takes ``bounds`` as the parser's does."""
+    add = group.add_argument
+
+    def add_argument(*args, bounds: str | None = None, **kwargs):
+        return add(*args, **_checked_number(kwargs, bounds))
+
+    group.add_argument = add_argument
+    return group
 
 
 def positive_int(text: str) -> int:
@@ -83,13 +153,18 @@ def add_data_arguments(p, required: bool, default: str | None = "digits", what: 
     p.add_argument("--label_col", help="CSV: the column holding labels (used for evaluation only)")
 
 
+#: ``bounds`` of every seed flag: what ``keras.utils.set_random_seed`` (numpy's
+#: legacy seeding) accepts, 0 to 2**32 - 1.
+SEED_BOUNDS = "[0, 4294967295]"
+
+
 def add_run_arguments(p, seed_help: str, progress: str = "progress bar"):
     """The flags every training command shares: --seed, --strategy,
     --mixed_precision, --jit (and its alias --no_jit), --steps_per_execution,
-    --checkpoint_minutes, --resume and --verbose."""
+    --checkpoint_minutes, --resume, --deterministic and --verbose."""
     from common.runtime import JIT_MODES, STRATEGIES
 
-    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.add_argument("--seed", type=int, default=0, bounds=SEED_BOUNDS, help=seed_help)
     p.add_argument("--strategy", choices=STRATEGIES, default="auto",
                    help="auto: mirrored over all GPUs when there are several")
     p.add_argument("--mixed_precision", action="store_true", help="float16 compute (GPUs)")
@@ -105,26 +180,64 @@ def add_run_arguments(p, seed_help: str, progress: str = "progress bar"):
                    "Ctrl-C and errors save one too")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --save_dir from its last checkpoint, with its arguments")
+    p.add_argument("--deterministic", action="store_true",
+                   help="TensorFlow's op determinism: with the same --seed, two runs on the same machine "
+                   "give identical results (slower; no XLA)")
     p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
                    help=f"0 quiet, 1 {progress}, 2 one line per log row")
 
 
-def resume_args(args, keep=("verbose", "strategy", "save_dir", "jit", "steps_per_execution",
-                            "checkpoint_minutes")):
+#: Flags that change how a run computes, not what it computes: a resumed run takes them from its command line.
+RUNTIME_FLAGS = ("verbose", "strategy", "save_dir", "jit", "steps_per_execution", "checkpoint_minutes",
+                 "resume")
+
+
+def given_arguments(parser: argparse.ArgumentParser, argv) -> dict:
+    """The flags present on the command line ``argv`` (defaults left out),
+    as ``{dest: value}``; ``parser`` must be a fresh one (its defaults are
+    changed)."""
+    for action in parser._actions:  # set_defaults would pass the marker through the flags' types
+        action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
+
+
+def resume_args(args, given: dict, may_change=(), keep=RUNTIME_FLAGS) -> tuple[object, dict]:
     """For ``--resume``: the arguments saved in ``<save_dir>/args.json`` by the
-    run to continue, except those named in ``keep`` (taken from ``args``)."""
+    run to continue, and the changes applied to them.
+
+    ``given`` holds the flags of this command line (:func:`given_arguments`).
+    Those named in ``keep`` are taken from ``args``; those in ``may_change``
+    (e.g. more iterations) replace the saved value; any other flag that differs
+    from the saved run is refused with a :class:`UsageError`, never ignored.
+    Returns ``(args, {flag: (saved value, new value)})``.
+    """
     import json
     from pathlib import Path
 
     if not getattr(args, "save_dir", None):
         raise UsageError("--resume needs --save_dir, the folder of the run to continue")
-    saved = Path(args.save_dir) / "args.json"
-    if not saved.is_file():
+    path = Path(args.save_dir) / "args.json"
+    if not path.is_file():
         raise UsageError(f"nothing to resume in {args.save_dir} (no args.json); start a run there first")
-    mine = {k: getattr(args, k) for k in keep}
-    args.__dict__.update(json.loads(saved.read_text()))
+    saved = json.loads(path.read_text())
+    changed = {k: (saved.get(k), v) for k, v in given.items() if k not in keep and saved.get(k) != v}
+    refused = [k for k in changed if k not in may_change]
+    if refused:
+        k = refused[0]
+        allowed = f"; only {', '.join('--' + m for m in may_change)} may change" if may_change else ""
+        raise UsageError(f"--resume continues the run in {args.save_dir} with its saved arguments, and "
+                         f"--{k} {flag_text(changed[k][1])} differs from its {flag_text(changed[k][0])}"
+                         f"{allowed}: drop --{k}, or start a new run in another --save_dir")
+    mine = {k: getattr(args, k) for k in keep if hasattr(args, k)}
+    args.__dict__.update(saved)
     args.__dict__.update(mine, resume=True)
-    return args
+    args.__dict__.update({k: new for k, (_, new) in changed.items()})
+    return args, changed
+
+
+def flag_text(value) -> str:
+    """A flag's value as typed: ``8 8`` for a list."""
+    return " ".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
 
 
 def dispatch(commands: dict, default: str):

@@ -6,13 +6,16 @@ results and pictures. :meth:`TrainingCommand.main` does the rest, in this
 order, the same for every command:
 
 1. parse the flags (the command's own and :func:`common.cli.add_run_arguments`);
-   ``--resume`` takes the run's saved ``args.json``;
+   ``--resume`` takes the run's saved ``args.json``, applies the flags of
+   ``resume_may_change`` given with it (and rewrites ``args.json``) and
+   refuses any other flag that would change the run;
 2. :meth:`~TrainingCommand.check` the arguments, then
    :meth:`~TrainingCommand.load` the data (before TensorFlow is set up, so bad
    input fails fast) and check the batch size against it;
 3. create ``--save_dir`` and write ``args.json``;
-4. seed, precision policy, ``tf.distribute`` strategy; one start-up line
-   naming the data, the model and the device;
+4. seed (with ``--deterministic``, TensorFlow's op determinism), precision
+   policy, ``tf.distribute`` strategy; one start-up line naming the data,
+   the model and the device;
 5. :meth:`~TrainingCommand.build` the model inside the strategy's scope and
    draw its architecture;
 6. :meth:`~TrainingCommand.train` (phases record their
@@ -26,6 +29,7 @@ order, the same for every command:
 
 from __future__ import annotations
 
+import copy
 import platform
 import sys
 import time
@@ -34,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cli import ArgumentParser, add_run_arguments, resume_args
+from common.cli import ArgumentParser, add_run_arguments, flag_text, given_arguments, resume_args
 from common.errors import UsageError
 from common.results import write_json
 
@@ -99,8 +103,16 @@ class TrainingCommand:
     progress = "progress bar"
     outputs = ("model.keras", "log.csv", "results.json")
     expand_architecture = True  # draw nested models layer by layer in architecture.png
+    #: Flags that ``--resume`` may change (e.g. ``("iterations",)``); any other
+    #: flag differing from the saved run is refused with one line.
+    resume_may_change: tuple = ()
 
     # ------------------------------------------------------------------ hooks
+    def resumed_with_changes(self, args, changed: dict):
+        """Called when ``--resume`` changes flags of ``resume_may_change``
+        (``{flag: (saved, new)}``); may adjust other arguments so that the
+        change is well defined (e.g. keep a schedule as it was)."""
+
     def add_arguments(self, parser):
         """The command's own flags (the shared run flags are added after them)."""
 
@@ -147,8 +159,18 @@ class TrainingCommand:
     def main(self, argv=None) -> int:
         t0 = time.perf_counter()
         args = self.parser().parse_args(argv)
+        changed = {}
         if args.resume:
-            args = resume_args(args)
+            given = given_arguments(self.parser(), argv)
+            typed = copy.deepcopy(args)  # the flags as check() completes them (--image_size 64 is 64 64)
+            try:
+                self.check(typed)
+                given = {k: getattr(typed, k) for k in given}
+            except UsageError:
+                pass
+            args, changed = resume_args(args, given, self.resume_may_change)
+            if changed:
+                self.resumed_with_changes(args, changed)
         self.check(args)
         if args.verbose == 1 and not sys.stdout.isatty():
             args.verbose = 2  # a progress bar in a log file is noise
@@ -159,8 +181,11 @@ class TrainingCommand:
         save_dir = Path(args.save_dir or self.default_save_dir(args, data))
         save_dir.mkdir(parents=True, exist_ok=True)
         args.save_dir = str(save_dir)
-        if not args.resume:
+        if not args.resume or changed:
             write_json(save_dir / "args.json", vars(args))
+        if changed and args.verbose:
+            print("resuming with " + ", ".join(f"--{k} {flag_text(new)} (was {flag_text(old)})"
+                                               for k, (old, new) in changed.items()), flush=True)
         run = Run(args=args, data=data, save_dir=save_dir)
         run.stages["load"] = time.perf_counter() - t0
 
@@ -173,6 +198,8 @@ class TrainingCommand:
         from common import plots
 
         keras.utils.set_random_seed(args.seed)
+        if getattr(args, "deterministic", False):
+            tf.config.experimental.enable_op_determinism()
         set_mixed_precision(args.mixed_precision)
         run.strategy = make_strategy(args.strategy)
         with run.strategy.scope():

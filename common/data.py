@@ -260,19 +260,41 @@ def make_reuters10k(out_dir: str | os.PathLike, n_samples: int = 10000, n_featur
 # --------------------------------------------------------------------------- #
 # A user's own files
 # --------------------------------------------------------------------------- #
+class Labels(np.ndarray):
+    """Class indices 0..k-1 numbering a file's own label values; ``names[i]``
+    is the value (as text) that index i stands for, for reports."""
+
+    def __new__(cls, codes, names):
+        labels = np.asarray(codes, dtype=np.int64).view(cls)
+        labels.names = [str(n) for n in names]
+        return labels
+
+    def __array_finalize__(self, obj):
+        self.names = getattr(obj, "names", None)
+
+
+def label_names(y) -> list[str] | None:
+    """The original label values of a user's file (see :class:`Labels`), or None."""
+    return getattr(y, "names", None)
+
+
 def _as_labels(y, source: str) -> np.ndarray:
+    """Integer labels of 0 or more stay as they are (data sets' class ids);
+    text, negative or fractional labels are numbered 0..k-1 in sorted order,
+    keeping the values as :class:`Labels` names."""
+    if isinstance(y, Labels):
+        return y
     y = np.asarray(y)
     if y.ndim != 1:
         raise DataError(f"{source}: labels must be one value per sample, found shape {y.shape}")
-    if y.dtype.kind in "iub":
+    if y.dtype.kind == "f" and not np.all(np.isfinite(y)):
+        raise DataError(f"{source}: labels contain NaN or inf")
+    if y.dtype.kind in "iubf" and np.all(y == np.round(y)) and (len(y) == 0 or y.min() >= 0):
         return y.astype(np.int64)
-    if y.dtype.kind == "f":
-        if not np.all(np.isfinite(y)):
-            raise DataError(f"{source}: labels contain NaN or inf")
-        if np.all(y == np.round(y)):
-            return y.astype(np.int64)
-    # Text or non-integer labels: number the distinct values in sorted order.
-    return np.unique(y.astype(str), return_inverse=True)[1].astype(np.int64)
+    values, codes = np.unique(y if y.dtype.kind in "iuf" else y.astype(str), return_inverse=True)
+    if y.dtype.kind == "f" and np.all(values == np.round(values)):
+        values = values.astype(np.int64)  # -1.0 reads as -1
+    return Labels(codes, values)
 
 
 def _load_npz(path: Path):
@@ -492,14 +514,13 @@ def load_data(name: str | os.PathLike, validation: bool = False, flatten: bool =
 
 
 def _main(argv=None):
-    import argparse
+    from common.cli import SEED_BOUNDS, ArgumentParser
 
-    parser = argparse.ArgumentParser(prog="python -m common.data",
-                                     description="Data-set utilities.")
+    parser = ArgumentParser(prog="python -m common.data", description="Data-set utilities.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("make-reuters10k", help="build reutersidf10k.npz from RCV1 (needs network)")
     p.add_argument("out_dir", help="folder to write reutersidf10k.npz to")
-    p.add_argument("--seed", type=int, default=0, help="seed of the 10,000-document draw")
+    p.add_argument("--seed", type=int, default=0, bounds=SEED_BOUNDS, help="seed of the 10,000-document draw")
     p = sub.add_parser("info", help="load a data set and print its shape and classes")
     p.add_argument("name", help=f"{', '.join(KNOWN_DATASETS)} or a .npz/.csv path")
     p.add_argument("--data_dir", default=None)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from common.cli import ArgumentParser, run
+from common.cli import SEED_BOUNDS, ArgumentParser, run
 from common.data import load_data
 from common.errors import DataError, UsageError
 from common.results import write_csv, write_summary
@@ -51,8 +51,9 @@ def parser():
                    help="data sets; those whose files are missing are skipped with a line")
     p.add_argument("--configs", nargs="+", choices=tuple(CONFIGS), default=list(CONFIGS),
                    help="configurations to run")
-    p.add_argument("--runs", type=int, default=3, help="seeds seed..seed+runs-1 per configuration")
-    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--runs", type=int, default=3, bounds="[1, inf)",
+                   help="seeds seed..seed+runs-1 per configuration")
+    p.add_argument("--seed", type=int, default=0, bounds=SEED_BOUNDS, help="first seed")
     p.add_argument("--out", default="bench/ae", help="folder for the runs and the tables")
     return p
 
@@ -67,8 +68,6 @@ def _available(name: str) -> bool:
 
 def _main(argv=None):
     args, passed = parser().parse_known_args(argv)
-    if args.runs < 1:
-        raise UsageError("--runs must be positive")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ae = Path(__file__).resolve().parents[1] / "bin" / "ae"

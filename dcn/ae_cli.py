@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cli import ArgumentParser, add_data_arguments, dispatch, run
+from common.cli import SEED_BOUNDS, ArgumentParser, add_data_arguments, dispatch, run
 from common.command import RunData, TrainingCommand
 from common.data import load_data
 from common.errors import UsageError
@@ -26,13 +26,6 @@ from dcn.twostage import METHODS
 #: (latent_dim, hidden) of each model when not given
 DEFAULTS = {"ae": (32, (128,)), "semisupervised": (32, (128,)), "vae": (8, (400, 128)),
             "cvae": (8, (400, 128))}
-
-
-def _positive(args, *names):
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and not (value > 0 and math.isfinite(value)):
-            raise UsageError(f"--{name} must be positive, got {value}")
 
 
 class AeCommand(TrainingCommand):
@@ -52,51 +45,45 @@ class AeCommand(TrainingCommand):
                        help="ae: dense autoencoder; semisupervised: + a classifier trained on "
                        "--labeled_fraction of the labels; vae: variational; cvae: conditional VAE (uses "
                        "every label)")
-        p.add_argument("--latent_dim", type=int, help="size of the code (32 ae/semisupervised, 8 vae/cvae)")
-        p.add_argument("--hidden", type=int, nargs="+", metavar="UNITS",
+        p.add_argument("--latent_dim", type=int, bounds="[1, inf)",
+                       help="size of the code (32 ae/semisupervised, 8 vae/cvae)")
+        p.add_argument("--hidden", type=int, nargs="+", bounds="[1, inf)", metavar="UNITS",
                        help="encoder layer sizes, mirrored by the decoder (128 ae/semisupervised; 400 128 "
                        "vae/cvae; DESOM/DEC: 500 500 2000 with --latent_dim 10)")
-        p.add_argument("--epochs", type=float, default=20, help="training epochs")
-        p.add_argument("--batch_size", type=int, default=128, help="global batch size")
-        p.add_argument("--lr", type=float, default=0.001, help="Adam learning rate")
-        p.add_argument("--beta", type=float, default=1.0,
+        p.add_argument("--epochs", type=float, default=20, bounds="(0, inf)", help="training epochs")
+        p.add_argument("--batch_size", type=int, default=128, bounds="[1, inf)", help="global batch size")
+        p.add_argument("--lr", type=float, default=0.001, bounds="(0, inf)", help="Adam learning rate")
+        p.add_argument("--beta", type=float, default=1.0, bounds="[0, inf)",
                        help="vae/cvae: weight of the KL term; semisupervised: weight of the cross-entropy")
-        p.add_argument("--alpha", type=float, default=1.0,
+        p.add_argument("--alpha", type=float, default=1.0, bounds="[0, inf)",
                        help="semisupervised: weight of the reconstruction")
-        p.add_argument("--dropout", type=float, default=0.2,
+        p.add_argument("--dropout", type=float, default=0.2, bounds="[0, 1)",
                        help="vae/cvae: dropout after each encoder layer")
-        p.add_argument("--labeled_fraction", type=float, default=0.01,
+        p.add_argument("--labeled_fraction", type=float, default=0.01, bounds="(0, 1]",
                        help="semisupervised: share of the labels used in training (stratified, fixed by "
                        "--seed)")
         p.add_argument("--cluster", nargs="+", choices=(*METHODS, "all"), default=["all"],
                        help="clusterings of the codes to run and score")
-        p.add_argument("--n_clusters", type=int, help="k-means clusters (default: the number of classes)")
-        p.add_argument("--eps", type=float,
+        p.add_argument("--n_clusters", type=int, bounds="[2, inf)",
+                       help="k-means clusters (default: the number of classes)")
+        p.add_argument("--eps", type=float, bounds="(0, inf)",
                        help="DBSCAN radius (default: the knee of the k-distance curve, reported)")
-        p.add_argument("--min_samples", type=int, default=10, help="DBSCAN: neighbours of a core point")
-        p.add_argument("--dbscan_samples", type=int, default=10000,
+        p.add_argument("--min_samples", type=int, default=10, bounds="[1, inf)",
+                       help="DBSCAN: neighbours of a core point")
+        p.add_argument("--dbscan_samples", type=int, default=10000, bounds="[1, inf)",
                        help="DBSCAN runs on at most this many codes (fixed-seed sample)")
-        p.add_argument("--som_map_size", type=int, nargs=2, default=[8, 8], metavar=("ROWS", "COLS"),
-                       help="the SOM (Kerasom) trained on the codes")
-        p.add_argument("--som_epochs", type=float, default=20, help="epochs of that SOM on the codes")
-        p.add_argument("--tsne_samples", type=int, default=2000, help="codes drawn in tsne.png and pca.png")
+        p.add_argument("--som_map_size", type=int, nargs=2, default=[8, 8], bounds="[1, inf)",
+                       metavar=("ROWS", "COLS"), help="the SOM (Kerasom) trained on the codes")
+        p.add_argument("--som_epochs", type=float, default=20, bounds="(0, inf)",
+                       help="epochs of that SOM on the codes")
+        p.add_argument("--tsne_samples", type=int, default=2000, bounds="[2, inf)",
+                       help="codes drawn in tsne.png and pca.png")
         p.add_argument("--save_dir", help="output folder (default: results/<data>_<model>)")
 
     def check(self, args):
-        _positive(args, "latent_dim", "epochs", "batch_size", "lr", "n_clusters", "eps", "min_samples",
-                  "dbscan_samples", "som_epochs", "tsne_samples")
-        if args.hidden is not None and min(args.hidden) < 1:
-            raise UsageError(f"--hidden sizes must be positive, got {args.hidden}")
-        if not (args.beta >= 0 and args.alpha >= 0 and math.isfinite(args.beta + args.alpha)):
-            raise UsageError("--alpha and --beta must be 0 or more")
-        if not 0 <= args.dropout < 1:
-            raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
-        if not 0 < args.labeled_fraction <= 1:
-            raise UsageError(f"--labeled_fraction must be in (0, 1], got {args.labeled_fraction}")
-        if min(args.som_map_size) < 1:
-            raise UsageError("--som_map_size must be positive")
-        if args.n_clusters is not None and args.n_clusters < 2:
-            raise UsageError(f"--n_clusters must be at least 2, got {args.n_clusters}")
+        from desom.layers import check_map
+
+        check_map(args.som_map_size, flag="--som_map_size")
         args.cluster = list(METHODS) if "all" in args.cluster else list(dict.fromkeys(args.cluster))
         latent, hidden = DEFAULTS[args.model]
         args.latent_dim = args.latent_dim or latent
@@ -315,10 +302,12 @@ def generate_parser():
                        "(--cluster), a class (--label, CVAE), or with neither from the prior (VAE), the "
                        "mixture of clusters (AE) or every class (CVAE).")
     p.add_argument("--model", required=True, metavar="MODEL.keras", help="a model written by bin/ae")
-    p.add_argument("--cluster", type=int, help="the k-means cluster to draw from (ae, semisupervised, vae)")
-    p.add_argument("--label", type=int, help="the class to draw (cvae)")
-    p.add_argument("--n", type=int, default=16, help="samples to draw (per class for a CVAE without --label)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    p.add_argument("--cluster", type=int, bounds="[0, inf)",
+                   help="the k-means cluster to draw from (ae, semisupervised, vae)")
+    p.add_argument("--label", type=int, bounds="[0, inf)", help="the class to draw (cvae)")
+    p.add_argument("--n", type=int, default=16, bounds="[1, inf)",
+                   help="samples to draw (per class for a CVAE without --label)")
+    p.add_argument("--seed", type=int, default=0, bounds=SEED_BOUNDS, help="seed of the draws")
     p.add_argument("--out", required=True, metavar="FILE",
                    help="a .png grid (image models) or a .csv of the samples (any model)")
     return p
@@ -326,8 +315,6 @@ def generate_parser():
 
 def generate_main(argv):
     args = generate_parser().parse_args(argv)
-    if args.n < 1:
-        raise UsageError(f"--n must be positive, got {args.n}")
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".csv"):
         raise UsageError(f"--out must end in .png or .csv, got {out.name}")

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.cli import ArgumentParser, run
+from common.cli import SEED_BOUNDS, ArgumentParser, run
 from common.data import KNOWN_DATASETS, load_data
 from common.errors import UsageError
 from common.metrics import evaluate_clustering
@@ -54,27 +54,34 @@ def parser():
     p.add_argument("--dataset", choices=KNOWN_DATASETS, default="fmnist", help="vector data set")
     p.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS),
                    help="clustering methods on the vectors (none: skip the vector benchmark)")
-    p.add_argument("--runs", type=int, default=3, help="seeds seed..seed+runs-1 (vector and folder runs)")
-    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--runs", type=int, default=3, bounds="[1, inf)",
+                   help="seeds seed..seed+runs-1 (vector and folder runs)")
+    p.add_argument("--seed", type=int, default=0, bounds=SEED_BOUNDS, help="first seed")
     p.add_argument("--protocol", choices=("ours", "dec-keras"), default="ours",
                    help="pretraining: ours = Glorot init, Adam, 50 epochs; dec-keras = DEC-keras' "
                    "VarianceScaling init, SGD lr 1 momentum 0.9, 300 epochs")
-    p.add_argument("--pretrain_epochs", type=int, help="override the protocol's pretraining epochs")
-    p.add_argument("--max_iterations", type=int, default=20000,
+    p.add_argument("--pretrain_epochs", type=int, bounds="[1, inf)",
+                   help="override the protocol's pretraining epochs")
+    p.add_argument("--max_iterations", type=int, default=20000, bounds="[1, inf)",
                    help="clustering iterations at most (vector runs)")
-    p.add_argument("--update_interval", type=int, default=140,
+    p.add_argument("--update_interval", type=int, default=140, bounds="[1, inf)",
                    help="iterations between target refreshes (vector runs)")
-    p.add_argument("--tol", type=float, default=0.001,
+    p.add_argument("--tol", type=float, default=0.001, bounds="[0, 1]",
                    help="stop when fewer than this share of labels change between refreshes")
-    p.add_argument("--batch_size", type=int, default=256, help="batch size of the vector runs")
+    p.add_argument("--batch_size", type=int, default=256, bounds="[1, inf)",
+                   help="batch size of the vector runs")
     p.add_argument("--folder", action="store_true", help="also run the image-folder benchmark")
-    p.add_argument("--folder_classes", nargs="+", type=int, default=[0, 1, 8, 9],
+    p.add_argument("--folder_classes", nargs="+", type=int, default=[0, 1, 8, 9], bounds="[0, 9]",
                    help="Fashion-MNIST classes of the folder benchmark")
-    p.add_argument("--folder_train", type=int, default=1000, help="training images per class")
-    p.add_argument("--folder_references", type=int, default=3, help="reference images per class")
-    p.add_argument("--folder_epochs", type=int, default=5, help="pretraining epochs of the folder run")
-    p.add_argument("--folder_image_size", type=int, default=64, help="image size of the folder run")
-    p.add_argument("--folder_max_iterations", type=int,
+    p.add_argument("--folder_train", type=int, default=1000, bounds="[1, inf)",
+                   help="training images per class")
+    p.add_argument("--folder_references", type=int, default=3, bounds="[1, inf)",
+                   help="reference images per class")
+    p.add_argument("--folder_epochs", type=int, default=5, bounds="[0, inf)",
+                   help="pretraining epochs of the folder run")
+    p.add_argument("--folder_image_size", type=int, default=64, bounds="[8, inf)",
+                   help="image size of the folder run")
+    p.add_argument("--folder_max_iterations", type=int, bounds="[1, inf)",
                    help="clustering iterations at most of the folder run (default: bin/dcn's, 73 epochs)")
     p.add_argument("--data_dir", help="folder searched first for the data files")
     p.add_argument("--out", default="bench/dcn", help="folder for runs.csv, summary.csv, folder data")
@@ -82,7 +89,8 @@ def parser():
     p.add_argument("--speed", action="store_true",
                    help="instead: ms per training step of DEC and DCEC (28 and 64 px) in our loop and in a "
                    "bare Keras step (random data; writes <out>/speed_dcn.csv)")
-    p.add_argument("--speed_runs", type=int, default=5, help="--speed: alternating repeats per case")
+    p.add_argument("--speed_runs", type=int, default=5, bounds="[1, inf)",
+                   help="--speed: alternating repeats per case")
     return p
 
 
@@ -238,8 +246,6 @@ def folder_run(args, out: Path):
 
 def _main(argv=None):
     args = parser().parse_args(argv)
-    if args.runs < 1 or args.speed_runs < 1:
-        raise UsageError("--runs and --speed_runs must be positive")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tf = quiet_tensorflow()

@@ -39,51 +39,54 @@ class DcnCommand(TrainingCommand):
                          help="image folder with train/ and optional test/, reference/")
         src.add_argument("--dataset", choices=KNOWN_DATASETS, help="a vector data set (DEC/IDEC protocol)")
         p.add_argument("--data_dir", help="--dataset: folder searched first for its files")
-        p.add_argument("--n_clusters", type=int,
+        p.add_argument("--n_clusters", type=int, bounds="[2, inf)",
                        help="number of clusters (default: reference classes, or the data set's classes)")
-        p.add_argument("--image_size", type=int, nargs="+", default=[160, 160], metavar="PX",
-                       help="height and width images are resized to (one value: square)")
+        p.add_argument("--image_size", type=int, nargs="+", default=[160, 160], bounds="[8, inf)",
+                       metavar="PX", help="height and width images are resized to (one value: square)")
         p.add_argument("--color", choices=("grayscale", "rgb"), default="grayscale",
                        help="colour mode of images")
         p.add_argument("--architecture", choices=("conv", "mlp"),
                        help="autoencoder: conv (DCEC, default for images) or mlp (d-500-500-2000-d', "
                        "default for vectors)")
-        p.add_argument("--embedding_dim", type=int, default=10, help="size of the embedding")
-        p.add_argument("--alpha", type=float, default=1.0,
+        p.add_argument("--embedding_dim", type=int, default=10, bounds="[1, inf)",
+                       help="size of the embedding")
+        p.add_argument("--alpha", type=float, default=1.0, bounds="(0, inf)",
                        help="degrees of freedom of the Student's t kernel")
-        p.add_argument("--pretrain_epochs", type=int, default=50,
+        p.add_argument("--pretrain_epochs", type=int, default=50, bounds="[0, inf)",
                        help="autoencoder pretraining epochs (DEC-keras: 300 on MNIST/Fashion-MNIST)")
         p.add_argument("--pretrain_optimizer", choices=("adam", "sgd"), default="adam",
                        help="pretraining optimizer (DEC-keras: sgd with --pretrain_lr 1, momentum 0.9)")
-        p.add_argument("--pretrain_lr", type=float,
+        p.add_argument("--pretrain_lr", type=float, bounds="(0, inf)",
                        help="pretraining learning rate (default: 0.001 adam, 1 sgd)")
         p.add_argument("--init", choices=("glorot_uniform", "dec"), default="glorot_uniform",
                        help="dense autoencoder initialisation; dec is DEC-keras' uniform +-sqrt(1/fan_in)")
         p.add_argument("--ae_weights",
                        help="pretrained autoencoder weights (ae.weights.h5) instead of pretraining")
-        p.add_argument("--n_init", type=int, default=20, help="k-means restarts for the initial centres")
-        p.add_argument("--max_epochs", type=float, default=MAX_EPOCHS,
+        p.add_argument("--n_init", type=int, default=20, bounds="[1, inf)",
+                       help="k-means restarts for the initial centres")
+        p.add_argument("--max_epochs", type=float, default=MAX_EPOCHS, bounds="(0, inf)",
                        help="clustering epochs at most (DEC/IDEC/DCEC's 20,000 iterations on 70,000 "
                        "samples)")
-        p.add_argument("--max_iterations", type=int,
+        p.add_argument("--max_iterations", type=int, bounds="[1, inf)",
                        help="clustering iterations at most (instead of --max_epochs)")
-        p.add_argument("--update_interval", type=int,
+        p.add_argument("--update_interval", type=int, bounds="[1, inf)",
                        help=f"iterations between refreshes of the target distribution P over all samples "
                        f"(default: {UPDATE_INTERVAL}, as DEC, or one epoch when that is shorter)")
-        p.add_argument("--tol", type=float, default=0.001,
+        p.add_argument("--tol", type=float, default=0.001, bounds="[0, 1]",
                        help="stop when fewer than this share of labels change between refreshes")
-        p.add_argument("--recon_weight", type=float, default=10.0,
+        p.add_argument("--recon_weight", type=float, default=10.0, bounds="[0, inf)",
                        help="weight of the reconstruction error in the clustering phase; 0 gives DEC, 10 "
                        "is IDEC/DCEC's gamma 0.1 under Adam")
-        p.add_argument("--batch_size", type=int,
+        p.add_argument("--batch_size", type=int, bounds="[1, inf)",
                        help="global batch size (default: 256, or on fewer than 12,800 samples the largest "
                        "power of two giving 50 batches per epoch, at least 16)")
         p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
                        help="clustering-phase optimizer; DEC used SGD, lr 0.01, momentum 0.9")
-        p.add_argument("--lr", type=float, help="clustering learning rate (default: 0.001 adam, 0.01 sgd)")
+        p.add_argument("--lr", type=float, bounds="(0, inf)",
+                       help="clustering learning rate (default: 0.001 adam, 0.01 sgd)")
         p.add_argument("--augment", action="store_true",
                        help="images: random flips, small rotations, brightness and noise while training")
-        p.add_argument("--eval_interval", type=int,
+        p.add_argument("--eval_interval", type=int, bounds="[1, inf)",
                        help="iterations between log rows (default: --update_interval)")
         p.add_argument("--save_dir", default="reports", help="output folder")
 
@@ -213,22 +216,9 @@ def predict_parser():
 def _check(args):
     if len(args.image_size) == 1:
         args.image_size = args.image_size * 2
-    if len(args.image_size) != 2 or min(args.image_size) < 8:
-        raise UsageError(f"--image_size takes one or two sizes of at least 8 pixels, got {args.image_size}")
-    for name in ("embedding_dim", "n_init"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("batch_size", "max_iterations", "update_interval", "eval_interval"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
-    if not (args.max_epochs > 0 and np.isfinite(args.max_epochs)):
-        raise UsageError(f"--max_epochs must be a positive number, got {args.max_epochs}")
-    if not (args.alpha > 0 and np.isfinite(args.alpha)):
-        raise UsageError(f"--alpha must be a positive number, got {args.alpha}")
-    if args.n_clusters is not None and args.n_clusters < 2:
-        raise UsageError(f"--n_clusters must be at least 2, got {args.n_clusters}")
-    if args.pretrain_epochs < 0 or args.recon_weight < 0 or args.tol < 0:
-        raise UsageError("--pretrain_epochs, --recon_weight and --tol must be 0 or more")
+    if len(args.image_size) != 2:
+        raise UsageError(f"--image_size takes one or two sizes, got {len(args.image_size)}: "
+                         f"{' '.join(map(str, args.image_size))}")
     if args.lr is None:
         args.lr = 0.01 if args.optimizer == "sgd" else 0.001
     if args.pretrain_lr is None:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from common.cli import ArgumentParser, run
+from common.cli import SEED_BOUNDS, ArgumentParser, run
 from common.errors import UsageError
 from common.results import write_csv, write_summary
 
@@ -46,10 +46,11 @@ def parser():
     p.add_argument("--dataset", default="fmnist", help="a data set with a train/test split")
     p.add_argument("--configs", nargs="+", choices=tuple(CONFIGS), default=["n2d"],
                    help="configurations to run")
-    p.add_argument("--runs", type=int, default=3, help="seeds seed..seed+runs-1 per configuration")
-    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--runs", type=int, default=3, bounds="[1, inf)",
+                   help="seeds seed..seed+runs-1 per configuration")
+    p.add_argument("--seed", type=int, default=0, bounds=SEED_BOUNDS, help="first seed")
     p.add_argument("--out", default="bench/selflabel", help="folder for the runs and the tables")
-    p.add_argument("--jobs", type=int, default=1,
+    p.add_argument("--jobs", type=int, default=1, bounds="[1, inf)",
                    help="runs at once (their wall times then share the CPU)")
     return p
 
@@ -58,15 +59,11 @@ def _main(argv=None):
     from dcn.selflabel_cli import TARGETS
 
     args, passed = parser().parse_known_args(argv)
-    if args.runs < 1:
-        raise UsageError("--runs must be positive")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     program = Path(__file__).resolve().parents[1] / "bin" / "selflabel"
     print(f"{os.cpu_count()} CPU cores; bin/selflabel on {args.dataset}, {args.runs} seeds {' '.join(passed)}"
           .rstrip())
-    if args.jobs < 1:
-        raise UsageError("--jobs must be positive")
     runs = [(config, args.seed + r) for config in args.configs for r in range(args.runs)]
 
     def one(config, seed):

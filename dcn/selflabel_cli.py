@@ -8,14 +8,13 @@ iterative pseudo-label refinement (see :mod:`dcn.selflabel`).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 
 from common.cli import ArgumentParser, add_data_arguments, dispatch, run
 from common.command import RunData, TrainingCommand
-from common.data import CLASS_NAMES, load_data
+from common.data import CLASS_NAMES, label_names, load_data
 from common.errors import DataError, UsageError
 from common.results import atomic_path, write_json
 from common.runtime import quiet_tensorflow
@@ -45,9 +44,9 @@ def load_images(args):
     names = None
     if y is not None:
         values = np.unique(y if y_test is None else np.concatenate([y, y_test]))
+        known = label_names(y) or CLASS_NAMES.get(source)  # a file's own label values, or a data set's names
         y = np.searchsorted(values, y)
         y_test = None if y_test is None else np.searchsorted(values, y_test)
-        known = CLASS_NAMES.get(source)
         names = [known[int(v)] if known is not None and 0 <= int(v) < len(known) else str(v) for v in values]
     return x, y, names, x_test, y_test
 
@@ -65,32 +64,36 @@ class SelfLabelCommand(TrainingCommand):
 
     def add_arguments(self, p):
         add_data_arguments(p, required=False, what="a data set of images")
-        p.add_argument("--iterations", type=int, default=10,
+        p.add_argument("--iterations", type=int, default=10, bounds="[1, inf)",
                        help="most iterations (training + relabelling) before stopping")
-        p.add_argument("--epochs_per_iteration", type=float, default=2, help="training epochs per iteration")
-        p.add_argument("--recluster_interval", type=int, default=1,
+        p.add_argument("--epochs_per_iteration", type=float, default=2, bounds="(0, inf)",
+                       help="training epochs per iteration")
+        p.add_argument("--recluster_interval", type=int, default=1, bounds="[1, inf)",
                        help="iterations between relabellings (1: after every iteration)")
-        p.add_argument("--convergence_threshold", type=float, default=0.95,
+        p.add_argument("--convergence_threshold", type=float, default=0.95, bounds="(0, 1]",
                        help="stop when the aligned stability of a relabelling reaches this")
-        p.add_argument("--n_clusters", type=int, help="pseudo-classes (default: the number of classes)")
+        p.add_argument("--n_clusters", type=int, bounds="[2, inf)",
+                       help="pseudo-classes (default: the number of classes)")
         p.add_argument("--init", choices=INITS, default="ae",
                        help="features of the first pseudo-labels: ae (autoencoder codes), desom (codes of "
                        "an 8x8 DESOM), random (the untrained CNN's features)")
-        p.add_argument("--init_epochs", type=float, default=50, help="ae: autoencoder training epochs")
-        p.add_argument("--init_iterations", type=int, default=10000, help="desom: training iterations")
+        p.add_argument("--init_epochs", type=float, default=50, bounds="(0, inf)",
+                       help="ae: autoencoder training epochs")
+        p.add_argument("--init_iterations", type=int, default=10000, bounds="[1, inf)",
+                       help="desom: training iterations")
         p.add_argument("--manifold", choices=MANIFOLDS, default="umap",
                        help="reduce the initial features with UMAP to --n_clusters dimensions before "
                        "clustering (N2D)")
-        p.add_argument("--neighbors", type=int, default=10, help="UMAP neighbours")
+        p.add_argument("--neighbors", type=int, default=10, bounds="[2, inf)", help="UMAP neighbours")
         p.add_argument("--clusterer", choices=CLUSTERERS, default="gmm",
                        help="clustering of the initial features")
-        p.add_argument("--knn", type=int, default=20,
+        p.add_argument("--knn", type=int, default=20, bounds="[1, inf)",
                        help="neighbours per image, in the initial features, for the neighbour phase")
-        p.add_argument("--knn_epochs", type=float, default=1,
+        p.add_argument("--knn_epochs", type=float, default=1, bounds="[0, inf)",
                        help="epochs per iteration of SCAN's neighbour loss after the pseudo-label epochs: "
                        "each image and one of its --knn nearest neighbours should get the same class "
                        "(0: none)")
-        p.add_argument("--entropy_weight", type=float, default=5.0,
+        p.add_argument("--entropy_weight", type=float, default=5.0, bounds="[0, inf)",
                        help="neighbour phase: weight of the entropy of the mean prediction (against "
                        "empty classes)")
         p.add_argument("--relabel", choices=RELABELS, default="predict",
@@ -98,36 +101,24 @@ class SelfLabelCommand(TrainingCommand):
         p.add_argument("--balance", choices=("sinkhorn", "none"), default="sinkhorn",
                        help="predict: make the relabelled clusters equal in size (Sinkhorn-Knopp, SeLa); "
                        "none for data with very unequal classes")
-        p.add_argument("--confident_fraction", type=float, nargs="+", default=[0.5, 1.0], metavar="F",
-                       help="share of each cluster trained on, the most confident first: one value, or the "
-                       "first and last iteration's (linear in between)")
-        p.add_argument("--label_smoothing", type=float, default=0.1, help="label smoothing of the targets")
+        p.add_argument("--confident_fraction", type=float, nargs="+", default=[0.5, 1.0], bounds="(0, 1]",
+                       metavar="F", help="share of each cluster trained on, the most confident first: one "
+                       "value, or the first and last iteration's (linear in between)")
+        p.add_argument("--label_smoothing", type=float, default=0.1, bounds="[0, 1)",
+                       help="label smoothing of the targets")
         p.add_argument("--augment", nargs="*", choices=AUGMENTATIONS, default=["translate", "flip"],
                        help="augmentations of the training batches (none: give the flag alone)")
-        p.add_argument("--batch_size", type=int, default=256, help="global batch size")
-        p.add_argument("--lr", type=float, default=0.001, help="Adam learning rate (fresh each iteration)")
+        p.add_argument("--batch_size", type=int, default=256, bounds="[1, inf)", help="global batch size")
+        p.add_argument("--lr", type=float, default=0.001, bounds="(0, inf)",
+                       help="Adam learning rate (fresh each iteration)")
         p.add_argument("--save_dir", help="output folder (default: results/<data>_selflabel)")
 
     def check(self, args):
-        for name in ("iterations", "epochs_per_iteration", "recluster_interval", "init_epochs",
-                     "init_iterations", "neighbors", "knn", "batch_size", "lr"):
-            value = getattr(args, name)
-            if not (value > 0 and math.isfinite(value)):
-                raise UsageError(f"--{name} must be positive, got {value}")
-        for name in ("knn_epochs", "entropy_weight"):
-            value = getattr(args, name)
-            if not (value >= 0 and math.isfinite(value)):
-                raise UsageError(f"--{name} must be 0 or more, got {value}")
-        if not 0 < args.convergence_threshold <= 1:
-            raise UsageError(f"--convergence_threshold must be in (0, 1], got {args.convergence_threshold}")
-        if args.n_clusters is not None and args.n_clusters < 2:
-            raise UsageError(f"--n_clusters must be at least 2, got {args.n_clusters}")
         f = args.confident_fraction
-        if len(f) > 2 or not all(0 < v <= 1 for v in f):
-            raise UsageError(f"--confident_fraction takes one or two shares in (0, 1], got {f}")
+        if len(f) > 2:
+            raise UsageError(f"--confident_fraction takes one or two shares, got {len(f)}: "
+                             f"{' '.join(map(str, f))}")
         args.confident_fraction = [f[0], f[-1]]
-        if not 0 <= args.label_smoothing < 1:
-            raise UsageError(f"--label_smoothing must be in [0, 1), got {args.label_smoothing}")
 
     def load(self, args) -> RunData:
         x, y, names, x_test, y_test = load_images(args)
@@ -445,15 +436,13 @@ def predict_parser():
                        "the model's size and channels): the top-k classes and their probabilities.")
     p.add_argument("--model", required=True, metavar="MODEL.keras", help="a model written by bin/selflabel")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (png, jpeg, bmp, gif)")
-    p.add_argument("--top_k", type=int, default=3, help="classes listed per image")
+    p.add_argument("--top_k", type=int, default=3, bounds="[1, inf)", help="classes listed per image")
     p.add_argument("--out", metavar="CSV", help="also write the predictions to this CSV file")
     return p
 
 
 def predict_main(argv):
     args = predict_parser().parse_args(argv)
-    if args.top_k < 1:
-        raise UsageError(f"--top_k must be positive, got {args.top_k}")
     quiet_tensorflow()
     from dcn.folders import load_image_files
     from dcn.selflabel import load_model

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.cli import ArgumentParser, run
+from common.cli import SEED_BOUNDS, ArgumentParser, run
 from common.data import IMAGE_SHAPES, KNOWN_DATASETS, load_data
 from common.errors import DataError, UsageError
 from common.metrics import accuracy, evaluate_clustering
@@ -40,16 +40,18 @@ def parser():
     p.add_argument("--models", nargs="+", choices=MODELS, default=["desom"],
                    help="som = Kerasom on the inputs; kmeans = scikit-learn k-means with one "
                    "cluster per unit, on the inputs")
-    p.add_argument("--runs", type=int, default=5,
+    p.add_argument("--runs", type=int, default=5, bounds="[1, inf)",
                    help="runs per data set and model (seeds seed..seed+runs-1)")
-    p.add_argument("--seed", type=int, default=0, help="first seed")
-    p.add_argument("--map_size", nargs=2, type=int, default=[8, 8], metavar=("ROWS", "COLS"))
-    p.add_argument("--iterations", type=int, default=10000)
-    p.add_argument("--batch_size", type=int, default=256)
-    p.add_argument("--gamma", type=float, default=0.001)
-    p.add_argument("--Tmax", type=float, default=10.0)
-    p.add_argument("--Tmin", type=float, default=0.1)
-    p.add_argument("--pretrain_epochs", type=int, default=0, help="autoencoder pretraining (paper: 0)")
+    p.add_argument("--seed", type=int, default=0, bounds=SEED_BOUNDS, help="first seed")
+    p.add_argument("--map_size", nargs=2, type=int, default=[8, 8], bounds="[1, inf)",
+                   metavar=("ROWS", "COLS"))
+    p.add_argument("--iterations", type=int, default=10000, bounds="[1, inf)")
+    p.add_argument("--batch_size", type=int, default=256, bounds="[1, inf)")
+    p.add_argument("--gamma", type=float, default=0.001, bounds="[0, inf)")
+    p.add_argument("--Tmax", type=float, default=10.0, bounds="(0, inf)")
+    p.add_argument("--Tmin", type=float, default=0.1, bounds="(0, inf)")
+    p.add_argument("--pretrain_epochs", type=int, default=0, bounds="[0, inf)",
+                   help="autoencoder pretraining (paper: 0)")
     p.add_argument("--som_init", choices=("random", "som"), default="random")
     p.add_argument("--data_dir", help="folder searched first for the data files")
     p.add_argument("--out", default="bench/desom", help="folder for runs.csv, summary.csv and run logs")
@@ -61,7 +63,8 @@ def parser():
     p.add_argument("--speed", action="store_true",
                    help="instead: ms per training step of DESOM, ConvDESOM and Kerasom in our loop and in a "
                    "bare Keras step (random data; writes <out>/speed_desom.csv)")
-    p.add_argument("--speed_runs", type=int, default=5, help="--speed: alternating repeats per case")
+    p.add_argument("--speed_runs", type=int, default=5, bounds="[1, inf)",
+                   help="--speed: alternating repeats per case")
     return p
 
 
@@ -152,8 +155,11 @@ def _one_run(args, name, model_name, x, y, seed, strategy, run_dir):
 
 def _main(argv=None):
     args = parser().parse_args(argv)
-    if args.runs < 1 or args.iterations < 1 or args.speed_runs < 1:
-        raise UsageError("--runs, --iterations and --speed_runs must be positive")
+    from desom.layers import check_map
+
+    check_map(args.map_size, flag="--map_size")
+    if args.Tmin > args.Tmax:
+        raise UsageError(f"need --Tmin <= --Tmax, got {args.Tmin} > {args.Tmax}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tf = quiet_tensorflow()

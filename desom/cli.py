@@ -13,7 +13,7 @@ import numpy as np
 
 from common.cli import ArgumentParser, add_data_arguments, dispatch, run
 from common.command import RunData, TrainingCommand
-from common.data import SCALINGS, Scaler, load_data
+from common.data import SCALINGS, Scaler, label_names, load_data
 from common.errors import UsageError
 from common.results import write_csv, write_json
 from common.runtime import quiet_tensorflow
@@ -34,6 +34,13 @@ class DesomCommand(TrainingCommand):
     outputs = ("model.keras", "log.csv", "results.json", "map.png", "umatrix.png", "training.png",
                "architecture.png", "architecture.txt")
 
+    resume_may_change = ("iterations",)
+
+    def resumed_with_changes(self, args, changed):
+        old = changed["iterations"][0]
+        if args.som_iterations is None:  # T keeps the schedule it had; extra iterations run at Tmin
+            args.som_iterations = min(old, args.iterations)
+
     def add_arguments(self, p):
         _data_arguments(p, required=False)
         p.add_argument("--scaling", choices=SCALINGS, default="none",
@@ -45,32 +52,36 @@ class DesomCommand(TrainingCommand):
                        help="train on the canonical training split and also evaluate on the test split")
         p.add_argument("--ae_weights",
                        help="pretrained autoencoder weights (ae.weights.h5 from an earlier run)")
-        p.add_argument("--map_size", nargs=2, type=int, default=[8, 8], metavar=("ROWS", "COLS"),
-                       help="number of rows and columns of the map")
+        p.add_argument("--map_size", nargs=2, type=int, default=[8, 8], bounds="[1, inf)",
+                       metavar=("ROWS", "COLS"), help="number of rows and columns of the map")
         p.add_argument("--topology", choices=("rectangular", "hexagonal"), default="rectangular",
                        help="grid of the map")
         p.add_argument("--toroidal", action="store_true", help="wrap the map around its edges")
-        p.add_argument("--latent_dim", type=int, default=10, help="size of the latent code")
-        p.add_argument("--gamma", type=float, default=0.001, help="weight of the SOM loss")
+        p.add_argument("--latent_dim", type=int, default=10, bounds="[1, inf)",
+                       help="size of the latent code")
+        p.add_argument("--gamma", type=float, default=0.001, bounds="[0, inf)", help="weight of the SOM loss")
         p.add_argument("--som_loss", choices=("desom", "normalized"), default="desom",
                        help="desom: the papers' SOM loss; normalized: divided by the batch's latent spread, "
                        "so the encoder cannot lower it by shrinking the codes (for wide latents)")
-        p.add_argument("--pretrain_epochs", type=int, default=0,
+        p.add_argument("--pretrain_epochs", type=int, default=0, bounds="[0, inf)",
                        help="epochs of autoencoder pretraining before DESOM training (0: none, as in the "
                        "paper)")
-        p.add_argument("--iterations", type=int, default=10000, help="training iterations (batches)")
-        p.add_argument("--som_iterations", type=int, default=None,
+        p.add_argument("--iterations", type=int, default=10000, bounds="[1, inf)",
+                       help="training iterations (batches)")
+        p.add_argument("--som_iterations", type=int, default=None, bounds="[1, inf)",
                        help="iterations over which T decays from Tmax to Tmin (default: --iterations)")
-        p.add_argument("--update_interval", type=int, default=1,
+        p.add_argument("--update_interval", type=int, default=1, bounds="[1, inf)",
                        help="iterations between updates of the temperature T")
-        p.add_argument("--eval_interval", type=int, default=500,
+        p.add_argument("--eval_interval", type=int, default=500, bounds="[1, inf)",
                        help="iterations between rows of log.csv (losses and map quality)")
-        p.add_argument("--eval_samples", type=int, default=10000,
+        p.add_argument("--eval_samples", type=int, default=10000, bounds="[1, inf)",
                        help="fixed random samples on which each log row measures map quality")
-        p.add_argument("--batch_size", type=int, default=256, help="global batch size")
-        p.add_argument("--lr", type=float, default=0.001, help="Adam learning rate")
-        p.add_argument("--Tmax", type=float, default=10.0, help="initial neighbourhood radius")
-        p.add_argument("--Tmin", type=float, default=0.1, help="final neighbourhood radius")
+        p.add_argument("--batch_size", type=int, default=256, bounds="[1, inf)", help="global batch size")
+        p.add_argument("--lr", type=float, default=0.001, bounds="(0, inf)", help="Adam learning rate")
+        p.add_argument("--Tmax", type=float, default=10.0, bounds="(0, inf)",
+                       help="initial neighbourhood radius")
+        p.add_argument("--Tmin", type=float, default=0.1, bounds="(0, inf)",
+                       help="final neighbourhood radius")
         p.add_argument("--decay", choices=("exponential", "linear", "constant"), default="exponential",
                        help="how T goes from Tmax to Tmin")
         p.add_argument("--neighborhood", choices=("gaussian", "window"), default="gaussian",
@@ -81,17 +92,11 @@ class DesomCommand(TrainingCommand):
         p.add_argument("--save_dir", help="output folder (default: results/<data>_<model>_<rows>x<cols>)")
 
     def check(self, args):
-        for name in ("iterations", "batch_size", "eval_interval", "update_interval", "latent_dim",
-                     "eval_samples"):
-            if getattr(args, name) < 1:
-                raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
-        if args.pretrain_epochs < 0:
-            raise UsageError(f"--pretrain_epochs must be 0 or more, got {args.pretrain_epochs}")
-        if args.som_iterations is not None and args.som_iterations < 1:
-            raise UsageError(f"--som_iterations must be positive, got {args.som_iterations}")
         from desom.layers import check_map
 
-        check_map(args.map_size, args.topology, args.toroidal)
+        check_map(args.map_size, args.topology, args.toroidal, flag="--map_size")
+        if args.Tmin > args.Tmax:
+            raise UsageError(f"need --Tmin <= --Tmax, got {args.Tmin} > {args.Tmax}")
         if args.model == "som" and (args.pretrain_epochs or args.ae_weights):
             raise UsageError("--model som has no autoencoder: drop --pretrain_epochs/--ae_weights")
         if args.data is None and args.scaling != "none":
@@ -147,6 +152,8 @@ class DesomCommand(TrainingCommand):
         if d.x_val is not None:
             out["validation"] = model.evaluate_map(d.x_val, d.y_val, seed=run.args.seed)
         out.update({k: out["train"][k] for k in RESULT_KEYS if k in out["train"]})
+        if label_names(d.y) is not None:  # a file's own labels, numbered 0..k-1 in the metrics and maps
+            out["label_names"] = label_names(d.y)
         return out
 
     def pictures(self, run, results):

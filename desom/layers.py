@@ -32,14 +32,24 @@ DECAYS = ("exponential", "linear", "constant")
 # --------------------------------------------------------------------------- #
 # Map geometry (numpy: computed once per map)
 # --------------------------------------------------------------------------- #
-def check_map(map_size, topology: str = "rectangular", toroidal: bool = False) -> tuple[int, int]:
-    """Validate a map description; returns (rows, cols) as ints."""
+#: Most units of a map: distances between units are kept as a units x units
+#: matrix (10,000 units: 400 MB in float32), which grows with the square.
+MAX_UNITS = 10_000
+
+
+def check_map(map_size, topology: str = "rectangular", toroidal: bool = False,
+              flag: str = "map_size") -> tuple[int, int]:
+    """Validate a map description; returns (rows, cols) as ints. ``flag``
+    names the map in messages (``--som_map_size`` for a command's flag)."""
     try:
         rows, cols = (int(v) for v in map_size)
     except (TypeError, ValueError):
-        raise UsageError(f"map_size must be two integers (rows, cols), got {map_size!r}") from None
+        raise UsageError(f"{flag} must be two integers (rows, cols), got {map_size!r}") from None
     if rows < 1 or cols < 1:
-        raise UsageError(f"map_size must be positive, got {rows} x {cols}")
+        raise UsageError(f"{flag} must be positive, got {rows} x {cols}")
+    if rows * cols > MAX_UNITS:
+        raise UsageError(f"{flag} {rows} {cols} has {rows * cols} units; at most {MAX_UNITS} are supported "
+                         "(the units x units distance matrix grows with the square)")
     if topology not in TOPOLOGIES:
         raise UsageError(f"unknown topology '{topology}'; choose {' or '.join(TOPOLOGIES)}")
     if toroidal and topology == "hexagonal" and rows % 2:
@@ -68,24 +78,33 @@ def map_distances(map_size, topology: str = "rectangular", toroidal: bool = Fals
     col_l| (computed from the coordinates: the original DESOM's
     ``|k - l| // width`` row term is wrong across row ends). Hexagonal maps
     use the number of steps between hexagons. Toroidal maps take the shortest
-    way around the edges.
+    way around the edges. Computed a block of rows at a time, so that a map
+    of :data:`MAX_UNITS` units needs little more than the result's 400 MB.
     """
     rows, cols = check_map(map_size, topology, toroidal)
     r, c = unit_coordinates((rows, cols))
-    r1, c1, r2, c2 = r[:, None], c[:, None], r[None, :], c[None, :]
+    n = rows * cols
+    d = np.empty((n, n), np.float32)
+    step = max(1, 2**22 // n)  # about 4 million distances per block
+    for start in range(0, n, step):
+        block = slice(start, start + step)
+        d[block] = _distances(r[block, None], c[block, None], r[None, :], c[None, :], rows, cols,
+                              topology, toroidal)
+    return d
+
+
+def _distances(r1, c1, r2, c2, rows: int, cols: int, topology: str, toroidal: bool) -> np.ndarray:
     if topology == "rectangular":
         dr, dc = np.abs(r1 - r2), np.abs(c1 - c2)
         if toroidal:
             dr, dc = np.minimum(dr, rows - dr), np.minimum(dc, cols - dc)
-        d = dr + dc
-    elif not toroidal:
-        d = _hex_distance(r1, c1, r2, c2)
-    else:
-        # Shortest over the images of the map shifted by whole periods; an
-        # even row count keeps the odd-row offsets aligned across the seam.
-        d = np.min([_hex_distance(r1, c1, r2 + i * rows, c2 + j * cols)
-                    for i in (-1, 0, 1) for j in (-1, 0, 1)], axis=0)
-    return d.astype(np.float32)
+        return dr + dc
+    if not toroidal:
+        return _hex_distance(r1, c1, r2, c2)
+    # Shortest over the images of the map shifted by whole periods; an even
+    # row count keeps the odd-row offsets aligned across the seam.
+    return np.min([_hex_distance(r1, c1, r2 + i * rows, c2 + j * cols)
+                   for i in (-1, 0, 1) for j in (-1, 0, 1)], axis=0)
 
 
 # --------------------------------------------------------------------------- #

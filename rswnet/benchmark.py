@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from common.cli import ArgumentParser, run
+from common.cli import SEED_BOUNDS, ArgumentParser, run
 from common.errors import UsageError
 from common.results import write_csv, write_summary
 
@@ -34,10 +34,10 @@ def parser():
     p.add_argument("--dataset", default="fmnist", help="image data set")
     p.add_argument("--heads", nargs="+", choices=("clustering", "som"), default=["clustering"],
                    help="heads to run")
-    p.add_argument("--runs", type=int, default=3, help="seeds seed..seed+runs-1 per head")
-    p.add_argument("--seed", type=int, default=0, help="first seed")
-    p.add_argument("--subset", type=int, default=5000, help="stratified training subset")
-    p.add_argument("--input_size", type=int, default=32, help="ResNet50 input side")
+    p.add_argument("--runs", type=int, default=3, bounds="[1, inf)", help="seeds seed..seed+runs-1 per head")
+    p.add_argument("--seed", type=int, default=0, bounds=SEED_BOUNDS, help="first seed")
+    p.add_argument("--subset", type=int, default=5000, bounds="[1, inf)", help="stratified training subset")
+    p.add_argument("--input_size", type=int, default=32, bounds="[32, inf)", help="ResNet50 input side")
     p.add_argument("--weights", default="none", help="ResNet50 weights (none: random)")
     p.add_argument("--out", default="bench/rswnet", help="folder for the runs and the tables")
     return p
@@ -45,8 +45,6 @@ def parser():
 
 def _main(argv=None):
     args, passed = parser().parse_known_args(argv)
-    if args.runs < 1:
-        raise UsageError("--runs must be positive")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rswnet = Path(__file__).resolve().parents[1] / "bin" / "rswnet"

@@ -34,13 +34,6 @@ PROTOCOLS = {
 }
 
 
-def _positive(args, *names):
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and not (value > 0 and math.isfinite(value)):
-            raise UsageError(f"--{name} must be positive, got {value}")
-
-
 def _stratified(x, y, n: int, seed: int, what: str):
     """``n`` samples of ``x`` (and ``y``), stratified by ``y`` when known."""
     if n >= len(x):
@@ -77,44 +70,46 @@ class RswnetCommand(TrainingCommand):
         src.add_argument("--data", metavar="DIR",
                          help="an image folder as for bin/dcn: train/ and, for the comparison, test/<class>/")
         p.add_argument("--data_dir", help="--dataset: folder searched first for its files")
-        p.add_argument("--image_size", type=int, default=64,
+        p.add_argument("--image_size", type=int, default=64, bounds="[1, inf)",
                        help="--data: side the images are resized to (what the decoder reconstructs)")
         p.add_argument("--color", choices=("grayscale", "rgb"), default="grayscale",
                        help="--data: colour mode")
-        p.add_argument("--subset", type=int,
+        p.add_argument("--subset", type=int, bounds="[1, inf)",
                        help="train on a stratified subset of this many training images")
-        p.add_argument("--test_subset", type=int, help="score on a stratified subset of the test images")
+        p.add_argument("--test_subset", type=int, bounds="[1, inf)",
+                       help="score on a stratified subset of the test images")
         p.add_argument("--head", choices=("clustering", "som"), default="clustering",
                        help="clustering: DEC's Student-t layer (published); som: DESOM's SOM layer")
         p.add_argument("--protocol", choices=tuple(PROTOCOLS), default="ours",
                        help="defaults of the flags below: ours (refreshed targets + reconstruction, 10 + 10 "
                        "epochs) or published (the notebook: per-batch target, KL only, frozen decoder, "
                        "22 + 22 epochs); flags given explicitly win")
-        p.add_argument("--input_size", type=int,
+        p.add_argument("--input_size", type=int, bounds="[32, inf)",
                        help="side images are resized to for ResNet50 (224; 32 at least)")
         p.add_argument("--weights", help="ResNet50 weights: imagenet (Keras' download, cached in "
                        "~/.keras/models), none (random) or a local weights file (default: imagenet)")
-        p.add_argument("--bn_momentum", type=float,
+        p.add_argument("--bn_momentum", type=float, bounds="[0, 1)",
                        help="momentum of ResNet50's batch-normalisation statistics (0.9; published: Keras' "
                        "0.99, slow for short runs from random weights)")
         p.add_argument("--freeze_until", metavar="LAYER",
                        help="freeze ResNet50 up to and including this layer (e.g. conv4_block6_out)")
-        p.add_argument("--n_clusters", type=int, help="clusters of the clustering head and of k-means "
-                       "(default: the number of classes)")
-        p.add_argument("--map_size", nargs=2, type=int, default=[8, 8], metavar=("ROWS", "COLS"),
-                       help="map of the SOM head")
-        p.add_argument("--pretrain_epochs", type=int,
+        p.add_argument("--n_clusters", type=int, bounds="[2, inf)",
+                       help="clusters of the clustering head and of k-means (default: the number of classes)")
+        p.add_argument("--map_size", nargs=2, type=int, default=[8, 8], bounds="[1, inf)",
+                       metavar=("ROWS", "COLS"), help="map of the SOM head")
+        p.add_argument("--pretrain_epochs", type=int, bounds="[0, inf)",
                        help="epochs of reconstruction pretraining (10; published 22; 0: none)")
-        p.add_argument("--epochs", type=int, help="epochs of the joint phase (10; published 22)")
-        p.add_argument("--recon_weight", type=float,
+        p.add_argument("--epochs", type=int, bounds="[1, inf)",
+                       help="epochs of the joint phase (10; published 22)")
+        p.add_argument("--recon_weight", type=float, bounds="[0, inf)",
                        help="clustering head: weight of the reconstruction error beside KL(P||Q) (10; "
                        "published 0: KL alone, decoder frozen)")
-        p.add_argument("--update_interval", type=int,
+        p.add_argument("--update_interval", type=int, bounds="[1, inf)",
                        help="clustering head: iterations between target refreshes (default: 140, or one "
                        "epoch when shorter)")
-        p.add_argument("--tol", type=float, default=0.001,
+        p.add_argument("--tol", type=float, default=0.001, bounds="[0, 1]",
                        help="clustering head: stop when fewer than this share of labels change at a refresh")
-        p.add_argument("--gamma", type=float, default=0.001,
+        p.add_argument("--gamma", type=float, default=0.001, bounds="[0, inf)",
                        help="SOM head: weight of the SOM loss (DESOM's)")
         p.add_argument("--som_loss", choices=("normalized", "desom"), default="normalized",
                        help="SOM head: normalized divides the SOM loss by the batch's latent spread, so "
@@ -123,20 +118,25 @@ class RswnetCommand(TrainingCommand):
         p.add_argument("--som_init", choices=("som", "random"), default="som",
                        help="SOM head: prototypes from a short batch SOM on the pretrained codes (an ordered "
                        "map from the start) or the codes of random samples (DESOM's benchmark)")
-        p.add_argument("--Tmax", type=float, default=10.0, help="SOM head: initial neighbourhood radius")
-        p.add_argument("--Tmin", type=float, default=0.1, help="SOM head: final neighbourhood radius")
-        p.add_argument("--batch_size", type=int, help="global batch size (128)")
-        p.add_argument("--lr", type=float, help="Adam learning rate of both phases (0.001)")
-        p.add_argument("--n_init", type=int, default=20, help="k-means restarts for the initial centres")
-        p.add_argument("--som_map_size", nargs=2, type=int, default=[2, 5], metavar=("ROWS", "COLS"),
+        p.add_argument("--Tmax", type=float, default=10.0, bounds="(0, inf)",
+                       help="SOM head: initial neighbourhood radius")
+        p.add_argument("--Tmin", type=float, default=0.1, bounds="(0, inf)",
+                       help="SOM head: final neighbourhood radius")
+        p.add_argument("--batch_size", type=int, bounds="[1, inf)", help="global batch size (128)")
+        p.add_argument("--lr", type=float, bounds="(0, inf)",
+                       help="Adam learning rate of both phases (0.001)")
+        p.add_argument("--n_init", type=int, default=20, bounds="[1, inf)",
+                       help="k-means restarts for the initial centres")
+        p.add_argument("--som_map_size", nargs=2, type=int, default=[2, 5], bounds="[1, inf)",
+                       metavar=("ROWS", "COLS"),
                        help="comparison: the SOM trained on the latents (2x5 as published)")
-        p.add_argument("--som_epochs", type=int, default=100,
+        p.add_argument("--som_epochs", type=int, default=100, bounds="[1, inf)",
                        help="comparison: epochs of that SOM on the training latents")
-        p.add_argument("--desom_iterations", type=int, default=10000,
+        p.add_argument("--desom_iterations", type=int, default=10000, bounds="[0, inf)",
                        help="comparison: iterations of DESOM 8x8 on the pixels (0: leave it out)")
-        p.add_argument("--internal_samples", type=int, default=5000,
+        p.add_argument("--internal_samples", type=int, default=5000, bounds="[1, inf)",
                        help="comparison: test samples on which the internal indices are computed")
-        p.add_argument("--tsne_samples", type=int, default=2000,
+        p.add_argument("--tsne_samples", type=int, default=2000, bounds="[2, inf)",
                        help="test samples drawn in pca.png and tsne.png")
         p.add_argument("--save_dir", help="output folder (default: results/<data>_rswnet_<head>)")
 
@@ -150,24 +150,12 @@ class RswnetCommand(TrainingCommand):
                              "--head som")
         if str(args.weights).lower() == "none":
             args.weights = None
-        _positive(args, "input_size", "epochs", "batch_size", "lr", "n_init", "som_epochs",
-                  "internal_samples", "tsne_samples", "subset", "test_subset", "n_clusters",
-                  "update_interval", "gamma", "Tmax", "Tmin", "image_size")
-        if args.pretrain_epochs < 0:
-            raise UsageError(f"--pretrain_epochs must be 0 or more, got {args.pretrain_epochs}")
-        if args.input_size < 32:
-            raise UsageError(f"--input_size must be at least 32 (ResNet50's smallest input), got "
-                             f"{args.input_size}")
-        if not (args.recon_weight >= 0 and args.tol >= 0 and args.desom_iterations >= 0):
-            raise UsageError("--recon_weight, --tol and --desom_iterations must be 0 or more")
-        if not 0 <= args.bn_momentum < 1:
-            raise UsageError(f"--bn_momentum must be in [0, 1), got {args.bn_momentum}")
         if args.Tmin > args.Tmax:
             raise UsageError(f"need --Tmin <= --Tmax, got {args.Tmin} > {args.Tmax}")
-        if min(args.map_size + args.som_map_size) < 1:
-            raise UsageError("--map_size and --som_map_size must be positive")
-        if args.n_clusters is not None and args.n_clusters < 2:
-            raise UsageError(f"--n_clusters must be at least 2, got {args.n_clusters}")
+        from desom.layers import check_map
+
+        check_map(args.map_size, flag="--map_size")
+        check_map(args.som_map_size, flag="--som_map_size")
 
     def load(self, args) -> RunData:
         classes = None

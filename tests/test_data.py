@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from common import data
-from common.data import load_data
+from common.data import label_names, load_data
 from common.errors import DataError
 
 
@@ -212,6 +212,21 @@ def test_npz_with_and_without_labels(tmp_path):
     np.savez(tmp_path / "b.npz", x=x)
     (_, yb), _ = load_data(str(tmp_path / "b.npz"), scaling="minmax")
     assert yb is None
+
+
+@pytest.mark.parametrize("labels, codes, names", [
+    ([-1, 1, 1, -1], [0, 1, 1, 0], ["-1", "1"]),           # a classifier's +-1 labels
+    ([2.0, -3.0, 2.0, 10.0], [1, 0, 1, 2], ["-3", "2", "10"]),  # sorted as numbers, not as text
+    ([0.5, 1.5, 0.5, 0.5], [0, 1, 0, 0], ["0.5", "1.5"]),
+    (["cat", "dog", "cat", "eel"], [0, 1, 0, 2], ["cat", "dog", "eel"]),
+    ([7, 0, 3, 3], [7, 0, 3, 3], None),                     # class ids of 0 or more stay as they are
+])
+def test_file_labels_are_numbered_from_zero_and_keep_their_values_as_names(tmp_path, labels, codes, names):
+    np.savez(tmp_path / "a.npz", x=np.zeros((4, 2)), y=np.array(labels))
+    (_, y), _ = load_data(str(tmp_path / "a.npz"))
+    np.testing.assert_array_equal(y, codes)
+    assert y.dtype == np.int64 and label_names(y) == names and label_names(y[1:]) == names
+    assert np.bincount(y).sum() == 4  # what the majority-class maps and the metrics compute
 
 
 def test_npz_images_keep_their_shape(tmp_path):

@@ -276,12 +276,17 @@ def test_tolerance_stops_training_and_resume_keeps_the_targets(tmp_path, monkeyp
 @pytest.mark.parametrize("argv, message", [
     ([], "give --data DIR"),
     (["--data", "missing_dir"], "data folder missing_dir not found"),
-    (["--dataset", "digits", "--n_clusters", "1"], "--n_clusters must be at least 2"),
+    (["--dataset", "digits", "--n_clusters", "1"], "argument --n_clusters: must be in [2, inf), got 1"),
     (["--dataset", "digits", "--batch_size", "4000"], "larger than the 1797 training samples"),
     (["predict", "--model", "none.keras", "a.png"], "model file none.keras not found"),
-    (["--dataset", "digits", "--max_epochs", "0"], "--max_epochs must be a positive number, got 0.0"),
-    (["--dataset", "digits", "--update_interval", "0"], "--update_interval must be positive, got 0"),
-    (["--dataset", "digits", "--alpha", "0"], "--alpha must be a positive number, got 0.0"),
+    (["--dataset", "digits", "--max_epochs", "0"], "argument --max_epochs: must be in (0, inf), got 0"),
+    (["--dataset", "digits", "--update_interval", "0"],
+     "argument --update_interval: must be in [1, inf), got 0"),
+    (["--dataset", "digits", "--alpha", "0"], "argument --alpha: must be in (0, inf), got 0"),
+    (["--dataset", "digits", "--tol", "nan"], "argument --tol: must be a finite number in [0, 1], got nan"),
+    (["--dataset", "digits", "--lr", "0"], "argument --lr: must be in (0, inf), got 0"),
+    (["--dataset", "digits", "--image_size", "4"], "argument --image_size: must be in [8, inf), got 4"),
+    (["--dataset", "digits", "--image_size", "8", "8", "8"], "--image_size takes one or two sizes, got 3"),
     (["--dataset", "digits", "--checkpoint_minutes", "-2"], "must be a finite number of at least 0, got -2"),
 ])
 def test_bad_arguments(argv, message, capsys, tmp_path, monkeypatch):

@@ -248,11 +248,20 @@ def test_bin_desom_csv_with_scaling_and_predict(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--map_size", "0", "4"], "map_size must be positive"),
+    (["--map_size", "0", "4"], "argument --map_size: must be in [1, inf), got 0"),
+    (["--map_size", "1000", "1000"], "--map_size 1000 1000 has 1000000 units; at most 10000 are supported"),
+    (["--map_size", "101", "100", "--topology", "hexagonal"], "--map_size 101 100 has 10100 units"),
     (["--batch_size", "5000"], "larger than the 1797 training samples"),
     (["--data", "missing.npz"], "data file missing.npz not found"),
     (["--dataset", "cifar"], "invalid choice: 'cifar'"),
-    (["--iterations", "0"], "--iterations must be positive"),
+    (["--iterations", "0"], "argument --iterations: must be in [1, inf), got 0"),
+    (["--gamma", "nan"], "argument --gamma: must be a finite number in [0, inf), got nan"),
+    (["--gamma", "-1"], "argument --gamma: must be in [0, inf), got -1"),
+    (["--Tmax", "0"], "argument --Tmax: must be in (0, inf), got 0"),
+    (["--Tmin", "5", "--Tmax", "2"], "need --Tmin <= --Tmax, got 5.0 > 2.0"),
+    (["--lr", "1e999"], "argument --lr: must be a finite number in (0, inf), got 1e999"),
+    (["--batch_size", "many"], "argument --batch_size: must be an integer, got 'many'"),
+    (["--seed", "-1"], "argument --seed: must be in [0, 4294967295], got -1"),
     (["--model", "convdesom", "--dataset", "digits", "--data", "x.csv"], "not allowed with argument"),
     (["--resume", "--save_dir", "nowhere"], "nothing to resume"),
     (["--model", "som", "--pretrain_epochs", "2"], "no autoencoder"),
@@ -276,7 +285,8 @@ def test_mixed_precision_path_runs_on_cpu(tmp_path):
 def test_bad_argument_from_the_real_executable():
     res = run_bin("--map_size", 0, 3, timeout=120)
     assert res.returncode == 2
-    assert res.stderr.strip() == "desom: error: map_size must be positive, got 0 x 3"
+    assert res.stderr.strip() == ("desom: error: argument --map_size: must be in [1, inf), got 0 "
+                                  "(see desom --help)")
 
 
 def test_convdesom_refuses_vector_data(tmp_path, capsys, monkeypatch):

@@ -217,10 +217,16 @@ def test_published_protocol_sets_the_notebook_defaults_and_explicit_flags_win():
 
 @pytest.mark.parametrize("argv, message", [
     (["--dataset", "digits"], "downloads are off"),  # default weights: ImageNet, not cached here
-    (["--dataset", "digits", "--input_size", "16"], "--input_size must be at least 32"),
+    (["--dataset", "digits", "--input_size", "16"], "argument --input_size: must be in [32, inf), got 16"),
     (["--dataset", "digits", "--weights", "missing.h5", "--input_size", "32"],
      "weights file missing.h5 not found"),
-    (["--dataset", "digits", "--bn_momentum", "1"], "--bn_momentum must be in [0, 1)"),
+    (["--dataset", "digits", "--bn_momentum", "1"], "argument --bn_momentum: must be in [0, 1), got 1"),
+    (["--dataset", "digits", "--lr", "inf"], "argument --lr: must be a finite number in (0, inf), got inf"),
+    (["--dataset", "digits", "--Tmin", "3", "--Tmax", "2"], "need --Tmin <= --Tmax, got 3.0 > 2.0"),
+    (["--dataset", "digits", "--som_map_size", "101", "100"],
+     "--som_map_size 101 100 has 10100 units; at most 10000 are supported"),
+    (["--dataset", "digits", "--head", "som", "--map_size", "0", "8"],
+     "argument --map_size: must be in [1, inf), got 0"),
     (["--dataset", "digits", "--protocol", "published", "--head", "som"],
      "the published protocol trains the"),
     (["--dataset", "digits", "--subset", "5", "--weights", "none"],

@@ -271,7 +271,7 @@ def test_resume_falls_back_to_the_previous_checkpoint_when_the_newest_is_damaged
     resumed = _regression(x)
     result = training.train(resumed, x, iterations=90, resume=True, **kwargs)
     err = capsys.readouterr().err
-    assert "checkpoint" in err and "ckpt-60 cannot be read" in err and "resuming from the one before, ckpt-30" in err
+    assert "ckpt-60 cannot be read" in err and "resuming from the one before, ckpt-30" in err
     assert (result.iterations, result.trained) == (90, 60)
     for a, b in zip(_weights(resumed), _weights(reference)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -284,7 +284,7 @@ def test_resume_falls_back_to_the_previous_checkpoint_when_the_newest_is_damaged
 
     for f in folder.glob("ckpt-*"):
         f.write_bytes(b"")
-    with pytest.raises(UsageError, match="no checkpoint in .* can be read; start the run again without --resume"):
+    with pytest.raises(UsageError, match="no checkpoint in .* can be read; start the run again without"):
         training.train(_regression(x), x, iterations=110, resume=True, **kwargs)
 
 
@@ -344,6 +344,9 @@ def test_clustering_schedule_scales_with_the_data():
     (["--checkpoint_minutes", "-1"], "argument --checkpoint_minutes: must be a finite number of at least 0"),
     (["--checkpoint_minutes", "nan"], "must be a finite number of at least 0, got nan"),
     (["--jit", "maybe"], "argument --jit: invalid choice: 'maybe'"),
+    (["--seed", "-1"], "argument --seed: must be in [0, 4294967295], got -1"),
+    (["--seed", "4294967296"], "argument --seed: must be in [0, 4294967295], got 4294967296"),
+    (["--seed", "1.5"], "argument --seed: must be an integer, got '1.5'"),
 ])
 def test_bad_run_flags_get_one_line(argv, message, capsys):
     p = ArgumentParser(prog="cmd")
@@ -353,6 +356,82 @@ def test_bad_run_flags_get_one_line(argv, message, capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_seed_bounds_are_what_keras_accepts():
+    p = ArgumentParser(prog="cmd")
+    add_run_arguments(p, "seed")
+    seed = p.parse_args(["--seed", "4294967295"]).seed
+    assert seed == 2**32 - 1
+    keras.utils.set_random_seed(seed)
+    with pytest.raises(ValueError):
+        keras.utils.set_random_seed(seed + 1)
+
+
+@pytest.mark.parametrize("kind, bounds, text, message", [
+    (int, "[1, 10]", "0", "must be in [1, 10], got 0"),
+    (int, "[1, 10]", "11", "must be in [1, 10], got 11"),
+    (int, "[1, 10]", "x", "must be an integer, got 'x'"),
+    (int, "[1, 10]", "2.5", "must be an integer, got '2.5'"),
+    (int, None, "x", "must be an integer, got 'x'"),
+    (float, "(0, 1)", "0", "must be in (0, 1), got 0"),
+    (float, "(0, 1)", "1", "must be in (0, 1), got 1"),
+    (float, "(0, 1]", "1.0001", "must be in (0, 1], got 1.0001"),
+    (float, "[0, inf)", "-0.5", "must be in [0, inf), got -0.5"),
+    (float, "(0, 1)", "x", "must be a number, got 'x'"),
+    (float, "(0, 1)", "nan", "must be a finite number in (0, 1), got nan"),
+    (float, "(0, inf)", "inf", "must be a finite number in (0, inf), got inf"),
+    (float, None, "nan", "must be a finite number, got nan"),
+    (float, None, "-inf", "must be a finite number, got -inf"),
+    (float, None, "1e999", "must be a finite number, got 1e999"),
+])
+def test_number_refuses_what_is_outside_its_bounds(kind, bounds, text, message):
+    import argparse
+
+    from common.cli import Number
+
+    with pytest.raises(argparse.ArgumentTypeError) as e:
+        Number(kind, bounds)(text)
+    assert str(e.value) == message
+
+
+def test_number_takes_the_ends_of_closed_intervals_and_keeps_its_kind():
+    from common.cli import Number
+
+    closed, half_open = Number(int, "[1, 10]"), Number(float, "(0, 1]")
+    assert closed("1") == 1 and closed("10") == 10 and type(closed("5")) is int
+    assert half_open("1") == 1.0 and half_open("1e-9") == 1e-9 and type(half_open("1")) is float
+    assert Number(float)("-1e300") == -1e300  # no bounds: any finite number
+    assert Number(float, "[0, 1]")("0") == 0.0
+    with pytest.raises(ValueError, match="bounds must look like"):
+        Number(float, "0, 1")
+
+
+def test_parser_groups_take_bounds_and_report_one_line(capsys):
+    p = ArgumentParser(prog="cmd")
+    p.add_argument("--lr", type=float, bounds="(0, inf)")
+    p.add_argument("--size", type=int, nargs=2, bounds="[1, 100]")
+    p.add_argument("--free", type=float)
+    group = p.add_argument_group("training")
+    group.add_argument("--epochs", type=int, default=3, bounds="[1, inf)")
+    either = p.add_mutually_exclusive_group()
+    either.add_argument("--share", type=float, bounds="(0, 1]")
+    either.add_argument("--count", type=int, bounds="[1, inf)")
+    a = p.parse_args(["--lr", "0.5", "--size", "1", "100", "--free", "-3", "--share", "1"])
+    assert (a.lr, a.size, a.free, a.epochs, a.share) == (0.5, [1, 100], -3.0, 3, 1.0)
+    for argv, message in [(["--lr", "0"], "argument --lr: must be in (0, inf), got 0"),
+                          (["--size", "1", "101"], "argument --size: must be in [1, 100], got 101"),
+                          (["--free", "nan"], "argument --free: must be a finite number, got nan"),
+                          (["--epochs", "0"], "argument --epochs: must be in [1, inf), got 0"),
+                          (["--share", "1.5"], "argument --share: must be in (0, 1], got 1.5"),
+                          (["--count", "x"], "argument --count: must be an integer, got 'x'")]:
+        with pytest.raises(SystemExit) as stop:
+            p.parse_args(argv)
+        assert stop.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"cmd: error: {message} (see cmd --help)", err
+    with pytest.raises(ValueError, match="bounds need type=int or type=float"):
+        group.add_argument("--name", bounds="[0, 1]")
 
 
 def test_run_flags_parse_and_no_jit_is_an_alias():
