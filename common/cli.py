@@ -147,8 +147,9 @@ def add_data_arguments(p, required: bool, default: str | None = "digits", what: 
     src = p.add_mutually_exclusive_group(required=required)
     src.add_argument("--dataset", choices=KNOWN_DATASETS, help=what + (
         "" if required or default is None else f" (default: {default}, bundled with scikit-learn)"))
-    src.add_argument("--data", metavar="FILE", help="your own data: .npz (arrays x, optional y) "
-                     "or .csv (numeric columns; see --label_col)")
+    src.add_argument("--data", metavar="FILE", help="your own data: .npz (arrays x, optional y), "
+                     ".csv (numeric columns; see --label_col) or float32 .npy features (read from disk "
+                     "batch by batch: data larger than memory)")
     p.add_argument("--data_dir", help="folder searched first for the data set's files")
     p.add_argument("--label_col", help="CSV: the column holding labels (used for evaluation only)")
 

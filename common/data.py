@@ -322,6 +322,21 @@ def _load_npz(path: Path):
     return x, y
 
 
+def _load_npy(path: Path) -> np.memmap:
+    """Features larger than memory: a float32 ``.npy`` array, memory-mapped."""
+    try:
+        x = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path} is not a readable .npy file: {e}") from None
+    if x.ndim < 2 or x.shape[0] == 0:
+        raise DataError(f"{path}: the array must have shape (samples, features...) with data, "
+                        f"found {x.shape}")
+    if x.dtype != np.float32:
+        raise DataError(f"{path} holds {x.dtype}; .npy files are read from disk as they are, so save them as "
+                        f"float32: np.save(path, x.astype(np.float32))")
+    return x
+
+
 def _load_csv(path: Path, label_col: str | None):
     import pandas as pd
 
@@ -358,7 +373,10 @@ def _load_file(path: Path, label_col: str | None):
         return _load_npz(path)
     if suffix == ".csv":
         return _load_csv(path, label_col)
-    raise DataError(f"{path}: unsupported file type '{suffix}'; use .npz (x, optional y) or .csv")
+    if suffix == ".npy":
+        return _load_npy(path), None
+    raise DataError(f"{path}: unsupported file type '{suffix}'; use .npz (x, optional y), .csv or .npy "
+                    f"(features only, read from disk as needed)")
 
 
 # --------------------------------------------------------------------------- #
@@ -367,7 +385,7 @@ def _load_file(path: Path, label_col: str | None):
 def is_file_name(name: str | os.PathLike) -> bool:
     """True when ``name`` designates a user's file rather than a known data set."""
     s = str(name)
-    return s not in KNOWN_DATASETS and (s.lower().endswith((".npz", ".csv")) or os.sep in s)
+    return s not in KNOWN_DATASETS and (s.lower().endswith((".npz", ".csv", ".npy")) or os.sep in s)
 
 
 class Scaler:
@@ -387,6 +405,9 @@ class Scaler:
         self.span = None if span is None else np.asarray(span, np.float64)
 
     def fit(self, x: np.ndarray) -> Scaler:
+        if isinstance(x, np.memmap) and self.method != "none":
+            raise DataError(f"{Path(x.filename).name} is read from disk as it is; scale it before saving it "
+                            f"(--scaling {self.method} would hold a scaled copy in memory)")
         if self.method == "minmax":
             self.shift = x.min(axis=0)
             span = x.max(axis=0) - self.shift
@@ -420,16 +441,21 @@ class Scaler:
 
 
 def _finish(name: str, x, y, flatten: bool):
-    """Common checks and shaping: float32, finite, (N, d) or (N, H, W, C)."""
-    x = np.asarray(x)
-    if x.dtype.kind not in "iufb":
-        raise DataError(f"{name}: features must be numeric, found dtype {x.dtype}")
-    x = x.astype(np.float32)
+    """Common checks and shaping: float32, finite, (N, d) or (N, H, W, C).
+    A memory-mapped array (``.npy``) stays on disk: checked in chunks, reshaped as a view."""
+    if not isinstance(x, np.memmap):
+        x = np.asarray(x)
+        if x.dtype.kind not in "iufb":
+            raise DataError(f"{name}: features must be numeric, found dtype {x.dtype}")
+        x = x.astype(np.float32)
     if x.shape[0] == 0:
         raise DataError(f"{name}: no samples")
-    finite = np.isfinite(x)
-    if not finite.all():
-        rows = np.flatnonzero(~finite.reshape(len(x), -1).all(axis=1))
+    chunk = max(1, 2**24 // max(1, int(np.prod(x.shape[1:]))))  # about 64 MB of float32 at a time
+    rows = []
+    for start in range(0, len(x), chunk):
+        part = np.asarray(x[start:start + chunk])
+        rows.extend(start + np.flatnonzero(~np.isfinite(part.reshape(len(part), -1)).all(axis=1)))
+    if len(rows):
         raise DataError(f"{name}: {len(rows)} samples contain NaN or inf values "
                         f"(first at row {rows[0]}); clean or impute them first")
     shape = IMAGE_SHAPES.get(name)
@@ -451,8 +477,10 @@ def load_data(name: str | os.PathLike, validation: bool = False, flatten: bool =
 
     Args:
         name: one of :data:`KNOWN_DATASETS`, or a path to a ``.npz`` file
-            (array ``x``, optional ``y``) or a ``.csv`` file (numeric columns,
-            a header row; ``label_col`` names an optional label column).
+            (array ``x``, optional ``y``), a ``.csv`` file (numeric columns,
+            a header row; ``label_col`` names an optional label column) or a
+            float32 ``.npy`` file of features, returned memory-mapped (data
+            larger than memory; the training loop reads its batches from disk).
         validation: return the canonical train/test split instead of the
             concatenation of both parts. MNIST and Fashion-MNIST: 60000/10000;
             USPS: 7291/2007; digits (no canonical split exists): the first
@@ -522,7 +550,7 @@ def _main(argv=None):
     p.add_argument("out_dir", help="folder to write reutersidf10k.npz to")
     p.add_argument("--seed", type=int, default=0, bounds=SEED_BOUNDS, help="seed of the 10,000-document draw")
     p = sub.add_parser("info", help="load a data set and print its shape and classes")
-    p.add_argument("name", help=f"{', '.join(KNOWN_DATASETS)} or a .npz/.csv path")
+    p.add_argument("name", help=f"{', '.join(KNOWN_DATASETS)} or a .npz/.csv/.npy path")
     p.add_argument("--data_dir", default=None)
     args = parser.parse_args(argv)
     if args.cmd == "make-reuters10k":

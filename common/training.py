@@ -8,6 +8,8 @@ DEC's target distribution, and its evaluation); :func:`train` does the rest:
   batches of a fixed-seed shuffle of the samples, reshuffled every epoch;
   each epoch's order depends only on (seed, epoch), so a resumed run sees
   exactly the batches the uninterrupted run would have seen;
+* data in memory (held in a variable, batches gathered in the graph) or, for
+  data larger than memory, a ``numpy.memmap`` read batch by batch on the host;
 * one compiled step (XLA where it pays, see
   :func:`common.runtime.resolve_jit`), run under a ``tf.distribute`` strategy
   with the global batch split across replicas and per-sample losses averaged
@@ -203,17 +205,34 @@ class _Batches:
     in a variable, redrawn in the graph when an epoch starts; the batch is
     gathered from the data (a variable too) in the graph (no ``tf.data``
     iterator between steps: measured, it cost Kerasom a tenth of its step).
+
+    Data larger than memory: when ``x`` is a ``numpy.memmap`` (e.g. a ``.npy``
+    file opened with ``mmap_mode="r"``), each batch is read from it on the
+    host instead (``tf.numpy_function``): the same batches, with only the
+    pages of the batch's rows in memory.
     """
 
     def __init__(self, tf, x, batch_size: int, seed: int, map_fn=None):
         self.tf, self.batch_size, self.seed, self.map_fn = tf, batch_size, seed, map_fn
         self.n = len(x)
         self.steps_per_epoch = self.n // batch_size
-        # A variable, so that the data stay where the strategy puts them (on the
-        # GPU, once) rather than travel with every call.
-        self.x = tf.Variable(x, trainable=False, name="data")
+        self.dtype = tf.as_dtype(x.dtype)
+        self.shape = (batch_size, *x.shape[1:])
+        if isinstance(x, np.memmap):
+            self.host, self.x = x, None
+        else:
+            # A variable, so that the data stay where the strategy puts them (on the
+            # GPU, once) rather than travel with every call.
+            self.host, self.x = None, tf.Variable(x, trainable=False, name="data")
         self.order = tf.Variable(tf.zeros([self.n], tf.int64), trainable=False, name="order")
         self.epoch = tf.Variable(tf.constant(-1, tf.int64), trainable=False, name="order_epoch")
+
+    def _read(self, idx):
+        """Rows ``idx`` of the memory-mapped data, read in file order."""
+        order = np.argsort(idx)
+        out = np.empty((len(idx), *self.host.shape[1:]), self.host.dtype)
+        out[order] = self.host[idx[order]]
+        return out
 
     def permutation(self, epoch):
         tf = self.tf
@@ -228,7 +247,11 @@ class _Batches:
             self.order.assign(self.permutation(epoch))
             self.epoch.assign(epoch)
         idx = tf.slice(self.order, [pos * self.batch_size], [self.batch_size])
-        xb = tf.gather(self.x, idx)
+        if self.host is None:
+            xb = tf.gather(self.x, idx)
+        else:
+            xb = tf.numpy_function(self._read, [idx], self.dtype, stateful=False)
+            xb.set_shape(self.shape)
         return (xb if self.map_fn is None else self.map_fn(xb)), idx
 
 
@@ -458,7 +481,7 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: float | None 
     timings.setup = time.perf_counter() - t_start
     t = time.perf_counter()
     # Tracing (not running) the step names the loss terms to sum.
-    spec = tf.TensorSpec((batch_size, *x.shape[1:]), batches.x.dtype)
+    spec = tf.TensorSpec(batches.shape, batches.dtype)
     terms = one_step.get_concrete_function(spec, tf.TensorSpec((batch_size,), tf.int64)).structured_outputs
     with strategy.scope():
         for name in terms:

@@ -161,3 +161,42 @@ def test_labels_of_any_values_are_numbered_and_named_in_the_results(tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["label_names"] == ["-1", "1"] and 0.5 <= results["purity"] <= 1.0
     assert (run_dir / "map.png").is_file()  # the majority-class map needed labels from 0
+
+
+# ---------------------------------------------------------------- data larger than memory
+def test_a_memory_mapped_npy_trains_exactly_like_the_array_in_memory(tmp_path):
+    import keras
+
+    from common.data import load_data
+    from desom import DESOM
+
+    (x, y), _ = load_data("digits")
+    np.save(tmp_path / "x.npy", x)
+    (xm, ym), _ = load_data(str(tmp_path / "x.npy"))
+    assert isinstance(xm, np.memmap) and ym is None and xm.shape == x.shape
+    prototypes = []
+    for data in (x, xm):
+        keras.utils.set_random_seed(1)
+        model = DESOM(64, (3, 3), hidden=(32, 32, 64))
+        model.init_prototypes(data, seed=1)
+        model.fit(data, iterations=60, batch_size=64, eval_interval=30, verbose=0, jit_compile="off",
+                  steps_per_execution=7)
+        prototypes.append(model.prototypes)
+    np.testing.assert_allclose(prototypes[1], prototypes[0], rtol=1e-6, atol=1e-7)
+
+
+def test_bin_desom_trains_on_a_npy_file_and_refuses_what_would_load_it(tmp_path, capsys):
+    from common.data import load_data
+
+    (x, _), _ = load_data("digits")
+    np.save(tmp_path / "x.npy", x)
+    assert train_main(["--data", str(tmp_path / "x.npy"), *TINY, "--iterations", "30",
+                       "--save_dir", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "model.keras").is_file()
+    np.save(tmp_path / "x64.npy", x.astype(np.float64))
+    for argv, message in (
+            (["--data", str(tmp_path / "x64.npy")], "holds float64; .npy files are read from disk as they "
+                                                     "are, so save them as float32"),
+            (["--data", str(tmp_path / "x.npy"), "--scaling", "minmax"], "scale it before saving it")):
+        assert_one_line_error(main, [*argv, *TINY, "--iterations", "5", "--save_dir", str(tmp_path / "bad")],
+                              message, capsys)
