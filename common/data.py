@@ -322,6 +322,14 @@ def _load_npz(path: Path):
     return x, y
 
 
+def as_float32(x) -> np.ndarray:
+    """``x`` as float32 without a copy where it already is; a float32
+    ``numpy.memmap`` stays one (the training loop then reads it batch by batch)."""
+    if isinstance(x, np.memmap) and x.dtype == np.float32:
+        return x
+    return np.asarray(x, np.float32)
+
+
 def _load_npy(path: Path) -> np.memmap:
     """Features larger than memory: a float32 ``.npy`` array, memory-mapped."""
     try:

@@ -28,6 +28,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from common.data import as_float32
 from common.errors import UsageError
 from common.metrics import evaluate_clustering
 from common.networks import (
@@ -241,7 +242,7 @@ class CodeModel(AutoencoderModel):
         k-means on the codes of ``eval_samples`` fixed samples (reporting
         only). Other keyword arguments go to :func:`common.training.train`.
         """
-        x = np.asarray(x, np.float32)
+        x = as_float32(x)
         if labels is not None and len(labels) != len(x):
             raise UsageError(f"got {len(labels)} labels for {len(x)} samples")
         if self.needs_labels:

@@ -24,6 +24,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from common.data import as_float32
 from common.errors import UsageError
 from common.metrics import evaluate_clustering
 from common.networks import (
@@ -231,7 +232,7 @@ class ClusteringModel(AutoencoderModel):
             raise UsageError("recon_weight and tol must be 0 or more")
         if target not in TARGETS:
             raise UsageError(f"unknown target '{target}'; choose {' or '.join(TARGETS)}")
-        x = np.asarray(x, np.float32)
+        x = as_float32(x)
         update_interval, max_iterations = clustering_schedule(
             len(x), loop.get("batch_size", 256), update_interval, max_iterations, max_epochs)
         with (loop.get("strategy") or _default_strategy()).scope():

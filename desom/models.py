@@ -23,6 +23,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from common.data import as_float32
 from common.errors import UsageError
 from common.metrics import evaluate_clustering
 from common.networks import (
@@ -227,7 +228,7 @@ class SOMModel(AutoencoderModel):
         if not 0 < Tmin <= Tmax:
             raise UsageError(f"need 0 < Tmin <= Tmax, got Tmin={Tmin}, Tmax={Tmax}")
         temperature(0, 2, Tmax, Tmin, decay)  # validates decay
-        x = np.asarray(x, np.float32)
+        x = as_float32(x)
         rng = np.random.default_rng(seed)
         pick = np.sort(rng.choice(len(x), size=min(eval_samples, len(x)), replace=False))
         task = SOMTask(self, gamma=gamma, Tmax=Tmax, Tmin=Tmin, decay=decay,

@@ -164,12 +164,21 @@ def test_labels_of_any_values_are_numbered_and_named_in_the_results(tmp_path):
 
 
 # ---------------------------------------------------------------- data larger than memory
-def test_a_memory_mapped_npy_trains_exactly_like_the_array_in_memory(tmp_path):
+def test_a_memory_mapped_npy_trains_exactly_like_the_array_in_memory(tmp_path, monkeypatch):
     import keras
 
+    import common.training as training
     from common.data import load_data
     from desom import DESOM
 
+    reads = []
+    read = training._Batches._read
+
+    def counted(batches, idx):
+        reads.append(len(idx))
+        return read(batches, idx)
+
+    monkeypatch.setattr(training._Batches, "_read", counted)
     (x, y), _ = load_data("digits")
     np.save(tmp_path / "x.npy", x)
     (xm, ym), _ = load_data(str(tmp_path / "x.npy"))
@@ -182,6 +191,7 @@ def test_a_memory_mapped_npy_trains_exactly_like_the_array_in_memory(tmp_path):
         model.fit(data, iterations=60, batch_size=64, eval_interval=30, verbose=0, jit_compile="off",
                   steps_per_execution=7)
         prototypes.append(model.prototypes)
+        assert len(reads) == (0 if data is x else 60)  # the file is read batch by batch, never whole
     np.testing.assert_allclose(prototypes[1], prototypes[0], rtol=1e-6, atol=1e-7)
 
 
