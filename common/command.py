@@ -68,6 +68,7 @@ class Run:
     optimizers: dict = field(default_factory=dict)  # set by build() where a command needs several
     phases: dict = field(default_factory=dict)   # phase name -> TrainResult
     stages: dict = field(default_factory=dict)   # stage name -> seconds (load, build, ...)
+    chief: bool = True  # False on the other workers of a multi-worker run: they write no files
 
     def loop_options(self, **overrides) -> dict:
         """Keyword arguments of :func:`common.training.train` from the shared flags."""
@@ -106,6 +107,8 @@ class TrainingCommand:
     #: Flags that ``--resume`` may change (e.g. ``("iterations",)``); any other
     #: flag differing from the saved run is refused with one line.
     resume_may_change: tuple = ()
+    #: Whether ``--strategy multiworker`` is supported (tested with two workers).
+    multiworker = True
 
     # ------------------------------------------------------------------ hooks
     def resumed_with_changes(self, args, changed: dict):
@@ -172,6 +175,9 @@ class TrainingCommand:
             if changed:
                 self.resumed_with_changes(args, changed)
         self.check(args)
+        if args.strategy == "multiworker" and not self.multiworker:
+            raise UsageError(f"{self.prog} does not support --strategy multiworker yet; use --strategy "
+                             f"mirrored for the GPUs of one machine")
         if args.verbose == 1 and not sys.stdout.isatty():
             args.verbose = 2  # a progress bar in a log file is noise
         data = self.load(args)
@@ -181,17 +187,21 @@ class TrainingCommand:
         save_dir = Path(args.save_dir or self.default_save_dir(args, data))
         save_dir.mkdir(parents=True, exist_ok=True)
         args.save_dir = str(save_dir)
-        if not args.resume or changed:
-            write_json(save_dir / "args.json", vars(args))
-        if changed and args.verbose:
-            print("resuming with " + ", ".join(f"--{k} {flag_text(new)} (was {flag_text(old)})"
-                                               for k, (old, new) in changed.items()), flush=True)
         run = Run(args=args, data=data, save_dir=save_dir)
         run.stages["load"] = time.perf_counter() - t0
 
         t = time.perf_counter()
-        from common.runtime import describe_devices, make_strategy, quiet_tensorflow, set_mixed_precision
+        from common.runtime import (
+            describe_devices,
+            is_chief,
+            make_strategy,
+            quiet_tensorflow,
+            set_mixed_precision,
+            worker_count,
+        )
 
+        # A multi-worker strategy configures TensorFlow's runtime: it comes before any op.
+        run.strategy = make_strategy(args.strategy) if args.strategy == "multiworker" else None
         tf = quiet_tensorflow()
         import keras
 
@@ -201,13 +211,19 @@ class TrainingCommand:
         if getattr(args, "deterministic", False):
             tf.config.experimental.enable_op_determinism()
         set_mixed_precision(args.mixed_precision)
-        run.strategy = make_strategy(args.strategy)
+        run.strategy = run.strategy or make_strategy(args.strategy)
+        chief = run.chief = is_chief(run.strategy)  # only the chief writes files (others: checkpoints)
+        if chief and (not args.resume or changed):
+            write_json(save_dir / "args.json", vars(args))
+        if changed and args.verbose and chief:
+            print("resuming with " + ", ".join(f"--{k} {flag_text(new)} (was {flag_text(old)})"
+                                               for k, (old, new) in changed.items()), flush=True)
         with run.strategy.scope():
             run.model = self.build(run)
         device = describe_devices(run.strategy)
         if args.verbose:
             print(f"{data.description}; {self.describe(run)}; {device}", flush=True)
-        if hasattr(run.model, "functional_view"):
+        if hasattr(run.model, "functional_view") and chief:
             plots.architecture(run.model.functional_view(), save_dir / "architecture.png",
                                expand_nested=self.expand_architecture)
         run.stages["build"] = time.perf_counter() - t
@@ -215,10 +231,16 @@ class TrainingCommand:
         t = time.perf_counter()
         self.train(run)
         run.stages["train"] = time.perf_counter() - t
+        if not chief:
+            return 0
         from common.networks import save_keras_model
 
         t = time.perf_counter()
         save_keras_model(run.model, save_dir / "model.keras")
+        if worker_count(run.strategy) > 1:
+            # The other workers have stopped; a model built under the multi-worker strategy
+            # would wait for them in every prediction. The saved one predicts on its own.
+            run.model = keras.saving.load_model(save_dir / "model.keras")
         run.stages["save"] = time.perf_counter() - t
         t = time.perf_counter()
         results = self.results(run)

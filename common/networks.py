@@ -17,6 +17,7 @@ import numpy as np
 from keras import layers, ops
 
 from common.errors import UsageError
+from common.runtime import is_chief
 from common.training import Task, train
 
 
@@ -298,7 +299,7 @@ class AutoencoderModel(keras.Model):
             raise UsageError(f"a {type(self).__name__} has no autoencoder to pretrain")
         result = train(ReconstructionTask(self.encoder, self.decoder), x, epochs=epochs, save_dir=save_dir,
                        phase="pretrain", log_name="pretrain_log.csv", **loop)
-        if save_dir is not None:
+        if save_dir is not None and is_chief(loop.get("strategy")):  # one writer in a multi-worker run
             self.save_autoencoder_weights(Path(save_dir) / "ae.weights.h5")
         return result
 

@@ -19,7 +19,7 @@ import sys
 
 from common.errors import UsageError
 
-STRATEGIES = ("auto", "default", "mirrored")
+STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 JIT_MODES = ("auto", "on", "off")
 
 
@@ -46,7 +46,9 @@ def quiet_tensorflow():
     """Import TensorFlow once, hiding its C++ start-up messages.
 
     Keeps the user's own ``TF_CPP_MIN_LOG_LEVEL`` when set. Errors raised by
-    the import itself still propagate (they are Python exceptions).
+    the import itself still propagate (they are Python exceptions). With
+    ``TF_CONFIG`` set (a multi-worker run may follow), no first op is run: it
+    would fix the runtime's set-up before the strategy can configure it.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if "tensorflow" in sys.modules:
@@ -54,7 +56,8 @@ def quiet_tensorflow():
     with _stderr_silenced():
         import tensorflow as tf
 
-        tf.constant(0)  # the first op triggers the remaining one-time messages
+        if "TF_CONFIG" not in os.environ:
+            tf.constant(0)  # the first op triggers the remaining one-time messages
     # Each model's predict function counts as a retrace of Keras' one shared
     # function, so a process that builds several models gets told off for it.
     tf.get_logger().addFilter(lambda record: "triggered tf.function retracing" not in record.getMessage())
@@ -67,15 +70,59 @@ def make_strategy(name: str = "auto"):
     ``auto``: mirrored over all GPUs when there are several, else the default
     strategy. ``default``: no distribution. ``mirrored``: mirrored over all
     GPUs, or over all logical CPU devices when there is no GPU.
+    ``multiworker``: ``MultiWorkerMirroredStrategy`` over the machines named
+    by the ``TF_CONFIG`` variable; it must be made before TensorFlow runs
+    its first op.
     """
-    tf = quiet_tensorflow()
     if name not in STRATEGIES:
         raise UsageError(f"unknown strategy '{name}'; choose one of {', '.join(STRATEGIES)}")
+    if name == "multiworker":
+        return _multiworker()
+    tf = quiet_tensorflow()
     gpus = tf.config.list_logical_devices("GPU")
     if name == "default" or (name == "auto" and len(gpus) < 2):
         return tf.distribute.get_strategy()
     devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
     return tf.distribute.MirroredStrategy(devices)
+
+
+def _multiworker():
+    import json
+
+    raw = os.environ.get("TF_CONFIG")
+    try:
+        config = json.loads(raw) if raw else None
+        workers = config["cluster"]["worker"] + config["cluster"].get("chief", [])
+        config["task"]["type"], int(config["task"]["index"])
+    except (ValueError, KeyError, TypeError):
+        raise UsageError("--strategy multiworker needs TF_CONFIG, e.g. "
+                         "'{\"cluster\": {\"worker\": [\"host1:2222\", \"host2:2222\"]}, "
+                         "\"task\": {\"type\": \"worker\", \"index\": 0}}' (index: this machine's place "
+                         "in the list)") from None
+    tf = quiet_tensorflow()
+    try:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    except RuntimeError as e:
+        raise UsageError(f"--strategy multiworker: {e}; nothing may run on TensorFlow before the strategy "
+                         f"is made") from None
+    strategy.workers = len(workers)
+    return strategy
+
+
+def is_chief(strategy) -> bool:
+    """Whether this process writes the run's files: always, except on the
+    workers of a multi-worker run other than the chief (worker 0)."""
+    if strategy is None or worker_count(strategy) < 2:
+        return True
+    resolver = strategy.cluster_resolver
+    if "chief" in resolver.cluster_spec().as_dict():
+        return resolver.task_type == "chief"
+    return resolver.task_type == "worker" and resolver.task_id == 0
+
+
+def worker_count(strategy) -> int:
+    """How many processes train together (1 unless multi-worker)."""
+    return getattr(strategy, "workers", 1)
 
 
 def set_mixed_precision(enabled: bool):

@@ -13,7 +13,9 @@ DEC's target distribution, and its evaluation); :func:`train` does the rest:
 * one compiled step (XLA where it pays, see
   :func:`common.runtime.resolve_jit`), run under a ``tf.distribute`` strategy
   with the global batch split across replicas and per-sample losses averaged
-  over the global batch;
+  over the global batch; with several workers (``MultiWorkerMirroredStrategy``)
+  they agree on K and on checkpoint moments, which each decides by its own
+  clock, and only the chief keeps logs and checkpoints;
 * several steps per call (Keras' ``steps_per_execution``): a second
   ``tf.function`` runs up to K steps in a loop over the data iterator, so the
   host neither builds tensors nor reads values between steps. Per-iteration
@@ -50,7 +52,15 @@ import pandas as pd
 
 from common.errors import TrainingDiverged, UsageError
 from common.results import atomic_path
-from common.runtime import STRATEGIES, make_strategy, quiet_tensorflow, resolve_jit, set_mixed_precision
+from common.runtime import (
+    STRATEGIES,
+    is_chief,
+    make_strategy,
+    quiet_tensorflow,
+    resolve_jit,
+    set_mixed_precision,
+    worker_count,
+)
 
 __all__ = ["STRATEGIES", "CSVLog", "StopTraining", "Task", "Timings", "TrainResult", "checkpoint_exists",
            "make_strategy", "plan", "proportional_batch_size", "set_mixed_precision", "train"]
@@ -354,6 +364,7 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: float | None 
     fixed_k = check_steps_per_execution(steps_per_execution)
     strategy = strategy or tf.distribute.get_strategy()
     replicas = strategy.num_replicas_in_sync
+    multi, chief = worker_count(strategy) > 1, is_chief(strategy)
     if batch_size % replicas:
         raise UsageError(f"batch size {batch_size} does not split evenly over {replicas} replicas")
     jit = resolve_jit(jit_compile, task.model, replicas)
@@ -382,15 +393,23 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: float | None 
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
         ckpt_dir = save_dir / "checkpoints" / phase
-        if not resume and ckpt_dir.exists():
+        if not resume and ckpt_dir.exists() and chief:
             shutil.rmtree(ckpt_dir)
         ckpt = tf.train.Checkpoint(optimizer=optimizer, iteration=iteration, elapsed=elapsed,
                                    finished=finished, **task.trackables())
-        manager = _checkpoint_manager(tf, ckpt, ckpt_dir)
-        if resume and manager.checkpoints:
-            _restore(tf, ckpt, manager)
+        if resume:  # every worker restores the chief's checkpoints (a shared folder)
+            found = _checkpoint_manager(tf, ckpt, ckpt_dir) if chief or ckpt_dir.is_dir() else None
+            if found is not None and found.checkpoints:
+                _restore(tf, ckpt, found)
+        # TensorFlow's multi-worker convention: every worker saves (the variables are
+        # synchronised), the chief into the run's folder, the others into a folder of
+        # their own that is deleted after each save.
+        own = ckpt_dir
+        if not chief:
+            own = save_dir / "checkpoints" / f".{phase}_worker{strategy.cluster_resolver.task_id}"
+        manager = _checkpoint_manager(tf, ckpt, own)
     start = int(iteration.numpy())
-    log_path = save_dir / log_name if save_dir is not None else None
+    log_path = save_dir / log_name if save_dir is not None and chief else None
     log = CSVLog(log_path, keep_until=start if start > 0 else None)
 
     # --- the step --------------------------------------------------------------
@@ -461,7 +480,18 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: float | None 
     def save_checkpoint(it):
         t = time.perf_counter()
         manager.save(checkpoint_number=it)
+        if not chief:
+            shutil.rmtree(manager.directory, ignore_errors=True)
         timings.checkpoint += time.perf_counter() - t
+
+    def agree(value: int, pick=min) -> int:
+        """The same number on every worker (``pick`` of theirs): each worker's
+        own clock decides K and checkpoints, and all must run the same
+        collective steps."""
+        if not multi:
+            return value
+        every = strategy.gather(strategy.run(lambda: tf.constant([value], tf.int64)), axis=0)
+        return int(pick(every.numpy()))
 
     result = TrainResult(iterations=start, trained=0, seconds=0.0, stopped_early=None, log_path=log_path,
                          timings=timings, jit_compile=jit)
@@ -529,6 +559,8 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: float | None 
             t = time.perf_counter()
             compiling = not k_steps_traced  # the first call traces and compiles: one step only
             k = 1 if compiling else min(k_auto if fixed_k == "auto" else fixed_k, boundary(it) - it)
+            if fixed_k == "auto" and not compiling:
+                k = agree(k, min)
             reached, bad = k_steps(tf.constant(k, tf.int64))
             it = int(reached)
             k_steps_traced = True
@@ -557,7 +589,8 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: float | None 
                 for v in sums.values():
                     v.assign(0.0)
                 host_sums, row_it = {}, it
-            if manager is not None and checkpoint_seconds and now - last_checkpoint >= checkpoint_seconds:
+            if manager is not None and checkpoint_seconds and agree(
+                    int(now - last_checkpoint >= checkpoint_seconds), max):
                 save_checkpoint(it)
                 last_checkpoint = time.perf_counter()
     except StopTraining as stop:

@@ -177,7 +177,8 @@ class DcnCommand(TrainingCommand):
             for w in naming.warnings:
                 fold.warn(w)
             model.cluster_names = naming.names
-            write_json(run.save_dir / "class_mappings.json", naming.to_json())
+            if run.chief:
+                write_json(run.save_dir / "class_mappings.json", naming.to_json())
             if naming.source.startswith("test labels") and folders is not None:
                 fold.warn("no reference images: clusters were named by matching them to the test labels, "
                           "so the test accuracy is an upper bound")

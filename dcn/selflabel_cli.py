@@ -53,6 +53,7 @@ def load_images(args):
 
 class SelfLabelCommand(TrainingCommand):
     prog = "selflabel"
+    multiworker = False  # not tried with several workers yet
     description = ("Learn to classify images without labels: initial pseudo-labels from clustering "
                    "autoencoder codes (UMAP + Gaussian mixture by default), then a CNN trained on the most "
                    "confident of them with augmentation, relabelled from its own balanced predictions until "

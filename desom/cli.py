@@ -133,7 +133,7 @@ class DesomCommand(TrainingCommand):
 
     def train(self, run):
         a, x = run.args, run.data.x
-        if a.scaling != "none":
+        if a.scaling != "none" and run.chief:
             write_json(run.save_dir / "preprocessing.json", run.data.extra["scaler"].to_dict())
         run.pretrain(run.model, run.optimizers["pretrain"])
         run.model.init_prototypes(x, method=a.som_init, seed=a.seed)

@@ -1,0 +1,101 @@
+"""--strategy multiworker: two worker processes on 127.0.0.1, configured by
+TF_CONFIG, against one process with the same global batch (issue 12)."""
+
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.helpers import assert_one_line_error
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _two_workers(program, args, timeout=240):
+    """Run ``bin/<program> ARGS --strategy multiworker`` as worker 0 (chief) and 1."""
+    ports = _free_ports(2)
+    procs = []
+    for index in range(2):
+        config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                  "task": {"type": "worker", "index": index}}
+        env = {**os.environ, "TF_CONFIG": json.dumps(config)}
+        procs.append(subprocess.Popen([str(ROOT / "bin" / program), *args, "--strategy", "multiworker"],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=timeout))
+    finally:
+        for proc in procs:  # a worker waiting for a dead peer never ends by itself
+            if proc.poll() is None:
+                proc.kill()
+    for proc, (_, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-3000:]
+    return outputs
+
+
+def _one_process(program, args):
+    res = subprocess.run([str(ROOT / "bin" / program), *args, "--strategy", "default", "--jit", "off"],
+                         capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def _weights(path):
+    import keras
+
+    import dcn  # noqa: F401  (registers the models)
+    import desom  # noqa: F401
+
+    return [w.numpy() for w in keras.saving.load_model(path).weights]
+
+
+@pytest.mark.parametrize("program, args, columns", [
+    ("desom", ["--map_size", "3", "3", "--latent_dim", "4", "--iterations", "60", "--eval_interval", "20"],
+     ["loss", "reconstruction", "som", "quantization_error"]),
+    ("dcn", ["--dataset", "digits", "--pretrain_epochs", "1", "--max_iterations", "40"],
+     ["loss", "kl", "reconstruction"]),
+])
+def test_two_workers_train_like_one_process_with_the_same_global_batch(tmp_path, program, args, columns):
+    common = [*args, "--batch_size", "64", "--verbose", "2", "--checkpoint_minutes", "0.002"]
+    _two_workers(program, [*common, "--save_dir", str(tmp_path / "workers")])
+    _one_process(program, [*common, "--save_dir", str(tmp_path / "single")])
+    workers, single = (pd.read_csv(tmp_path / d / "log.csv") for d in ("workers", "single"))
+    assert workers["iteration"].tolist() == single["iteration"].tolist()  # one log, one row per interval
+    # the same steps, summed in another order: float32 round-off grows over the run
+    np.testing.assert_allclose(workers[columns].iloc[1:], single[columns].iloc[1:], rtol=0.05)
+    # all weights as one vector: Adam turns round-off in near-zero gradients (biases, rarely used
+    # units) into whole steps, so single entries may differ while the model is the same
+    a, b = (np.concatenate([w.ravel() for w in _weights(tmp_path / d / "model.keras")])
+            for d in ("workers", "single"))
+    assert np.linalg.norm(a - b) <= 0.03 * np.linalg.norm(b)  # measured: 1.1-1.5 %
+    results = json.loads((tmp_path / "workers" / "results.json").read_text())
+    assert results["environment"]["replicas"] == 2
+    # only the chief kept files: the other worker's checkpoints went to a folder of its own, then removed
+    assert sorted(p.name for p in (tmp_path / "workers" / "checkpoints").iterdir()) == (
+        ["train"] if program == "desom" else sorted(["pretrain", "train"]))
+
+
+def test_multiworker_needs_tf_config_and_a_supported_command(monkeypatch, capsys):
+    from dcn.selflabel_cli import main as selflabel_main
+    from desom.cli import main as desom_main
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    assert_one_line_error(desom_main, ["--strategy", "multiworker", "--iterations", "5"],
+                          "--strategy multiworker needs TF_CONFIG", capsys)
+    assert_one_line_error(selflabel_main, ["--strategy", "multiworker"],
+                          "selflabel does not support --strategy multiworker yet", capsys)
