@@ -30,6 +30,7 @@ DEFAULTS = {"ae": (32, (128,)), "semisupervised": (32, (128,)), "vae": (8, (400,
 
 class AeCommand(TrainingCommand):
     prog = "ae"
+    resume_may_change = ("epochs",)  # more epochs at the same learning rate
     description = ("Train an autoencoder (ae, semi-supervised, vae or cvae), cluster its codes with k-means, "
                    "DBSCAN and a SOM (scores in clustering.csv), and draw reconstructions, images generated "
                    "from each cluster and t-SNE/PCA maps of the codes. `ae generate --help` draws new "

@@ -23,6 +23,7 @@ from dcn.models import MAX_EPOCHS, UPDATE_INTERVAL
 
 class DcnCommand(TrainingCommand):
     prog = "dcn"
+    resume_may_change = ("max_iterations", "max_epochs")  # a longer clustering phase; no schedule
     description = ("Deep clustering network: pretrain an autoencoder, initialise cluster centres with "
                    "k-means, then train with DEC's self-training target (KL(P||Q)) plus, with --recon_weight "
                    "> 0, the reconstruction error (IDEC/DCEC). On an image folder it names the clusters "

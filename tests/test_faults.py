@@ -210,3 +210,26 @@ def test_bin_desom_trains_on_a_npy_file_and_refuses_what_would_load_it(tmp_path,
             (["--data", str(tmp_path / "x.npy"), "--scaling", "minmax"], "scale it before saving it")):
         assert_one_line_error(main, [*argv, *TINY, "--iterations", "5", "--save_dir", str(tmp_path / "bad")],
                               message, capsys)
+
+
+@pytest.mark.parametrize("program", ["dcn", "ae"])
+def test_resume_trains_dcn_and_ae_on_for_a_longer_budget(tmp_path, program, capsys):
+    if program == "dcn":
+        from dcn.cli import train_main as command
+
+        first = ["--dataset", "digits", "--pretrain_epochs", "1", "--max_iterations", "20", "--tol", "0",
+                 "--eval_interval", "10"]
+        more, column, ends = ["--max_iterations", "40"], "iteration", (20, 40)
+    else:
+        from dcn.ae_cli import train_main as command
+
+        first = ["--dataset", "digits", "--epochs", "1", "--tsne_samples", "50"]
+        more, column, ends = ["--epochs", "2"], "epoch", (1.0, 2.0)
+    run_dir = str(tmp_path / "run")
+    assert command([*first, "--batch_size", "64", "--verbose", "0", "--save_dir", run_dir]) == 0
+    assert pd.read_csv(tmp_path / "run" / "log.csv")[column].iloc[-1] == ends[0]
+    capsys.readouterr()
+    assert command(["--resume", "--save_dir", run_dir, "--verbose", "2", *more]) == 0
+    assert f"resuming with {more[0]} {more[1]}" in capsys.readouterr().out
+    log = pd.read_csv(tmp_path / "run" / "log.csv")
+    assert log[column].iloc[-1] == ends[1] and log["iteration"].is_unique
