@@ -53,7 +53,6 @@ def _stratified(x, y, n: int, seed: int, what: str):
 
 class RswnetCommand(TrainingCommand):
     prog = "rswnet"
-    multiworker = False  # not tried with several workers yet
     description = ("RSWNet: a ResNet50 application encoder (2048-d latent) and a transposed-convolution "
                    "decoder with a clustering head (DEC's Student-t layer, the published model) or a SOM "
                    "head (DESOM's), trained on the shared loop; then every method (k-means on pixels and "
