@@ -135,16 +135,20 @@ def internal_metrics(features, labels, sample_size: int | None = None, seed: int
     count). Returns an empty dict when fewer than two clusters, or as many
     clusters as samples, remain.
     """
-    x = np.asarray(features).reshape(len(features), -1)
-    labels = np.asarray(labels).ravel()
+    x, labels = features, np.asarray(labels).ravel()
     if sample_size is not None and sample_size < len(x):
         pick = np.random.default_rng(seed).choice(len(x), size=sample_size, replace=False)
-        x, labels = x[pick], labels[pick]
+        x, labels = x[pick], labels[pick]  # before any copy: features may be a DiskArray
+    x = np.asarray(x).reshape(len(x), -1)
     k = len(np.unique(labels))
     if k < 2 or k >= len(x):
         return {}
+    from sklearn import config_context
+
+    with config_context(working_memory=64):  # MB of distances at a time (default 1024: the run's peak)
+        silhouette = float(skm.silhouette_score(x, labels))
     return {
-        "silhouette": float(skm.silhouette_score(x, labels)),
+        "silhouette": silhouette,
         "davies_bouldin": float(skm.davies_bouldin_score(x, labels)),
         "calinski_harabasz": float(skm.calinski_harabasz_score(x, labels)),
     }

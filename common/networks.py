@@ -16,6 +16,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
+from common.diskarray import DiskArray
 from common.errors import UsageError
 from common.runtime import is_chief
 from common.training import Task, train
@@ -232,13 +233,15 @@ def predict_in_batches(model, x, batch_size: int = 1024):
 
     Keras' ``predict`` traces its function again for every new input length;
     padding keeps one shape, so evaluating during training never retraces.
+    A :class:`~common.diskarray.DiskArray` is read one batch at a time.
     """
-    x = np.asarray(x, np.float32)
+    if not isinstance(x, DiskArray):
+        x = np.asarray(x, np.float32)
     n = len(x)
     size = min(batch_size, max(n, 1))
     outputs = []
     for start in range(0, n, size):
-        batch = x[start:start + size]
+        batch = np.asarray(x[start:start + size], np.float32)
         if len(batch) < size:
             batch = np.concatenate([batch, np.zeros((size - len(batch), *x.shape[1:]), x.dtype)])
         out = model.predict_on_batch(batch)
@@ -283,9 +286,10 @@ class AutoencoderModel(keras.Model):
         return keras.Model(inputs, self.call(inputs), name=self.name)
 
     def transform(self, x, batch_size: int = 1024) -> np.ndarray:
-        """Latent codes of ``x`` (the inputs themselves, flattened, without encoder)."""
-        x = np.asarray(x, np.float32)
+        """Latent codes of ``x`` (the inputs themselves, flattened, without
+        encoder; a :class:`~common.diskarray.DiskArray` then stays on disk)."""
         if self.encoder is None:
+            x = x if isinstance(x, DiskArray) else np.asarray(x, np.float32)
             return x.reshape(len(x), -1)
         return predict_in_batches(self.encoder, x, batch_size)
 

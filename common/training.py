@@ -9,7 +9,7 @@ DEC's target distribution, and its evaluation); :func:`train` does the rest:
   each epoch's order depends only on (seed, epoch), so a resumed run sees
   exactly the batches the uninterrupted run would have seen;
 * data in memory (held in a variable, batches gathered in the graph) or, for
-  data larger than memory, a ``numpy.memmap`` read batch by batch on the host;
+  data larger than memory, a ``DiskArray`` (.npy files) read batch by batch on the host;
 * one compiled step (XLA where it pays, see
   :func:`common.runtime.resolve_jit`), run under a ``tf.distribute`` strategy
   with the global batch split across replicas and per-sample losses averaged
@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common.diskarray import DiskArray
 from common.errors import TrainingDiverged, UsageError
 from common.results import atomic_path
 from common.runtime import (
@@ -216,10 +217,10 @@ class _Batches:
     gathered from the data (a variable too) in the graph (no ``tf.data``
     iterator between steps: measured, it cost Kerasom a tenth of its step).
 
-    Data larger than memory: when ``x`` is a ``numpy.memmap`` (e.g. a ``.npy``
-    file opened with ``mmap_mode="r"``), each batch is read from it on the
-    host instead (``tf.numpy_function``): the same batches, with only the
-    pages of the batch's rows in memory.
+    Data larger than memory: when ``x`` is a :class:`~common.diskarray.DiskArray`
+    (a ``.npy`` file or a folder of shards), each batch's rows are read from
+    disk on the host instead (``tf.numpy_function``): the same batches, with
+    only the batch in memory.
     """
 
     def __init__(self, tf, x, batch_size: int, seed: int, map_fn=None):
@@ -228,7 +229,7 @@ class _Batches:
         self.steps_per_epoch = self.n // batch_size
         self.dtype = tf.as_dtype(x.dtype)
         self.shape = (batch_size, *x.shape[1:])
-        if isinstance(x, np.memmap):
+        if isinstance(x, DiskArray):
             self.host, self.x = x, None
         else:
             # A variable, so that the data stay where the strategy puts them (on the
@@ -238,11 +239,8 @@ class _Batches:
         self.epoch = tf.Variable(tf.constant(-1, tf.int64), trainable=False, name="order_epoch")
 
     def _read(self, idx):
-        """Rows ``idx`` of the memory-mapped data, read in file order."""
-        order = np.argsort(idx)
-        out = np.empty((len(idx), *self.host.shape[1:]), self.host.dtype)
-        out[order] = self.host[idx[order]]
-        return out
+        """Rows ``idx`` of the data on disk."""
+        return self.host[idx]
 
     def permutation(self, epoch):
         tf = self.tf

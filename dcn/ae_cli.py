@@ -16,7 +16,7 @@ import numpy as np
 
 from common.cli import SEED_BOUNDS, ArgumentParser, add_data_arguments, dispatch, run
 from common.command import RunData, TrainingCommand
-from common.data import load_data
+from common.data import load_data, value_range
 from common.errors import UsageError
 from common.results import write_csv
 from common.runtime import quiet_tensorflow
@@ -93,9 +93,10 @@ class AeCommand(TrainingCommand):
     def load(self, args) -> RunData:
         source = args.data or args.dataset or "digits"
         (x, y), _ = load_data(source, flatten=False, data_dir=args.data_dir, label_col=args.label_col)
-        if x.min() < 0 or x.max() > 1:
+        low, high = value_range(x)
+        if low < 0 or high > 1:
             raise UsageError(f"bin/ae models values in [0, 1] (sigmoid and Bernoulli outputs); {source} "
-                             f"holds {x.min():.3g}..{x.max():.3g}: rescale it to [0, 1] first")
+                             f"holds {low:.3g}..{high:.3g}: rescale it to [0, 1] first")
         classes = None
         if y is not None:
             classes, y = np.unique(y, return_inverse=True)

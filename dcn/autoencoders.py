@@ -145,7 +145,7 @@ class CodeModel(AutoencoderModel):
     # -------------------------------------------------------------- queries
     def embed(self, x, y=None, batch_size: int = 1024) -> np.ndarray:
         """The codes used for clustering: the code (AE) or the posterior mean (VAE)."""
-        x = np.asarray(x, np.float32)
+        x = as_float32(x)  # a DiskArray stays on disk, read a batch at a time
         y = self._check_labels(y, len(x))
         if y is None:
             return _in_batches(lambda xb: self._encode(xb)[0], [x], batch_size)

@@ -13,7 +13,7 @@ import numpy as np
 
 from common.cli import ArgumentParser, dispatch, run
 from common.command import RunData, TrainingCommand
-from common.data import KNOWN_DATASETS, load_data
+from common.data import KNOWN_DATASETS, is_file_name, label_names, load_data
 from common.errors import UsageError
 from common.results import write_json
 from common.runtime import quiet_tensorflow
@@ -38,7 +38,9 @@ class DcnCommand(TrainingCommand):
         src = p.add_mutually_exclusive_group()
         src.add_argument("--data", metavar="DIR",
                          help="image folder with train/ and optional test/, reference/")
-        src.add_argument("--dataset", choices=KNOWN_DATASETS, help="a vector data set (DEC/IDEC protocol)")
+        src.add_argument("--dataset", metavar="NAME|FILE",
+                         help=f"a vector data set (DEC/IDEC protocol): {', '.join(KNOWN_DATASETS)}, "
+                              "a .npz/.csv/.npy file or a folder of .npy shards (read batch by batch)")
         p.add_argument("--data_dir", help="--dataset: folder searched first for its files")
         p.add_argument("--n_clusters", type=int, bounds="[2, inf)",
                        help="number of clusters (default: reference classes, or the data set's classes)")
@@ -94,6 +96,9 @@ class DcnCommand(TrainingCommand):
     def check(self, args):
         if not (args.data or args.dataset):
             raise UsageError("give --data DIR (an image folder) or --dataset NAME")
+        if args.dataset and not (args.dataset in KNOWN_DATASETS or is_file_name(args.dataset)):
+            raise UsageError(f"--dataset {args.dataset}: unknown; give one of {', '.join(KNOWN_DATASETS)}, a "
+                             ".npz/.csv/.npy file or a folder of .npy shards")
         _check(args)
 
     def load(self, args) -> RunData:
@@ -113,11 +118,15 @@ class DcnCommand(TrainingCommand):
             (x, y), _ = load_data(args.dataset, data_dir=args.data_dir, flatten=args.architecture != "conv")
             if args.architecture == "conv" and x.ndim != 4:
                 raise UsageError(f"--architecture conv needs images; {args.dataset} holds vectors")
-            class_names = [str(c) for c in np.unique(y)]
+            class_names = None if y is None else label_names(y) or [str(c) for c in np.unique(y)]
             if args.n_clusters is None:
+                if y is None:
+                    raise UsageError(f"give --n_clusters ({args.dataset} has no labels to count classes "
+                                     "from)")
                 args.n_clusters = len(class_names)
-            data = RunData(x, y, name=args.dataset, description=f"{args.dataset}: {len(x)} samples of shape "
-                           f"{x.shape[1:]}, {len(class_names)} classes",
+            classes = "unlabelled" if y is None else f"{len(class_names)} classes"
+            data = RunData(x, y, name=Path(args.dataset).stem if is_file_name(args.dataset) else args.dataset,
+                           description=f"{args.dataset}: {len(x)} samples of shape {x.shape[1:]}, {classes}",
                            extra={"folders": None, "class_names": class_names})
         if args.n_clusters > len(x):
             raise UsageError(f"--n_clusters {args.n_clusters} is more than the {len(x)} training samples")

@@ -11,6 +11,7 @@ long benchmark is stopped).
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shutil
@@ -65,7 +66,96 @@ def parser():
                    "bare Keras step (random data; writes <out>/speed_desom.csv)")
     p.add_argument("--speed_runs", type=int, default=5, bounds="[1, inf)",
                    help="--speed: alternating repeats per case")
+    p.add_argument("--memory", action="store_true",
+                   help="instead: peak resident memory of bin/desom (--iterations, --map_size, --batch_size) "
+                   "on Fashion-MNIST held in memory, from .npy shards, and from shards of a --memory_scale "
+                   "times larger set (Fashion-MNIST repeated with noise); writes <out>/memory.csv")
+    p.add_argument("--memory_scale", type=int, default=10, bounds="[2, inf)",
+                   help="--memory: size of the large set, in copies of Fashion-MNIST")
     return p
+
+
+def _write_shards(folder: Path, x, y, copies: int, seed: int, rows_per_shard: int = 10000):
+    """``copies`` of (x, y) as float32 .npy shards; every copy after the first
+    with Gaussian noise (std 0.05, clipped to [0, 1]). Written once, reused."""
+    done = folder / ".complete"
+    if done.is_file():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    flat = x.reshape(len(x), -1)
+    k = 0
+    for c in range(copies):
+        for start in range(0, len(flat), rows_per_shard):
+            part = flat[start:start + rows_per_shard]
+            if c:
+                part = np.clip(part + rng.normal(0.0, 0.05, part.shape), 0.0, 1.0)
+            np.save(folder / f"part-{k:05d}.npy", part.astype(np.float32))
+            k += 1
+    np.save(folder / "labels.npy", np.tile(np.asarray(y), copies))
+    done.touch()
+    return folder
+
+
+def _measured_run(argv, save_dir: Path) -> dict:
+    """``bin/desom`` in a child process: its peak resident set size, wall time, results.
+
+    The peak is the child's ``VmHWM`` (/proc), read every 50 ms until it exits
+    (it never decreases; the run's teardown outlasts the reads). Not
+    ``ru_maxrss``: Linux carries the parent's peak into a child across fork and
+    exec, so every child would report at least this benchmark's own memory.
+    """
+    import subprocess
+
+    shutil.rmtree(save_dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    save_dir.mkdir(parents=True)
+    err_file = open(save_dir / "stderr.txt", "w+b")  # not a pipe: a full pipe would stall the child
+    child = subprocess.Popen([sys.executable, "-m", "desom.cli", *argv, "--save_dir", str(save_dir),
+                              "--verbose", "0"], stderr=err_file)
+    status, peak_kb = Path(f"/proc/{child.pid}/status"), 0
+    while child.poll() is None:
+        try:
+            peak_kb = max(peak_kb, *(int(line.split()[1]) for line in status.read_text().splitlines()
+                                     if line.startswith("VmHWM:")))
+        except (OSError, ValueError, TypeError):  # exiting
+            pass
+        time.sleep(0.05)
+    seconds = time.perf_counter() - t0
+    with err_file:
+        err_file.seek(0)
+        err = err_file.read().decode(errors="replace")
+    if child.returncode:
+        raise RuntimeError(f"bin/desom {' '.join(argv)} failed ({child.returncode}): {err.strip()[-500:]}")
+    results = json.loads((save_dir / "results.json").read_text())
+    return {"peak_rss_gb": peak_kb / 1024**2, "seconds": seconds, "purity": results["train"]["purity"],
+            "quantization_error": results["train"]["quantization_error"]}
+
+
+def memory_table(args, out: Path):
+    """Peak memory of bin/desom from an array, from shards, and from shards of a larger set."""
+    (x, y), _ = load_data("fmnist", data_dir=args.data_dir)
+    data = out / "data"
+    cases = [("array in memory", len(x), ["--dataset", "fmnist"]),
+             ("npy shards", len(x), ["--data", str(_write_shards(data / "fmnist", x, y, 1, args.seed))]),
+             (f"npy shards, {args.memory_scale}x", args.memory_scale * len(x),
+              ["--data", str(_write_shards(data / f"fmnist_x{args.memory_scale}", x, y, args.memory_scale,
+                                           args.seed))])]
+    del x, y
+    common = ["--map_size", *map(str, args.map_size), "--iterations", str(args.iterations),
+              "--batch_size", str(args.batch_size), "--seed", str(args.seed)]
+    if args.data_dir:
+        common += ["--data_dir", args.data_dir]
+    rows = []
+    for name, n, argv in cases:
+        row = {"data": name, "samples": n, "data_gb": n * 784 * 4 / 1024**3,
+               **_measured_run([*argv, *common], out / "runs" / name.replace(" ", "_").replace(",", ""))}
+        rows.append(row)
+        write_csv(pd.DataFrame(rows), out / "memory.csv")
+        print(f"{name:>22}: {n:>9,} samples ({row['data_gb']:.2f} GiB float32), peak RSS "
+              f"{row['peak_rss_gb']:.2f} GiB, {row['seconds']:.0f} s, purity {row['purity']:.3f}", flush=True)
+    print(f"\nwritten: {out}/memory.csv")
 
 
 def speed_cases():
@@ -163,6 +253,9 @@ def _main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tf = quiet_tensorflow()
+    if args.memory:
+        memory_table(args, out)
+        return 0
     if args.speed:
         from common.speed import measure
 

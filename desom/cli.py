@@ -217,9 +217,9 @@ def _majority(y, bmu, n_units):
 
 def _pictures(model, x, y, save_dir: Path, image_shape, title: str):
     from common import plots
-    from desom.layers import pairwise_sq_distances
+    from desom.layers import best_matching_units
 
-    bmu = pairwise_sq_distances(model.transform(x), model.prototypes).argmin(axis=1)
+    bmu = best_matching_units(model.transform(x), model.prototypes)[0]
     hits = np.bincount(bmu, minlength=model.n_units)
     um = model.umatrix()
     size, topo = model.map_size, model.topology
@@ -259,7 +259,7 @@ def predict_main(argv):
     quiet_tensorflow()
     import pandas as pd
 
-    from desom.layers import pairwise_sq_distances
+    from desom.layers import best_matching_units
     from desom.models import ConvDESOM, load_model
 
     model = load_model(model_path)
@@ -271,13 +271,12 @@ def predict_main(argv):
     expected = tuple(model.sample_shape)
     if tuple(x.shape[1:]) != expected:
         raise UsageError(f"the model expects samples of shape {expected}, {source} has {tuple(x.shape[1:])}")
-    d = pairwise_sq_distances(model.transform(x), model.prototypes)
-    bmu = d.argmin(axis=1)
+    bmu, sq = best_matching_units(model.transform(x), model.prototypes)
     rows, cols = model.unit_coordinates(bmu)
-    out = pd.DataFrame({"bmu": bmu, "row": rows, "col": cols,
-                        "distance": np.sqrt(d[np.arange(len(d)), bmu])})
+    out = pd.DataFrame({"bmu": bmu, "row": rows, "col": cols, "distance": np.sqrt(sq)})
     if y is not None:
-        out["label"] = y
+        names = label_names(y)  # a file's own label values, not their indices
+        out["label"] = y if names is None else np.asarray(names)[np.asarray(y)]
     path = Path(args.out) if args.out else model_path.parent / "predictions.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_csv(out, path)

@@ -257,6 +257,21 @@ def pairwise_sq_distances(z: np.ndarray, prototypes: np.ndarray, chunk: int = 81
     return np.maximum(out, 0.0, out=out)
 
 
+def best_matching_units(z, prototypes: np.ndarray, chunk: int = 8192):
+    """Each sample's best-matching unit and its squared distance, ``(bmu, sq)``.
+
+    Computed in chunks of ``chunk`` samples, never holding the (samples,
+    units) matrix: memory grows with the samples by 12 bytes each. ``z`` may be
+    anything sliced into arrays (e.g. a :class:`~common.diskarray.DiskArray`).
+    """
+    bmu, sq = np.empty(len(z), np.int64), np.empty(len(z), np.float32)
+    for s in range(0, len(z), chunk):
+        d = pairwise_sq_distances(z[s:s + chunk], prototypes)
+        bmu[s:s + chunk] = d.argmin(axis=1)
+        sq[s:s + chunk] = d[np.arange(len(d)), bmu[s:s + chunk]]
+    return bmu, sq
+
+
 def umatrix(prototypes: np.ndarray, unit_distances: np.ndarray) -> np.ndarray:
     """Mean distance of each prototype to the prototypes of its neighbour units.
 

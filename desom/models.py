@@ -25,7 +25,7 @@ from keras import ops
 
 from common.data import as_float32
 from common.errors import UsageError
-from common.metrics import evaluate_clustering
+from common.metrics import evaluate_clustering, quantization_error, topographic_error
 from common.networks import (
     AutoencoderModel,
     conv_autoencoder,
@@ -173,10 +173,16 @@ class SOMModel(AutoencoderModel):
         ``sample_size``) when ``internal``.
         """
         z = self.transform(x)
-        d = pairwise_sq_distances(z, self.prototypes)
-        return evaluate_clustering(d.argmin(axis=1), y, features=z if internal else None,
-                                   sq_distances=d, unit_distances=self.unit_distances,
-                                   sample_size=sample_size, seed=seed)
+        n, chunk = len(z), 8192  # (chunk, units) distances at a time: memory does not grow with x
+        bmu, qe, te = np.empty(n, np.int64), 0.0, 0.0
+        for s in range(0, n, chunk):
+            d = pairwise_sq_distances(z[s:s + chunk], self.prototypes)
+            bmu[s:s + len(d)] = d.argmin(axis=1)
+            qe += quantization_error(d) * len(d)
+            te += topographic_error(d, unit_distances=self.unit_distances) * len(d)
+        out = evaluate_clustering(bmu, y, features=z if internal else None, sample_size=sample_size,
+                                  seed=seed)
+        return {**out, "quantization_error": qe / n, "topographic_error": te / n}
 
     # ------------------------------------------------------------- training
     def init_prototypes(self, x, method: str = "random", seed: int = 0, max_samples: int = 20000):

@@ -60,7 +60,7 @@ def test_mnist_from_idx_files_in_data_dir(tmp_path, no_system_copy):
     (x, y), _ = load_data("mnist", data_dir=tmp_path)
     assert x.shape == (10, 784) and x.dtype == np.float32
     expected = np.concatenate([parts["train"][0], parts["test"][0]]).reshape(10, -1) / 255.0
-    np.testing.assert_allclose(x, expected, rtol=1e-6)
+    np.testing.assert_array_equal(x, expected.astype(np.float32))  # exactly pixels / 255, as in DESOM
     np.testing.assert_array_equal(y, np.concatenate([parts["train"][1], parts["test"][1]]))
 
     (xt, yt), (xv, yv) = load_data("mnist", validation=True, flatten=False, data_dir=tmp_path)
@@ -323,3 +323,58 @@ def test_real_fashion_mnist(require_fmnist):
     (xt, yt), (xv, yv) = load_data("fmnist", validation=True, flatten=False)
     assert xt.shape == (60000, 28, 28, 1) and xv.shape == (10000, 28, 28, 1)
     np.testing.assert_array_equal(np.bincount(yv), [1000] * 10)
+
+
+# ---------------------------------------------------------------- .npy shards left on disk
+def _shards(folder, x, cuts):
+    folder.mkdir()
+    for i, part in enumerate(np.split(x, cuts)):
+        np.save(folder / f"part-{i:02d}.npy", part)
+    return folder
+
+
+def test_disk_array_reads_the_rows_numpy_would(tmp_path):
+    from common.diskarray import DiskArray
+
+    x = np.random.default_rng(0).normal(size=(50, 3, 2)).astype(np.float32)
+    (d, _), _ = load_data(str(_shards(tmp_path / "s", x, [7, 8, 30])), flatten=False)
+    assert isinstance(d, DiskArray) and d.shape == (50, 3, 2, 1) and d.dtype == np.float32
+    ref = x[..., None]
+    rng = np.random.default_rng(1)
+    for key in (3, -1, slice(None), slice(5, 33), slice(40, 2, -3), rng.integers(0, 50, 200),
+                np.array([49, 0, 7, 7, 8, -50]), rng.random(50) < 0.3, np.array([], np.int64), [6, 7, 8, 9]):
+        np.testing.assert_array_equal(d[key], ref[key], err_msg=str(key))
+    np.testing.assert_array_equal(d[4:9, 1], ref[4:9, 1])
+    flat = d.reshape(len(d), -1)
+    assert flat.shape == (50, 6) and isinstance(flat, DiskArray)
+    np.testing.assert_array_equal(flat[[2, 31]], x.reshape(50, -1)[[2, 31]])
+    np.testing.assert_array_equal(np.asarray(d), ref)  # explicit whole reads still work
+    for bad in (50, -51, [0, 50], np.array([0.5])):
+        with pytest.raises(IndexError):
+            d[bad]
+
+
+def test_npy_shards_with_labels_and_their_errors(tmp_path):
+    x = np.arange(40, dtype=np.float32).reshape(10, 4)
+    folder = _shards(tmp_path / "ok", x, [3])
+    np.save(folder / "labels.npy", np.array([-1, 1] * 5))
+    (d, y), _ = load_data(str(folder))
+    assert d.shape == (10, 4) and label_names(y) == ["-1", "1"] and list(y[:2]) == [0, 1]
+    bad = _shards(tmp_path / "mixed", x, [3])
+    np.save(bad / "part-02.npy", np.zeros((2, 5), np.float32))
+    short = _shards(tmp_path / "short", x, [3])
+    with open(short / "part-01.npy", "r+b") as f:
+        f.truncate(150)  # the header whole, the rows cut
+    for where, message in (
+            (tmp_path, "has no .npy shards"),
+            (bad, "part-02.npy holds rows of float32 (5,), part-00.npy of float32 (4,)"),
+            (short, "part-01.npy is not a readable .npy file: is shorter than its header says"),
+    ):
+        with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            load_data(str(where))
+    np.save(folder / "labels.npy", np.zeros(9))
+    with pytest.raises(DataError, match="has 9 labels but the shards hold 10 samples"):
+        load_data(str(folder))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty has no .npy shards"):
+        load_data(str(tmp_path / "empty"))

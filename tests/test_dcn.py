@@ -288,9 +288,14 @@ def test_tolerance_stops_training_and_resume_keeps_the_targets(tmp_path, monkeyp
     (["--dataset", "digits", "--image_size", "4"], "argument --image_size: must be in [8, inf), got 4"),
     (["--dataset", "digits", "--image_size", "8", "8", "8"], "--image_size takes one or two sizes, got 3"),
     (["--dataset", "digits", "--checkpoint_minutes", "-2"], "must be a finite number of at least 0, got -2"),
+    (["--dataset", "digitz"], "--dataset digitz: unknown; give one of digits, mnist"),
+    (["--dataset", "shards"], "give --n_clusters (shards has no labels to count classes from)"),
+    (["--dataset", "nothing.npy"], "data file nothing.npy not found"),
 ])
 def test_bad_arguments(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "shards").mkdir()
+    np.save(tmp_path / "shards" / "part-0.npy", np.zeros((20, 4), np.float32))
     assert_one_line_error(main, argv, message, capsys)
 
 

@@ -339,3 +339,20 @@ def test_bin_desom_scales_image_files_for_convdesom_and_predict(tmp_path):
     res = run_bin("predict", "--model", out_dir / "model.keras", "--data", tmp_path / "img.npz")
     assert res.returncode == 0, res.stderr[-2000:]
     assert len(pd.read_csv(out_dir / "predictions.csv")) == 40
+
+
+def test_memory_benchmark_parts_write_noisy_shards_and_measure_a_child_run(tmp_path):
+    from common.data import load_data
+    from desom.benchmark import _measured_run, _write_shards
+
+    (x, y), _ = load_data("digits")
+    folder = _write_shards(tmp_path / "shards", x, y, copies=2, seed=0, rows_per_shard=500)
+    assert len(list(folder.glob("part-*.npy"))) == 8  # 4 shards per copy
+    (xs, ys), _ = load_data(str(folder))
+    assert xs.shape == (2 * len(x), 64) and np.array_equal(np.asarray(ys), np.tile(y, 2))
+    np.testing.assert_array_equal(xs[:len(x)], x)  # the first copy as it is
+    noise = xs[len(x):] - x
+    assert 0.01 < np.abs(noise).mean() < 0.06 and xs[len(x):].min() >= 0 and xs[len(x):].max() <= 1
+    row = _measured_run(["--data", str(folder), "--map_size", "3", "3", "--iterations", "20",
+                         "--batch_size", "64"], tmp_path / "run")
+    assert 0.1 < row["peak_rss_gb"] < 20 and 0 < row["purity"] <= 1 and row["seconds"] > 0

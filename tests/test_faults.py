@@ -164,11 +164,13 @@ def test_labels_of_any_values_are_numbered_and_named_in_the_results(tmp_path):
 
 
 # ---------------------------------------------------------------- data larger than memory
-def test_a_memory_mapped_npy_trains_exactly_like_the_array_in_memory(tmp_path, monkeypatch):
+@pytest.mark.parametrize("layout", ["file", "shards"])
+def test_npy_data_on_disk_trains_exactly_like_the_array_in_memory(tmp_path, monkeypatch, layout):
     import keras
 
     import common.training as training
     from common.data import load_data
+    from common.diskarray import DiskArray
     from desom import DESOM
 
     reads = []
@@ -180,9 +182,17 @@ def test_a_memory_mapped_npy_trains_exactly_like_the_array_in_memory(tmp_path, m
 
     monkeypatch.setattr(training._Batches, "_read", counted)
     (x, y), _ = load_data("digits")
-    np.save(tmp_path / "x.npy", x)
-    (xm, ym), _ = load_data(str(tmp_path / "x.npy"))
-    assert isinstance(xm, np.memmap) and ym is None and xm.shape == x.shape
+    if layout == "file":
+        np.save(tmp_path / "x.npy", x)
+        source = tmp_path / "x.npy"
+    else:  # three shards of unequal sizes
+        source = tmp_path / "shards"
+        source.mkdir()
+        for i, part in enumerate(np.split(x, [500, 1300])):
+            np.save(source / f"part-{i}.npy", part)
+    (xm, ym), _ = load_data(str(source))
+    assert isinstance(xm, DiskArray) and ym is None and xm.shape == x.shape
+    monkeypatch.setattr(DiskArray, "__array__", None)  # nothing may read the whole array
     prototypes = []
     for data in (x, xm):
         keras.utils.set_random_seed(1)
@@ -195,14 +205,28 @@ def test_a_memory_mapped_npy_trains_exactly_like_the_array_in_memory(tmp_path, m
     np.testing.assert_allclose(prototypes[1], prototypes[0], rtol=1e-6, atol=1e-7)
 
 
-def test_bin_desom_trains_on_a_npy_file_and_refuses_what_would_load_it(tmp_path, capsys):
+def test_bin_desom_trains_on_npy_shards_and_refuses_what_would_load_them(tmp_path, capsys, monkeypatch):
     from common.data import load_data
+    from common.diskarray import DiskArray
+    from desom.cli import predict_main
 
-    (x, _), _ = load_data("digits")
-    np.save(tmp_path / "x.npy", x)
-    assert train_main(["--data", str(tmp_path / "x.npy"), *TINY, "--iterations", "30",
+    (x, y), _ = load_data("digits")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i, part in enumerate(np.array_split(x, 4)):
+        np.save(shards / f"part-{i:03d}.npy", part)
+    np.save(shards / "labels.npy", np.array(["abcdefghij"[v] for v in y]))  # text labels too
+    monkeypatch.setattr(DiskArray, "__array__", None)  # training, results and pictures stream
+    assert train_main(["--data", str(shards), *TINY, "--iterations", "30",
                        "--save_dir", str(tmp_path / "run")]) == 0
-    assert (tmp_path / "run" / "model.keras").is_file()
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["n_samples"] == len(x) and results["label_names"] == list("abcdefghij")
+    assert 0 < results["train"]["purity"] <= 1 and (tmp_path / "run" / "map.png").is_file()
+    assert predict_main(["--model", str(tmp_path / "run" / "model.keras"), "--data", str(shards)]) == 0
+    predictions = pd.read_csv(tmp_path / "run" / "predictions.csv")
+    assert len(predictions) == len(x) and list(predictions["label"][:3]) == ["abcdefghij"[v] for v in y[:3]]
+    monkeypatch.undo()
+    np.save(tmp_path / "x.npy", x)
     np.save(tmp_path / "x64.npy", x.astype(np.float64))
     for argv, message in (
             (["--data", str(tmp_path / "x64.npy")], "holds float64; .npy files are read from disk as they "

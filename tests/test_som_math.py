@@ -11,6 +11,7 @@ from common.errors import UsageError
 from desom.layers import (
     SOMLayer,
     batch_som,
+    best_matching_units,
     gaussian_kernel,
     map_distances,
     pairwise_sq_distances,
@@ -246,3 +247,22 @@ def test_batch_som_lowers_quantization_error():
         return np.sqrt(pairwise_sq_distances(z, p).min(axis=1)).mean()
 
     assert qe(fitted) < 0.5 * qe(init)
+
+
+def test_best_units_and_map_errors_in_chunks_match_the_whole_distance_matrix():
+    from common.metrics import quantization_error, topographic_error
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(9000, 2)).astype(np.float32)  # more samples than one chunk (8192)
+    protos = rng.normal(size=(9, 2)).astype(np.float32)
+    d = ((z[:, None, :].astype(np.float64) - protos[None]) ** 2).sum(axis=-1)
+    bmu, sq = best_matching_units(z, protos, chunk=1000)
+    np.testing.assert_array_equal(bmu, d.argmin(axis=1))
+    np.testing.assert_allclose(sq, d.min(axis=1), rtol=1e-5, atol=1e-5)
+    model = Kerasom(2, (3, 3))
+    model.set_prototypes(protos)
+    out = model.evaluate_map(z, internal=False)
+    assert out["quantization_error"] == pytest.approx(quantization_error(d), rel=1e-5)
+    assert out["topographic_error"] == pytest.approx(
+        topographic_error(d, unit_distances=model.unit_distances), abs=1e-12)
+    assert out["n_samples"] == 9000
