@@ -107,8 +107,6 @@ class TrainingCommand:
     #: Flags that ``--resume`` may change (e.g. ``("iterations",)``); any other
     #: flag differing from the saved run is refused with one line.
     resume_may_change: tuple = ()
-    #: Whether ``--strategy multiworker`` is supported (tested with two workers).
-    multiworker = True
 
     # ------------------------------------------------------------------ hooks
     def resumed_with_changes(self, args, changed: dict):
@@ -175,9 +173,6 @@ class TrainingCommand:
             if changed:
                 self.resumed_with_changes(args, changed)
         self.check(args)
-        if args.strategy == "multiworker" and not self.multiworker:
-            raise UsageError(f"{self.prog} does not support --strategy multiworker yet; use --strategy "
-                             f"mirrored for the GPUs of one machine")
         if args.verbose == 1 and not sys.stdout.isatty():
             args.verbose = 2  # a progress bar in a log file is noise
         data = self.load(args)

@@ -120,6 +120,21 @@ def is_chief(strategy) -> bool:
     return resolver.task_type == "worker" and resolver.task_id == 0
 
 
+def from_chief(strategy, array):
+    """The chief's ``array`` on every worker of a multi-worker run (``array``
+    itself otherwise): for results of host computations (clusterings, pseudo-
+    labels) that every worker must share exactly, or their steps would differ."""
+    if worker_count(strategy) < 2:
+        return array
+    import numpy as np
+    import tensorflow as tf
+
+    value, chief = np.asarray(array), is_chief(strategy)
+    flags = strategy.gather(strategy.run(lambda: tf.constant([int(chief)], tf.int64)), axis=0).numpy()
+    every = strategy.gather(strategy.run(lambda: tf.constant(value[None])), axis=0).numpy()
+    return every[int(np.argmax(flags))]
+
+
 def worker_count(strategy) -> int:
     """How many processes train together (1 unless multi-worker)."""
     return getattr(strategy, "workers", 1)

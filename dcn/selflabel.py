@@ -48,6 +48,7 @@ from keras import ops
 from common.errors import UsageError
 from common.networks import cnn_features, load_keras_model, mlp_classifier, predict_in_batches
 from common.results import atomic_path
+from common.runtime import from_chief, is_chief
 from common.training import Task, train
 
 INITS = ("ae", "desom", "random")
@@ -458,12 +459,20 @@ def refine(model: SelfLabelNet, x, labels, confidence, *, iterations: int = 10,
     """
     k = model.n_clusters
     x = np.asarray(x, np.float32)
+    strategy = loop.get("strategy")
     save = None if save_dir is None else Path(save_dir)
-    if save is not None:
+    write = save is not None and is_chief(strategy)  # the other workers of a multi-worker run write nothing
+    if write:
         (save / "pseudo_labels").mkdir(parents=True, exist_ok=True)
         (save / "logs").mkdir(exist_ok=True)
     rows, start = [], 0
-    labels, confidence = np.asarray(labels, np.int64), np.asarray(confidence, np.float64)
+
+    def shared(new_labels, new_confidence):
+        # every worker trains on the chief's labels: equal sizes keep their steps in step
+        return (from_chief(strategy, np.asarray(new_labels, np.int64)),
+                from_chief(strategy, np.asarray(new_confidence, np.float64)))
+
+    labels, confidence = shared(labels, confidence)
     if resume and save is not None:
         rows, start, labels, confidence = _resume_state(model, save, labels, confidence)
         if rows and rows[-1].get("stopped"):
@@ -472,7 +481,7 @@ def refine(model: SelfLabelNet, x, labels, confidence, *, iterations: int = 10,
             # its last iteration was not relabelled (interval, or an earlier version): relabel now
             with np.load(save / "pseudo_labels" / f"iteration_{start - 1:02d}.npz") as f:
                 previous = f["labels"]
-            labels, confidence = relabel(model, x, previous, relabelling, balance, seed)
+            labels, confidence = shared(*relabel(model, x, previous, relabelling, balance, seed))
             rows[-1]["stability"] = aligned_stability(labels, previous, k)
             if on_rows is not None:
                 on_rows(rows)
@@ -481,7 +490,7 @@ def refine(model: SelfLabelNet, x, labels, confidence, *, iterations: int = 10,
         with _scope(loop.get("strategy")):
             knn = NeighbourTask(model, x, neighbours, entropy_weight, augment)
     for i in range(start, iterations):
-        if save is not None:
+        if write:
             _save_labels(save / "pseudo_labels" / f"iteration_{i:02d}.npz", labels, confidence)
         fraction = fraction_at(i, iterations, *confident_fraction)
         keep = select_confident(labels, confidence, fraction, k)
@@ -511,12 +520,12 @@ def refine(model: SelfLabelNet, x, labels, confidence, *, iterations: int = 10,
             row.update({f"test_{n}": v for n, v in label_scores(pred, y_test).items()})
         relabelled = (i + 1) % recluster_interval == 0 or i + 1 == iterations
         if relabelled:
-            new, new_conf = relabel(model, x, labels, relabelling, balance, seed)
+            new, new_conf = shared(*relabel(model, x, labels, relabelling, balance, seed))
             row["stability"] = aligned_stability(new, labels, k)
             labels, confidence = new, new_conf
         if relabelled and row["stability"] >= threshold:
             row["stopped"] = f"aligned stability {row['stability']:.4f} >= {threshold}"
-        if save is not None:  # the next labels first: a finished iteration's model implies them
+        if write:  # the next labels first: a finished iteration's model implies them
             from common.networks import save_keras_model
 
             if relabelled:

@@ -17,7 +17,7 @@ from common.command import RunData, TrainingCommand
 from common.data import CLASS_NAMES, label_names, load_data
 from common.errors import DataError, UsageError
 from common.results import atomic_path, write_json
-from common.runtime import quiet_tensorflow
+from common.runtime import from_chief, quiet_tensorflow, worker_count
 from dcn.selflabel import AUGMENTATIONS, CLUSTERERS, INITS, MANIFOLDS, RELABELS
 
 #: What the issue's authors asked of an unsupervised Fashion-MNIST classifier.
@@ -53,7 +53,6 @@ def load_images(args):
 
 class SelfLabelCommand(TrainingCommand):
     prog = "selflabel"
-    multiworker = False  # not tried with several workers yet
     description = ("Learn to classify images without labels: initial pseudo-labels from clustering "
                    "autoencoder codes (UMAP + Gaussian mixture by default), then a CNN trained on the most "
                    "confident of them with augmentation, relabelled from its own balanced predictions until "
@@ -181,9 +180,10 @@ class SelfLabelCommand(TrainingCommand):
             run.stages["init_features"] = time.perf_counter() - t
             if a.knn_epochs > 0:
                 t = time.perf_counter()
-                neighbours = sl.nearest_neighbours(z, a.knn)
-                with atomic_path(knn_file) as tmp:
-                    np.save(tmp, neighbours)
+                neighbours = from_chief(run.strategy, sl.nearest_neighbours(z, a.knn))
+                if run.chief:
+                    with atomic_path(knn_file) as tmp:
+                        np.save(tmp, neighbours)
                 run.stages["nearest_neighbours"] = time.perf_counter() - t
             t = time.perf_counter()
             if a.manifold == "umap":
@@ -195,6 +195,8 @@ class SelfLabelCommand(TrainingCommand):
         def on_rows(rows):
             import pandas as pd
 
+            if not run.chief:
+                return
             write_csv(pd.DataFrame(rows), save / "history.csv")
             if a.verbose:
                 print(_row_line(rows[-1]), flush=True)
@@ -218,9 +220,15 @@ class SelfLabelCommand(TrainingCommand):
         training labels (reporting), kept in the model for ``predict``."""
         from dcn.selflabel import best_iteration, load_model
 
+        if not run.chief:  # the chief writes and chooses the model
+            return
         model, d = run.model, run.data
         best = best_iteration(rows)
-        model.set_weights(load_model(run.save_dir / f"iteration_{best:02d}.keras").get_weights())
+        chosen = load_model(run.save_dir / f"iteration_{best:02d}.keras")
+        if worker_count(run.strategy) > 1:  # the chosen model alone: the other workers have stopped,
+            model = run.model = chosen      # a model built under their strategy would wait for them
+        else:
+            model.set_weights(chosen.get_weights())
         run.data.extra.update(rows=rows, best=best)
         if d.y is not None:
             d.extra["train_pred"] = model.predict_proba(d.x).argmax(axis=1)
