@@ -264,10 +264,18 @@ def _terminate(signum, frame):
     raise Terminated()
 
 
+def _lost_peer(error: Exception) -> bool:
+    """A collective of a multi-worker run failed because a peer died or left."""
+    return (bool(os.environ.get("TF_CONFIG")) and type(error).__module__.startswith("tensorflow")
+            and type(error).__name__ in ("UnavailableError", "AbortedError", "CancelledError"))
+
+
 def run(main, argv=None, prog: str | None = None) -> int:
     """Call ``main(argv)``; report user errors in one line and exit non-zero.
 
-    SIGTERM is handled like Ctrl-C while ``main`` runs.
+    SIGTERM is handled like Ctrl-C while ``main`` runs. A multi-worker run
+    whose peer died ends with one line and exit code 4 (after the training
+    loop's checkpoint).
     """
     prog = prog or os.path.basename(sys.argv[0]) or "desom"
     previous = signal.signal(signal.SIGTERM, _terminate)
@@ -283,6 +291,16 @@ def run(main, argv=None, prog: str | None = None) -> int:
         terminated = isinstance(e, Terminated)
         print(f"{prog}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
         sys.exit(143 if terminated else 130)
+    except Exception as e:
+        if not _lost_peer(e):
+            raise
+        import re
+
+        peer = re.search(r"/job:(\w+)/replica:\d+/task:(\d+)", str(e))
+        who = f"{peer[1]} {peer[2]}" if peer else "another worker"
+        print(f"{prog}: error: {who} of this multi-worker run stopped answering ({type(e).__name__}); the "
+              "last checkpoint is kept: start every worker again with --resume", file=sys.stderr)
+        sys.exit(4)
     finally:
         signal.signal(signal.SIGTERM, previous)
     sys.exit(code or 0)

@@ -119,3 +119,24 @@ def test_multiworker_needs_tf_config(monkeypatch, capsys):
     monkeypatch.delenv("TF_CONFIG", raising=False)
     assert_one_line_error(desom_main, ["--strategy", "multiworker", "--iterations", "5"],
                           "--strategy multiworker needs TF_CONFIG", capsys)
+
+
+def test_a_lost_peer_ends_the_run_with_one_line_and_exit_4(monkeypatch, capsys):
+    import tensorflow as tf
+
+    from common.cli import run
+
+    def main(argv):  # what a collective raises when worker 1 died (seen with kill -9)
+        raise tf.errors.UnavailableError(None, None, "Graph execution error:\n\nAdditional GRPC error "
+                                         "information from remote target /job:worker/replica:0/task:1")
+
+    monkeypatch.setenv("TF_CONFIG", "{}")
+    with pytest.raises(SystemExit) as stop:
+        run(main, [], prog="desom")
+    assert stop.value.code == 4
+    err = capsys.readouterr().err.strip()
+    assert err == ("desom: error: worker 1 of this multi-worker run stopped answering (UnavailableError); "
+                   "the last checkpoint is kept: start every worker again with --resume")
+    monkeypatch.delenv("TF_CONFIG")
+    with pytest.raises(tf.errors.UnavailableError):  # without TF_CONFIG it is not ours to explain
+        run(main, [], prog="desom")
