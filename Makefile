@@ -22,7 +22,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check common desom dcn rswnet tests
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist worksteal
 
 bench: $(STAMP)
 	bin/desom-benchmark --datasets fmnist mnist usps --models desom --runs 5 --out bench/desom --fig_dir fig
