@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(TF)
 
-.PHONY: demo test bench bench-speed clean
+.PHONY: demo test bench bench-speed bench-schedule clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,15 @@ bench: $(STAMP)
 	bin/rswnet-benchmark --heads som --runs 3 --out bench/rswnet_som
 	bin/ae-benchmark --runs 3 --out bench/ae
 	bin/selflabel-benchmark --runs 3 --jobs 3 --iterations 3 --out bench/selflabel
+
+# the end of DESOM's temperature schedule against map organisation (one seed; about an hour)
+bench-schedule: $(STAMP)
+	for t in 0.1 0.3 0.5 0.6 0.7 1.0; do bin/desom --dataset fmnist --map_size 8 8 --Tmin $$t --seed 0 \
+	  --verbose 0 --save_dir bench/schedule/8x8_tmin$$t; done
+	bin/desom --dataset fmnist --map_size 8 8 --Tmin 1.0 --som_iterations 5000 --seed 0 --verbose 0 \
+	  --save_dir bench/schedule/8x8_tmin1.0_hold
+	for t in 0.1 0.3 0.7 1.0; do bin/desom --dataset fmnist --map_size 20 20 --Tmin $$t --seed 0 \
+	  --verbose 0 --save_dir bench/schedule/20x20_tmin$$t; done
 
 # ms per training step of every model in our loop and in a bare Keras step (a few minutes)
 bench-speed: $(STAMP)

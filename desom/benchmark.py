@@ -25,7 +25,7 @@ import pandas as pd
 from common.cli import SEED_BOUNDS, ArgumentParser, run
 from common.data import IMAGE_SHAPES, KNOWN_DATASETS, load_data
 from common.errors import DataError, UsageError
-from common.metrics import accuracy, evaluate_clustering
+from common.metrics import evaluate_clustering
 from common.results import write_csv, write_summary
 from common.runtime import quiet_tensorflow
 
@@ -49,8 +49,11 @@ def parser():
     p.add_argument("--iterations", type=int, default=10000, bounds="[1, inf)")
     p.add_argument("--batch_size", type=int, default=256, bounds="[1, inf)")
     p.add_argument("--gamma", type=float, default=0.001, bounds="[0, inf)")
-    p.add_argument("--Tmax", type=float, default=10.0, bounds="(0, inf)")
-    p.add_argument("--Tmin", type=float, default=0.1, bounds="(0, inf)")
+    p.add_argument("--Tmax", type=float, default=None, bounds="(0, inf)",
+                   help="default: 10 for maps up to 20x20, half the larger side beyond")
+    p.add_argument("--Tmin", type=float, default=None, bounds="(0, inf)", help="default: the --schedule's")
+    p.add_argument("--schedule", choices=("paper", "topology"), default="paper",
+                   help="named temperature schedule, as in bin/desom")
     p.add_argument("--pretrain_epochs", type=int, default=0, bounds="[0, inf)",
                    help="autoencoder pretraining (paper: 0)")
     p.add_argument("--som_init", choices=("random", "som"), default="random")
@@ -186,17 +189,6 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # kB on Linux
 
 
-def _kmeans_accuracy(model, x, y, seed):
-    """The paper's post-clustering: k-means (k = classes) on the prototypes."""
-    from sklearn.cluster import KMeans
-
-    k = len(np.unique(y))
-    if model.n_units < k:
-        return float("nan")
-    km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(model.prototypes)
-    return accuracy(y, km.labels_[model.predict(x, verbose=0, batch_size=2048)])
-
-
 def _one_run(args, name, model_name, x, y, seed, strategy, run_dir):
     import keras
 
@@ -231,8 +223,7 @@ def _one_run(args, name, model_name, x, y, seed, strategy, run_dir):
     seconds = time.perf_counter() - t0
     shutil.rmtree(Path(run_dir) / "checkpoints", ignore_errors=True)  # keep the log, not the weights
     out = model.evaluate_map(x, y, seed=seed)
-    out.update(fit_seconds=seconds, iterations_per_second=result.iterations_per_second,
-               acc_kmeans=_kmeans_accuracy(model, x, y, seed))
+    out.update(fit_seconds=seconds, iterations_per_second=result.iterations_per_second)
     if args.fig_dir and name in IMAGE_SHAPES and not (Path(args.fig_dir) / f"desom_map_{name}.png").exists():
         from common.plots import prototype_grid
 
@@ -245,9 +236,11 @@ def _one_run(args, name, model_name, x, y, seed, strategy, run_dir):
 
 def _main(argv=None):
     args = parser().parse_args(argv)
-    from desom.layers import check_map
+    from desom.layers import SCHEDULES, check_map, default_tmax
 
     check_map(args.map_size, flag="--map_size")
+    args.Tmax = default_tmax(args.map_size) if args.Tmax is None else args.Tmax
+    args.Tmin = SCHEDULES[args.schedule] if args.Tmin is None else args.Tmin
     if args.Tmin > args.Tmax:
         raise UsageError(f"need --Tmin <= --Tmax, got {args.Tmin} > {args.Tmax}")
     out = Path(args.out)
@@ -268,7 +261,8 @@ def _main(argv=None):
     strategy = make_strategy(args.strategy)
     print(f"TensorFlow {tf.__version__}, {strategy.num_replicas_in_sync} replica(s), "
           f"{os.cpu_count()} CPU cores; map {args.map_size[0]}x{args.map_size[1]}, "
-          f"{args.iterations} iterations, batch {args.batch_size}, gamma {args.gamma}")
+          f"{args.iterations} iterations, batch {args.batch_size}, gamma {args.gamma}, T {args.Tmax:g} -> "
+          f"{args.Tmin:g} ({args.schedule} schedule)")
     rows = []
     for name in args.datasets:
         try:

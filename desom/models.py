@@ -25,7 +25,12 @@ from keras import ops
 
 from common.data import as_float32
 from common.errors import UsageError
-from common.metrics import evaluate_clustering, quantization_error, topographic_error
+from common.metrics import (
+    evaluate_clustering,
+    prototype_kmeans_accuracy,
+    quantization_error,
+    topographic_error,
+)
 from common.networks import (
     AutoencoderModel,
     conv_autoencoder,
@@ -39,6 +44,7 @@ from desom.layers import (
     KERNELS,
     SOMLayer,
     batch_som,
+    default_tmax,
     pairwise_sq_distances,
     temperature,
     temperature_op,
@@ -95,7 +101,8 @@ class SOMTask(Task):
         if self.x_eval is None:
             return {}
         metrics = self.model.evaluate_map(self.x_eval, self.y_eval, internal=False)
-        keys = ("quantization_error", "topographic_error", "n_clusters", "purity", "nmi", "ari", "acc")
+        keys = ("quantization_error", "topographic_error", "n_clusters", "purity", "nmi", "ari", "acc",
+                "acc_kmeans")
         return {k: metrics[k] for k in keys if k in metrics}
 
 
@@ -168,8 +175,11 @@ class SOMModel(AutoencoderModel):
         """Every applicable metric of the best-matching-unit clustering of ``x``.
 
         Quantization and topographic error in latent space; purity, NMI, ARI
-        and accuracy when labels ``y`` are given; silhouette, Davies-Bouldin
-        and Calinski-Harabasz of the latent codes (fixed-seed subsample of
+        and accuracy when labels ``y`` are given (on a map with more units
+        than classes, ``acc_kmeans``, the paper's accuracy: see
+        :func:`common.metrics.prototype_kmeans_accuracy`; else ``acc``, the
+        one-to-one accuracy); silhouette, Davies-Bouldin and
+        Calinski-Harabasz of the latent codes (fixed-seed subsample of
         ``sample_size``) when ``internal``.
         """
         z = self.transform(x)
@@ -182,6 +192,9 @@ class SOMModel(AutoencoderModel):
             te += topographic_error(d, unit_distances=self.unit_distances) * len(d)
         out = evaluate_clustering(bmu, y, features=z if internal else None, sample_size=sample_size,
                                   seed=seed)
+        if y is not None and self.n_units > len(np.unique(y)):  # the paper's accuracy, not one-to-one
+            del out["acc"]
+            out["acc_kmeans"] = prototype_kmeans_accuracy(y, bmu, self.prototypes, seed)
         return {**out, "quantization_error": qe / n, "topographic_error": te / n}
 
     # ------------------------------------------------------------- training
@@ -206,13 +219,14 @@ class SOMModel(AutoencoderModel):
                              Tmax=max(max(self.map_size) / 2.0, 1.0), Tmin=1.0)
         self.set_prototypes(init)
 
-    def fit(self, x, y=None, *, iterations: int = 10000, gamma: float = 0.001, Tmax: float = 10.0,
+    def fit(self, x, y=None, *, iterations: int = 10000, gamma: float = 0.001, Tmax: float | None = None,
             Tmin: float = 0.1, decay: str = "exponential", neighborhood: str = "gaussian",
             som_iterations: int | None = None, update_interval: int = 1, normalize: bool = False,
             eval_interval: int = 500, eval_samples: int = 10000, seed: int = 0, **loop):
         """Train the map (and the autoencoder) for ``iterations`` batches.
 
-        The temperature T decays from ``Tmax`` to ``Tmin`` over
+        The temperature T decays from ``Tmax`` (default:
+        :func:`desom.layers.default_tmax` of the map) to ``Tmin`` over
         ``som_iterations`` (default: all iterations) following ``decay``, and
         is updated every ``update_interval`` iterations. ``normalize`` divides
         the SOM loss by the batch's latent spread (:func:`latent_spread`; not
@@ -231,6 +245,7 @@ class SOMModel(AutoencoderModel):
                             ("eval_interval", eval_interval)):
             if value < 1:
                 raise UsageError(f"{name} must be positive, got {value}")
+        Tmax = default_tmax(self.map_size) if Tmax is None else Tmax
         if not 0 < Tmin <= Tmax:
             raise UsageError(f"need 0 < Tmin <= Tmax, got Tmin={Tmin}, Tmax={Tmax}")
         temperature(0, 2, Tmax, Tmin, decay)  # validates decay

@@ -118,8 +118,9 @@ class RswnetCommand(TrainingCommand):
         p.add_argument("--som_init", choices=("som", "random"), default="som",
                        help="SOM head: prototypes from a short batch SOM on the pretrained codes (an ordered "
                        "map from the start) or the codes of random samples (DESOM's benchmark)")
-        p.add_argument("--Tmax", type=float, default=10.0, bounds="(0, inf)",
-                       help="SOM head: initial neighbourhood radius")
+        p.add_argument("--Tmax", type=float, default=None, bounds="(0, inf)",
+                       help="SOM head: initial neighbourhood radius (default: 10 for maps up to 20x20, half "
+                       "the larger side beyond)")
         p.add_argument("--Tmin", type=float, default=0.1, bounds="(0, inf)",
                        help="SOM head: final neighbourhood radius")
         p.add_argument("--batch_size", type=int, bounds="[1, inf)", help="global batch size (128)")
@@ -150,11 +151,12 @@ class RswnetCommand(TrainingCommand):
                              "--head som")
         if str(args.weights).lower() == "none":
             args.weights = None
-        if args.Tmin > args.Tmax:
-            raise UsageError(f"need --Tmin <= --Tmax, got {args.Tmin} > {args.Tmax}")
-        from desom.layers import check_map
+        from desom.layers import check_map, default_tmax
 
         check_map(args.map_size, flag="--map_size")
+        args.Tmax = default_tmax(args.map_size) if args.Tmax is None else args.Tmax
+        if args.Tmin > args.Tmax:
+            raise UsageError(f"need --Tmin <= --Tmax, got {args.Tmin} > {args.Tmax}")
         check_map(args.som_map_size, flag="--som_map_size")
 
     def load(self, args) -> RunData:

@@ -175,9 +175,12 @@ def test_bin_desom_writes_every_output_and_predicts_in_a_new_process(tmp_path):
         assert (out_dir / name).is_file(), name
     assert (out_dir / "architecture.png").is_file() or (out_dir / "architecture.txt").is_file()
     results = json.loads((out_dir / "results.json").read_text())
-    for key in ("purity", "nmi", "ari", "acc", "quantization_error", "topographic_error", "args"):
+    for key in ("purity", "nmi", "ari", "acc_kmeans", "quantization_error", "topographic_error", "args"):
         assert key in results
+    assert "acc" not in results  # 12 units for 10 classes: the paper's accuracy, not the one-to-one
     assert results["iterations"] == 60 and results["args"]["map_size"] == [3, 4]
+    assert results["args"]["Tmax"] == 10.0  # the paper's, up to 20x20
+    assert "acc_kmeans" in pd.read_csv(out_dir / "log.csv")
 
     res = run_bin("predict", "--model", out_dir / "model.keras", "--dataset", "digits",
                   "--out", tmp_path / "preds.csv")

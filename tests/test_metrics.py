@@ -114,3 +114,14 @@ def test_evaluate_clustering_reports_what_applies():
     assert full["purity"] == m.purity(y, pred)
     no_map = m.evaluate_clustering(pred, sq_distances=sq)
     assert "quantization_error" in no_map and "topographic_error" not in no_map
+
+
+def test_prototype_kmeans_accuracy_on_a_constructed_map():
+    # a 2x4 map: units 0-2 near (0, 0), 3-5 near (10, 0), 6-7 near (0, 10)
+    protos = np.array([[0, 0], [0.2, 0], [0, 0.2], [10, 0], [10.2, 0], [10, 0.2], [0, 10], [0.2, 10]])
+    units = np.array([0, 1, 2, 2, 3, 4, 5, 5, 6, 7, 7, 1])
+    classes = np.array([5, 5, 5, 5, 1, 1, 1, 1, 9, 9, 9, 1])  # the last sample sits in class 5's region
+    assert m.prototype_kmeans_accuracy(classes, units, protos) == pytest.approx(11 / 12)
+    assert m.accuracy(classes, units) == pytest.approx(6 / 12)  # one-to-one: 3 of the 8 units count
+    with pytest.raises(ValueError, match="use accuracy"):
+        m.prototype_kmeans_accuracy(classes, units % 3, protos[:3])

@@ -266,3 +266,44 @@ def test_best_units_and_map_errors_in_chunks_match_the_whole_distance_matrix():
     assert out["topographic_error"] == pytest.approx(
         topographic_error(d, unit_distances=model.unit_distances), abs=1e-12)
     assert out["n_samples"] == 9000
+
+
+def test_default_tmax_is_the_papers_up_to_20x20_then_half_the_larger_side():
+    from desom.layers import default_tmax
+
+    assert [default_tmax(s) for s in ((8, 8), (20, 20), (5, 20), (24, 10), (40, 40), (100, 3))] == [
+        10.0, 10.0, 10.0, 12.0, 20.0, 50.0]
+
+
+def test_large_maps_report_the_papers_accuracy_not_the_one_to_one():
+    rng = np.random.default_rng(0)
+    centres = np.array([[0, 0], [10, 0], [0, 10]], np.float32)
+    y = rng.integers(0, 3, 300)
+    z = (centres[y] + rng.normal(0, 0.5, (300, 2))).astype(np.float32)
+    model = Kerasom(2, (3, 3))
+    model.set_prototypes(np.repeat(centres, 3, axis=0) + rng.normal(0, 0.3, (9, 2)))
+    out = model.evaluate_map(z, y, internal=False)
+    assert "acc" not in out and out["acc_kmeans"] == pytest.approx(1.0)
+    small = Kerasom(2, (1, 3))
+    small.set_prototypes(centres)
+    out = small.evaluate_map(z, y, internal=False)
+    assert "acc_kmeans" not in out and out["acc"] == pytest.approx(1.0)
+
+
+def test_named_schedules_give_their_temperatures_and_yield_to_explicit_flags():
+    from desom.cli import DesomCommand
+    from desom.layers import SCHEDULES
+
+    command = DesomCommand()
+    parser = command.parser()
+    assert tuple(parser._option_string_actions["--schedule"].choices) == tuple(SCHEDULES)
+    resolved = {}
+    for argv in ([], ["--schedule", "topology"], ["--schedule", "topology", "--Tmin", "0.3"],
+                 ["--schedule", "topology", "--map_size", "30", "30"]):
+        args = parser.parse_args(argv)
+        command.check(args)
+        resolved[" ".join(argv)] = (args.Tmax, args.Tmin)
+    assert list(resolved.values()) == [(10.0, 0.1), (10.0, 0.7), (10.0, 0.3), (15.0, 0.7)]
+    # topology: from 10 down to 0.7 over the run (exponential), never below
+    got = [temperature(i, 10000, 10.0, SCHEDULES["topology"]) for i in (0, 5000, 9999, 12000)]
+    assert got == pytest.approx([10.0, 10.0 * 0.07 ** (5000 / 9999), 0.7, 0.7])
