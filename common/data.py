@@ -323,13 +323,18 @@ def _load_npz(path: Path):
     return x, y
 
 
-def value_range(x) -> tuple[float, float]:
-    """(smallest, largest) value of ``x``, read about 64 MB at a time (a
+def _chunks(x):
+    """(start, rows) of ``x``, about 64 MB of float32 at a time (a
     :class:`~common.diskarray.DiskArray` stays on disk)."""
     step = max(1, 2**24 // max(1, int(np.prod(x.shape[1:]))))
+    for start in range(0, len(x), step):
+        yield start, np.asarray(x[start:start + step])
+
+
+def value_range(x) -> tuple[float, float]:
+    """(smallest, largest) value of ``x``, read a chunk at a time."""
     low, high = np.inf, -np.inf
-    for i in range(0, len(x), step):
-        part = np.asarray(x[i:i + step])
+    for _, part in _chunks(x):
         low, high = min(low, float(part.min())), max(high, float(part.max()))
     return low, high
 
@@ -496,10 +501,8 @@ def _finish(name: str, x, y, flatten: bool):
         x = x.astype(np.float32, copy=False)
     if x.shape[0] == 0:
         raise DataError(f"{name}: no samples")
-    chunk = max(1, 2**24 // max(1, int(np.prod(x.shape[1:]))))  # about 64 MB of float32 at a time
     rows = []
-    for start in range(0, len(x), chunk):
-        part = np.asarray(x[start:start + chunk])
+    for start, part in _chunks(x):
         rows.extend(start + np.flatnonzero(~np.isfinite(part.reshape(len(part), -1)).all(axis=1)))
     if len(rows):
         raise DataError(f"{name}: {len(rows)} samples contain NaN or inf values "

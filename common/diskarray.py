@@ -81,8 +81,6 @@ class DiskArray:
 
     # ------------------------------------------------------- array protocol
     ndim = property(lambda self: len(self.shape))
-    size = property(lambda self: prod(self.shape))
-    nbytes = property(lambda self: self.size * self.dtype.itemsize)
 
     @property
     def filename(self) -> str:
@@ -112,11 +110,6 @@ class DiskArray:
         return out if dtype is None else out.astype(dtype, copy=False)
 
     def __getitem__(self, key):
-        if isinstance(key, tuple):
-            if len(key) == 0:
-                return self[:]
-            rows = self[key[0]]
-            return rows[(slice(None), *key[1:])] if np.ndim(rows) == self.ndim else rows[key[1:]]
         if isinstance(key, (int, np.integer)):
             return self._rows(np.array([key]))[0]
         if isinstance(key, slice):

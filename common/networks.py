@@ -16,7 +16,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from common.diskarray import DiskArray
+from common.data import as_float32
 from common.errors import UsageError
 from common.runtime import is_chief
 from common.training import Task, train
@@ -235,8 +235,7 @@ def predict_in_batches(model, x, batch_size: int = 1024):
     padding keeps one shape, so evaluating during training never retraces.
     A :class:`~common.diskarray.DiskArray` is read one batch at a time.
     """
-    if not isinstance(x, DiskArray):
-        x = np.asarray(x, np.float32)
+    x = as_float32(x)
     n = len(x)
     size = min(batch_size, max(n, 1))
     outputs = []
@@ -289,7 +288,7 @@ class AutoencoderModel(keras.Model):
         """Latent codes of ``x`` (the inputs themselves, flattened, without
         encoder; a :class:`~common.diskarray.DiskArray` then stays on disk)."""
         if self.encoder is None:
-            x = x if isinstance(x, DiskArray) else np.asarray(x, np.float32)
+            x = as_float32(x)
             return x.reshape(len(x), -1)
         return predict_in_batches(self.encoder, x, batch_size)
 

@@ -120,10 +120,12 @@ def _measured_run(argv, save_dir: Path) -> dict:
     status, peak_kb = Path(f"/proc/{child.pid}/status"), 0
     while child.poll() is None:
         try:
-            peak_kb = max(peak_kb, *(int(line.split()[1]) for line in status.read_text().splitlines()
-                                     if line.startswith("VmHWM:")))
-        except (OSError, ValueError, TypeError):  # exiting
-            pass
+            text = status.read_text()
+        except OSError:  # exiting
+            text = ""
+        for line in text.splitlines():
+            if line.startswith("VmHWM:"):  # "VmHWM:   123456 kB"
+                peak_kb = max(peak_kb, int(line.split()[1]))
         time.sleep(0.05)
     seconds = time.perf_counter() - t0
     with err_file:

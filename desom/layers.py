@@ -274,18 +274,22 @@ def pairwise_sq_distances(z: np.ndarray, prototypes: np.ndarray, chunk: int = 81
     return np.maximum(out, 0.0, out=out)
 
 
-def best_matching_units(z, prototypes: np.ndarray, chunk: int = 8192):
-    """Each sample's best-matching unit and its squared distance, ``(bmu, sq)``.
+def distance_chunks(z, prototypes: np.ndarray, chunk: int = 8192):
+    """(start, squared distances of ``z[start:start + chunk]`` to the prototypes),
+    chunk after chunk: whole-data statistics without the (samples, units)
+    matrix. ``z`` may be anything sliced into arrays (e.g. a
+    :class:`~common.diskarray.DiskArray`)."""
+    for start in range(0, len(z), chunk):
+        yield start, pairwise_sq_distances(z[start:start + chunk], prototypes)
 
-    Computed in chunks of ``chunk`` samples, never holding the (samples,
-    units) matrix: memory grows with the samples by 12 bytes each. ``z`` may be
-    anything sliced into arrays (e.g. a :class:`~common.diskarray.DiskArray`).
-    """
+
+def best_matching_units(z, prototypes: np.ndarray):
+    """Each sample's best-matching unit and its squared distance, ``(bmu, sq)``;
+    memory grows with the samples by 12 bytes each (:func:`distance_chunks`)."""
     bmu, sq = np.empty(len(z), np.int64), np.empty(len(z), np.float32)
-    for s in range(0, len(z), chunk):
-        d = pairwise_sq_distances(z[s:s + chunk], prototypes)
-        bmu[s:s + chunk] = d.argmin(axis=1)
-        sq[s:s + chunk] = d[np.arange(len(d)), bmu[s:s + chunk]]
+    for s, d in distance_chunks(z, prototypes):
+        bmu[s:s + len(d)] = d.argmin(axis=1)
+        sq[s:s + len(d)] = d[np.arange(len(d)), bmu[s:s + len(d)]]
     return bmu, sq
 
 

@@ -45,6 +45,7 @@ from desom.layers import (
     SOMLayer,
     batch_som,
     default_tmax,
+    distance_chunks,
     pairwise_sq_distances,
     temperature,
     temperature_op,
@@ -183,10 +184,9 @@ class SOMModel(AutoencoderModel):
         ``sample_size``) when ``internal``.
         """
         z = self.transform(x)
-        n, chunk = len(z), 8192  # (chunk, units) distances at a time: memory does not grow with x
+        n = len(z)
         bmu, qe, te = np.empty(n, np.int64), 0.0, 0.0
-        for s in range(0, n, chunk):
-            d = pairwise_sq_distances(z[s:s + chunk], self.prototypes)
+        for s, d in distance_chunks(z, self.prototypes):  # the means of QE and TE, chunk by chunk
             bmu[s:s + len(d)] = d.argmin(axis=1)
             qe += quantization_error(d) * len(d)
             te += topographic_error(d, unit_distances=self.unit_distances) * len(d)
