@@ -25,12 +25,15 @@ order, the same for every command:
    :meth:`~TrainingCommand.results` plus timings of every phase and stage,
    arguments and environment;
 8. :meth:`~TrainingCommand.pictures`, then a summary line.
+
+``results.json`` also records the command line (``command``).
 """
 
 from __future__ import annotations
 
 import copy
 import platform
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -159,6 +162,7 @@ class TrainingCommand:
 
     def main(self, argv=None) -> int:
         t0 = time.perf_counter()
+        argv = sys.argv[1:] if argv is None else list(argv)
         args = self.parser().parse_args(argv)
         changed = {}
         if args.resume:
@@ -243,6 +247,7 @@ class TrainingCommand:
         results["timings"] = {name: r.timings.to_dict() for name, r in run.phases.items()}
         last = list(results["timings"].values())[-1] if run.phases else {}
         results["iterations_per_second"] = last.get("iterations_per_second")  # the last phase's
+        results["command"] = shlex.join([f"bin/{self.prog}", *argv])  # as typed (--resume: the resuming one)
         results["args"] = vars(args)
         results["environment"] = {
             "python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,

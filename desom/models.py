@@ -184,18 +184,26 @@ class SOMModel(AutoencoderModel):
         ``sample_size``) when ``internal``.
         """
         z = self.transform(x)
-        n = len(z)
-        bmu, qe, te = np.empty(n, np.int64), 0.0, 0.0
-        for s, d in distance_chunks(z, self.prototypes):  # the means of QE and TE, chunk by chunk
-            bmu[s:s + len(d)] = d.argmin(axis=1)
-            qe += quantization_error(d) * len(d)
-            te += topographic_error(d, unit_distances=self.unit_distances) * len(d)
+        bmu, _, qe, te = self.assign_codes(z)
         out = evaluate_clustering(bmu, y, features=z if internal else None, sample_size=sample_size,
                                   seed=seed)
         if y is not None and self.n_units > len(np.unique(y)):  # the paper's accuracy, not one-to-one
             del out["acc"]
             out["acc_kmeans"] = prototype_kmeans_accuracy(y, bmu, self.prototypes, seed)
-        return {**out, "quantization_error": qe / n, "topographic_error": te / n}
+        return {**out, "quantization_error": qe, "topographic_error": te}
+
+    def assign_codes(self, z):
+        """``(bmu, sq, qe, te)`` of latent codes ``z``: each code's best-matching
+        unit and squared distance to it, the quantization and topographic errors;
+        computed chunk by chunk (no samples x units matrix)."""
+        n = len(z)
+        bmu, sq, qe, te = np.empty(n, np.int64), np.empty(n, np.float32), 0.0, 0.0
+        for s, d in distance_chunks(z, self.prototypes):
+            bmu[s:s + len(d)] = d.argmin(axis=1)
+            sq[s:s + len(d)] = d[np.arange(len(d)), bmu[s:s + len(d)]]
+            qe += quantization_error(d) * len(d)
+            te += topographic_error(d, unit_distances=self.unit_distances) * len(d)
+        return bmu, sq, qe / max(n, 1), te / max(n, 1)
 
     # ------------------------------------------------------------- training
     def init_prototypes(self, x, method: str = "random", seed: int = 0, max_samples: int = 20000):
