@@ -27,6 +27,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	bin/desom-benchmark --datasets fmnist mnist usps --models desom --runs 5 --out bench/desom --fig_dir fig
 	bin/desom-benchmark --memory --iterations 2000 --out bench/memory
+	bin/desom-benchmark --explorer --out bench/explorer
 	bin/dcn-benchmark --dataset fmnist --runs 3 --folder --out bench/dcn
 	bin/rswnet-benchmark --runs 3 --out bench/rswnet
 	bin/rswnet-benchmark --heads som --runs 3 --out bench/rswnet_som

@@ -188,9 +188,10 @@ def add_run_arguments(p, seed_help: str, progress: str = "progress bar"):
                    help=f"0 quiet, 1 {progress}, 2 one line per log row")
 
 
-#: Flags that change how a run computes, not what it computes: a resumed run takes them from its command line.
+#: Flags that change how a run computes or what it draws, not what it computes: a resumed run takes them
+#: from its command line.
 RUNTIME_FLAGS = ("verbose", "strategy", "save_dir", "jit", "steps_per_execution", "checkpoint_minutes",
-                 "resume")
+                 "resume", "no_explorer")
 
 
 def given_arguments(parser: argparse.ArgumentParser, argv) -> dict:

@@ -412,6 +412,17 @@ def _load_csv(path: Path, label_col: str | None):
     return df.to_numpy(dtype=np.float64), y
 
 
+def feature_names(source, label_col: str | None = None) -> list[str] | None:
+    """The column names of a CSV file's features (its header without
+    ``label_col``); None for other sources."""
+    import pandas as pd
+
+    path = Path(source)
+    if path.suffix.lower() != ".csv" or not path.is_file():
+        return None
+    return [str(c) for c in pd.read_csv(path, nrows=0).columns if str(c) != label_col]
+
+
 def _load_file(path: Path, label_col: str | None):
     if path.is_dir():
         return _load_shards(path)
@@ -478,6 +489,14 @@ class Scaler:
             raise DataError(f"data have feature shape {x.shape[1:]}, the scaling was fitted on "
                             f"{self.shift.shape}")
         return ((x - self.shift) / self.span).astype(np.float32)
+
+    def inverse_transform(self, x: np.ndarray) -> np.ndarray:
+        """Scaled values back in the units of the training data."""
+        if self.method == "none":
+            return x
+        if self.shift is None:
+            raise ValueError("Scaler.inverse_transform before fit")
+        return (np.asarray(x) * self.span + self.shift).astype(np.float32)
 
     def to_dict(self) -> dict:
         out = {"scaling": self.method}

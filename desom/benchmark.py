@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from common.cli import SEED_BOUNDS, ArgumentParser, run
-from common.data import IMAGE_SHAPES, KNOWN_DATASETS, load_data
+from common.data import CLASS_NAMES, IMAGE_SHAPES, KNOWN_DATASETS, load_data
 from common.errors import DataError, UsageError
 from common.metrics import evaluate_clustering
 from common.results import write_csv, write_summary
@@ -75,6 +75,10 @@ def parser():
                    "times larger set (Fashion-MNIST repeated with noise); writes <out>/memory.csv")
     p.add_argument("--memory_scale", type=int, default=10, bounds="[2, inf)",
                    help="--memory: size of the large set, in copies of Fashion-MNIST")
+    p.add_argument("--explorer", action="store_true",
+                   help="instead: size and speed of the map explorer page (bin/desom explore) for 8x8, 20x20 "
+                   "and 40x40 maps of all 70,000 Fashion-MNIST images, in headless Chromium; writes "
+                   "<out>/explorer.csv")
     return p
 
 
@@ -161,6 +165,59 @@ def memory_table(args, out: Path):
         print(f"{name:>22}: {n:>9,} samples ({row['data_gb']:.2f} GiB float32), peak RSS "
               f"{row['peak_rss_gb']:.2f} GiB, {row['seconds']:.0f} s, purity {row['purity']:.3f}", flush=True)
     print(f"\nwritten: {out}/memory.csv")
+
+
+def explorer_table(args, out: Path, sizes=((8, 8), (20, 20), (40, 40)), repeats: int = 20):
+    """Write the explorer page of maps of every size on all of Fashion-MNIST and
+    time it in headless Chromium: page size, writing, loading until drawn, one
+    redraw of each layer, a click listing a unit's members (medians).
+
+    The maps are Kerasoms with prototypes drawn from the images, not trained:
+    what a page costs depends on the sizes of the map and the data only.
+    """
+    from desom.explorer import chromium_driver, open_page, write_explorer
+    from desom.models import Kerasom
+
+    (x, y), _ = load_data("fmnist", data_dir=args.data_dir)
+    rng = np.random.default_rng(args.seed)
+    driver = chromium_driver()
+    rows = []
+    try:
+        for size in sizes:
+            som = Kerasom(input_dim=x.shape[1], map_size=size)
+            som.init_prototypes(x, method="random", seed=args.seed)
+            path = out / f"explorer_{size[0]}x{size[1]}.html"
+            t = time.perf_counter()
+            write_explorer(path, som, x, y, image_shape=(28, 28), class_names=CLASS_NAMES["fmnist"],
+                           title=f"fmnist {size[0]}x{size[1]}")
+            written = time.perf_counter() - t
+            ready = []
+            for _ in range(3):
+                open_page(driver, path, timeout=300)
+                ready.append(driver.execute_script("return explorer.readyMs"))
+            layers = driver.execute_script("return explorer.layers")
+            units = rng.integers(0, som.n_units, repeats).tolist()
+            draw, select = [], []
+            for k in range(repeats):
+                draw.append(driver.execute_script(
+                    "explorer.state.layer = arguments[0]; explorer.draw(); return explorer.drawMs",
+                    layers[k % len(layers)]))
+                select.append(driver.execute_script(
+                    "const t = performance.now(); explorer.select(arguments[0]); "
+                    "return performance.now() - t", units[k]))
+            severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+            row = {"map": f"{size[0]}x{size[1]}", "samples": len(x), "page_mb": path.stat().st_size / 2**20,
+                   "write_seconds": written, "load_ms": float(np.median(ready)),
+                   "redraw_ms": float(np.median(draw)), "click_ms": float(np.median(select)),
+                   "browser_errors": len(severe)}
+            rows.append(row)
+            write_csv(pd.DataFrame(rows), out / "explorer.csv")
+            print(f"{row['map']:>6}: page {row['page_mb']:.1f} MB written in {written:.1f} s; in Chromium: "
+                  f"loaded and drawn {row['load_ms']:.0f} ms, redraw {row['redraw_ms']:.1f} ms, click "
+                  f"{row['click_ms']:.1f} ms (medians); {len(severe)} errors", flush=True)
+    finally:
+        driver.quit()
+    print(f"\nwritten: {out}/explorer.csv")
 
 
 def speed_cases():
@@ -250,6 +307,9 @@ def _main(argv=None):
     tf = quiet_tensorflow()
     if args.memory:
         memory_table(args, out)
+        return 0
+    if args.explorer:
+        explorer_table(args, out)
         return 0
     if args.speed:
         from common.speed import measure

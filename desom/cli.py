@@ -1,7 +1,8 @@
-"""bin/desom: train a DESOM / ConvDESOM / Kerasom map, or predict with one.
+"""bin/desom: train a DESOM / ConvDESOM / Kerasom map, predict with one, or explore it.
 
     bin/desom --dataset fmnist --map_size 20 20          # train
     bin/desom predict --model DIR/model.keras --dataset fmnist
+    bin/desom explore --model DIR/model.keras --dataset fmnist
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 
 from common.cli import ArgumentParser, add_data_arguments, dispatch, run
 from common.command import RunData, TrainingCommand
-from common.data import SCALINGS, Scaler, label_names, load_data
+from common.data import CLASS_NAMES, SCALINGS, Scaler, feature_names, label_names, load_data
 from common.errors import UsageError
 from common.results import write_csv, write_json
 from common.runtime import quiet_tensorflow
@@ -32,9 +33,9 @@ class DesomCommand(TrainingCommand):
     prog = "desom"
     description = ("Train a deep embedded self-organizing map (DESOM), its convolutional variant or a "
                    "plain SOM, and write the model, its log, metrics and pictures to --save_dir. Use "
-                   "`desom predict --help` to apply a trained model.")
+                   "`desom predict --help` to apply a trained model, `desom explore --help` to look at one.")
     outputs = ("model.keras", "log.csv", "results.json", "map.png", "umatrix.png", "training.png",
-               "architecture.png", "architecture.txt")
+               "explorer.html", "architecture.png", "architecture.txt")
 
     resume_may_change = ("iterations",)
 
@@ -99,6 +100,8 @@ class DesomCommand(TrainingCommand):
                        help="prototypes from encoded random samples, or a short batch-SOM fit on the codes")
         p.add_argument("--batchnorm", action="store_true", help="batch normalisation in the autoencoder")
         p.add_argument("--save_dir", help="output folder (default: results/<data>_<model>_<rows>x<cols>)")
+        p.add_argument("--no_explorer", action="store_true",
+                       help="do not write explorer.html (the map explorer page; see `desom explore --help`)")
 
     def check(self, args):
         from desom.layers import SCHEDULES, check_map, default_tmax
@@ -178,6 +181,13 @@ class DesomCommand(TrainingCommand):
         title = f"{run.data.name} {a.model} {a.map_size[0]}x{a.map_size[1]}"
         _pictures(run.model, run.data.x, run.data.y, run.save_dir, run.data.extra["image_shape"], title)
         plots.training_curves(pd.read_csv(run.save_dir / "log.csv"), run.save_dir / "training.png")
+        if not a.no_explorer:
+            from desom.explorer import write_explorer
+
+            write_explorer(run.save_dir / "explorer.html", run.model, run.data.x, run.data.y, title=title,
+                           image_shape=run.data.extra["image_shape"], scaler=run.data.extra["scaler"],
+                           class_names=CLASS_NAMES.get(a.dataset), results=results,
+                           feature_names=feature_names(a.data, a.label_col) if a.data else None)
 
     def summary(self, run, results):
         r = run.phases["train"]
@@ -266,31 +276,44 @@ def train_main(argv):
 # --------------------------------------------------------------------------- #
 # predict
 # --------------------------------------------------------------------------- #
-def predict_main(argv):
-    args = predict_parser().parse_args(argv)
-    model_path = Path(args.model)
+def _model_and_data(args):
+    """The model of ``--model`` and the data of ``--dataset``/``--data`` as it
+    takes them (shaped, scaled as in training): ``(model, x, y, source, image_shape, scaler)``."""
     quiet_tensorflow()
-    import pandas as pd
+    from common.networks import load_keras_model
+    from desom.models import ConvDESOM, SOMModel
+    from rswnet.models import RSWNetSOM  # noqa: F401  (registers RSWNet's SOM head for loading)
 
-    from desom.layers import best_matching_units
-    from desom.models import ConvDESOM, load_model
-
-    model = load_model(model_path)
+    model_path = Path(args.model)
+    model = load_keras_model(model_path, SOMModel, "a map written by desom or rswnet --head som")
     source, (x, y), _ = _load(args, validation=False)
-    x = _shape_for("convdesom" if isinstance(model, ConvDESOM) else "desom", x, source)
+    image_shape = x.shape[1:] if x.ndim == 4 else None
+    if not isinstance(model, ConvDESOM) and len(model.sample_shape) == 1:
+        x = x.reshape(len(x), -1)
     prep = model_path.parent / "preprocessing.json"
-    if prep.is_file():
-        x = _scaled(Scaler.from_dict(json.loads(prep.read_text())), x)
+    scaler = Scaler.from_dict(json.loads(prep.read_text())) if prep.is_file() else None
+    if scaler is not None:
+        x = _scaled(scaler, x)
     expected = tuple(model.sample_shape)
     if tuple(x.shape[1:]) != expected:
         raise UsageError(f"the model expects samples of shape {expected}, {source} has {tuple(x.shape[1:])}")
+    return model, x, y, source, image_shape, scaler
+
+
+def predict_main(argv):
+    args = predict_parser().parse_args(argv)
+    model, x, y, source, _, _ = _model_and_data(args)
+    import pandas as pd
+
+    from desom.layers import best_matching_units
+
     bmu, sq = best_matching_units(model.transform(x), model.prototypes)
     rows, cols = model.unit_coordinates(bmu)
     out = pd.DataFrame({"bmu": bmu, "row": rows, "col": cols, "distance": np.sqrt(sq)})
     if y is not None:
         names = label_names(y)  # a file's own label values, not their indices
         out["label"] = y if names is None else np.asarray(names)[np.asarray(y)]
-    path = Path(args.out) if args.out else model_path.parent / "predictions.csv"
+    path = Path(args.out) if args.out else Path(args.model).parent / "predictions.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_csv(out, path)
     msg = f"{len(out)} predictions written to {path}"
@@ -302,8 +325,52 @@ def predict_main(argv):
     return 0
 
 
+# --------------------------------------------------------------------------- #
+# explore
+# --------------------------------------------------------------------------- #
+def explore_parser():
+    from desom.explorer import THUMBNAIL_BYTES
+
+    p = ArgumentParser(prog="desom explore",
+                       description="Write the map explorer of a trained map: one self-contained HTML page "
+                       "(opens from disk, offline) with the map coloured by decoded prototypes or component "
+                       "planes, U-matrix, hits, majority label and purity per unit; a unit's nearest samples "
+                       "on click; a search by sample row or label; the run's numbers and command.")
+    p.add_argument("--model", required=True, metavar="MODEL.keras",
+                   help="a model written by desom (or rswnet --head som)")
+    _data_arguments(p, required=True)
+    p.add_argument("--out", metavar="HTML", help="output file (default: explorer.html beside the model)")
+    p.add_argument("--members", type=int, default=12, bounds="[1, 1000]",
+                   help="samples listed per unit, nearest the prototype first")
+    p.add_argument("--thumbnails_mb", type=float, default=THUMBNAIL_BYTES / 2**20, bounds="(0, inf)",
+                   help="megabytes of member thumbnails (or feature rows) in the page; every unit gets the "
+                   "same number, at least one, the other members are listed by row and distance")
+    return p
+
+
+def explore_main(argv):
+    args = explore_parser().parse_args(argv)
+    model, x, y, source, image_shape, scaler = _model_and_data(args)
+    from desom.explorer import write_explorer
+
+    model_path = Path(args.model)
+    found = model_path.parent / "results.json"
+    results = json.loads(found.read_text()) if found.is_file() else None
+    rows, cols = model.map_size
+    title = f"{Path(source).stem if args.data else source} on {model_path.parent.name}/{model_path.name}"
+    path = Path(args.out) if args.out else model_path.parent / "explorer.html"
+    write_explorer(path, model, x, y, title=title, image_shape=image_shape, scaler=scaler,
+                   class_names=CLASS_NAMES.get(args.dataset) if not args.data else None, results=results,
+                   feature_names=feature_names(args.data, args.label_col) if args.data else None,
+                   members=args.members, thumbnail_bytes=int(args.thumbnails_mb * 2**20))
+    print(f"map explorer of the {rows}x{cols} map on {len(x)} samples written to {path} "
+          f"({path.stat().st_size / 2**20:.1f} MB); open it in a browser")
+    return 0
+
+
 def main(argv=None):
-    run(dispatch({"train": train_main, "predict": predict_main}, "train"), argv, prog="desom")
+    run(dispatch({"train": train_main, "predict": predict_main, "explore": explore_main}, "train"), argv,
+        prog="desom")
 
 
 if __name__ == "__main__":

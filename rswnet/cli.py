@@ -15,7 +15,7 @@ import numpy as np
 
 from common.cli import ArgumentParser, dispatch, run
 from common.command import RunData, TrainingCommand
-from common.data import IMAGE_SHAPES, load_data
+from common.data import CLASS_NAMES, IMAGE_SHAPES, load_data
 from common.errors import UsageError
 from common.results import write_csv
 from common.runtime import quiet_tensorflow
@@ -60,7 +60,7 @@ class RswnetCommand(TrainingCommand):
                    "same held-out images. Use `rswnet predict --help` to apply a trained model.")
     seed_help = "seed of weights, data order, subsets, k-means and the compared methods"
     outputs = ("model.keras", "pretrain_log.csv", "log.csv", "comparison.csv", "results.json", "pca.png",
-               "tsne.png", "architecture.png", "architecture.txt")
+               "tsne.png", "explorer.html", "architecture.png", "architecture.txt")
     expand_architecture = False
 
     def add_arguments(self, p):
@@ -140,6 +140,9 @@ class RswnetCommand(TrainingCommand):
         p.add_argument("--tsne_samples", type=int, default=2000, bounds="[2, inf)",
                        help="test samples drawn in pca.png and tsne.png")
         p.add_argument("--save_dir", help="output folder (default: results/<data>_rswnet_<head>)")
+        p.add_argument("--no_explorer", action="store_true",
+                       help="SOM head: do not write explorer.html, the map explorer page of the scored "
+                       "images (see `desom explore --help`)")
 
     def check(self, args):
         protocol = PROTOCOLS[args.protocol]
@@ -188,7 +191,8 @@ class RswnetCommand(TrainingCommand):
             raise UsageError(f"--n_clusters {args.n_clusters} is more than the {len(x)} training images")
         description = where + (f"; training on {len(x)}" if args.subset else "") + (
             f", scoring on {len(xt)}" if args.test_subset and xt is not None else "")
-        return RunData(x, y, xt, yt, name=name, description=description)
+        return RunData(x, y, xt, yt, name=name, description=description,
+                       extra={"classes": classes if classes is not None else CLASS_NAMES.get(args.dataset)})
 
     def default_save_dir(self, args, data):
         return f"results/{data.name}_rswnet_{args.head}"
@@ -264,6 +268,14 @@ class RswnetCommand(TrainingCommand):
         comparison, x_eval, y_eval = run.data.extra["comparison"]
         compare.figures(comparison, x_eval, y_eval, run.save_dir, samples=run.args.tsne_samples,
                         seed=run.args.seed)
+        a = run.args
+        if a.head == "som" and not a.no_explorer:
+            from desom.explorer import write_explorer
+
+            title = f"{run.data.name} RSWNet SOM head {a.map_size[0]}x{a.map_size[1]}"
+            write_explorer(run.save_dir / "explorer.html", run.model, x_eval, y_eval, title=title,
+                           image_shape=x_eval.shape[1:], class_names=run.data.extra["classes"],
+                           results=results)
 
     def summary(self, run, results):
         m = results["rswnet"]

@@ -28,3 +28,24 @@ def assert_one_line_error(main, argv, message: str, capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+def explorer_page(path) -> dict:
+    """The data embedded in an explorer.html page (see desom.explorer)."""
+    import json
+    import re
+    from pathlib import Path
+
+    html = Path(path).read_text(encoding="utf-8")
+    found = re.search(r'<script id="explorer-data" type="application/json">(.*?)</script>', html, re.S)
+    assert found, f"{path} holds no explorer data"
+    return json.loads(found.group(1))
+
+
+def unpack(spec):
+    """A typed array of an explorer page as numpy."""
+    import base64
+
+    import numpy as np
+
+    return np.frombuffer(base64.b64decode(spec["data"]), np.dtype(spec["dtype"]).newbyteorder("<"))

@@ -14,7 +14,7 @@ from common.errors import UsageError
 from rswnet import ResNetInput, RSWNet, RSWNetSOM, load_model, resnet_decoder, resnet_encoder
 from rswnet.cli import main
 from rswnet.networks import imagenet_weights
-from tests.helpers import assert_one_line_error
+from tests.helpers import assert_one_line_error, explorer_page
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / "bin" / "rswnet"
@@ -193,6 +193,9 @@ def test_benchmark_with_the_som_head_end_to_end(tmp_path, capsys):
     check_run(out, "RSWNet, SOM head 2x3 (best-matching unit)")
     log = pd.read_csv(out / "log.csv")  # the default normalized SOM loss logs the spread it divides by
     assert (log["latent_spread"].dropna() > 0).all() and log["latent_spread"].notna().any()
+    page = explorer_page(out / "explorer.html")  # the map explorer of the 60 scored images
+    assert page["map"]["rows"] == 2 and page["map"]["cols"] == 3 and sum(page["hits"]) == 60
+    assert page["images"] == {"height": 8, "width": 8, "channels": 1} and len(page["labels"]) == 10
     model, x, preds = predict_and_compare(out / "model.keras", tmp_path)
     assert isinstance(model, RSWNetSOM)
     np.testing.assert_array_equal(preds["bmu"], model.predict(x, verbose=0))
