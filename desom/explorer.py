@@ -96,9 +96,12 @@ def explorer_data(model, x, y=None, *, class_names=None, image_shape=None, scale
         scaler: a fitted :class:`~common.data.Scaler`: feature values are
             shown in the units of the data before scaling.
         results: the run's ``results.json`` (iterations, time, command).
+        command: the command line shown (default: the one in ``results``).
+        title: the page's title.
         members: rows listed per unit, nearest the prototype first.
         thumbnail_bytes: budget of embedded thumbnails / feature rows; each
             unit gets the same number (at least one).
+        feature_names: the columns of table data (default ``feature 0``, ...).
     """
     from common.data import label_names
     from common.metrics import nmi, purity
@@ -162,7 +165,8 @@ def explorer_data(model, x, y=None, *, class_names=None, image_shape=None, scale
         y = np.asarray(y, np.int64)
         k = max(int(y.max()) + 1, len(names) if names is not None else 0)
         counts = np.bincount(bmu * k + y, minlength=n_units * k).reshape(n_units, k)
-        page["labels"] = [str(v) for v in names] if names is not None else [str(c) for c in range(k)]
+        names = [str(v) for v in (names or [])]
+        page["labels"] = names + [str(c) for c in range(len(names), k)]  # unnamed classes by number
         page["label_counts"] = counts.tolist()
         page["sample_labels"] = _packed(y, np.uint8 if k <= 256 else np.uint16 if k <= 2**16 else np.uint32)
         summary += [["purity", _finite(purity(y, bmu), 4)], ["NMI", _finite(nmi(y, bmu), 4)]]

@@ -79,6 +79,8 @@ def test_page_data_match_a_numpy_reference():
     expected = np.round((x[first] - lo) / (hi - lo) * 255).reshape(6, 6)
     assert np.abs(thumbs[0].astype(int) - expected).max() <= 1
     assert len(thumbs) == sum(len(m) for m in page["members"])
+    fewer = explorer_data(som, x, y, image_shape=(6, 6), members=1, class_names=["a", "b"])
+    assert fewer["labels"] == ["a", "b", "2", "3"]  # classes without a name go by their number
 
 
 def test_thumbnails_are_shrunk_and_kept_within_the_budget():
