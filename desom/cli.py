@@ -342,6 +342,8 @@ def explore_parser():
     p.add_argument("--out", metavar="HTML", help="output file (default: explorer.html beside the model)")
     p.add_argument("--members", type=int, default=12, bounds="[1, 1000]",
                    help="samples listed per unit, nearest the prototype first")
+    p.add_argument("--image_shape", type=int, nargs="+", metavar="H W [C]", bounds="[1, inf)",
+                   help="draw flat samples (e.g. images saved as rows of a .npy) as images of this shape")
     p.add_argument("--thumbnails_mb", type=float, default=THUMBNAIL_BYTES / 2**20, bounds="(0, inf)",
                    help="megabytes of member thumbnails (or feature rows) in the page; every unit gets the "
                    "same number, at least one, the other members are listed by row and distance")
@@ -352,6 +354,13 @@ def explore_main(argv):
     args = explore_parser().parse_args(argv)
     model, x, y, source, image_shape, scaler = _model_and_data(args)
     from desom.explorer import write_explorer
+
+    if args.image_shape:
+        features = int(np.prod(x.shape[1:]))
+        if len(args.image_shape) not in (2, 3) or np.prod(args.image_shape) != features:
+            raise UsageError(f"--image_shape {' '.join(map(str, args.image_shape))} does not hold the "
+                             f"{features} values of a sample; give H W or H W C with H*W*C = {features}")
+        image_shape = tuple(args.image_shape)
 
     model_path = Path(args.model)
     found = model_path.parent / "results.json"

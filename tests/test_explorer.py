@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.data import Scaler
+from common.data import Scaler, load_data
 from common.metrics import purity
 from desom.explorer import (
     MAX_FEATURES,
@@ -152,6 +152,16 @@ def test_bin_desom_writes_the_page_and_explore_rewrites_it(tmp_path):
     assert "map explorer of the 3x3 map on 1797 samples written to" in res.stdout
     again = explorer_page(tmp_path / "again.html")
     assert again["hits"] == page["hits"] and max(map(len, again["members"])) == 3
+    flat = tmp_path / "flat.npz"  # images saved as rows: drawn as images with --image_shape
+    np.savez(flat, x=load_data("digits")[0][0])
+    res = subprocess.run([str(BIN), "explore", "--model", str(out / "model.keras"), "--data", str(flat),
+                          "--image_shape", "8", "8", "--out", str(tmp_path / "flat.html")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert explorer_page(tmp_path / "flat.html")["images"] == {"height": 8, "width": 8, "channels": 1}
+    res = subprocess.run([str(BIN), "explore", "--model", str(out / "model.keras"), "--data", str(flat),
+                          "--image_shape", "8", "9"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "H*W*C = 64" in res.stderr
     assert again["command"] == results["command"]  # the run's, from results.json beside the model
 
     res = subprocess.run([str(BIN), "explore", "--model", str(out / "model.keras"), "--dataset", "fmnist",
@@ -169,6 +179,8 @@ def test_bin_desom_writes_the_page_and_explore_rewrites_it(tmp_path):
     (["--dataset", "digits"], "the following arguments are required: --model"),
     (["--model", "m.keras"], "one of the arguments --dataset --data is required"),
     (["--model", "m.keras", "--dataset", "digits", "--members", "0"], "argument --members: must be in"),
+    (["--model", "m.keras", "--dataset", "digits", "--image_shape", "0", "8"],
+     "argument --image_shape: must be in [1, inf)"),
 ])
 def test_explore_errors_are_one_line(argv, message, capsys):
     from desom.cli import main
