@@ -209,8 +209,10 @@ class _Batches:
 
     Epoch e visits the samples in the order of a permutation seeded by
     (seed, e), in full batches (the last ``n % batch_size`` samples of each
-    epoch's permutation are left out; they differ from epoch to epoch). The
-    batch of iteration i is a function of (seed, i) alone, so a resumed run
+    epoch's permutation are left out; they differ from epoch to epoch).
+    ``shuffle=False`` takes consecutive rows instead, each epoch starting
+    where the last stopped (wrapping around the data). The batch of
+    iteration i is a function of (seed, i) alone, so a resumed run
     sees exactly the batches the uninterrupted run would have seen, whatever
     the number of steps per call. The permutation of the current epoch lives
     in a variable, redrawn in the graph when an epoch starts; the batch is
@@ -223,8 +225,8 @@ class _Batches:
     only the batch in memory.
     """
 
-    def __init__(self, tf, x, batch_size: int, seed: int, map_fn=None):
-        self.tf, self.batch_size, self.seed, self.map_fn = tf, batch_size, seed, map_fn
+    def __init__(self, tf, x, batch_size: int, seed: int, map_fn=None, shuffle: bool = True):
+        self.tf, self.batch_size, self.seed, self.map_fn, self.shuffle = tf, batch_size, seed, map_fn, shuffle
         self.n = len(x)
         self.steps_per_epoch = self.n // batch_size
         self.dtype = tf.as_dtype(x.dtype)
@@ -244,6 +246,9 @@ class _Batches:
 
     def permutation(self, epoch):
         tf = self.tf
+        if not self.shuffle:  # consecutive rows, each epoch going on where the last one stopped
+            start = epoch * self.steps_per_epoch * self.batch_size
+            return (tf.range(self.n, dtype=tf.int64) + start) % self.n
         return tf.random.experimental.stateless_shuffle(
             tf.range(self.n, dtype=tf.int64), seed=tf.stack([tf.cast(self.seed, tf.int64), epoch]))
 
@@ -321,7 +326,7 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: float | None 
           log_name: str = "log.csv", eval_interval: int | None = None,
           refresh_interval: int | None = None, checkpoint_minutes: float | None = 10.0,
           resume: bool = False, seed: int = 0, jit_compile="auto", steps_per_execution="auto",
-          verbose: int = 1, map_fn=None) -> TrainResult:
+          verbose: int = 1, map_fn=None, shuffle: bool = True) -> TrainResult:
     """Train ``task`` on the samples of ``x`` (numpy array, first axis = samples).
 
     Args:
@@ -346,6 +351,9 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: float | None 
         verbose: 0 silent, 1 progress bar, 2 one line per log row.
         map_fn: optional function applied to each batch in the graph, before
             the step (data augmentation); it keeps the batch's shape and dtype.
+        shuffle: draw each epoch's batches in a new seeded order (default);
+            False: consecutive rows in data order, wrapping around at the
+            end (DEC-keras' clustering phase, without its partial batch).
     """
     import keras
 
@@ -505,7 +513,7 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: float | None 
     if start >= total or bool(finished.numpy()):
         return finish(start)
     with strategy.scope():
-        batches = _Batches(tf, x, batch_size, seed, map_fn)
+        batches = _Batches(tf, x, batch_size, seed, map_fn, shuffle)
     timings.setup = time.perf_counter() - t_start
     t = time.perf_counter()
     # Tracing (not running) the step names the loss terms to sum.

@@ -196,6 +196,20 @@ def test_checkpoints_follow_the_wall_clock_not_the_iterations(digits, tmp_path, 
     assert saved[-1] == 60 and len(saved) > 5 and saved == sorted(saved)  # after every call, then the end
 
 
+def test_unshuffled_batches_take_consecutive_rows_and_wrap_around():
+    import tensorflow as tf
+
+    x = np.arange(10, dtype=np.float32)[:, None]
+    batches = training._Batches(tf, x, batch_size=4, seed=0, shuffle=False)  # DEC-keras' order
+    rows = [batches(tf.constant(i, tf.int64))[1].numpy().tolist() for i in range(6)]
+    assert rows == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 1], [2, 3, 4, 5], [6, 7, 8, 9], [0, 1, 2, 3]]
+    xb, idx = batches(tf.constant(2, tf.int64))
+    np.testing.assert_array_equal(xb.numpy()[:, 0], idx.numpy())
+    shuffled = training._Batches(tf, x, batch_size=4, seed=0)
+    epoch = np.concatenate([shuffled(tf.constant(i, tf.int64))[1].numpy() for i in range(2)])
+    assert len(set(epoch)) == 8 and epoch.tolist() != list(range(8))  # 8 distinct rows, not in order
+
+
 class _Regression(training.Task):
     """A linear model fitting the pixel sums; the loss turns NaN from step ``poison_at`` on."""
 
