@@ -180,12 +180,14 @@ class DesomCommand(TrainingCommand):
 
         a = run.args
         title = f"{run.data.name} {a.model} {a.map_size[0]}x{a.map_size[1]}"
-        _pictures(run.model, run.data.x, run.data.y, run.save_dir, run.data.extra["image_shape"], title)
+        assignment = run.model.assign_codes(run.model.transform(run.data.x))  # one pass for both
+        _pictures(run.model, assignment[0], run.data.y, run.save_dir, run.data.extra["image_shape"], title)
         plots.training_curves(pd.read_csv(run.save_dir / "log.csv"), run.save_dir / "training.png")
         if not a.no_explorer:
             from desom.explorer import write_explorer
 
             write_explorer(run.save_dir / "explorer.html", run.model, run.data.x, run.data.y, title=title,
+                           assignment=assignment,
                            image_shape=run.data.extra["image_shape"], scaler=run.data.extra["scaler"],
                            class_names=CLASS_NAMES.get(a.dataset), results=results,
                            feature_names=feature_names(a.data, a.label_col) if a.data else None)
@@ -239,11 +241,10 @@ def _majority(y, bmu, n_units):
     return major
 
 
-def _pictures(model, x, y, save_dir: Path, image_shape, title: str):
+def _pictures(model, bmu, y, save_dir: Path, image_shape, title: str):
+    """U-matrix and map pictures; ``bmu``: the samples' best-matching units."""
     from common import plots
-    from desom.layers import best_matching_units
 
-    bmu = best_matching_units(model.transform(x), model.prototypes)[0]
     hits = np.bincount(bmu, minlength=model.n_units)
     um = model.umatrix()
     size, topo = model.map_size, model.topology
@@ -282,14 +283,14 @@ def _model_and_data(args):
     takes them (shaped, scaled as in training): ``(model, x, y, source, image_shape, scaler)``."""
     quiet_tensorflow()
     from common.networks import load_keras_model
-    from desom.models import ConvDESOM, SOMModel
+    from desom.models import SOMModel
     from rswnet.models import RSWNetSOM  # noqa: F401  (registers RSWNet's SOM head for loading)
 
     model_path = Path(args.model)
     model = load_keras_model(model_path, SOMModel, "a map written by desom or rswnet --head som")
     source, (x, y), _ = _load(args, validation=False)
     image_shape = x.shape[1:] if x.ndim == 4 else None
-    if not isinstance(model, ConvDESOM) and len(model.sample_shape) == 1:
+    if len(model.sample_shape) == 1:  # dense models take flat samples, ConvDESOM and RSWNet images
         x = x.reshape(len(x), -1)
     prep = model_path.parent / "preprocessing.json"
     scaler = Scaler.from_dict(json.loads(prep.read_text())) if prep.is_file() else None
@@ -306,9 +307,7 @@ def predict_main(argv):
     model, x, y, source, _, _ = _model_and_data(args)
     import pandas as pd
 
-    from desom.layers import best_matching_units
-
-    bmu, sq = best_matching_units(model.transform(x), model.prototypes)
+    bmu, sq, _, _ = model.assign_codes(model.transform(x))
     rows, cols = model.unit_coordinates(bmu)
     out = pd.DataFrame({"bmu": bmu, "row": rows, "col": cols, "distance": np.sqrt(sq)})
     if y is not None:

@@ -81,7 +81,7 @@ def _image_shape(shape) -> tuple[int, int, int]:
 
 def explorer_data(model, x, y=None, *, class_names=None, image_shape=None, scaler=None, results=None,
                   command: str | None = None, title: str = "", members: int = 12,
-                  thumbnail_bytes: int = THUMBNAIL_BYTES, feature_names=None) -> dict:
+                  thumbnail_bytes: int = THUMBNAIL_BYTES, feature_names=None, assignment=None) -> dict:
     """Everything the page shows, as a JSON-ready dict (see the module docstring).
 
     Args:
@@ -102,6 +102,8 @@ def explorer_data(model, x, y=None, *, class_names=None, image_shape=None, scale
         thumbnail_bytes: budget of embedded thumbnails / feature rows; each
             unit gets the same number (at least one).
         feature_names: the columns of table data (default ``feature 0``, ...).
+        assignment: ``model.assign_codes`` of the samples' codes when already
+            computed (else computed here).
     """
     from common.data import label_names
     from common.metrics import nmi, purity
@@ -110,7 +112,7 @@ def explorer_data(model, x, y=None, *, class_names=None, image_shape=None, scale
     rows, cols = (int(v) for v in model.map_size)
     n_units = model.n_units
     n = len(x)
-    bmu, sq, qe, te = model.assign_codes(model.transform(x))
+    bmu, sq, qe, te = assignment or model.assign_codes(model.transform(x))
     dist = np.sqrt(sq)
     hits = np.bincount(bmu, minlength=n_units)
     order = np.lexsort((dist, bmu))  # unit by unit, nearest first

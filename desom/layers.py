@@ -283,16 +283,6 @@ def distance_chunks(z, prototypes: np.ndarray, chunk: int = 8192):
         yield start, pairwise_sq_distances(z[start:start + chunk], prototypes)
 
 
-def best_matching_units(z, prototypes: np.ndarray):
-    """Each sample's best-matching unit and its squared distance, ``(bmu, sq)``;
-    memory grows with the samples by 12 bytes each (:func:`distance_chunks`)."""
-    bmu, sq = np.empty(len(z), np.int64), np.empty(len(z), np.float32)
-    for s, d in distance_chunks(z, prototypes):
-        bmu[s:s + len(d)] = d.argmin(axis=1)
-        sq[s:s + len(d)] = d[np.arange(len(d)), bmu[s:s + len(d)]]
-    return bmu, sq
-
-
 def umatrix(prototypes: np.ndarray, unit_distances: np.ndarray) -> np.ndarray:
     """Mean distance of each prototype to the prototypes of its neighbour units.
 

@@ -164,10 +164,11 @@ def test_bin_desom_writes_the_page_and_explore_rewrites_it(tmp_path):
     assert res.returncode == 2 and "H*W*C = 64" in res.stderr
     assert again["command"] == results["command"]  # the run's, from results.json beside the model
 
-    res = subprocess.run([str(BIN), "explore", "--model", str(out / "model.keras"), "--dataset", "fmnist",
-                          "--data_dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    np.savez(tmp_path / "wide.npz", x=np.zeros((5, 7), np.float32))
+    res = subprocess.run([str(BIN), "explore", "--model", str(out / "model.keras"), "--data",
+                          str(tmp_path / "wide.npz")], capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
-    assert "expects samples of shape (64,)" in res.stderr or "fmnist" in res.stderr
+    assert "the model expects samples of shape (64,)" in res.stderr and "has (7,)" in res.stderr
 
     res = subprocess.run([str(BIN), *map(str, args[:-4]), "--save_dir", str(tmp_path / "none"),
                           "--no_explorer", "--verbose", "0"], capture_output=True, text=True, timeout=300)

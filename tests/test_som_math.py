@@ -11,7 +11,6 @@ from common.errors import UsageError
 from desom.layers import (
     SOMLayer,
     batch_som,
-    best_matching_units,
     gaussian_kernel,
     map_distances,
     pairwise_sq_distances,
@@ -256,11 +255,13 @@ def test_best_units_and_map_errors_in_chunks_match_the_whole_distance_matrix():
     z = rng.normal(size=(9000, 2)).astype(np.float32)  # more samples than one chunk (8192)
     protos = rng.normal(size=(9, 2)).astype(np.float32)
     d = ((z[:, None, :].astype(np.float64) - protos[None]) ** 2).sum(axis=-1)
-    bmu, sq = best_matching_units(z, protos)  # 9,000 samples: two chunks of distances
-    np.testing.assert_array_equal(bmu, d.argmin(axis=1))
-    np.testing.assert_allclose(sq, d.min(axis=1), rtol=1e-5, atol=1e-5)
     model = Kerasom(2, (3, 3))
     model.set_prototypes(protos)
+    bmu, sq, qe, te = model.assign_codes(z)  # 9,000 samples: two chunks of distances
+    np.testing.assert_array_equal(bmu, d.argmin(axis=1))
+    np.testing.assert_allclose(sq, d.min(axis=1), rtol=1e-5, atol=1e-5)
+    assert qe == pytest.approx(quantization_error(d), rel=1e-5)
+    assert te == pytest.approx(topographic_error(d, unit_distances=model.unit_distances), abs=1e-12)
     out = model.evaluate_map(z, internal=False)
     assert out["quantization_error"] == pytest.approx(quantization_error(d), rel=1e-5)
     assert out["topographic_error"] == pytest.approx(
