@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +61,9 @@ def parser():
     p.add_argument("--runs", type=int, default=3, bounds="[1, inf)",
                    help="seeds seed..seed+runs-1 (vector and folder runs)")
     p.add_argument("--seed", type=int, default=0, bounds=SEED_BOUNDS, help="first seed")
+    p.add_argument("--jobs", type=int, default=1, bounds="[1, inf)",
+                   help="vector runs: seeds trained at once, each in its own process on its own share of "
+                   "the CPU cores (logs in <out>/seed<N>/)")
     p.add_argument("--protocol", choices=("ours", "dec-keras"), default="ours",
                    help="pretraining: ours = Glorot init, Adam, 50 epochs; dec-keras = DEC-keras' "
                    "VarianceScaling init, SGD lr 1 momentum 0.9, 300 epochs, and clustering batches in "
@@ -124,6 +129,69 @@ def speed_cases():
             case("DCEC pretraining (64x64)", (64, 64, 1), 0.0, pretrain=True)]
 
 
+def _vector_flags(args) -> list[str]:
+    """The flags of ``args`` that a one-seed child run of the vector benchmark needs."""
+    flags = ["--dataset", args.dataset, "--methods", *args.methods, "--protocol", args.protocol,
+             "--max_iterations", str(args.max_iterations), "--update_interval", str(args.update_interval),
+             "--tol", str(args.tol), "--batch_size", str(args.batch_size), "--verbose", str(args.verbose)]
+    if args.pretrain_epochs:
+        flags += ["--pretrain_epochs", str(args.pretrain_epochs)]
+    if args.data_dir:
+        flags += ["--data_dir", args.data_dir]
+    return flags
+
+
+def parallel_vector_runs(args, out: Path, rows: list):
+    """Each seed in its own ``dcn.benchmark`` process, ``args.jobs`` at once.
+
+    The CPU cores this process may use are dealt out round-robin into
+    ``jobs`` shares; a child runs pinned to one share with TensorFlow's
+    thread pools sized to it, writes ``<out>/seed<N>/`` (runs.csv, the
+    autoencoder weights, log.txt) and hands its share on when it ends. The
+    rows come back in seed order.
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    jobs = min(args.jobs, args.runs, len(cores))
+    shares: queue.Queue = queue.Queue()
+    for i in range(jobs):
+        shares.put(cores[i::jobs])
+
+    def one(seed):
+        child = out / f"seed{seed}"
+        child.mkdir(parents=True, exist_ok=True)
+        share = shares.get()
+        threads = str(len(share))
+        env = {**os.environ, "TF_NUM_INTRAOP_THREADS": threads, "TF_NUM_INTEROP_THREADS": threads,
+               "OMP_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
+        cmd = [sys.executable, "-m", "dcn.benchmark", *_vector_flags(args), "--runs", "1",
+               "--seed", str(seed), "--out", str(child)]
+        try:
+            with open(child / "log.txt", "w") as log:
+                done = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                      preexec_fn=lambda: os.sched_setaffinity(0, share))
+        finally:
+            shares.put(share)
+        if done.returncode:
+            lines = (child / "log.txt").read_text().strip().splitlines() or ["(no message)"]
+            raise UsageError(f"seed {seed} failed: {lines[-1]} (whole log: {child / 'log.txt'})")
+        return pd.read_csv(child / "runs.csv")
+
+    print(f"{args.runs} seeds, {jobs} at once on {len(cores)} cores; logs in {out}/seed<N>/log.txt",
+          flush=True)
+    with ThreadPoolExecutor(jobs) as pool:
+        for frame in pool.map(one, [args.seed + r for r in range(args.runs)]):
+            for row in frame.to_dict("records"):
+                rows.append(row)
+                _report(row)
+            write_csv(pd.DataFrame(rows), out / "runs.csv")
+
+
+def _report(row):
+    print(f"{row['dataset']} {row['method']} seed {row['seed']}: acc {row['acc']:.4f}, NMI {row['nmi']:.4f} "
+          f"(geometric {row['nmi_geometric']:.4f}), {row['iterations']} iterations, "
+          f"{row['cluster_seconds']:.0f} s (+{row['pretrain_seconds']:.0f} s shared pretraining)", flush=True)
+
+
 def _score(pred, y):
     m = evaluate_clustering(pred, y)
     return {k: m[k] for k in ("acc", "nmi", "nmi_geometric", "ari")}
@@ -170,10 +238,7 @@ def vector_runs(args, out: Path, rows: list):
                            cluster_seconds=time.perf_counter() - t0)
             rows.append(row)
             write_csv(pd.DataFrame(rows), out / "runs.csv")
-            print(f"{args.dataset} {method} seed {seed}: acc {row['acc']:.4f}, NMI {row['nmi']:.4f} "
-                  f"(geometric {row['nmi_geometric']:.4f}), {row['iterations']} iterations, "
-                  f"{row['cluster_seconds']:.0f} s (+{pretrain_seconds:.0f} s shared pretraining)",
-                  flush=True)
+            _report(row)
 
 
 def write_fmnist_folder(root: Path, classes, n_train: int, n_refs: int, seed: int = 0, data_dir=None):
@@ -258,10 +323,13 @@ def _main(argv=None):
         measure(speed_cases(), runs=args.speed_runs, out=out / "speed_dcn.csv")
         print(f"\nwritten: {out}/speed_dcn.csv")
         return 0
-    print(f"TensorFlow {tf.__version__}, {os.cpu_count()} CPU cores")
+    print(f"TensorFlow {tf.__version__}, {len(os.sched_getaffinity(0))} of {os.cpu_count()} CPU cores")
     rows: list = []
     if args.methods:
-        vector_runs(args, out, rows)
+        if args.jobs > 1 and args.runs > 1:
+            parallel_vector_runs(args, out, rows)
+        else:
+            vector_runs(args, out, rows)
         write_summary(rows, out / "summary.csv", ["dataset", "method", "protocol"], COLUMNS)
     if args.folder:
         folder_run(args, out)

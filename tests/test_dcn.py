@@ -1,6 +1,7 @@
 """The deep clustering network: mathematics, naming, image folders, bin/dcn."""
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -311,6 +312,28 @@ def test_predict_reports_missing_images(image_folder, tmp_path, capsys):
     model.save(tmp_path / "m.keras")
     argv = ["predict", "--model", str(tmp_path / "m.keras"), str(tmp_path / "ghost.png")]
     assert_one_line_error(main, argv, "image file not found", capsys)
+
+
+def test_dcn_benchmark_jobs_run_each_seed_in_its_own_process(tmp_path, capsys):
+    from dcn.benchmark import main as bench
+
+    out = tmp_path / "b"
+    with pytest.raises(SystemExit) as stop:
+        bench(["--dataset", "digits", "--methods", "ae+kmeans", "dec", "--runs", "2", "--jobs", "2",
+               "--pretrain_epochs", "1", "--max_iterations", "20", "--batch_size", "128", "--out", str(out)])
+    assert stop.value.code == 0
+    runs = pd.read_csv(out / "runs.csv")
+    assert runs["method"].tolist() == ["ae+kmeans", "dec"] * 2 and runs["seed"].tolist() == [0, 0, 1, 1]
+    cores = len(os.sched_getaffinity(0))
+    for seed in (0, 1):
+        child = out / f"seed{seed}"
+        pd.testing.assert_frame_equal(pd.read_csv(child / "runs.csv"),
+                                      runs[runs["seed"] == seed].reset_index(drop=True))
+        assert (child / f"ae_digits_seed{seed}.weights.h5").exists()
+        # pinned to its share of the cores
+        assert f"{max(cores // 2, 1)} of {os.cpu_count()} CPU cores" in (child / "log.txt").read_text()
+    assert pd.read_csv(out / "summary.csv").set_index("method").loc["dec", "runs"] == 2
+    assert "dec seed 1: acc" in capsys.readouterr().out
 
 
 @pytest.mark.fmnist
