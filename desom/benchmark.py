@@ -295,13 +295,10 @@ def _one_run(args, name, model_name, x, y, seed, strategy, run_dir):
 
 def _main(argv=None):
     args = parser().parse_args(argv)
-    from desom.layers import SCHEDULES, check_map, default_tmax
+    from desom.layers import check_map, temperatures
 
     check_map(args.map_size, flag="--map_size")
-    args.Tmax = default_tmax(args.map_size) if args.Tmax is None else args.Tmax
-    args.Tmin = SCHEDULES[args.schedule] if args.Tmin is None else args.Tmin
-    if args.Tmin > args.Tmax:
-        raise UsageError(f"need --Tmin <= --Tmax, got {args.Tmin} > {args.Tmax}")
+    args.Tmax, args.Tmin = temperatures(args.map_size, args.Tmax, args.Tmin, args.schedule)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tf = quiet_tensorflow()

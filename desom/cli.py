@@ -105,15 +105,10 @@ class DesomCommand(TrainingCommand):
                        help="do not write explorer.html (the map explorer page; see `desom explore --help`)")
 
     def check(self, args):
-        from desom.layers import SCHEDULES, check_map, default_tmax
+        from desom.layers import check_map, temperatures
 
         check_map(args.map_size, args.topology, args.toroidal, flag="--map_size")
-        if args.Tmax is None:
-            args.Tmax = default_tmax(args.map_size)
-        if args.Tmin is None:
-            args.Tmin = SCHEDULES[args.schedule]
-        if args.Tmin > args.Tmax:
-            raise UsageError(f"need --Tmin <= --Tmax, got {args.Tmin} > {args.Tmax}")
+        args.Tmax, args.Tmin = temperatures(args.map_size, args.Tmax, args.Tmin, args.schedule)
         if args.model == "som" and (args.pretrain_epochs or args.ae_weights):
             raise UsageError("--model som has no autoencoder: drop --pretrain_epochs/--ae_weights")
         if args.data is None and args.scaling != "none":

@@ -140,6 +140,18 @@ def default_tmax(map_size) -> float:
     return max(10.0, max(int(v) for v in map_size) / 2.0)
 
 
+def temperatures(map_size, Tmax: float | None = None, Tmin: float | None = None,
+                 schedule: str = "paper") -> tuple[float, float]:
+    """A run's (Tmax, Tmin): the values given, else :func:`default_tmax` of
+    the map and the named schedule's end (:data:`SCHEDULES`). Raises
+    UsageError when Tmin > Tmax."""
+    Tmax = default_tmax(map_size) if Tmax is None else float(Tmax)
+    Tmin = SCHEDULES[schedule] if Tmin is None else float(Tmin)
+    if Tmin > Tmax:
+        raise UsageError(f"need --Tmin <= --Tmax, got {Tmin:g} > {Tmax:g}")
+    return Tmax, Tmin
+
+
 def temperature(iteration: int, iterations: int, Tmax: float, Tmin: float,
                 decay: str = "exponential") -> float:
     """Neighbourhood radius T at ``iteration`` of a schedule of ``iterations``.

@@ -154,12 +154,10 @@ class RswnetCommand(TrainingCommand):
                              "--head som")
         if str(args.weights).lower() == "none":
             args.weights = None
-        from desom.layers import check_map, default_tmax
+        from desom.layers import check_map, temperatures
 
         check_map(args.map_size, flag="--map_size")
-        args.Tmax = default_tmax(args.map_size) if args.Tmax is None else args.Tmax
-        if args.Tmin > args.Tmax:
-            raise UsageError(f"need --Tmin <= --Tmax, got {args.Tmin} > {args.Tmax}")
+        args.Tmax, args.Tmin = temperatures(args.map_size, args.Tmax, args.Tmin)
         check_map(args.som_map_size, flag="--som_map_size")
 
     def load(self, args) -> RunData:

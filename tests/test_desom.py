@@ -261,7 +261,7 @@ def test_bin_desom_csv_with_scaling_and_predict(tmp_path):
     (["--gamma", "nan"], "argument --gamma: must be a finite number in [0, inf), got nan"),
     (["--gamma", "-1"], "argument --gamma: must be in [0, inf), got -1"),
     (["--Tmax", "0"], "argument --Tmax: must be in (0, inf), got 0"),
-    (["--Tmin", "5", "--Tmax", "2"], "need --Tmin <= --Tmax, got 5.0 > 2.0"),
+    (["--Tmin", "5", "--Tmax", "2"], "need --Tmin <= --Tmax, got 5 > 2"),
     (["--lr", "1e999"], "argument --lr: must be a finite number in (0, inf), got 1e999"),
     (["--batch_size", "many"], "argument --batch_size: must be an integer, got 'many'"),
     (["--seed", "-1"], "argument --seed: must be in [0, 4294967295], got -1"),

@@ -225,7 +225,7 @@ def test_published_protocol_sets_the_notebook_defaults_and_explicit_flags_win():
      "weights file missing.h5 not found"),
     (["--dataset", "digits", "--bn_momentum", "1"], "argument --bn_momentum: must be in [0, 1), got 1"),
     (["--dataset", "digits", "--lr", "inf"], "argument --lr: must be a finite number in (0, inf), got inf"),
-    (["--dataset", "digits", "--Tmin", "3", "--Tmax", "2"], "need --Tmin <= --Tmax, got 3.0 > 2.0"),
+    (["--dataset", "digits", "--Tmin", "3", "--Tmax", "2"], "need --Tmin <= --Tmax, got 3 > 2"),
     (["--dataset", "digits", "--som_map_size", "101", "100"],
      "--som_map_size 101 100 has 10100 units; at most 10000 are supported"),
     (["--dataset", "digits", "--head", "som", "--map_size", "0", "8"],

@@ -276,6 +276,17 @@ def test_default_tmax_is_the_papers_up_to_20x20_then_half_the_larger_side():
         10.0, 10.0, 10.0, 12.0, 20.0, 50.0]
 
 
+def test_temperatures_take_the_given_values_else_the_map_and_schedule_defaults():
+    from common.errors import UsageError
+    from desom.layers import temperatures
+
+    assert temperatures((8, 8)) == (10.0, 0.1)
+    assert temperatures((40, 40), schedule="topology") == (20.0, 0.7)
+    assert temperatures((40, 40), Tmax=5, Tmin=0.5, schedule="topology") == (5.0, 0.5)
+    with pytest.raises(UsageError, match=r"need --Tmin <= --Tmax, got 12 > 10$"):
+        temperatures((8, 8), Tmin=12)
+
+
 def test_large_maps_report_the_papers_accuracy_not_the_one_to_one():
     rng = np.random.default_rng(0)
     centres = np.array([[0, 0], [10, 0], [0, 10]], np.float32)
