@@ -293,7 +293,10 @@ def _model_and_data(args):
         x = _scaled(scaler, x)
     expected = tuple(model.sample_shape)
     if tuple(x.shape[1:]) != expected:
-        raise UsageError(f"the model expects samples of shape {expected}, {source} has {tuple(x.shape[1:])}")
+        found = model_path.parent / "results.json"
+        trained = json.loads(found.read_text()).get("data") if found.is_file() else None
+        model_was = f"the model was trained on {trained} and expects" if trained else "the model expects"
+        raise UsageError(f"{model_was} samples of shape {expected}; {source} has {tuple(x.shape[1:])}")
     return model, x, y, source, image_shape, scaler
 
 
