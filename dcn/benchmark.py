@@ -28,6 +28,7 @@ shared loop against a bare Keras step (:mod:`common.speed`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -167,8 +168,12 @@ def parallel_vector_runs(args, out: Path, rows: list):
                "--seed", str(seed), "--out", str(child)]
         try:
             with open(child / "log.txt", "w") as log:
-                done = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                      preexec_fn=lambda: os.sched_setaffinity(0, share))
+                done = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+                # pinned from here (preexec_fn is unsafe in a threaded parent): the interpreter is still
+                # starting, single-threaded, and the threads it makes later inherit the pinning
+                with contextlib.suppress(ProcessLookupError):  # a child that already ended
+                    os.sched_setaffinity(done.pid, share)
+                done.wait()
         finally:
             shares.put(share)
         if done.returncode:
