@@ -237,6 +237,27 @@ def resume_args(args, given: dict, may_change=(), keep=RUNTIME_FLAGS) -> tuple[o
     return args, changed
 
 
+def command_line(parser: argparse.ArgumentParser, args, skip=()) -> list[str]:
+    """``args`` written back as the optional flags of ``parser``, for a child
+    process of the same program: flags at their default and those whose
+    ``dest`` is in ``skip`` are left out."""
+    argv = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest in skip or action.dest == "help":
+            continue
+        value = getattr(args, action.dest, None)
+        if value is None or value == action.default:
+            continue
+        flag = max(action.option_strings, key=len)
+        if isinstance(action, argparse._StoreTrueAction):
+            argv.append(flag)
+        elif isinstance(value, list | tuple):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
 def flag_text(value) -> str:
     """A flag's value as typed: ``8 8`` for a list."""
     return " ".join(map(str, value)) if isinstance(value, list | tuple) else str(value)

@@ -9,13 +9,19 @@ other.
 * :func:`set_mixed_precision` switches Keras' float16 policy on or off.
 * :func:`describe_devices` says in a few words what a run computes on.
 * :func:`resolve_jit` turns ``auto``/``on``/``off`` into a yes or no for XLA.
+* :func:`run_pinned` runs child processes a few at a time, each on its own
+  CPU cores with TensorFlow's thread pools sized to them (benchmark seeds).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import queue
+import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from common.errors import UsageError
 
@@ -225,3 +231,48 @@ def resolve_jit(jit, model=None, replicas: int = 1) -> bool:
     if not all(getattr(layer, "supports_jit", True) for layer in model._flatten_layers(include_self=True)):
         return False
     return bool(gpu_names()) or not (has_convolutions(model) or draws_random_numbers(model))
+
+
+def last_line(log_path) -> str:
+    """The last non-empty line of a child's log (its error, when it failed)."""
+    path = Path(log_path)
+    lines = path.read_text(errors="replace").strip().splitlines() if path.is_file() else []
+    return lines[-1] if lines else "(no message)"
+
+
+def run_pinned(commands, jobs: int):
+    """Run ``commands``, each ``(argv, log_path)``, ``jobs`` at once; yields
+    their exit codes in the order given.
+
+    The CPU cores this process may use are dealt out round-robin into
+    ``jobs`` shares. A child runs on one share, its TensorFlow and OpenMP
+    thread pools sized to it, its output (stdout and stderr) in its log, and
+    hands the share on when it ends: the children never compete for a core.
+    """
+    commands = list(commands)
+    cores = sorted(os.sched_getaffinity(0))
+    jobs = max(1, min(jobs, len(commands), len(cores)))
+    shares: queue.Queue = queue.Queue()
+    for i in range(jobs):
+        shares.put(cores[i::jobs])
+
+    def one(command):
+        argv, log_path = command
+        share = shares.get()
+        threads = str(len(share))
+        env = {**os.environ, "TF_NUM_INTRAOP_THREADS": threads, "TF_NUM_INTEROP_THREADS": threads,
+               "OMP_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
+        try:
+            Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "w") as log:
+                child = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+                # pinned from outside (preexec_fn is unsafe in a threaded parent): the child's interpreter
+                # is still starting, single-threaded, and the threads it makes later inherit the pinning
+                with contextlib.suppress(ProcessLookupError):  # a child that already ended
+                    os.sched_setaffinity(child.pid, share)
+                return child.wait()
+        finally:
+            shares.put(share)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        yield from pool.map(one, commands)

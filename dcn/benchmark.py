@@ -28,25 +28,22 @@ shared loop against a bare Keras step (:mod:`common.speed`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import queue
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from common.cli import SEED_BOUNDS, ArgumentParser, run
+from common.cli import SEED_BOUNDS, ArgumentParser, command_line, run
 from common.data import KNOWN_DATASETS, load_data
 from common.errors import UsageError
 from common.metrics import evaluate_clustering
 from common.results import write_csv, write_summary
-from common.runtime import quiet_tensorflow
+from common.runtime import last_line, quiet_tensorflow, run_pinned
 
 METHODS = ("ae+kmeans", "dec", "idec")
 COLUMNS = ("acc", "nmi", "nmi_geometric", "ari", "iterations", "pretrain_seconds", "cluster_seconds")
@@ -63,8 +60,8 @@ def parser():
                    help="seeds seed..seed+runs-1 (vector and folder runs)")
     p.add_argument("--seed", type=int, default=0, bounds=SEED_BOUNDS, help="first seed")
     p.add_argument("--jobs", type=int, default=1, bounds="[1, inf)",
-                   help="vector runs: seeds trained at once, each in its own process on its own share of "
-                   "the CPU cores (logs in <out>/seed<N>/)")
+                   help="vector runs: seeds trained at once (at most one per core), each in its own process "
+                   "on its own share of the CPU cores (<out>/seed<N>/)")
     p.add_argument("--protocol", choices=("ours", "dec-keras"), default="ours",
                    help="pretraining: ours = Glorot init, Adam, 50 epochs; dec-keras = DEC-keras' "
                    "VarianceScaling init, SGD lr 1 momentum 0.9, 300 epochs, and clustering batches in "
@@ -130,65 +127,23 @@ def speed_cases():
             case("DCEC pretraining (64x64)", (64, 64, 1), 0.0, pretrain=True)]
 
 
-def _vector_flags(args) -> list[str]:
-    """The flags of ``args`` that a one-seed child run of the vector benchmark needs."""
-    flags = ["--dataset", args.dataset, "--methods", *args.methods, "--protocol", args.protocol,
-             "--max_iterations", str(args.max_iterations), "--update_interval", str(args.update_interval),
-             "--tol", str(args.tol), "--batch_size", str(args.batch_size), "--verbose", str(args.verbose)]
-    if args.pretrain_epochs:
-        flags += ["--pretrain_epochs", str(args.pretrain_epochs)]
-    if args.data_dir:
-        flags += ["--data_dir", args.data_dir]
-    return flags
-
-
 def parallel_vector_runs(args, out: Path, rows: list):
-    """Each seed in its own ``dcn.benchmark`` process, ``args.jobs`` at once.
-
-    The CPU cores this process may use are dealt out round-robin into
-    ``jobs`` shares; a child runs pinned to one share with TensorFlow's
-    thread pools sized to it, writes ``<out>/seed<N>/`` (runs.csv, the
-    autoencoder weights, log.txt) and hands its share on when it ends. The
-    rows come back in seed order.
-    """
-    cores = sorted(os.sched_getaffinity(0))
-    jobs = min(args.jobs, args.runs, len(cores))
-    shares: queue.Queue = queue.Queue()
-    for i in range(jobs):
-        shares.put(cores[i::jobs])
-
-    def one(seed):
-        child = out / f"seed{seed}"
-        child.mkdir(parents=True, exist_ok=True)
-        share = shares.get()
-        threads = str(len(share))
-        env = {**os.environ, "TF_NUM_INTRAOP_THREADS": threads, "TF_NUM_INTEROP_THREADS": threads,
-               "OMP_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
-        cmd = [sys.executable, "-m", "dcn.benchmark", *_vector_flags(args), "--runs", "1",
-               "--seed", str(seed), "--out", str(child)]
-        try:
-            with open(child / "log.txt", "w") as log:
-                done = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-                # pinned from here (preexec_fn is unsafe in a threaded parent): the interpreter is still
-                # starting, single-threaded, and the threads it makes later inherit the pinning
-                with contextlib.suppress(ProcessLookupError):  # a child that already ended
-                    os.sched_setaffinity(done.pid, share)
-                done.wait()
-        finally:
-            shares.put(share)
-        if done.returncode:
-            lines = (child / "log.txt").read_text().strip().splitlines() or ["(no message)"]
-            raise UsageError(f"seed {seed} failed: {lines[-1]} (whole log: {child / 'log.txt'})")
-        return pd.read_csv(child / "runs.csv")
-
-    print(f"{args.runs} seeds, {jobs} at once on {len(cores)} cores; logs in {out}/seed<N>/log.txt",
+    """Each seed in its own ``dcn.benchmark`` process, ``args.jobs`` at once
+    (:func:`common.runtime.run_pinned`), writing ``<out>/seed<N>/`` (runs.csv,
+    the autoencoder weights, log.txt); the rows come back in seed order."""
+    seeds = [args.seed + r for r in range(args.runs)]
+    flags = command_line(parser(), args, skip=("runs", "seed", "out", "jobs", "folder"))
+    commands = [([sys.executable, "-m", "dcn.benchmark", *flags, "--runs", "1", "--seed", str(seed),
+                  "--out", str(out / f"seed{seed}")], out / f"seed{seed}" / "log.txt") for seed in seeds]
+    print(f"{len(seeds)} seeds, {min(args.jobs, len(seeds))} at once; logs in {out}/seed<N>/log.txt",
           flush=True)
-    with ThreadPoolExecutor(jobs) as pool:
-        for frame in pool.map(one, [args.seed + r for r in range(args.runs)]):
-            for row in frame.to_dict("records"):
-                rows.append(row)
-                _report(row)
-            write_csv(pd.DataFrame(rows), out / "runs.csv")
+    for seed, (_, log), code in zip(seeds, commands, run_pinned(commands, args.jobs)):
+        if code:
+            raise UsageError(f"seed {seed} failed: {last_line(log)} (whole log: {log})")
+        for row in pd.read_csv(out / f"seed{seed}" / "runs.csv").to_dict("records"):
+            rows.append(row)
+            _report(row)
+        write_csv(pd.DataFrame(rows), out / "runs.csv")
 
 
 def _report(row):

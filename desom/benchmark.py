@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.cli import SEED_BOUNDS, ArgumentParser, run
+from common.cli import SEED_BOUNDS, ArgumentParser, command_line, run
 from common.data import CLASS_NAMES, IMAGE_SHAPES, KNOWN_DATASETS, load_data
 from common.errors import DataError, UsageError
 from common.metrics import evaluate_clustering
@@ -44,6 +44,9 @@ def parser():
     p.add_argument("--runs", type=int, default=5, bounds="[1, inf)",
                    help="runs per data set and model (seeds seed..seed+runs-1)")
     p.add_argument("--seed", type=int, default=0, bounds=SEED_BOUNDS, help="first seed")
+    p.add_argument("--jobs", type=int, default=1, bounds="[1, inf)",
+                   help="seeds trained at once (at most one per core), each in its own process on its own "
+                   "share of the CPU cores (<out>/seed<N>/)")
     p.add_argument("--map_size", nargs=2, type=int, default=[8, 8], bounds="[1, inf)",
                    metavar=("ROWS", "COLS"))
     p.add_argument("--iterations", type=int, default=10000, bounds="[1, inf)")
@@ -293,6 +296,42 @@ def _one_run(args, name, model_name, x, y, seed, strategy, run_dir):
     return out
 
 
+def _report(row):
+    print(f"{row['dataset']} {row['model']} seed {row['seed']}: purity {row['purity']:.4f}, "
+          f"NMI {row['nmi']:.4f} (geometric {row['nmi_geometric']:.4f}), {row['fit_seconds']:.1f} s",
+          flush=True)
+
+
+def parallel_runs(args, out: Path) -> list:
+    """Each seed in its own ``desom.benchmark`` process, ``args.jobs`` at once
+    (:func:`common.runtime.run_pinned`), writing ``<out>/seed<N>/`` (runs.csv,
+    the runs' logs, log.txt); the rows come back in the order of a run in
+    one process (data set, model, seed). Only the first seed draws the
+    ``--fig_dir`` maps."""
+    from common.runtime import last_line, run_pinned
+
+    seeds = [args.seed + r for r in range(args.runs)]
+    flags = command_line(parser(), args, skip=("runs", "seed", "out", "jobs", "fig_dir"))
+    commands = []
+    for seed in seeds:
+        figs = ["--fig_dir", args.fig_dir] if args.fig_dir and seed == seeds[0] else []
+        commands.append(([sys.executable, "-m", "desom.benchmark", *flags, *figs, "--runs", "1", "--seed",
+                          str(seed), "--out", str(out / f"seed{seed}")], out / f"seed{seed}" / "log.txt"))
+    print(f"{len(seeds)} seeds, {min(args.jobs, len(seeds))} at once; logs in {out}/seed<N>/log.txt",
+          flush=True)
+    rows = []
+    for seed, (_, log), code in zip(seeds, commands, run_pinned(commands, args.jobs)):
+        if code:
+            raise UsageError(f"seed {seed} failed: {last_line(log)} (whole log: {log})")
+        mine = pd.read_csv(out / f"seed{seed}" / "runs.csv").to_dict("records")
+        for row in mine:
+            _report(row)
+        rows += mine
+        rows.sort(key=lambda r: (args.datasets.index(r["dataset"]), args.models.index(r["model"]), r["seed"]))
+        write_csv(pd.DataFrame(rows), out / "runs.csv")
+    return rows
+
+
 def _main(argv=None):
     args = parser().parse_args(argv)
     from desom.layers import check_map, temperatures
@@ -314,12 +353,18 @@ def _main(argv=None):
         measure(speed_cases(), runs=args.speed_runs, out=out / "speed_desom.csv")
         print(f"\nwritten: {out}/speed_desom.csv")
         return 0
+    if args.jobs > 1 and args.runs > 1:
+        rows = parallel_runs(args, out)
+        write_summary(rows, out / "summary.csv", ["dataset", "model"], COLUMNS)
+        print(f"\nwritten: {out}/runs.csv, {out}/summary.csv")
+        return 0
     from common.runtime import make_strategy, set_mixed_precision
 
     set_mixed_precision(args.mixed_precision)
     strategy = make_strategy(args.strategy)
     print(f"TensorFlow {tf.__version__}, {strategy.num_replicas_in_sync} replica(s), "
-          f"{os.cpu_count()} CPU cores; map {args.map_size[0]}x{args.map_size[1]}, "
+          f"{len(os.sched_getaffinity(0))} of {os.cpu_count()} CPU cores; "
+          f"map {args.map_size[0]}x{args.map_size[1]}, "
           f"{args.iterations} iterations, batch {args.batch_size}, gamma {args.gamma}, T {args.Tmax:g} -> "
           f"{args.Tmin:g} ({args.schedule} schedule)")
     rows = []
@@ -343,8 +388,7 @@ def _main(argv=None):
                        "peak_rss_gb": round(_peak_rss_gb(), 2)}
                 rows.append(row)
                 write_csv(pd.DataFrame(rows), out / "runs.csv")
-                print(f"{name} {model_name} seed {seed}: purity {row['purity']:.4f}, NMI {row['nmi']:.4f} "
-                      f"(geometric {row['nmi_geometric']:.4f}), {row['fit_seconds']:.1f} s", flush=True)
+                _report(row)
     if not rows:
         raise UsageError("no data set could be loaded; see the notes above")
     write_summary(rows, out / "summary.csv", ["dataset", "model"], COLUMNS)

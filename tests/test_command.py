@@ -88,3 +88,16 @@ def test_a_new_command_reports_bad_input_in_one_line(argv, message, capsys, tmp_
 
     monkeypatch.chdir(tmp_path)
     assert_one_line_error(lambda a: run(TinySom().main, a, prog="tiny"), argv, message, capsys)
+
+
+def test_command_line_writes_parsed_arguments_back_as_flags():
+    from common.cli import command_line
+    from desom.benchmark import parser
+
+    argv = ["--datasets", "digits", "usps", "--map_size", "3", "4", "--gamma", "0.01", "--mixed_precision",
+            "--jobs", "2", "--Tmin", "0.7"]
+    args = parser().parse_args(argv)
+    flags = command_line(parser(), args, skip=("jobs",))
+    assert "--jobs" not in flags and "--iterations" not in flags  # skipped, and at its default
+    assert vars(parser().parse_args(flags)) == {**vars(args), "jobs": 1}
+

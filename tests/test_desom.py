@@ -331,6 +331,29 @@ def test_benchmark_writes_runs_summary_table_and_figure(tmp_path, capsys):
     assert not (tmp_path / "b" / "digits_desom_seed0" / "checkpoints").exists()
 
 
+def test_benchmark_jobs_run_each_seed_in_its_own_process(tmp_path, capsys):
+    from desom.benchmark import main as bench
+
+    out = tmp_path / "b"
+    with pytest.raises(SystemExit) as stop:
+        bench(["--datasets", "digits", "--models", "desom", "kmeans", "--runs", "2", "--jobs", "2",
+               "--iterations", "20", "--batch_size", "128", "--map_size", "3", "3", "--out", str(out),
+               "--fig_dir", str(tmp_path / "fig")])
+    assert stop.value.code == 0
+    runs = pd.read_csv(out / "runs.csv")  # in the order of a one-process run
+    assert runs["model"].tolist() == ["desom", "desom", "kmeans", "kmeans"]
+    assert runs["seed"].tolist() == [0, 1] * 2
+    cores = len(os.sched_getaffinity(0))
+    for seed in (0, 1):
+        log = (out / f"seed{seed}" / "log.txt").read_text()
+        assert f"{max(cores // 2, 1)} of {os.cpu_count()} CPU cores" in log and "T 10 -> 0.1" in log
+        assert (out / f"seed{seed}" / f"digits_desom_seed{seed}" / "log.csv").is_file()
+    assert (tmp_path / "fig" / "desom_map_digits.png").is_file()  # drawn by the first seed
+    summary = pd.read_csv(out / "summary.csv").set_index("model")
+    assert summary.loc["kmeans", "runs"] == 2
+    assert "desom seed 1: purity" in capsys.readouterr().out
+
+
 def test_bin_desom_scales_image_files_for_convdesom_and_predict(tmp_path):
     rng = np.random.default_rng(1)
     np.savez(tmp_path / "img.npz", x=rng.random((40, 8, 8)) * 50, y=rng.integers(0, 2, 40))
