@@ -20,6 +20,7 @@ import os
 import queue
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -248,6 +249,8 @@ def run_pinned(commands, jobs: int):
     ``jobs`` shares. A child runs on one share, its TensorFlow and OpenMP
     thread pools sized to it, its output (stdout and stderr) in its log, and
     hands the share on when it ends: the children never compete for a core.
+    Once a child fails (or the caller stops reading), no new child starts
+    (its exit code is None); those running end on their own.
     """
     commands = list(commands)
     cores = sorted(os.sched_getaffinity(0))
@@ -256,9 +259,14 @@ def run_pinned(commands, jobs: int):
     for i in range(jobs):
         shares.put(cores[i::jobs])
 
+    stopped = threading.Event()
+
     def one(command):
         argv, log_path = command
         share = shares.get()
+        if stopped.is_set():
+            shares.put(share)
+            return None
         threads = str(len(share))
         env = {**os.environ, "TF_NUM_INTRAOP_THREADS": threads, "TF_NUM_INTEROP_THREADS": threads,
                "OMP_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
@@ -270,9 +278,17 @@ def run_pinned(commands, jobs: int):
                 # is still starting, single-threaded, and the threads it makes later inherit the pinning
                 with contextlib.suppress(ProcessLookupError):  # a child that already ended
                     os.sched_setaffinity(child.pid, share)
-                return child.wait()
+                if child.wait():
+                    stopped.set()
+                return child.returncode
         finally:
             shares.put(share)
 
-    with ThreadPoolExecutor(jobs) as pool:
-        yield from pool.map(one, commands)
+    pool = ThreadPoolExecutor(jobs)
+    try:
+        futures = [pool.submit(one, command) for command in commands]
+        for future in futures:
+            yield future.result()
+    finally:  # a caller that stops early (a failed seed, Ctrl-C) starts no more; running ones end
+        stopped.set()
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -138,7 +138,7 @@ def parallel_vector_runs(args, out: Path, rows: list):
     print(f"{len(seeds)} seeds, {min(args.jobs, len(seeds))} at once; logs in {out}/seed<N>/log.txt",
           flush=True)
     for seed, (_, log), code in zip(seeds, commands, run_pinned(commands, args.jobs)):
-        if code:
+        if code != 0:  # None: not started, after another seed failed
             raise UsageError(f"seed {seed} failed: {last_line(log)} (whole log: {log})")
         for row in pd.read_csv(out / f"seed{seed}" / "runs.csv").to_dict("records"):
             rows.append(row)

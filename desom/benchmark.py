@@ -321,7 +321,7 @@ def parallel_runs(args, out: Path) -> list:
           flush=True)
     rows = []
     for seed, (_, log), code in zip(seeds, commands, run_pinned(commands, args.jobs)):
-        if code:
+        if code != 0:  # None: not started, after another seed failed
             raise UsageError(f"seed {seed} failed: {last_line(log)} (whole log: {log})")
         mine = pd.read_csv(out / f"seed{seed}" / "runs.csv").to_dict("records")
         for row in mine:

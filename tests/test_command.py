@@ -101,3 +101,26 @@ def test_command_line_writes_parsed_arguments_back_as_flags():
     assert "--jobs" not in flags and "--iterations" not in flags  # skipped, and at its default
     assert vars(parser().parse_args(flags)) == {**vars(args), "jobs": 1}
 
+
+
+def test_run_pinned_gives_each_child_its_own_cores_and_stops_early(tmp_path):
+    import os
+    import sys
+
+    from common.runtime import last_line, run_pinned
+
+    show = "import os; print(sorted(os.sched_getaffinity(0)), os.environ['TF_NUM_INTRAOP_THREADS'])"
+    commands = [([sys.executable, "-c", show], tmp_path / f"{i}.log") for i in range(3)]
+    commands.append(([sys.executable, "-c", "import sys; sys.exit('bad input')"], tmp_path / "3.log"))
+    assert list(run_pinned(commands, jobs=2)) == [0, 0, 0, 1]
+    assert last_line(tmp_path / "3.log") == "bad input"
+    cores = sorted(os.sched_getaffinity(0))
+    jobs = min(2, len(cores))
+    shares = [str(cores[i::jobs]) for i in range(jobs)]
+    for i in range(3):
+        pinned, threads = last_line(tmp_path / f"{i}.log").rsplit(" ", 1)
+        assert pinned in shares and threads == str(len(cores) // jobs)
+    # after a failure no new child starts
+    marker = tmp_path / "ran"
+    late = ([sys.executable, "-c", f"open({str(marker)!r}, 'w')"], tmp_path / "late.log")
+    assert list(run_pinned([commands[3], late], jobs=1)) == [1, None] and not marker.exists()
