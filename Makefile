@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(TF)
 
-.PHONY: demo test bench bench-speed bench-schedule clean
+.PHONY: demo test bench bench-speed bench-schedule bench-deckeras clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ bench-schedule: $(STAMP)
 	  --save_dir bench/schedule/8x8_tmin1.0_hold
 	for t in 0.1 0.3 0.7 1.0; do bin/desom --dataset fmnist --map_size 20 20 --Tmin $$t --seed 0 \
 	  --verbose 0 --save_dir bench/schedule/20x20_tmin$$t; done
+
+# DEC, IDEC and AE + k-means with DEC-keras' protocol (300 epochs of pretraining), 5 seeds two at a time,
+# each on one core (about 2 hours a seed here: about 6 hours)
+bench-deckeras: $(STAMP)
+	bin/dcn-benchmark --dataset fmnist --protocol dec-keras --runs 5 --jobs 2 --out bench/deckeras
 
 # ms per training step of every model in our loop and in a bare Keras step (a few minutes)
 bench-speed: $(STAMP)
