@@ -72,6 +72,7 @@ class Run:
     phases: dict = field(default_factory=dict)   # phase name -> TrainResult
     stages: dict = field(default_factory=dict)   # stage name -> seconds (load, build, ...)
     chief: bool = True  # False on the other workers of a multi-worker run: they write no files
+    kept: dict = field(default_factory=dict)  # what one hook computed for a later one (results -> pictures)
 
     def loop_options(self, **overrides) -> dict:
         """Keyword arguments of :func:`common.training.train` from the shared flags."""

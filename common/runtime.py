@@ -10,7 +10,8 @@ other.
 * :func:`describe_devices` says in a few words what a run computes on.
 * :func:`resolve_jit` turns ``auto``/``on``/``off`` into a yes or no for XLA.
 * :func:`run_pinned` runs child processes a few at a time, each on its own
-  CPU cores with TensorFlow's thread pools sized to them (benchmark seeds).
+  CPU cores with TensorFlow's thread pools sized to them; :func:`run_seeds`
+  runs a benchmark's seeds that way.
 """
 
 from __future__ import annotations
@@ -292,3 +293,22 @@ def run_pinned(commands, jobs: int):
     finally:  # a caller that stops early (a failed seed, Ctrl-C) starts no more; running ones end
         stopped.set()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_seeds(module: str, flags: list, seeds, out, jobs: int, first_only=()):
+    """``python -m module *flags --runs 1 --seed N --out <out>/seed<N>`` for
+    each seed, ``jobs`` at once (:func:`run_pinned`; each log in
+    ``<out>/seed<N>/log.txt``); yields each seed's ``runs.csv`` rows (a list
+    of dicts) in seed order. ``first_only`` flags go to the first seed alone.
+    A failed seed raises UsageError with its last log line."""
+    import pandas as pd
+
+    seeds, out = list(seeds), Path(out)
+    commands = [([sys.executable, "-m", module, *flags, *(first_only if i == 0 else ()), "--runs", "1",
+                  "--seed", str(seed), "--out", str(out / f"seed{seed}")], out / f"seed{seed}" / "log.txt")
+                for i, seed in enumerate(seeds)]
+    print(f"{len(seeds)} seeds, {min(jobs, len(seeds))} at once; logs in {out}/seed<N>/log.txt", flush=True)
+    for seed, (_, log), code in zip(seeds, commands, run_pinned(commands, jobs)):
+        if code != 0:  # None: not started, after another seed failed
+            raise UsageError(f"seed {seed} failed: {last_line(log)} (whole log: {log})")
+        yield pd.read_csv(out / f"seed{seed}" / "runs.csv").to_dict("records")

@@ -43,7 +43,7 @@ from common.data import KNOWN_DATASETS, load_data
 from common.errors import UsageError
 from common.metrics import evaluate_clustering
 from common.results import write_csv, write_summary
-from common.runtime import last_line, quiet_tensorflow, run_pinned
+from common.runtime import quiet_tensorflow, run_seeds
 
 METHODS = ("ae+kmeans", "dec", "idec")
 COLUMNS = ("acc", "nmi", "nmi_geometric", "ari", "iterations", "pretrain_seconds", "cluster_seconds")
@@ -129,18 +129,12 @@ def speed_cases():
 
 def parallel_vector_runs(args, out: Path, rows: list):
     """Each seed in its own ``dcn.benchmark`` process, ``args.jobs`` at once
-    (:func:`common.runtime.run_pinned`), writing ``<out>/seed<N>/`` (runs.csv,
+    (:func:`common.runtime.run_seeds`), writing ``<out>/seed<N>/`` (runs.csv,
     the autoencoder weights, log.txt); the rows come back in seed order."""
-    seeds = [args.seed + r for r in range(args.runs)]
     flags = command_line(parser(), args, skip=("runs", "seed", "out", "jobs", "folder"))
-    commands = [([sys.executable, "-m", "dcn.benchmark", *flags, "--runs", "1", "--seed", str(seed),
-                  "--out", str(out / f"seed{seed}")], out / f"seed{seed}" / "log.txt") for seed in seeds]
-    print(f"{len(seeds)} seeds, {min(args.jobs, len(seeds))} at once; logs in {out}/seed<N>/log.txt",
-          flush=True)
-    for seed, (_, log), code in zip(seeds, commands, run_pinned(commands, args.jobs)):
-        if code != 0:  # None: not started, after another seed failed
-            raise UsageError(f"seed {seed} failed: {last_line(log)} (whole log: {log})")
-        for row in pd.read_csv(out / f"seed{seed}" / "runs.csv").to_dict("records"):
+    seeds = range(args.seed, args.seed + args.runs)
+    for seed_rows in run_seeds("dcn.benchmark", flags, seeds, out, args.jobs):
+        for row in seed_rows:
             rows.append(row)
             _report(row)
         write_csv(pd.DataFrame(rows), out / "runs.csv")

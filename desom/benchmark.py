@@ -304,29 +304,20 @@ def _report(row):
 
 def parallel_runs(args, out: Path) -> list:
     """Each seed in its own ``desom.benchmark`` process, ``args.jobs`` at once
-    (:func:`common.runtime.run_pinned`), writing ``<out>/seed<N>/`` (runs.csv,
+    (:func:`common.runtime.run_seeds`), writing ``<out>/seed<N>/`` (runs.csv,
     the runs' logs, log.txt); the rows come back in the order of a run in
     one process (data set, model, seed). Only the first seed draws the
     ``--fig_dir`` maps."""
-    from common.runtime import last_line, run_pinned
+    from common.runtime import run_seeds
 
-    seeds = [args.seed + r for r in range(args.runs)]
     flags = command_line(parser(), args, skip=("runs", "seed", "out", "jobs", "fig_dir"))
-    commands = []
-    for seed in seeds:
-        figs = ["--fig_dir", args.fig_dir] if args.fig_dir and seed == seeds[0] else []
-        commands.append(([sys.executable, "-m", "desom.benchmark", *flags, *figs, "--runs", "1", "--seed",
-                          str(seed), "--out", str(out / f"seed{seed}")], out / f"seed{seed}" / "log.txt"))
-    print(f"{len(seeds)} seeds, {min(args.jobs, len(seeds))} at once; logs in {out}/seed<N>/log.txt",
-          flush=True)
+    figs = ["--fig_dir", args.fig_dir] if args.fig_dir else []
     rows = []
-    for seed, (_, log), code in zip(seeds, commands, run_pinned(commands, args.jobs)):
-        if code != 0:  # None: not started, after another seed failed
-            raise UsageError(f"seed {seed} failed: {last_line(log)} (whole log: {log})")
-        mine = pd.read_csv(out / f"seed{seed}" / "runs.csv").to_dict("records")
-        for row in mine:
+    for seed_rows in run_seeds("desom.benchmark", flags, range(args.seed, args.seed + args.runs), out,
+                               args.jobs, first_only=figs):
+        for row in seed_rows:
             _report(row)
-        rows += mine
+        rows += seed_rows
         rows.sort(key=lambda r: (args.datasets.index(r["dataset"]), args.models.index(r["model"]), r["seed"]))
         write_csv(pd.DataFrame(rows), out / "runs.csv")
     return rows

@@ -158,9 +158,12 @@ class DesomCommand(TrainingCommand):
 
     def results(self, run):
         d, model = run.data, run.model
+        z = model.transform(d.x)
+        run.kept["assignment"] = model.assign_codes(z)  # for the pictures and the explorer too
         out = {"data": d.name if run.args.data is None else run.args.data, "model": run.args.model,
                "n_samples": len(d.x), "iterations": run.phases["train"].iterations,
-               "train": model.evaluate_map(d.x, d.y, seed=run.args.seed)}
+               "train": model.evaluate_map(d.x, d.y, seed=run.args.seed, codes=z,
+                                           assignment=run.kept["assignment"])}
         if d.x_val is not None:
             out["validation"] = model.evaluate_map(d.x_val, d.y_val, seed=run.args.seed)
         out.update({k: out["train"][k] for k in RESULT_KEYS if k in out["train"]})
@@ -175,7 +178,7 @@ class DesomCommand(TrainingCommand):
 
         a = run.args
         title = f"{run.data.name} {a.model} {a.map_size[0]}x{a.map_size[1]}"
-        assignment = run.model.assign_codes(run.model.transform(run.data.x))  # one pass for both
+        assignment = run.kept["assignment"]  # computed by results()
         _pictures(run.model, assignment[0], run.data.y, run.save_dir, run.data.extra["image_shape"], title)
         plots.training_curves(pd.read_csv(run.save_dir / "log.csv"), run.save_dir / "training.png")
         if not a.no_explorer:

@@ -172,7 +172,7 @@ class SOMModel(AutoencoderModel):
         return umatrix(self.prototypes, self.unit_distances)
 
     def evaluate_map(self, x, y=None, *, internal: bool = True, sample_size: int = 10000,
-                     seed: int = 0) -> dict:
+                     seed: int = 0, codes=None, assignment=None) -> dict:
         """Every applicable metric of the best-matching-unit clustering of ``x``.
 
         Quantization and topographic error in latent space; purity, NMI, ARI
@@ -181,10 +181,12 @@ class SOMModel(AutoencoderModel):
         :func:`common.metrics.prototype_kmeans_accuracy`; else ``acc``, the
         one-to-one accuracy); silhouette, Davies-Bouldin and
         Calinski-Harabasz of the latent codes (fixed-seed subsample of
-        ``sample_size``) when ``internal``.
+        ``sample_size``) when ``internal``. ``codes`` (``transform(x)``) and
+        ``assignment`` (``assign_codes(codes)``) skip those passes when the
+        caller already has them.
         """
-        z = self.transform(x)
-        bmu, _, qe, te = self.assign_codes(z)
+        z = self.transform(x) if codes is None else codes
+        bmu, _, qe, te = self.assign_codes(z) if assignment is None else assignment
         out = evaluate_clustering(bmu, y, features=z if internal else None, sample_size=sample_size,
                                   seed=seed)
         if y is not None and self.n_units > len(np.unique(y)):  # the paper's accuracy, not one-to-one

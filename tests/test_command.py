@@ -102,7 +102,6 @@ def test_command_line_writes_parsed_arguments_back_as_flags():
     assert vars(parser().parse_args(flags)) == {**vars(args), "jobs": 1}
 
 
-
 def test_run_pinned_gives_each_child_its_own_cores_and_stops_early(tmp_path):
     import os
     import sys

@@ -277,7 +277,6 @@ def test_default_tmax_is_the_papers_up_to_20x20_then_half_the_larger_side():
 
 
 def test_temperatures_take_the_given_values_else_the_map_and_schedule_defaults():
-    from common.errors import UsageError
     from desom.layers import temperatures
 
     assert temperatures((8, 8)) == (10.0, 0.1)
