@@ -295,20 +295,53 @@ def run_pinned(commands, jobs: int):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+FINISHED = "finished.json"
+JOBS_HELP = ("seeds trained at once (at most one per core), each in its own process on its own share of the "
+             "CPU cores (<out>/seed<N>/); a seed that finished earlier with the same flags is read back, "
+             "not run again")
+
+
 def run_seeds(module: str, flags: list, seeds, out, jobs: int, first_only=()):
     """``python -m module *flags --runs 1 --seed N --out <out>/seed<N>`` for
     each seed, ``jobs`` at once (:func:`run_pinned`; each log in
     ``<out>/seed<N>/log.txt``); yields each seed's ``runs.csv`` rows (a list
     of dicts) in seed order. ``first_only`` flags go to the first seed alone.
-    A failed seed raises UsageError with its last log line."""
+    A failed seed raises UsageError with its last log line.
+
+    A seed that finished earlier with the same command (recorded in its
+    folder's ``finished.json``) is not run again: its rows are read back, so
+    a benchmark of several hours that was stopped, or is extended to more
+    seeds, runs only the seeds it lacks."""
+    import json
+
     import pandas as pd
 
     seeds, out = list(seeds), Path(out)
-    commands = [([sys.executable, "-m", module, *flags, *(first_only if i == 0 else ()), "--runs", "1",
-                  "--seed", str(seed), "--out", str(out / f"seed{seed}")], out / f"seed{seed}" / "log.txt")
-                for i, seed in enumerate(seeds)]
-    print(f"{len(seeds)} seeds, {min(jobs, len(seeds))} at once; logs in {out}/seed<N>/log.txt", flush=True)
-    for seed, (_, log), code in zip(seeds, commands, run_pinned(commands, jobs)):
-        if code != 0:  # None: not started, after another seed failed
-            raise UsageError(f"seed {seed} failed: {last_line(log)} (whole log: {log})")
-        yield pd.read_csv(out / f"seed{seed}" / "runs.csv").to_dict("records")
+    argvs = {seed: ["-m", module, *flags, *(first_only if i == 0 else ()), "--runs", "1", "--seed", str(seed),
+                    "--out", str(out / f"seed{seed}")] for i, seed in enumerate(seeds)}
+
+    def finished(seed) -> bool:
+        try:
+            return json.loads((out / f"seed{seed}" / FINISHED).read_text())["command"] == argvs[seed]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+    todo = [seed for seed in seeds if not finished(seed)]
+    if len(todo) < len(seeds):
+        done = ", ".join(str(seed) for seed in seeds if seed not in todo)
+        print(f"seeds {done} finished earlier with the same flags: read back from {out}/seed<N>/", flush=True)
+    if todo:
+        print(f"{len(todo)} seeds to run, {min(jobs, len(todo))} at once; logs in {out}/seed<N>/log.txt",
+              flush=True)
+    for seed in todo:  # a seed that stops half-way must not pass for finished
+        (out / f"seed{seed}" / FINISHED).unlink(missing_ok=True)
+    codes = run_pinned([([sys.executable, *argvs[s]], out / f"seed{s}" / "log.txt") for s in todo], jobs)
+    for seed in seeds:
+        folder = out / f"seed{seed}"
+        if seed in todo:
+            code = next(codes)  # waits for this seed's process
+            if code != 0:  # None: not started, after another seed failed
+                log = folder / "log.txt"
+                raise UsageError(f"seed {seed} failed: {last_line(log)} (whole log: {log})")
+            (folder / FINISHED).write_text(json.dumps({"command": argvs[seed]}, indent=1) + "\n")
+        yield pd.read_csv(folder / "runs.csv").to_dict("records")

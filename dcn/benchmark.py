@@ -43,7 +43,7 @@ from common.data import KNOWN_DATASETS, load_data
 from common.errors import UsageError
 from common.metrics import evaluate_clustering
 from common.results import write_csv, write_summary
-from common.runtime import quiet_tensorflow, run_seeds
+from common.runtime import JOBS_HELP, quiet_tensorflow, run_seeds
 
 METHODS = ("ae+kmeans", "dec", "idec")
 COLUMNS = ("acc", "nmi", "nmi_geometric", "ari", "iterations", "pretrain_seconds", "cluster_seconds")
@@ -60,8 +60,7 @@ def parser():
                    help="seeds seed..seed+runs-1 (vector and folder runs)")
     p.add_argument("--seed", type=int, default=0, bounds=SEED_BOUNDS, help="first seed")
     p.add_argument("--jobs", type=int, default=1, bounds="[1, inf)",
-                   help="vector runs: seeds trained at once (at most one per core), each in its own process "
-                   "on its own share of the CPU cores (<out>/seed<N>/)")
+                   help="vector runs: " + JOBS_HELP)
     p.add_argument("--protocol", choices=("ours", "dec-keras"), default="ours",
                    help="pretraining: ours = Glorot init, Adam, 50 epochs; dec-keras = DEC-keras' "
                    "VarianceScaling init, SGD lr 1 momentum 0.9, 300 epochs, and clustering batches in "

@@ -27,7 +27,7 @@ from common.data import CLASS_NAMES, IMAGE_SHAPES, KNOWN_DATASETS, load_data
 from common.errors import DataError, UsageError
 from common.metrics import evaluate_clustering
 from common.results import write_csv, write_summary
-from common.runtime import quiet_tensorflow
+from common.runtime import JOBS_HELP, quiet_tensorflow, run_seeds
 
 MODELS = ("desom", "convdesom", "som", "kmeans")
 COLUMNS = ("purity", "nmi", "nmi_geometric", "ari", "acc", "acc_kmeans", "quantization_error",
@@ -45,8 +45,7 @@ def parser():
                    help="runs per data set and model (seeds seed..seed+runs-1)")
     p.add_argument("--seed", type=int, default=0, bounds=SEED_BOUNDS, help="first seed")
     p.add_argument("--jobs", type=int, default=1, bounds="[1, inf)",
-                   help="seeds trained at once (at most one per core), each in its own process on its own "
-                   "share of the CPU cores (<out>/seed<N>/)")
+                   help=JOBS_HELP)
     p.add_argument("--map_size", nargs=2, type=int, default=[8, 8], bounds="[1, inf)",
                    metavar=("ROWS", "COLS"))
     p.add_argument("--iterations", type=int, default=10000, bounds="[1, inf)")
@@ -308,8 +307,6 @@ def parallel_runs(args, out: Path) -> list:
     the runs' logs, log.txt); the rows come back in the order of a run in
     one process (data set, model, seed). Only the first seed draws the
     ``--fig_dir`` maps."""
-    from common.runtime import run_seeds
-
     flags = command_line(parser(), args, skip=("runs", "seed", "out", "jobs", "fig_dir"))
     figs = ["--fig_dir", args.fig_dir] if args.fig_dir else []
     rows = []

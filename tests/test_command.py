@@ -123,3 +123,50 @@ def test_run_pinned_gives_each_child_its_own_cores_and_stops_early(tmp_path):
     marker = tmp_path / "ran"
     late = ([sys.executable, "-c", f"open({str(marker)!r}, 'w')"], tmp_path / "late.log")
     assert list(run_pinned([commands[3], late], jobs=1)) == [1, None] and not marker.exists()
+
+
+FAKE_BENCHMARK = """
+import argparse, pathlib, sys
+p = argparse.ArgumentParser()
+for flag in ("--value", "--seed", "--runs", "--out", "--fail_seed"):
+    p.add_argument(flag)
+a = p.parse_args()
+with open(pathlib.Path(__file__).parent / "calls.txt", "a") as calls:
+    calls.write(a.seed + "\\n")
+if a.seed == a.fail_seed:
+    sys.exit("seed " + a.seed + " went wrong")
+out = pathlib.Path(a.out)
+out.mkdir(parents=True, exist_ok=True)
+(out / "runs.csv").write_text("seed,value\\n" + a.seed + "," + a.value + "\\n")
+"""
+
+
+def test_run_seeds_reads_back_seeds_finished_with_the_same_flags(tmp_path, monkeypatch):
+    from common.runtime import run_seeds
+
+    (tmp_path / "fakebench.py").write_text(FAKE_BENCHMARK)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    calls = tmp_path / "calls.txt"
+    out = tmp_path / "out"
+
+    def seeds_run(flags, seeds, jobs=2):
+        before = calls.read_text().split() if calls.exists() else []
+        rows = [row for rows in run_seeds("fakebench", flags, seeds, out, jobs) for row in rows]
+        return rows, sorted(map(int, calls.read_text().split()[len(before):]))
+
+    assert seeds_run(["--value", "3"], [0, 1]) == ([{"seed": 0, "value": 3}, {"seed": 1, "value": 3}], [0, 1])
+    # one more seed: only it runs
+    rows, ran = seeds_run(["--value", "3"], [0, 1, 2])
+    assert ran == [2] and [r["value"] for r in rows] == [3, 3, 3]
+    # other flags: run again
+    rows, ran = seeds_run(["--value", "4"], [0, 1])
+    assert ran == [0, 1] and [r["value"] for r in rows] == [4, 4]
+    # a seed that fails is not taken for finished next time (its earlier runs.csv is still there)
+    flags = ["--value", "5", "--fail_seed", "1"]
+    with pytest.raises(UsageError, match="seed 1 failed: seed 1 went wrong"):
+        seeds_run(flags, [0, 1], jobs=1)
+    assert not (out / "seed1" / "finished.json").exists() and (out / "seed0" / "finished.json").exists()
+    with pytest.raises(UsageError, match="seed 1 failed"):
+        seeds_run(flags, [0, 1], jobs=1)
+    started = calls.read_text().split()
+    assert started[-1] == "1" and started.count("0") == 3  # seed 0 read back the second time
