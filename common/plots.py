@@ -6,6 +6,8 @@ units are numbered; hexagonal maps shift odd rows half a unit to the right.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
 from pathlib import Path
 
@@ -221,8 +223,11 @@ def architecture(model, path, expand_nested: bool = True) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     reason = ""
     for expand in ((True, False) if expand_nested else (False,)):
+        said = io.StringIO()  # pydot prints dot's failure before raising it; the warning below says it once
         try:
-            keras.utils.plot_model(model, to_file=str(path), show_shapes=True, expand_nested=expand, dpi=72)
+            with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+                keras.utils.plot_model(model, to_file=str(path), show_shapes=True, expand_nested=expand,
+                                       dpi=72)
             return path
         except ImportError as e:  # no pydot or no dot program: no second try
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
