@@ -321,8 +321,10 @@ def run_seeds(module: str, flags: list, seeds, out, jobs: int, first_only=()):
                     "--out", str(out / f"seed{seed}")] for i, seed in enumerate(seeds)}
 
     def finished(seed) -> bool:
+        folder = out / f"seed{seed}"
         try:
-            return json.loads((out / f"seed{seed}" / FINISHED).read_text())["command"] == argvs[seed]
+            return (json.loads((folder / FINISHED).read_text())["command"] == argvs[seed]
+                    and (folder / "runs.csv").is_file())
         except (OSError, ValueError, KeyError, TypeError):
             return False
 
@@ -331,8 +333,8 @@ def run_seeds(module: str, flags: list, seeds, out, jobs: int, first_only=()):
         done = ", ".join(str(seed) for seed in seeds if seed not in todo)
         print(f"seeds {done} finished earlier with the same flags: read back from {out}/seed<N>/", flush=True)
     if todo:
-        print(f"{len(todo)} seeds to run, {min(jobs, len(todo))} at once; logs in {out}/seed<N>/log.txt",
-              flush=True)
+        print(f"running seed{'s' * (len(todo) > 1)} {', '.join(map(str, todo))}, {min(jobs, len(todo))} at "
+              f"once; logs in {out}/seed<N>/log.txt", flush=True)
     for seed in todo:  # a seed that stops half-way must not pass for finished
         (out / f"seed{seed}" / FINISHED).unlink(missing_ok=True)
     codes = run_pinned([([sys.executable, *argvs[s]], out / f"seed{s}" / "log.txt") for s in todo], jobs)

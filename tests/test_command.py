@@ -158,6 +158,9 @@ def test_run_seeds_reads_back_seeds_finished_with_the_same_flags(tmp_path, monke
     # one more seed: only it runs
     rows, ran = seeds_run(["--value", "3"], [0, 1, 2])
     assert ran == [2] and [r["value"] for r in rows] == [3, 3, 3]
+    # a finished seed whose runs.csv went missing runs again
+    (out / "seed1" / "runs.csv").unlink()
+    assert seeds_run(["--value", "3"], [0, 1, 2])[1] == [1]
     # other flags: run again
     rows, ran = seeds_run(["--value", "4"], [0, 1])
     assert ran == [0, 1] and [r["value"] for r in rows] == [4, 4]
