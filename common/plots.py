@@ -223,9 +223,8 @@ def architecture(model, path, expand_nested: bool = True) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     reason = ""
     for expand in ((True, False) if expand_nested else (False,)):
-        said = io.StringIO()  # pydot prints dot's failure before raising it; the warning below says it once
-        try:
-            with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+        try:  # pydot prints dot's failure before raising it; the one warning below says it instead
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 keras.utils.plot_model(model, to_file=str(path), show_shapes=True, expand_nested=expand,
                                        dpi=72)
             return path

@@ -17,6 +17,7 @@ other.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import subprocess
@@ -95,8 +96,6 @@ def make_strategy(name: str = "auto"):
 
 
 def _multiworker():
-    import json
-
     raw = os.environ.get("TF_CONFIG")
     try:
         config = json.loads(raw) if raw else None
@@ -312,8 +311,6 @@ def run_seeds(module: str, flags: list, seeds, out, jobs: int, first_only=()):
     folder's ``finished.json``) is not run again: its rows are read back, so
     a benchmark of several hours that was stopped, or is extended to more
     seeds, runs only the seeds it lacks."""
-    import json
-
     import pandas as pd
 
     seeds, out = list(seeds), Path(out)
