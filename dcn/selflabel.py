@@ -53,6 +53,7 @@ from common.training import Task, train
 
 INITS = ("ae", "desom", "random")
 MANIFOLDS = ("umap", "none")
+SELECTIONS = ("probability", "neighbours")
 CLUSTERERS = ("gmm", "kmeans")
 RELABELS = ("predict", "cluster")
 AUGMENTATIONS = ("translate", "flip", "rotate", "zoom", "noise")
@@ -190,6 +191,25 @@ def select_confident(labels, confidence, fraction: float, n_clusters: int) -> np
             m = max(1, int(round(fraction * len(members))))
             keep[members[np.argsort(-confidence[members], kind="stable")[:m]]] = True
     return keep
+
+
+def neighbour_agreement(labels, neighbours, confidence=None) -> np.ndarray:
+    """Share of each sample's ``neighbours`` ((samples, k) indices) that carry
+    its label; with ``confidence`` (values in [0, 1]), ties are broken by it
+    (added at a weight below one neighbour's share, so the order of the
+    shares is kept).
+
+    A selection score for :func:`select_confident` that looks past the
+    clustering's own posterior (SPICE's reliable labels, Niu et al. 2022):
+    a label its neighbours in the initial features agree with is more often
+    right.
+    """
+    labels = np.asarray(labels)
+    neighbours = np.asarray(neighbours)
+    share = np.mean(labels[neighbours] == labels[:, None], axis=1)
+    if confidence is not None:
+        share = share + np.clip(np.asarray(confidence, np.float64), 0.0, 1.0) / (2 * neighbours.shape[1])
+    return share
 
 
 def kmeans_labels(z, n_clusters: int, seed: int = 0, init_labels=None):
@@ -438,8 +458,8 @@ def refine(model: SelfLabelNet, x, labels, confidence, *, iterations: int = 10,
            epochs_per_iteration: float = 2, recluster_interval: int = 1, relabelling: str = "predict",
            balance: bool = True, confident_fraction=(0.5, 1.0), smoothing: float = 0.1,
            threshold: float = 0.95, lr: float = 0.001, augment=None, neighbours=None, knn_epochs: float = 0,
-           entropy_weight: float = 5.0, save_dir=None, resume: bool = False, seed: int = 0, y=None,
-           x_test=None, y_test=None, on_rows=None, **loop) -> list[dict]:
+           entropy_weight: float = 5.0, select: str = "probability", save_dir=None, resume: bool = False,
+           seed: int = 0, y=None, x_test=None, y_test=None, on_rows=None, **loop) -> list[dict]:
     """Iterations of training on pseudo-labels and relabelling (module docstring).
 
     Iteration i trains on labels L_i (its confident share) for
@@ -449,7 +469,10 @@ def refine(model: SelfLabelNet, x, labels, confidence, *, iterations: int = 10,
     saves ``iteration_<i>.keras`` and, on relabelling iterations (every
     ``recluster_interval``-th and the last, so that every model can be
     chosen by its stability), computes L_{i+1} and its aligned stability
-    against L_i. With ``save_dir`` every
+    against L_i. The confident share is chosen by the labels' confidence
+    (``select="probability"``) or by :func:`neighbour_agreement` over
+    ``neighbours`` (``"neighbours"``, ties by the confidence). With
+    ``save_dir`` every
     iteration's labels are kept in ``pseudo_labels/`` and ``resume`` skips
     finished iterations (the one in progress resumes from its checkpoint).
     ``y`` / ``y_test`` (optional) are scored in each row, for reporting only.
@@ -458,6 +481,10 @@ def refine(model: SelfLabelNet, x, labels, confidence, *, iterations: int = 10,
     iterations than it had relabels from its last model first.
     """
     k = model.n_clusters
+    if select not in SELECTIONS:
+        raise UsageError(f"unknown selection '{select}'; choose {' or '.join(SELECTIONS)}")
+    if select == "neighbours" and neighbours is None:
+        raise UsageError("selecting the confident share by neighbours needs the neighbours")
     x = np.asarray(x, np.float32)
     strategy = loop.get("strategy")
     save = None if save_dir is None else Path(save_dir)
@@ -493,7 +520,8 @@ def refine(model: SelfLabelNet, x, labels, confidence, *, iterations: int = 10,
         if write:
             _save_labels(save / "pseudo_labels" / f"iteration_{i:02d}.npz", labels, confidence)
         fraction = fraction_at(i, iterations, *confident_fraction)
-        keep = select_confident(labels, confidence, fraction, k)
+        score = confidence if select == "probability" else neighbour_agreement(labels, neighbours, confidence)
+        keep = select_confident(labels, score, fraction, k)
         with _scope(loop.get("strategy")):
             task = PseudoLabelTask(model, labels[keep], smoothing)
             optimizer = keras.optimizers.Adam(lr)

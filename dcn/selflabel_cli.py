@@ -18,7 +18,7 @@ from common.data import CLASS_NAMES, label_names, load_data
 from common.errors import DataError, UsageError
 from common.results import atomic_path, write_json
 from common.runtime import from_chief, quiet_tensorflow, worker_count
-from dcn.selflabel import AUGMENTATIONS, CLUSTERERS, INITS, MANIFOLDS, RELABELS
+from dcn.selflabel import AUGMENTATIONS, CLUSTERERS, INITS, MANIFOLDS, RELABELS, SELECTIONS
 
 #: What the issue's authors asked of an unsupervised Fashion-MNIST classifier.
 TARGETS = {"accuracy": 0.72, "nmi": 0.65, "purity": 0.75, "min_f1": 0.60, "stability": 0.95}
@@ -88,7 +88,8 @@ class SelfLabelCommand(TrainingCommand):
         p.add_argument("--clusterer", choices=CLUSTERERS, default="gmm",
                        help="clustering of the initial features")
         p.add_argument("--knn", type=int, default=20, bounds="[1, inf)",
-                       help="neighbours per image, in the initial features, for the neighbour phase")
+                       help="neighbours per image, in the initial features, for the neighbour phase and "
+                       "--select neighbours")
         p.add_argument("--knn_epochs", type=float, default=1, bounds="[0, inf)",
                        help="epochs per iteration of SCAN's neighbour loss after the pseudo-label epochs: "
                        "each image and one of its --knn nearest neighbours should get the same class "
@@ -104,6 +105,10 @@ class SelfLabelCommand(TrainingCommand):
         p.add_argument("--confident_fraction", type=float, nargs="+", default=[0.5, 1.0], bounds="(0, 1]",
                        metavar="F", help="share of each cluster trained on, the most confident first: one "
                        "value, or the first and last iteration's (linear in between)")
+        p.add_argument("--select", choices=SELECTIONS, default="probability",
+                       help="how the confident share is chosen: probability (the label's probability, or "
+                       "the first clustering's posterior) or neighbours (the share of the image's --knn "
+                       "neighbours with the same label, ties by probability)")
         p.add_argument("--label_smoothing", type=float, default=0.1, bounds="[0, 1)",
                        help="label smoothing of the targets")
         p.add_argument("--augment", nargs="*", choices=AUGMENTATIONS, default=["translate", "flip"],
@@ -166,19 +171,20 @@ class SelfLabelCommand(TrainingCommand):
         first = save / "pseudo_labels" / "iteration_00.npz"
         knn_file = save / "neighbours.npy"
         neighbours = None
+        with_knn = a.knn_epochs > 0 or a.select == "neighbours"
         if resume and first.is_file():
             labels = confidence = np.zeros(len(d.x))  # replaced by the saved ones
-            if a.knn_epochs > 0:
+            if with_knn:
                 if not knn_file.is_file():
-                    raise UsageError(f"{save} was trained without the neighbour phase; resume it with "
-                                     f"--knn_epochs 0")
+                    raise UsageError(f"{save} was trained without neighbours; resume it with --knn_epochs 0 "
+                                     f"--select probability")
                 neighbours = np.load(knn_file)
         else:
             t = time.perf_counter()
             z = sl.initial_features(a.init, d.x, model, epochs=a.init_epochs, iterations=a.init_iterations,
                                  seed=a.seed, save_dir=save, resume=resume, **loop)
             run.stages["init_features"] = time.perf_counter() - t
-            if a.knn_epochs > 0:
+            if with_knn:
                 t = time.perf_counter()
                 neighbours = from_chief(run.strategy, sl.nearest_neighbours(z, a.knn))
                 if run.chief:
@@ -210,6 +216,7 @@ class SelfLabelCommand(TrainingCommand):
                       confident_fraction=a.confident_fraction, smoothing=a.label_smoothing,
                       threshold=a.convergence_threshold, lr=a.lr, augment=sl.augmenter(a.augment, a.seed),
                       neighbours=neighbours, knn_epochs=a.knn_epochs, entropy_weight=a.entropy_weight,
+                      select=a.select,
                       save_dir=save, resume=resume, seed=a.seed, y=d.y, x_test=d.x_val, y_test=d.y_val,
                       on_rows=on_rows, **loop)
         run.stages["refine"] = time.perf_counter() - t

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from common.errors import UsageError
 from dcn.selflabel import (
     NeighbourTask,
     PseudoLabelTask,
@@ -20,6 +21,7 @@ from dcn.selflabel import (
     fraction_at,
     load_model,
     nearest_neighbours,
+    neighbour_agreement,
     refine,
     select_confident,
 )
@@ -87,6 +89,24 @@ def test_select_confident_keeps_the_top_share_of_every_cluster():
     assert select_confident(labels, confidence, 0.01, 2).sum() == 2  # at least one per cluster
     assert fraction_at(0, 5, 0.5, 1.0) == 0.5 and fraction_at(4, 5, 0.5, 1.0) == 1.0
     assert fraction_at(2, 5, 0.5, 1.0) == pytest.approx(0.75)
+
+
+def test_neighbour_agreement_is_the_share_of_neighbours_with_the_label_ties_by_confidence():
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    neighbours = np.array([[1, 2], [0, 3], [3, 4], [4, 5], [3, 0], [3, 4]])
+    share = neighbour_agreement(labels, neighbours)
+    np.testing.assert_allclose(share, [1.0, 0.5, 0.0, 1.0, 0.5, 1.0])
+    confidence = np.array([0.2, 0.9, 1.0, 0.1, 1.0, 0.3])
+    scored = neighbour_agreement(labels, neighbours, confidence)
+    # the shares keep their order (0.5 with confidence 1 stays below 1.0 with confidence 0.1) ...
+    assert scored[3] > scored[4] and scored[0] > scored[1] > scored[2]
+    # ... and equal shares are ordered by confidence
+    assert scored[5] > scored[3]
+    keep = select_confident(labels, scored, 0.34, 2)  # the one most agreed-with member of each cluster
+    np.testing.assert_array_equal(np.flatnonzero(keep), [0, 5])
+    with pytest.raises(UsageError, match="needs the neighbours"):
+        refine(SelfLabelNet((8, 8, 1), 2, filters=(4,), dense=(8,), head=(4,)), np.zeros((6, 8, 8, 1)),
+               labels, confidence, select="neighbours")
 
 
 def test_smoothed_cross_entropy_against_numpy():
