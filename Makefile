@@ -44,7 +44,7 @@ bench-schedule: $(STAMP)
 	  --verbose 0 --save_dir bench/schedule/20x20_tmin$$t; done
 
 # DEC, IDEC and AE + k-means with DEC-keras' protocol (300 epochs of pretraining), 5 seeds two at a time,
-# each on one core (1.8-1.9 hours a seed here, so about 6 hours; seeds already finished in bench/deckeras
+# each on one core (1.8-2.0 hours a seed here, so about 6 hours; seeds already finished in bench/deckeras
 # are read back, not run again)
 bench-deckeras: $(STAMP)
 	bin/dcn-benchmark --dataset fmnist --protocol dec-keras --runs 5 --jobs 2 --out bench/deckeras
