@@ -329,8 +329,9 @@ def run_seeds(module: str, flags: list, seeds, out, jobs: int, first_only=()):
     if len(todo) < len(seeds):
         done = ", ".join(str(seed) for seed in seeds if seed not in todo)
         print(f"seeds {done} finished earlier with the same flags: read back from {out}/seed<N>/", flush=True)
-    if todo:
-        print(f"running seed{'s' * (len(todo) > 1)} {', '.join(map(str, todo))}, {min(jobs, len(todo))} at "
+    if todo:  # as many at once as run_pinned will start: no more than the seeds, nor the cores we may use
+        at_once = max(1, min(jobs, len(todo), len(os.sched_getaffinity(0))))
+        print(f"running seed{'s' * (len(todo) > 1)} {', '.join(map(str, todo))}, {at_once} at "
               f"once; logs in {out}/seed<N>/log.txt", flush=True)
     for seed in todo:  # a seed that stops half-way must not pass for finished
         (out / f"seed{seed}" / FINISHED).unlink(missing_ok=True)

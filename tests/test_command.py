@@ -1,6 +1,7 @@
 """The run skeleton shared by the training commands, through a minimal new command."""
 
 import json
+import os
 
 import pytest
 
@@ -141,7 +142,7 @@ out.mkdir(parents=True, exist_ok=True)
 """
 
 
-def test_run_seeds_reads_back_seeds_finished_with_the_same_flags(tmp_path, monkeypatch):
+def test_run_seeds_reads_back_seeds_finished_with_the_same_flags(tmp_path, monkeypatch, capsys):
     from common.runtime import run_seeds
 
     (tmp_path / "fakebench.py").write_text(FAKE_BENCHMARK)
@@ -173,3 +174,9 @@ def test_run_seeds_reads_back_seeds_finished_with_the_same_flags(tmp_path, monke
         seeds_run(flags, [0, 1], jobs=1)
     started = calls.read_text().split()
     assert started[-1] == "1" and started.count("0") == 3  # seed 0 read back the second time
+    # on one core (taskset) two jobs run one at a time, and the message says so
+    one_core = set(sorted(os.sched_getaffinity(0))[:1])
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: one_core)
+    capsys.readouterr()
+    assert seeds_run(["--value", "6"], [0, 1], jobs=2)[1] == [0, 1]
+    assert "running seeds 0, 1, 1 at once" in capsys.readouterr().out
