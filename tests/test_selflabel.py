@@ -109,6 +109,25 @@ def test_neighbour_agreement_is_the_share_of_neighbours_with_the_label_ties_by_c
                labels, confidence, select="neighbours")
 
 
+def test_refine_trains_on_the_labels_their_neighbours_agree_with():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images[:400] / 16.0)[..., None].astype(np.float32)
+    y = d.target[:400]
+    rng = np.random.default_rng(0)
+    noisy = np.where(rng.random(400) < 0.3, rng.integers(0, 10, 400), y)  # 30 % of the labels redrawn
+    kwargs = dict(iterations=1, epochs_per_iteration=1, batch_size=64, verbose=0, jit_compile=False,
+                  confident_fraction=(0.5, 0.5), neighbours=nearest_neighbours(x.reshape(400, -1), 10), y=y)
+    trained_right = {}
+    for select in ("probability", "neighbours"):
+        model = SelfLabelNet((8, 8, 1), 10, filters=(4,), dense=(8,), head=(4,))
+        row = refine(model, x, noisy, np.ones(400), select=select, **kwargs)[0]
+        trained_right[select] = row["label_acc_trained_on"]
+    # equal confidences keep the first half of each cluster; neighbours keep the labels that are right
+    assert trained_right["neighbours"] > 0.95 > 0.8 > trained_right["probability"]
+
+
 def test_smoothed_cross_entropy_against_numpy():
     model = SelfLabelNet((8, 8, 1), 3, filters=(4,), dense=(8,), head=(4,))
     x = np.random.default_rng(2).random((5, 8, 8, 1)).astype(np.float32)
