@@ -241,6 +241,12 @@ def last_line(log_path) -> str:
     return lines[-1] if lines else "(no message)"
 
 
+def jobs_at_once(jobs: int, commands: int) -> int:
+    """How many of ``commands`` :func:`run_pinned` runs at once: ``jobs``, but
+    no more than the commands nor the CPU cores this process may use."""
+    return max(1, min(jobs, commands, len(os.sched_getaffinity(0))))
+
+
 def run_pinned(commands, jobs: int):
     """Run ``commands``, each ``(argv, log_path)``, ``jobs`` at once; yields
     their exit codes in the order given.
@@ -254,7 +260,7 @@ def run_pinned(commands, jobs: int):
     """
     commands = list(commands)
     cores = sorted(os.sched_getaffinity(0))
-    jobs = max(1, min(jobs, len(commands), len(cores)))
+    jobs = jobs_at_once(jobs, len(commands))
     shares: queue.Queue = queue.Queue()
     for i in range(jobs):
         shares.put(cores[i::jobs])
@@ -329,10 +335,9 @@ def run_seeds(module: str, flags: list, seeds, out, jobs: int, first_only=()):
     if len(todo) < len(seeds):
         done = ", ".join(str(seed) for seed in seeds if seed not in todo)
         print(f"seeds {done} finished earlier with the same flags: read back from {out}/seed<N>/", flush=True)
-    if todo:  # as many at once as run_pinned will start: no more than the seeds, nor the cores we may use
-        at_once = max(1, min(jobs, len(todo), len(os.sched_getaffinity(0))))
-        print(f"running seed{'s' * (len(todo) > 1)} {', '.join(map(str, todo))}, {at_once} at "
-              f"once; logs in {out}/seed<N>/log.txt", flush=True)
+    if todo:
+        print(f"running seed{'s' * (len(todo) > 1)} {', '.join(map(str, todo))}, "
+              f"{jobs_at_once(jobs, len(todo))} at once; logs in {out}/seed<N>/log.txt", flush=True)
     for seed in todo:  # a seed that stops half-way must not pass for finished
         (out / f"seed{seed}" / FINISHED).unlink(missing_ok=True)
     codes = run_pinned([([sys.executable, *argvs[s]], out / f"seed{s}" / "log.txt") for s in todo], jobs)
