@@ -77,6 +77,10 @@ class SelfLabelCommand(TrainingCommand):
         p.add_argument("--init", choices=INITS, default="ae",
                        help="features of the first pseudo-labels: ae (autoencoder codes), desom (codes of "
                        "an 8x8 DESOM), random (the untrained CNN's features)")
+        p.add_argument("--first_labels", metavar="RUN_DIR",
+                       help="start from the first pseudo-labels (and neighbours) of an earlier bin/selflabel "
+                       "run on the same data instead of computing them (no --init phase): to try loop "
+                       "settings from one start")
         p.add_argument("--init_epochs", type=float, default=50, bounds="(0, inf)",
                        help="ae: autoencoder training epochs")
         p.add_argument("--init_iterations", type=int, default=10000, bounds="[1, inf)",
@@ -179,6 +183,11 @@ class SelfLabelCommand(TrainingCommand):
                     raise UsageError(f"{save} was trained without neighbours; resume it with --knn_epochs 0 "
                                      f"--select probability")
                 neighbours = np.load(knn_file)
+        elif a.first_labels:
+            labels, confidence, neighbours = _first_labels(Path(a.first_labels), len(d.x), k, with_knn)
+            if neighbours is not None and run.chief:  # this run's own copy, for --resume
+                with atomic_path(knn_file) as tmp:
+                    np.save(tmp, neighbours)
         else:
             t = time.perf_counter()
             z = sl.initial_features(a.init, d.x, model, epochs=a.init_epochs, iterations=a.init_iterations,
@@ -292,6 +301,29 @@ class SelfLabelCommand(TrainingCommand):
             line += (f"; test accuracy {t['accuracy']:.4f}, NMI {t['nmi']:.4f}, purity {t['purity']:.4f}, "
                      f"lowest class F1 {t['min_f1']:.4f}")
         return line
+
+
+def _first_labels(run_dir: Path, n: int, k: int, with_knn: bool):
+    """(labels, confidence, neighbours or None) of the first iteration of the
+    bin/selflabel run in ``run_dir``, checked against ``n`` images and ``k``
+    clusters."""
+    path = run_dir / "pseudo_labels" / "iteration_00.npz"
+    if not path.is_file():
+        raise UsageError(f"--first_labels: no {path}; give the --save_dir of an earlier bin/selflabel run")
+    with np.load(path) as f:
+        labels, confidence = f["labels"], f["confidence"]
+    if len(labels) != n or labels.max() >= k:
+        raise UsageError(f"--first_labels: {path} labels {len(labels)} images in {labels.max() + 1} "
+                         f"clusters, this run has {n} images and --n_clusters {k}; use a run on the "
+                         f"same data")
+    neighbours = None
+    if with_knn:
+        knn_file = run_dir / "neighbours.npy"
+        if not knn_file.is_file():
+            raise UsageError(f"--first_labels: {run_dir} has no neighbours.npy; give --knn_epochs 0 "
+                             f"--select probability")
+        neighbours = np.load(knn_file)
+    return labels, confidence, neighbours
 
 
 def _row_line(row) -> str:

@@ -263,6 +263,18 @@ def test_bin_selflabel_on_digits_improves_on_its_first_clustering_and_writes_eve
     assert again["accuracy"] == pytest.approx(metrics["accuracy"])
     assert again["nmi"] == pytest.approx(metrics["nmi"])
     assert f"accuracy {metrics['accuracy']:.4f}" in res.stdout
+    # another loop setting from the same first labels and neighbours, without the --init phase
+    other = tmp_path / "other"
+    with pytest.raises(SystemExit) as stop:
+        main([*SHORT, "--iterations", "1", "--select", "neighbours", "--first_labels", str(out),
+              "--save_dir", str(other)])
+    assert stop.value.code == 0
+    for name in ("pseudo_labels/iteration_00.npz", "neighbours.npy"):
+        np.testing.assert_array_equal(*(np.load(run / name)["labels"] if name.endswith("npz")
+                                        else np.load(run / name) for run in (out, other)))
+    assert "init_features_seconds" in results["timings"]["stages"]
+    stages = json.loads((other / "results.json").read_text())["timings"]["stages"]
+    assert "init_features_seconds" not in stages and "refine_seconds" in stages
 
 
 def test_predict_names_image_files_of_any_size_in_a_new_process(tmp_path, capsys):
@@ -310,6 +322,9 @@ def test_predict_names_image_files_of_any_size_in_a_new_process(tmp_path, capsys
      "argument --top_k: must be in [1, inf), got 0"),
     (["--data", "vectors.npz"], "bin/selflabel classifies images"),
     (["--n_clusters", "5000"], "--n_clusters 5000 is more than the 1347 images"),
+    (["--first_labels", "nowhere"], "--first_labels: no nowhere/pseudo_labels/iteration_00.npz; give the"),
+    (["--first_labels", "short"], "short/pseudo_labels/iteration_00.npz labels 20 images in 2 clusters, this "
+                                  "run has 1347 images"),
 ])
 def test_bad_input_gets_one_line(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -318,4 +333,6 @@ def test_bad_input_gets_one_line(argv, message, capsys, tmp_path, monkeypatch):
     Path("notes.txt").write_text("not a model")
     Path("fake.keras").write_text("not a model")
     np.savez("vectors.npz", x=np.random.default_rng(0).random((20, 5)))
+    Path("short/pseudo_labels").mkdir(parents=True)
+    np.savez("short/pseudo_labels/iteration_00.npz", labels=np.arange(20) % 2, confidence=np.ones(20))
     assert_one_line_error(main, argv, message, capsys)
