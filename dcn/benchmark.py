@@ -14,7 +14,9 @@ shuffled).
 * ``idec``: KL + 10 x reconstruction, Adam lr 0.001 (IDEC's gamma 0.1).
 
 Targets are refreshed every 140 iterations; training stops when fewer than
-0.1 % of the labels change, or after 20,000 iterations.
+0.1 % of the labels change, or after 20,000 iterations. On Fashion-MNIST
+with ``--protocol dec-keras``, ``published.csv`` sets the runs beside
+DEC-keras' own 10 trials (means, spreads, Welch's test; :mod:`dcn.published`).
 
 Folders (``--folder``): Fashion-MNIST images written as PNG files into
 ``train/`` (unlabelled), ``test/<class>/`` and ``reference/<class>_N.png``
@@ -265,6 +267,18 @@ def folder_run(args, out: Path):
     write_summary(rows, out / "folder_summary.csv", ["benchmark"], FOLDER_COLUMNS)
 
 
+def compare_published(rows: list, out: Path):
+    """Our runs beside DEC-keras' 10 Fashion-MNIST trials (:mod:`dcn.published`):
+    writes ``<out>/published.csv`` and prints it."""
+    from dcn.published import compare_dec_keras, text
+
+    table = compare_dec_keras(pd.DataFrame(rows))
+    if len(table):
+        write_csv(table, out / "published.csv")
+        print("\nagainst DEC-keras' trials (results/exp1/results.csv):")
+        print(text(table))
+
+
 def _main(argv=None):
     args = parser().parse_args(argv)
     out = Path(args.out)
@@ -284,6 +298,8 @@ def _main(argv=None):
         else:
             vector_runs(args, out, rows)
         write_summary(rows, out / "summary.csv", ["dataset", "method", "protocol"], COLUMNS)
+        if args.dataset == "fmnist" and args.protocol == "dec-keras":
+            compare_published(rows, out)
     if args.folder:
         folder_run(args, out)
     print(f"\nwritten: {out}/")

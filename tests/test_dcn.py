@@ -365,3 +365,49 @@ def test_dcn_benchmark_writes_tables_and_runs_the_folder_benchmark(require_fmnis
     assert pd.read_csv(out / "folder_summary.csv")["runs"].tolist() == [2]
     mapping = json.loads((out / "folder_report_seed1" / "class_mappings.json").read_text())
     assert mapping["source"] == "reference images"
+
+
+# ------------------------------------------------- against DEC-keras' trials
+def test_welch_p_matches_the_closed_form_for_two_degrees_of_freedom():
+    from dcn.published import welch_p
+
+    # means 0.5 and 2.5, variances 0.5: t = -2 sqrt(2), 2 degrees of freedom, p = 1 - 2 / sqrt(5)
+    assert welch_p([0, 1], [2, 3]) == pytest.approx(1 - 2 / np.sqrt(5))
+    assert np.isnan(welch_p([0.5], [2, 3]))
+
+
+def test_comparison_with_dec_keras_trials_gives_differences_and_gains_by_seed():
+    from dcn.published import DEC_KERAS_FMNIST, GAIN, compare_dec_keras
+
+    theirs = DEC_KERAS_FMNIST
+    rows = []
+    for seed in range(4):  # our "runs": their first 4 trials, DEC shifted down by 0.05
+        for method, shift in (("ae+kmeans", 0.0), ("dec", -0.05), ("idec", 0.0)):
+            scores = theirs["dec" if method == "idec" else method]
+            rows.append({"method": method, "seed": seed, "acc": scores["acc"][seed] + shift,
+                         "nmi": scores["nmi"][seed] + shift})
+    # rows in reverse order: the gain must still pair each seed's own two runs
+    table = compare_dec_keras(pd.DataFrame(rows[::-1])).set_index(["method", "score"])
+    assert set(table.index.get_level_values(0)) == {"ae+kmeans", "dec", GAIN}  # no published IDEC trials
+    start = table.loc[("ae+kmeans", "acc")]
+    assert start["runs"] == 4 and start["published_trials"] == 10
+    assert start["mean"] == pytest.approx(np.mean(theirs["ae+kmeans"]["acc"][:4]))
+    assert start["published_std"] == pytest.approx(np.std(theirs["ae+kmeans"]["acc"]))
+    # the gain is DEC minus AE + k-means of the same seed: their gains of trials 0-3, less 0.05
+    gain = table.loc[(GAIN, "acc")]
+    expected = np.subtract(theirs["dec"]["acc"], theirs["ae+kmeans"]["acc"])[:4] - 0.05
+    assert gain["mean"] == pytest.approx(expected.mean())
+    assert gain["runs_positive"] == (expected > 0).sum() and gain["published_positive"] == 9
+    assert gain["welch_p"] < 0.05 < table.loc[("ae+kmeans", "acc"), "welch_p"]
+
+
+def test_dcn_benchmark_writes_the_comparison_with_dec_keras(tmp_path, capsys):
+    from dcn.benchmark import compare_published
+
+    rows = [{"method": m, "seed": s, "acc": 0.6 + 0.01 * s, "nmi": 0.63 + 0.01 * s}
+            for s in range(3) for m in ("ae+kmeans", "dec")]
+    compare_published(rows, tmp_path)
+    table = pd.read_csv(tmp_path / "published.csv")
+    assert table["method"].tolist() == ["ae+kmeans", "ae+kmeans", "dec", "dec", "dec-(ae+kmeans)",
+                                        "dec-(ae+kmeans)"]
+    assert "gain > 0 in 0 of 3 / 9 of 10" in capsys.readouterr().out
