@@ -23,8 +23,10 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 from common.errors import UsageError
 
@@ -247,16 +249,23 @@ def jobs_at_once(jobs: int, commands: int) -> int:
     return max(1, min(jobs, commands, len(os.sched_getaffinity(0))))
 
 
+class ChildExit(NamedTuple):
+    """How a child of :func:`run_pinned` ended: its exit code and wall time."""
+
+    code: int
+    seconds: float
+
+
 def run_pinned(commands, jobs: int):
     """Run ``commands``, each ``(argv, log_path)``, ``jobs`` at once; yields
-    their exit codes in the order given.
+    a :class:`ChildExit` for each, in the order given.
 
     The CPU cores this process may use are dealt out round-robin into
     ``jobs`` shares. A child runs on one share, its TensorFlow and OpenMP
     thread pools sized to it, its output (stdout and stderr) in its log, and
     hands the share on when it ends: the children never compete for a core.
     Once a child fails (or the caller stops reading), no new child starts
-    (its exit code is None); those running end on their own.
+    (None is yielded for it); those running end on their own.
     """
     commands = list(commands)
     cores = sorted(os.sched_getaffinity(0))
@@ -279,6 +288,7 @@ def run_pinned(commands, jobs: int):
         try:
             Path(log_path).parent.mkdir(parents=True, exist_ok=True)
             with open(log_path, "w") as log:
+                t0 = time.perf_counter()
                 child = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
                 # pinned from outside (preexec_fn is unsafe in a threaded parent): the child's interpreter
                 # is still starting, single-threaded, and the threads it makes later inherit the pinning
@@ -286,7 +296,7 @@ def run_pinned(commands, jobs: int):
                     os.sched_setaffinity(child.pid, share)
                 if child.wait():
                     stopped.set()
-                return child.returncode
+                return ChildExit(child.returncode, time.perf_counter() - t0)
         finally:
             shares.put(share)
 
@@ -340,12 +350,12 @@ def run_seeds(module: str, flags: list, seeds, out, jobs: int, first_only=()):
               f"{jobs_at_once(jobs, len(todo))} at once; logs in {out}/seed<N>/log.txt", flush=True)
     for seed in todo:  # a seed that stops half-way must not pass for finished
         (out / f"seed{seed}" / FINISHED).unlink(missing_ok=True)
-    codes = run_pinned([([sys.executable, *argvs[s]], out / f"seed{s}" / "log.txt") for s in todo], jobs)
+    exits = run_pinned([([sys.executable, *argvs[s]], out / f"seed{s}" / "log.txt") for s in todo], jobs)
     for seed in seeds:
         folder = out / f"seed{seed}"
         if seed in todo:
-            code = next(codes)  # waits for this seed's process
-            if code != 0:  # None: not started, after another seed failed
+            ended = next(exits)  # waits for this seed's process
+            if ended is None or ended.code != 0:  # None: not started, after another seed failed
                 log = folder / "log.txt"
                 raise UsageError(f"seed {seed} failed: {last_line(log)} (whole log: {log})")
             (folder / FINISHED).write_text(json.dumps({"command": argvs[seed]}, indent=1) + "\n")

@@ -13,6 +13,12 @@ Writes ``runs.csv`` and ``summary.csv`` (mean ± std of test accuracy, NMI,
 purity, ARI, lowest per-class F1, final aligned stability, iterations, wall
 time) and prints the summary beside the targets. Flags this program does not
 know go to ``bin/selflabel`` unchanged (e.g. ``--iterations 3``).
+
+Runs go ``--jobs`` at once, each pinned to its own share of the cores (its
+output in ``<out>/<run>.log``). A run that finished with the same command
+(``<run>/finished.json``) is read back, not run again; one stopped half-way
+goes on from its last checkpoint (``bin/selflabel --resume``). Its wall time
+is then that of the resuming process only (``resumed`` in runs.csv).
 """
 
 from __future__ import annotations
@@ -20,17 +26,15 @@ from __future__ import annotations
 import json
 import os
 import resource
-import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
 
 from common.cli import SEED_BOUNDS, ArgumentParser, run
 from common.errors import UsageError
-from common.results import write_csv, write_summary
+from common.results import write_csv, write_json, write_summary
+from common.runtime import FINISHED, jobs_at_once, last_line, run_pinned
 
 CONFIGS = {
     "n2d": [],
@@ -51,8 +55,35 @@ def parser():
     p.add_argument("--seed", type=int, default=0, bounds=SEED_BOUNDS, help="first seed")
     p.add_argument("--out", default="bench/selflabel", help="folder for the runs and the tables")
     p.add_argument("--jobs", type=int, default=1, bounds="[1, inf)",
-                   help="runs at once (their wall times then share the CPU)")
+                   help="runs at once (at most one per core), each on its own share of the CPU cores")
+    p.add_argument("--first_labels_from", metavar="BENCH_DIR",
+                   help="start each run from the first labels of the same configuration and seed in an "
+                   "earlier benchmark's folder (bin/selflabel --first_labels BENCH_DIR/<dataset>_<config>_"
+                   "seed<N>): loop settings compared without repeating the autoencoder phase")
     return p
+
+
+def _command(args, passed, config, seed) -> tuple[str, list[str]]:
+    """The run's folder name and its bin/selflabel arguments."""
+    name = f"{args.dataset}_{config}_seed{seed}"
+    cmd = ["--dataset", args.dataset, *CONFIGS[config], "--seed", str(seed),
+           "--save_dir", str(Path(args.out) / name), "--verbose", "0", *passed]
+    if args.first_labels_from:
+        first = Path(args.first_labels_from) / name
+        if not (first / "pseudo_labels" / "iteration_00.npz").is_file():
+            raise UsageError(f"--first_labels_from: no first labels in {first}; name the --out folder "
+                             "of a benchmark run with the same configurations and seeds")
+        cmd += ["--first_labels", str(first)]
+    return name, cmd
+
+
+def _finished(save_dir: Path, cmd) -> dict | None:
+    """What an earlier benchmark recorded of this run, if it finished with the same command."""
+    try:
+        record = json.loads((save_dir / FINISHED).read_text())
+        return record if record["command"] == cmd and (save_dir / "test_metrics.json").is_file() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _main(argv=None):
@@ -61,37 +92,50 @@ def _main(argv=None):
     args, passed = parser().parse_known_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    program = Path(__file__).resolve().parents[1] / "bin" / "selflabel"
+    program = str(Path(__file__).resolve().parents[1] / "bin" / "selflabel")
     print(f"{os.cpu_count()} CPU cores; bin/selflabel on {args.dataset}, {args.runs} seeds {' '.join(passed)}"
           .rstrip())
-    runs = [(config, args.seed + r) for config in args.configs for r in range(args.runs)]
-
-    def one(config, seed):
-        save_dir = out / f"{args.dataset}_{config}_seed{seed}"
-        cmd = [str(program), "--dataset", args.dataset, *CONFIGS[config], "--seed", str(seed),
-               "--save_dir", str(save_dir), "--verbose", "0", *passed]
-        t0 = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        return save_dir, done, time.perf_counter() - t0
-
+    runs = {}
+    for config in args.configs:
+        for r in range(args.runs):
+            name, cmd = _command(args, passed, config, args.seed + r)
+            runs[config, args.seed + r] = name, cmd, _finished(out / name, cmd)
+    done = [name for name, _, record in runs.values() if record]
+    if done:
+        print(f"finished earlier with the same command, read back: {', '.join(done)}")
+    todo, commands = {}, []
+    for key, (name, cmd, record) in runs.items():
+        if record is None:
+            (out / name / FINISHED).unlink(missing_ok=True)
+            # a run stopped half-way goes on from its last checkpoint (args.json is written when it starts)
+            todo[key] = (out / name / "args.json").is_file()
+            commands.append(([program, *cmd, *(["--resume"] if todo[key] else [])], out / f"{name}.log"))
+    jobs = jobs_at_once(args.jobs, len(todo))
+    if todo:
+        names = ", ".join(runs[key][0] for key in todo)
+        print(f"running {names}, {jobs} at once; logs in {out}/<run>.log", flush=True)
+    exits = run_pinned(commands, args.jobs)  # in the order of runs
     rows = []
-    with ThreadPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(one, config, seed) for config, seed in runs]
-        for (config, seed), future in zip(runs, futures):
-            save_dir, done, seconds = future.result()
-            if done.returncode:
-                last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
-                raise UsageError(f"bin/selflabel failed ({config}, seed {seed}): {last}")
-            metrics = json.loads((save_dir / "test_metrics.json").read_text())
-            results = json.loads((save_dir / "results.json").read_text())
-            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
-            rows.append({"config": config, "seed": seed, **{k: metrics.get(k) for k in COLUMNS[:6]},
-                         "iterations": results["iterations_run"], "run_seconds": round(seconds, 1),
-                         "peak_rss_gb": round(peak, 2), "jobs": args.jobs})
-            write_csv(pd.DataFrame(rows), out / "runs.csv")
-            print(f"{config} seed {seed}: test accuracy {metrics['accuracy']:.4f}, NMI {metrics['nmi']:.4f}, "
-                  f"purity {metrics['purity']:.4f}, lowest F1 {metrics['min_f1']:.4f}; {seconds:.0f} s",
-                  flush=True)
+    for (config, seed), (name, cmd, record) in runs.items():
+        save_dir, log = out / name, out / f"{name}.log"
+        if record is None:
+            ended = next(exits)  # waits for this run
+            if ended is None or ended.code:
+                raise UsageError(f"bin/selflabel failed ({config}, seed {seed}): {last_line(log)} "
+                                 f"(whole log: {log})")
+            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2  # the largest run so far
+            record = {"command": cmd, "run_seconds": round(ended.seconds, 1), "peak_rss_gb": round(peak, 2),
+                      "jobs": jobs, "resumed": todo[config, seed]}
+            write_json(save_dir / FINISHED, record)
+        metrics = json.loads((save_dir / "test_metrics.json").read_text())
+        results = json.loads((save_dir / "results.json").read_text())
+        rows.append({"config": config, "seed": seed, **{k: metrics.get(k) for k in COLUMNS[:6]},
+                     "iterations": results["iterations_run"],
+                     **{k: record.get(k) for k in ("run_seconds", "peak_rss_gb", "jobs", "resumed")}})
+        write_csv(pd.DataFrame(rows), out / "runs.csv")
+        print(f"{config} seed {seed}: test accuracy {metrics['accuracy']:.4f}, NMI {metrics['nmi']:.4f}, "
+              f"purity {metrics['purity']:.4f}, lowest F1 {metrics['min_f1']:.4f}; "
+              f"{record.get('run_seconds')} s", flush=True)
     write_summary(rows, out / "summary.csv", ["config"], COLUMNS)
     print("targets: " + ", ".join(f"{k} >= {v}" for k, v in TARGETS.items()))
     print(f"\nwritten: {out}/runs.csv, {out}/summary.csv")

@@ -112,7 +112,8 @@ def test_run_pinned_gives_each_child_its_own_cores_and_stops_early(tmp_path):
     show = "import os; print(sorted(os.sched_getaffinity(0)), os.environ['TF_NUM_INTRAOP_THREADS'])"
     commands = [([sys.executable, "-c", show], tmp_path / f"{i}.log") for i in range(3)]
     commands.append(([sys.executable, "-c", "import sys; sys.exit('bad input')"], tmp_path / "3.log"))
-    assert list(run_pinned(commands, jobs=2)) == [0, 0, 0, 1]
+    ended = list(run_pinned(commands, jobs=2))
+    assert [e.code for e in ended] == [0, 0, 0, 1] and all(e.seconds > 0 for e in ended)
     assert last_line(tmp_path / "3.log") == "bad input"
     cores = sorted(os.sched_getaffinity(0))
     jobs = min(2, len(cores))
@@ -123,7 +124,8 @@ def test_run_pinned_gives_each_child_its_own_cores_and_stops_early(tmp_path):
     # after a failure no new child starts
     marker = tmp_path / "ran"
     late = ([sys.executable, "-c", f"open({str(marker)!r}, 'w')"], tmp_path / "late.log")
-    assert list(run_pinned([commands[3], late], jobs=1)) == [1, None] and not marker.exists()
+    ended = list(run_pinned([commands[3], late], jobs=1))
+    assert ended[0].code == 1 and ended[1] is None and not marker.exists()
 
 
 FAKE_BENCHMARK = """

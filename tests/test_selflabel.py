@@ -277,6 +277,57 @@ def test_bin_selflabel_on_digits_improves_on_its_first_clustering_and_writes_eve
     assert "init_features_seconds" not in stages and "refine_seconds" in stages
 
 
+BENCH = ["--dataset", "digits", "--init", "random", "--manifold", "none", "--clusterer", "kmeans",
+         "--iterations", "1", "--epochs_per_iteration", "1", "--batch_size", "64", "--knn_epochs", "0"]
+
+
+@pytest.mark.slow
+def test_selflabel_benchmark_reads_back_finished_runs_and_resumes_stopped_ones(tmp_path, capsys):
+    from dcn.selflabel_benchmark import main as bench
+
+    def run(*argv):
+        with pytest.raises(SystemExit) as stop:
+            bench([*BENCH, *argv])
+        assert stop.value.code == 0
+        return capsys.readouterr().out
+
+    out = tmp_path / "b"
+    run("--runs", "2", "--jobs", "2", "--out", str(out))
+    runs = pd.read_csv(out / "runs.csv")
+    assert runs["seed"].tolist() == [0, 1] and not runs["resumed"].any()
+    assert (runs["accuracy"] == [json.loads((out / f"digits_n2d_seed{s}" / "test_metrics.json").read_text())
+                                 ["accuracy"] for s in (0, 1)]).all()
+    assert (out / "summary.csv").is_file() and (out / "digits_n2d_seed1.log").is_file()
+    # the same command again: both read back, nothing run
+    for log in out.glob("*.log"):
+        log.unlink()
+    printed = run("--runs", "2", "--jobs", "2", "--out", str(out))
+    assert "read back: digits_n2d_seed0, digits_n2d_seed1" in printed and not list(out.glob("*.log"))
+    pd.testing.assert_frame_equal(pd.read_csv(out / "runs.csv"), runs)
+    # a run without its record (stopped half-way) goes on with --resume; the other is read back
+    (out / "digits_n2d_seed1" / "finished.json").unlink()
+    printed = run("--runs", "2", "--jobs", "2", "--out", str(out))
+    assert "running digits_n2d_seed1," in printed and not (out / "digits_n2d_seed0.log").exists()
+    again = pd.read_csv(out / "runs.csv")
+    assert again["resumed"].tolist() == [False, True]
+    assert again.loc[1, "accuracy"] == pytest.approx(runs.loc[1, "accuracy"])
+    # another loop setting from the same first labels, seed by seed
+    other = tmp_path / "other"
+    run("--runs", "1", "--seed", "1", "--epochs_per_iteration", "2", "--first_labels_from", str(out),
+        "--out", str(other))
+    record = json.loads((other / "digits_n2d_seed1" / "finished.json").read_text())
+    assert record["command"][-2:] == ["--first_labels", str(out / "digits_n2d_seed1")]
+    first = [np.load(d / "digits_n2d_seed1/pseudo_labels/iteration_00.npz")["labels"] for d in (out, other)]
+    np.testing.assert_array_equal(*first)
+
+
+def test_selflabel_benchmark_needs_first_labels_for_every_run(tmp_path, capsys):
+    from dcn.selflabel_benchmark import main as bench
+
+    assert_one_line_error(bench, [*BENCH, "--runs", "1", "--first_labels_from", str(tmp_path), "--out",
+                                  str(tmp_path / "b")], "--first_labels_from: no first labels in", capsys)
+
+
 def test_predict_names_image_files_of_any_size_in_a_new_process(tmp_path, capsys):
     import keras
 
