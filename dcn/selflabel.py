@@ -442,8 +442,9 @@ def augmenter(kinds, seed: int = 0):
 
 
 def fraction_at(i: int, iterations: int, start: float, end: float) -> float:
-    """The confident share of iteration ``i``: linear from ``start`` to ``end``."""
-    return start if iterations <= 1 else start + (end - start) * i / (iterations - 1)
+    """The confident share of iteration ``i``: linear from ``start`` at
+    iteration 0 to ``end`` at iteration ``iterations - 1``, then ``end``."""
+    return start if iterations <= 1 else start + (end - start) * min(i, iterations - 1) / (iterations - 1)
 
 
 def label_scores(labels, y) -> dict:
@@ -456,7 +457,8 @@ def label_scores(labels, y) -> dict:
 
 def refine(model: SelfLabelNet, x, labels, confidence, *, iterations: int = 10,
            epochs_per_iteration: float = 2, recluster_interval: int = 1, relabelling: str = "predict",
-           balance: bool = True, confident_fraction=(0.5, 1.0), smoothing: float = 0.1,
+           balance: bool = True, confident_fraction=(0.5, 1.0), fraction_iterations: int | None = None,
+           smoothing: float = 0.1,
            threshold: float = 0.95, lr: float = 0.001, augment=None, neighbours=None, knn_epochs: float = 0,
            entropy_weight: float = 5.0, select: str = "probability", save_dir=None, resume: bool = False,
            seed: int = 0, y=None, x_test=None, y_test=None, on_rows=None, **loop) -> list[dict]:
@@ -469,10 +471,12 @@ def refine(model: SelfLabelNet, x, labels, confidence, *, iterations: int = 10,
     saves ``iteration_<i>.keras`` and, on relabelling iterations (every
     ``recluster_interval``-th and the last, so that every model can be
     chosen by its stability), computes L_{i+1} and its aligned stability
-    against L_i. The confident share is chosen by the labels' confidence
-    (``select="probability"``) or by :func:`neighbour_agreement` over
-    ``neighbours`` (``"neighbours"``, ties by the confidence). With
-    ``save_dir`` every
+    against L_i. The confident share of each cluster rises linearly from
+    ``confident_fraction[0]`` to ``[1]`` over ``fraction_iterations``
+    iterations (default: all of them), then stays; it is chosen by the
+    labels' confidence (``select="probability"``) or by
+    :func:`neighbour_agreement` over ``neighbours`` (``"neighbours"``, ties
+    by the confidence). With ``save_dir`` every
     iteration's labels are kept in ``pseudo_labels/`` and ``resume`` skips
     finished iterations (the one in progress resumes from its checkpoint).
     ``y`` / ``y_test`` (optional) are scored in each row, for reporting only.
@@ -519,7 +523,7 @@ def refine(model: SelfLabelNet, x, labels, confidence, *, iterations: int = 10,
     for i in range(start, iterations):
         if write:
             _save_labels(save / "pseudo_labels" / f"iteration_{i:02d}.npz", labels, confidence)
-        fraction = fraction_at(i, iterations, *confident_fraction)
+        fraction = fraction_at(i, fraction_iterations or iterations, *confident_fraction)
         score = confidence if select == "probability" else neighbour_agreement(labels, neighbours, confidence)
         keep = select_confident(labels, score, fraction, k)
         with _scope(loop.get("strategy")):

@@ -93,8 +93,8 @@ def _main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     program = str(Path(__file__).resolve().parents[1] / "bin" / "selflabel")
-    print(f"{os.cpu_count()} CPU cores; bin/selflabel on {args.dataset}, {args.runs} seeds {' '.join(passed)}"
-          .rstrip())
+    cores = f"{len(os.sched_getaffinity(0))} of {os.cpu_count()} CPU cores"
+    print(f"{cores}; bin/selflabel on {args.dataset}, {args.runs} seeds {' '.join(passed)}".rstrip())
     runs = {}
     for config in args.configs:
         for r in range(args.runs):

@@ -109,6 +109,9 @@ class SelfLabelCommand(TrainingCommand):
         p.add_argument("--confident_fraction", type=float, nargs="+", default=[0.5, 1.0], bounds="(0, 1]",
                        metavar="F", help="share of each cluster trained on, the most confident first: one "
                        "value, or the first and last iteration's (linear in between)")
+        p.add_argument("--fraction_iterations", type=int, bounds="[2, inf)", metavar="N",
+                       help="the share reaches its last value at iteration N-1 and stays there, so that "
+                       "more --iterations train longer on it (default: --iterations)")
         p.add_argument("--select", choices=SELECTIONS, default="probability",
                        help="how the confident share is chosen: probability (the label's probability, or "
                        "the first clustering's posterior) or neighbours (the share of the image's --knn "
@@ -222,7 +225,8 @@ class SelfLabelCommand(TrainingCommand):
         rows = sl.refine(model, d.x, labels, confidence, iterations=a.iterations,
                       epochs_per_iteration=a.epochs_per_iteration, recluster_interval=a.recluster_interval,
                       relabelling=a.relabel, balance=a.balance == "sinkhorn",
-                      confident_fraction=a.confident_fraction, smoothing=a.label_smoothing,
+                      confident_fraction=a.confident_fraction, fraction_iterations=a.fraction_iterations,
+                      smoothing=a.label_smoothing,
                       threshold=a.convergence_threshold, lr=a.lr, augment=sl.augmenter(a.augment, a.seed),
                       neighbours=neighbours, knn_epochs=a.knn_epochs, entropy_weight=a.entropy_weight,
                       select=a.select,

@@ -89,6 +89,8 @@ def test_select_confident_keeps_the_top_share_of_every_cluster():
     assert select_confident(labels, confidence, 0.01, 2).sum() == 2  # at least one per cluster
     assert fraction_at(0, 5, 0.5, 1.0) == 0.5 and fraction_at(4, 5, 0.5, 1.0) == 1.0
     assert fraction_at(2, 5, 0.5, 1.0) == pytest.approx(0.75)
+    # --fraction_iterations 3 with more iterations: 0.5, 0.75, 1.0, then 1.0
+    assert [fraction_at(i, 3, 0.5, 1.0) for i in range(5)] == [0.5, 0.75, 1.0, 1.0, 1.0]
 
 
 def test_neighbour_agreement_is_the_share_of_neighbours_with_the_label_ties_by_confidence():
@@ -313,8 +315,10 @@ def test_selflabel_benchmark_reads_back_finished_runs_and_resumes_stopped_ones(t
     assert again.loc[1, "accuracy"] == pytest.approx(runs.loc[1, "accuracy"])
     # another loop setting from the same first labels, seed by seed
     other = tmp_path / "other"
-    run("--runs", "1", "--seed", "1", "--epochs_per_iteration", "2", "--first_labels_from", str(out),
-        "--out", str(other))
+    run("--runs", "1", "--seed", "1", "--iterations", "3", "--fraction_iterations", "2",
+        "--convergence_threshold", "1", "--first_labels_from", str(out), "--out", str(other))
+    history = pd.read_csv(other / "digits_n2d_seed1" / "history.csv")
+    assert history["confident_fraction"].tolist() == [0.5, 1, 1]  # full from iteration 1 on
     record = json.loads((other / "digits_n2d_seed1" / "finished.json").read_text())
     assert record["command"][-2:] == ["--first_labels", str(out / "digits_n2d_seed1")]
     first = [np.load(d / "digits_n2d_seed1/pseudo_labels/iteration_00.npz")["labels"] for d in (out, other)]
