@@ -458,8 +458,8 @@ def label_scores(labels, y) -> dict:
 def refine(model: SelfLabelNet, x, labels, confidence, *, iterations: int = 10,
            epochs_per_iteration: float = 2, recluster_interval: int = 1, relabelling: str = "predict",
            balance: bool = True, confident_fraction=(0.5, 1.0), fraction_iterations: int | None = None,
-           smoothing: float = 0.1,
-           threshold: float = 0.95, lr: float = 0.001, augment=None, neighbours=None, knn_epochs: float = 0,
+           smoothing: float = 0.1, threshold: float = 0.95, lr: float = 0.001, augment=None, neighbours=None,
+           knn_epochs: float = 0,
            entropy_weight: float = 5.0, select: str = "probability", save_dir=None, resume: bool = False,
            seed: int = 0, y=None, x_test=None, y_test=None, on_rows=None, **loop) -> list[dict]:
     """Iterations of training on pseudo-labels and relabelling (module docstring).

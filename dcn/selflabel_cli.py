@@ -226,10 +226,9 @@ class SelfLabelCommand(TrainingCommand):
                       epochs_per_iteration=a.epochs_per_iteration, recluster_interval=a.recluster_interval,
                       relabelling=a.relabel, balance=a.balance == "sinkhorn",
                       confident_fraction=a.confident_fraction, fraction_iterations=a.fraction_iterations,
-                      smoothing=a.label_smoothing,
-                      threshold=a.convergence_threshold, lr=a.lr, augment=sl.augmenter(a.augment, a.seed),
-                      neighbours=neighbours, knn_epochs=a.knn_epochs, entropy_weight=a.entropy_weight,
-                      select=a.select,
+                      smoothing=a.label_smoothing, threshold=a.convergence_threshold, lr=a.lr,
+                      augment=sl.augmenter(a.augment, a.seed), neighbours=neighbours, knn_epochs=a.knn_epochs,
+                      entropy_weight=a.entropy_weight, select=a.select,
                       save_dir=save, resume=resume, seed=a.seed, y=d.y, x_test=d.x_val, y_test=d.y_val,
                       on_rows=on_rows, **loop)
         run.stages["refine"] = time.perf_counter() - t
