@@ -49,6 +49,8 @@ def parser():
     p.add_argument("--map_size", nargs=2, type=int, default=[8, 8], bounds="[1, inf)",
                    metavar=("ROWS", "COLS"))
     p.add_argument("--iterations", type=int, default=10000, bounds="[1, inf)")
+    p.add_argument("--latent_dim", type=int, default=10, bounds="[1, inf)",
+                   help="size of the autoencoder's code (DESOM and ConvDESOM; paper: 10)")
     p.add_argument("--batch_size", type=int, default=256, bounds="[1, inf)")
     p.add_argument("--gamma", type=float, default=0.001, bounds="[0, inf)")
     p.add_argument("--Tmax", type=float, default=None, bounds="(0, inf)",
@@ -268,11 +270,11 @@ def _one_run(args, name, model_name, x, y, seed, strategy, run_dir):
         return out
     with strategy.scope():
         if model_name == "convdesom":
-            model = ConvDESOM(x.shape[1:], args.map_size)
+            model = ConvDESOM(x.shape[1:], args.map_size, latent_dim=args.latent_dim)
         elif model_name == "som":
             model = Kerasom(int(np.prod(x.shape[1:])), args.map_size)
         else:
-            model = DESOM(x.shape[1], args.map_size)
+            model = DESOM(x.shape[1], args.map_size, latent_dim=args.latent_dim)
     t0 = time.perf_counter()
     if args.pretrain_epochs:
         model.pretrain(x, args.pretrain_epochs, batch_size=args.batch_size, seed=seed, verbose=args.verbose,
@@ -352,7 +354,7 @@ def _main(argv=None):
     strategy = make_strategy(args.strategy)
     print(f"TensorFlow {tf.__version__}, {strategy.num_replicas_in_sync} replica(s), "
           f"{len(os.sched_getaffinity(0))} of {os.cpu_count()} CPU cores; "
-          f"map {args.map_size[0]}x{args.map_size[1]}, "
+          f"map {args.map_size[0]}x{args.map_size[1]}, latent {args.latent_dim}, "
           f"{args.iterations} iterations, batch {args.batch_size}, gamma {args.gamma}, T {args.Tmax:g} -> "
           f"{args.Tmin:g} ({args.schedule} schedule)")
     rows = []

@@ -331,6 +331,24 @@ def test_benchmark_writes_runs_summary_table_and_figure(tmp_path, capsys):
     assert not (tmp_path / "b" / "digits_desom_seed0" / "checkpoints").exists()
 
 
+def test_benchmark_latent_dim_sets_the_code_size(tmp_path, monkeypatch, capsys):
+    from desom.benchmark import main as bench
+    from desom.models import DESOM
+
+    sizes, init = [], DESOM.init_prototypes
+
+    def spy(self, *args, **kwargs):
+        sizes.append(self.encoder.output_shape[-1])
+        return init(self, *args, **kwargs)
+
+    monkeypatch.setattr(DESOM, "init_prototypes", spy)
+    with pytest.raises(SystemExit) as stop:
+        bench(["--datasets", "digits", "--runs", "1", "--iterations", "2", "--batch_size", "64",
+               "--map_size", "2", "2", "--latent_dim", "3", "--out", str(tmp_path)])
+    assert stop.value.code == 0
+    assert sizes == [3] and "latent 3" in capsys.readouterr().out
+
+
 def test_benchmark_jobs_run_each_seed_in_its_own_process(tmp_path, capsys):
     from desom.benchmark import main as bench
 
