@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import queue
+import shlex
 import subprocess
 import sys
 import threading
@@ -250,22 +251,28 @@ def jobs_at_once(jobs: int, commands: int) -> int:
 
 
 class ChildExit(NamedTuple):
-    """How a child of :func:`run_pinned` ended: its exit code and wall time."""
+    """How a child of :func:`run_pinned` ended: its exit code, wall time and
+    peak resident memory (the child's ``ru_maxrss``: at least this process's
+    own size when it forked, which Linux carries into the child)."""
 
     code: int
     seconds: float
+    peak_rss_gb: float
 
 
-def run_pinned(commands, jobs: int):
+def run_pinned(commands, jobs: int, on_exit=None):
     """Run ``commands``, each ``(argv, log_path)``, ``jobs`` at once; yields
     a :class:`ChildExit` for each, in the order given.
 
     The CPU cores this process may use are dealt out round-robin into
     ``jobs`` shares. A child runs on one share, its TensorFlow and OpenMP
-    thread pools sized to it, its output (stdout and stderr) in its log, and
-    hands the share on when it ends: the children never compete for a core.
-    Once a child fails (or the caller stops reading), no new child starts
-    (None is yielded for it); those running end on their own.
+    thread pools sized to it, its output (stdout and stderr) appended to its
+    log after a line naming the command, and hands the share on when it
+    ends: the children never compete for a core. ``on_exit(i, ended)``, if
+    given, is called as soon as command ``i`` ends (in a worker thread), so
+    that a caller can record a finished child even when one listed before it
+    fails. Once a child fails (or the caller stops reading), no new child
+    starts (None is yielded for it); those running end on their own.
     """
     commands = list(commands)
     cores = sorted(os.sched_getaffinity(0))
@@ -276,7 +283,7 @@ def run_pinned(commands, jobs: int):
 
     stopped = threading.Event()
 
-    def one(command):
+    def one(i, command):
         argv, log_path = command
         share = shares.get()
         if stopped.is_set():
@@ -287,22 +294,29 @@ def run_pinned(commands, jobs: int):
                "OMP_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
         try:
             Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-            with open(log_path, "w") as log:
+            with open(log_path, "a") as log:
+                log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(map(str, argv))}\n")
+                log.flush()
                 t0 = time.perf_counter()
                 child = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
                 # pinned from outside (preexec_fn is unsafe in a threaded parent): the child's interpreter
                 # is still starting, single-threaded, and the threads it makes later inherit the pinning
                 with contextlib.suppress(ProcessLookupError):  # a child that already ended
                     os.sched_setaffinity(child.pid, share)
-                if child.wait():
+                _, status, usage = os.wait4(child.pid, 0)  # wait(), with this child's own resource usage
+                child.returncode = os.waitstatus_to_exitcode(status)
+                ended = ChildExit(child.returncode, time.perf_counter() - t0, usage.ru_maxrss / 1024**2)
+                if ended.code:
                     stopped.set()
-                return ChildExit(child.returncode, time.perf_counter() - t0)
         finally:
             shares.put(share)
+        if on_exit is not None:
+            on_exit(i, ended)
+        return ended
 
     pool = ThreadPoolExecutor(jobs)
     try:
-        futures = [pool.submit(one, command) for command in commands]
+        futures = [pool.submit(one, i, command) for i, command in enumerate(commands)]
         for future in futures:
             yield future.result()
     finally:  # a caller that stops early (a failed seed, Ctrl-C) starts no more; running ones end
@@ -350,7 +364,14 @@ def run_seeds(module: str, flags: list, seeds, out, jobs: int, first_only=()):
               f"{jobs_at_once(jobs, len(todo))} at once; logs in {out}/seed<N>/log.txt", flush=True)
     for seed in todo:  # a seed that stops half-way must not pass for finished
         (out / f"seed{seed}" / FINISHED).unlink(missing_ok=True)
-    exits = run_pinned([([sys.executable, *argvs[s]], out / f"seed{s}" / "log.txt") for s in todo], jobs)
+
+    def record(i, ended):  # at once: a seed that fails before it in the list must not lose it
+        if ended.code == 0:
+            seed = todo[i]
+            (out / f"seed{seed}" / FINISHED).write_text(json.dumps({"command": argvs[seed]}, indent=1) + "\n")
+
+    exits = run_pinned([([sys.executable, *argvs[s]], out / f"seed{s}" / "log.txt") for s in todo], jobs,
+                       on_exit=record)
     for seed in seeds:
         folder = out / f"seed{seed}"
         if seed in todo:
@@ -358,5 +379,4 @@ def run_seeds(module: str, flags: list, seeds, out, jobs: int, first_only=()):
             if ended is None or ended.code != 0:  # None: not started, after another seed failed
                 log = folder / "log.txt"
                 raise UsageError(f"seed {seed} failed: {last_line(log)} (whole log: {log})")
-            (folder / FINISHED).write_text(json.dumps({"command": argvs[seed]}, indent=1) + "\n")
         yield pd.read_csv(folder / "runs.csv").to_dict("records")

@@ -112,8 +112,11 @@ def test_run_pinned_gives_each_child_its_own_cores_and_stops_early(tmp_path):
     show = "import os; print(sorted(os.sched_getaffinity(0)), os.environ['TF_NUM_INTRAOP_THREADS'])"
     commands = [([sys.executable, "-c", show], tmp_path / f"{i}.log") for i in range(3)]
     commands.append(([sys.executable, "-c", "import sys; sys.exit('bad input')"], tmp_path / "3.log"))
-    ended = list(run_pinned(commands, jobs=2))
-    assert [e.code for e in ended] == [0, 0, 0, 1] and all(e.seconds > 0 for e in ended)
+    seen = {}
+    ended = list(run_pinned(commands, jobs=2, on_exit=seen.__setitem__))
+    assert [e.code for e in ended] == [0, 0, 0, 1] and seen == dict(enumerate(ended))
+    assert all(e.seconds > 0 and e.peak_rss_gb > 0 for e in ended)
+    assert (tmp_path / "0.log").read_text().startswith("=== ")  # a line naming the command, then its output
     assert last_line(tmp_path / "3.log") == "bad input"
     cores = sorted(os.sched_getaffinity(0))
     jobs = min(2, len(cores))
