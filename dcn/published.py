@@ -50,6 +50,8 @@ def compare_dec_keras(runs: pd.DataFrame, published=DEC_KERAS_FMNIST) -> pd.Data
     ``runs`` holds benchmark rows (columns ``method``, ``seed``, ``acc``,
     ``nmi``); methods absent from it are left out.
     """
+    if runs.duplicated(["method", "seed"]).any():
+        raise ValueError("compare_dec_keras takes one run per method and seed (one data set and protocol)")
     ours = {m: g.set_index("seed").sort_index() for m, g in runs.groupby("method")}
     rows = []
 

@@ -16,16 +16,17 @@ know go to ``bin/selflabel`` unchanged (e.g. ``--iterations 3``).
 
 Runs go ``--jobs`` at once, each pinned to its own share of the cores (its
 output in ``<out>/<run>.log``). A run that finished with the same command
-(``<run>/finished.json``) is read back, not run again; one stopped half-way
-goes on from its last checkpoint (``bin/selflabel --resume``). Its wall time
-is then that of the resuming process only (``resumed`` in runs.csv).
+(``<run>/finished.json``) is read back, not run again; one of the same
+command stopped half-way (``<run>/started.json``) goes on from its last
+checkpoint (``bin/selflabel --resume``), its wall time then that of the
+resuming process only (``resumed`` in runs.csv); a folder holding a run of
+another command is refused.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 from pathlib import Path
 
@@ -77,11 +78,14 @@ def _command(args, passed, config, seed) -> tuple[str, list[str]]:
     return name, cmd
 
 
-def _finished(save_dir: Path, cmd) -> dict | None:
-    """What an earlier benchmark recorded of this run, if it finished with the same command."""
+STARTED = "started.json"
+
+
+def _record(save_dir: Path, name: str, cmd) -> dict | None:
+    """What this benchmark recorded in ``save_dir/name`` for the command ``cmd`` (None: nothing)."""
     try:
-        record = json.loads((save_dir / FINISHED).read_text())
-        return record if record["command"] == cmd and (save_dir / "test_metrics.json").is_file() else None
+        record = json.loads((save_dir / name).read_text())
+        return record if record["command"] == cmd else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -91,6 +95,9 @@ def _main(argv=None):
 
     args, passed = parser().parse_known_args(argv)
     out = Path(args.out)
+    if args.first_labels_from and Path(args.first_labels_from).resolve() == out.resolve():
+        raise UsageError("--first_labels_from names the --out folder itself; give the earlier benchmark's "
+                         "folder, and a new --out")
     out.mkdir(parents=True, exist_ok=True)
     program = str(Path(__file__).resolve().parents[1] / "bin" / "selflabel")
     cores = f"{len(os.sched_getaffinity(0))} of {os.cpu_count()} CPU cores"
@@ -99,34 +106,50 @@ def _main(argv=None):
     for config in args.configs:
         for r in range(args.runs):
             name, cmd = _command(args, passed, config, args.seed + r)
-            runs[config, args.seed + r] = name, cmd, _finished(out / name, cmd)
+            finished = (out / name / "test_metrics.json").is_file() and _record(out / name, FINISHED, cmd)
+            runs[config, args.seed + r] = name, cmd, finished or None
     done = [name for name, _, record in runs.values() if record]
     if done:
         print(f"finished earlier with the same command, read back: {', '.join(done)}")
-    todo, commands = {}, []
+    todo, commands, resumed = [], [], {}
     for key, (name, cmd, record) in runs.items():
-        if record is None:
-            (out / name / FINISHED).unlink(missing_ok=True)
-            # a run stopped half-way goes on from its last checkpoint (args.json is written when it starts)
-            todo[key] = (out / name / "args.json").is_file()
-            commands.append(([program, *cmd, *(["--resume"] if todo[key] else [])], out / f"{name}.log"))
+        if record is not None:
+            continue
+        save_dir = out / name
+        # a run of this command stopped half-way goes on from its last checkpoint; a folder of anything
+        # else is left alone (bin/selflabel --resume would take the flags not given from its args.json)
+        resumed[key] = (save_dir / "args.json").is_file()
+        if resumed[key] and _record(save_dir, STARTED, cmd) is None:
+            raise UsageError(f"{save_dir} holds a run of another command (or one started before the "
+                             "benchmark recorded its commands); give another --out, or remove that folder")
+        (save_dir / FINISHED).unlink(missing_ok=True)
+        save_dir.mkdir(parents=True, exist_ok=True)
+        write_json(save_dir / STARTED, {"command": cmd})
+        todo.append(key)
+        commands.append(([program, *cmd, *(["--resume"] if resumed[key] else [])], out / f"{name}.log"))
     jobs = jobs_at_once(args.jobs, len(todo))
     if todo:
         names = ", ".join(runs[key][0] for key in todo)
         print(f"running {names}, {jobs} at once; logs in {out}/<run>.log", flush=True)
-    exits = run_pinned(commands, args.jobs)  # in the order of runs
+
+    def record_finished(i, ended):  # at once, even if a run listed before this one fails
+        key = todo[i]
+        name, cmd, _ = runs[key]
+        if ended.code == 0:
+            write_json(out / name / FINISHED, {"command": cmd, "run_seconds": round(ended.seconds, 1),
+                                               "peak_rss_gb": round(ended.peak_rss_gb, 2), "jobs": jobs,
+                                               "resumed": resumed[key]})
+
+    exits = run_pinned(commands, args.jobs, on_exit=record_finished)  # in the order of runs
     rows = []
-    for (config, seed), (name, cmd, record) in runs.items():
+    for (config, seed), (name, _, record) in runs.items():
         save_dir, log = out / name, out / f"{name}.log"
         if record is None:
             ended = next(exits)  # waits for this run
             if ended is None or ended.code:
                 raise UsageError(f"bin/selflabel failed ({config}, seed {seed}): {last_line(log)} "
                                  f"(whole log: {log})")
-            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2  # the largest run so far
-            record = {"command": cmd, "run_seconds": round(ended.seconds, 1), "peak_rss_gb": round(peak, 2),
-                      "jobs": jobs, "resumed": todo[config, seed]}
-            write_json(save_dir / FINISHED, record)
+            record = json.loads((save_dir / FINISHED).read_text())
         metrics = json.loads((save_dir / "test_metrics.json").read_text())
         results = json.loads((save_dir / "results.json").read_text())
         rows.append({"config": config, "seed": seed, **{k: metrics.get(k) for k in COLUMNS[:6]},

@@ -131,6 +131,10 @@ class SelfLabelCommand(TrainingCommand):
             raise UsageError(f"--confident_fraction takes one or two shares, got {len(f)}: "
                              f"{' '.join(map(str, f))}")
         args.confident_fraction = [f[0], f[-1]]
+        if args.fraction_iterations is not None and args.fraction_iterations > args.iterations:
+            raise UsageError(f"--fraction_iterations {args.fraction_iterations} is more than --iterations "
+                             f"{args.iterations}: the share would never reach its last value; give at most "
+                             f"{args.iterations}")
 
     def load(self, args) -> RunData:
         x, y, names, x_test, y_test = load_images(args)

@@ -306,13 +306,22 @@ def test_selflabel_benchmark_reads_back_finished_runs_and_resumes_stopped_ones(t
     printed = run("--runs", "2", "--jobs", "2", "--out", str(out))
     assert "read back: digits_n2d_seed0, digits_n2d_seed1" in printed and not list(out.glob("*.log"))
     pd.testing.assert_frame_equal(pd.read_csv(out / "runs.csv"), runs)
-    # a run without its record (stopped half-way) goes on with --resume; the other is read back
-    (out / "digits_n2d_seed1" / "finished.json").unlink()
+    # a run stopped half-way (its model and results not yet written) goes on with --resume, without the
+    # --init phase it had finished; the other is read back
+    first_stages = json.loads((out / "digits_n2d_seed1" / "results.json").read_text())["timings"]["stages"]
+    for name in ("finished.json", "test_metrics.json", "results.json", "model.keras", "iteration_00.keras"):
+        (out / "digits_n2d_seed1" / name).unlink()
     printed = run("--runs", "2", "--jobs", "2", "--out", str(out))
     assert "running digits_n2d_seed1," in printed and not (out / "digits_n2d_seed0.log").exists()
-    again = pd.read_csv(out / "runs.csv")
-    assert again["resumed"].tolist() == [False, True]
-    assert again.loc[1, "accuracy"] == pytest.approx(runs.loc[1, "accuracy"])
+    assert pd.read_csv(out / "runs.csv")["resumed"].tolist() == [False, True]
+    stages = json.loads((out / "digits_n2d_seed1" / "results.json").read_text())["timings"]["stages"]
+    assert "init_features_seconds" in first_stages and "init_features_seconds" not in stages
+    assert (out / "digits_n2d_seed1" / "iteration_00.keras").is_file()
+    # another command in the same folders is refused before anything runs
+    assert_one_line_error(bench, [*BENCH, "--runs", "1", "--lr", "0.002", "--out", str(out)],
+                          "digits_n2d_seed0 holds a run of another command", capsys)
+    assert_one_line_error(bench, [*BENCH, "--first_labels_from", str(out), "--out", str(out)],
+                          "--first_labels_from names the --out folder itself", capsys)
     # another loop setting from the same first labels, seed by seed
     other = tmp_path / "other"
     run("--runs", "1", "--seed", "1", "--iterations", "3", "--fraction_iterations", "2",
@@ -378,6 +387,8 @@ def test_predict_names_image_files_of_any_size_in_a_new_process(tmp_path, capsys
     (["--data", "vectors.npz"], "bin/selflabel classifies images"),
     (["--n_clusters", "5000"], "--n_clusters 5000 is more than the 1347 images"),
     (["--first_labels", "nowhere"], "--first_labels: no nowhere/pseudo_labels/iteration_00.npz; give the"),
+    (["--iterations", "3", "--fraction_iterations", "4"],
+     "--fraction_iterations 4 is more than --iterations 3"),
     (["--first_labels", "short"], "short/pseudo_labels/iteration_00.npz labels 20 images in 2 clusters, this "
                                   "run has 1347 images"),
 ])
