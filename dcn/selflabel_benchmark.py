@@ -42,6 +42,7 @@ CONFIGS = {
     "deepcluster": ["--init", "random", "--manifold", "none", "--clusterer", "kmeans",
                     "--relabel", "cluster", "--knn_epochs", "0"],
 }
+STARTED = "started.json"  # {"command": ...} of a run, written when it starts (finished.json when it ends)
 COLUMNS = ("accuracy", "nmi", "purity", "ari", "min_f1", "stability", "iterations", "run_seconds")
 
 
@@ -76,9 +77,6 @@ def _command(args, passed, config, seed) -> tuple[str, list[str]]:
                              "of a benchmark run with the same configurations and seeds")
         cmd += ["--first_labels", str(first)]
     return name, cmd
-
-
-STARTED = "started.json"
 
 
 def _record(save_dir: Path, name: str, cmd) -> dict | None:
