@@ -325,6 +325,16 @@ def run_pinned(commands, jobs: int, on_exit=None):
 
 
 FINISHED = "finished.json"
+
+
+def read_record(path, command) -> dict | None:
+    """The JSON record at ``path`` (e.g. a run's ``finished.json``) if it was
+    written for ``command`` (its ``"command"`` entry), else None."""
+    try:
+        record = json.loads(Path(path).read_text())
+        return record if record["command"] == command else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 JOBS_HELP = ("seeds trained at once (at most one per core), each in its own process on its own share of the "
              "CPU cores (<out>/seed<N>/); a seed that finished earlier with the same flags is read back, "
              "not run again")
@@ -349,11 +359,7 @@ def run_seeds(module: str, flags: list, seeds, out, jobs: int, first_only=()):
 
     def finished(seed) -> bool:
         folder = out / f"seed{seed}"
-        try:
-            return (json.loads((folder / FINISHED).read_text())["command"] == argvs[seed]
-                    and (folder / "runs.csv").is_file())
-        except (OSError, ValueError, KeyError, TypeError):
-            return False
+        return (folder / "runs.csv").is_file() and read_record(folder / FINISHED, argvs[seed]) is not None
 
     todo = [seed for seed in seeds if not finished(seed)]
     if len(todo) < len(seeds):

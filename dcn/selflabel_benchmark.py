@@ -35,7 +35,7 @@ import pandas as pd
 from common.cli import SEED_BOUNDS, ArgumentParser, run
 from common.errors import UsageError
 from common.results import write_csv, write_json, write_summary
-from common.runtime import FINISHED, jobs_at_once, last_line, run_pinned
+from common.runtime import FINISHED, jobs_at_once, last_line, read_record, run_pinned
 
 CONFIGS = {
     "n2d": [],
@@ -79,15 +79,6 @@ def _command(args, passed, config, seed) -> tuple[str, list[str]]:
     return name, cmd
 
 
-def _record(save_dir: Path, name: str, cmd) -> dict | None:
-    """What this benchmark recorded in ``save_dir/name`` for the command ``cmd`` (None: nothing)."""
-    try:
-        record = json.loads((save_dir / name).read_text())
-        return record if record["command"] == cmd else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def _main(argv=None):
     from dcn.selflabel_cli import TARGETS
 
@@ -104,8 +95,8 @@ def _main(argv=None):
     for config in args.configs:
         for r in range(args.runs):
             name, cmd = _command(args, passed, config, args.seed + r)
-            finished = (out / name / "test_metrics.json").is_file() and _record(out / name, FINISHED, cmd)
-            runs[config, args.seed + r] = name, cmd, finished or None
+            done = (out / name / "test_metrics.json").is_file() and read_record(out / name / FINISHED, cmd)
+            runs[config, args.seed + r] = name, cmd, done or None
     done = [name for name, _, record in runs.values() if record]
     if done:
         print(f"finished earlier with the same command, read back: {', '.join(done)}")
@@ -117,7 +108,7 @@ def _main(argv=None):
         # a run of this command stopped half-way goes on from its last checkpoint; a folder of anything
         # else is left alone (bin/selflabel --resume would take the flags not given from its args.json)
         resumed[key] = (save_dir / "args.json").is_file()
-        if resumed[key] and _record(save_dir, STARTED, cmd) is None:
+        if resumed[key] and read_record(save_dir / STARTED, cmd) is None:
             raise UsageError(f"{save_dir} holds a run of another command (or one started before the "
                              "benchmark recorded its commands); give another --out, or remove that folder")
         (save_dir / FINISHED).unlink(missing_ok=True)
