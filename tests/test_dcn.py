@@ -385,7 +385,7 @@ def test_comparison_with_dec_keras_trials_gives_differences_and_gains_by_seed():
         for method, shift in (("ae+kmeans", 0.0), ("dec", -0.05), ("idec", 0.0)):
             scores = theirs["dec" if method == "idec" else method]
             rows.append({"method": method, "seed": seed, "acc": scores["acc"][seed] + shift,
-                         "nmi": scores["nmi"][seed] + shift})
+                         "nmi_geometric": scores["nmi"][seed] + shift, "nmi": 0.0})
     # rows in reverse order: the gain must still pair each seed's own two runs
     table = compare_dec_keras(pd.DataFrame(rows[::-1])).set_index(["method", "score"])
     assert set(table.index.get_level_values(0)) == {"ae+kmeans", "dec", GAIN}  # no published IDEC trials
@@ -399,12 +399,16 @@ def test_comparison_with_dec_keras_trials_gives_differences_and_gains_by_seed():
     assert gain["mean"] == pytest.approx(expected.mean())
     assert gain["runs_positive"] == (expected > 0).sum() and gain["published_positive"] == 9
     assert gain["welch_p"] < 0.05 < table.loc[("ae+kmeans", "acc"), "welch_p"]
+    # DEC-keras' NMI is the geometric one (scikit-learn 0.19): ours is read from nmi_geometric, not nmi
+    assert table.loc[("ae+kmeans", "nmi"), "mean"] == pytest.approx(np.mean(theirs["ae+kmeans"]["nmi"][:4]))
+    with pytest.raises(ValueError, match="nmi_geometric"):
+        compare_dec_keras(pd.DataFrame(rows).drop(columns="nmi_geometric"))
 
 
 def test_dcn_benchmark_writes_the_comparison_with_dec_keras(tmp_path, capsys):
     from dcn.benchmark import compare_published
 
-    rows = [{"method": m, "seed": s, "acc": 0.6 + 0.01 * s, "nmi": 0.63 + 0.01 * s}
+    rows = [{"method": m, "seed": s, "acc": 0.6 + 0.01 * s, "nmi": 0.63, "nmi_geometric": 0.63 + 0.01 * s}
             for s in range(3) for m in ("ae+kmeans", "dec")]
     compare_published(rows, tmp_path)
     table = pd.read_csv(tmp_path / "published.csv")
