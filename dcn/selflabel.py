@@ -3,9 +3,12 @@
 No ground-truth label enters training or the choice of the model; labels,
 where the data have them, are only scored against, after the fact.
 
-1. **Initial pseudo-labels** (:func:`initial_labels`): codes of an
-   autoencoder (``ae``, DEC/DESOM size), of DESOM (``desom``), or the
-   randomly initialised CNN's own features (``random``, as in DeepCluster);
+1. **Initial pseudo-labels** (:func:`initial_features`): codes of an
+   autoencoder (``ae``, DEC/DESOM size), of DESOM (``desom``), the
+   randomly initialised CNN's own features (``random``, as in DeepCluster),
+   or the CNN's features after contrastive pretraining (``contrastive``:
+   SimCLR, Chen et al. 2020, as SCAN starts; the classifier then trains on
+   from those weights);
    optionally reduced with UMAP (``manifold="umap"``: N2D, McConville et al.
    2020), then clustered by a Gaussian mixture or k-means. Each sample gets a
    label and a confidence (its posterior, or its k-means margin).
@@ -51,12 +54,17 @@ from common.results import atomic_path
 from common.runtime import from_chief, is_chief
 from common.training import Task, train
 
-INITS = ("ae", "desom", "random")
+INITS = ("ae", "desom", "random", "contrastive")
 MANIFOLDS = ("umap", "none")
 SELECTIONS = ("probability", "neighbours")
 CLUSTERERS = ("gmm", "kmeans")
 RELABELS = ("predict", "cluster")
-AUGMENTATIONS = ("translate", "flip", "rotate", "zoom", "noise")
+AUGMENTATIONS = ("translate", "flip", "rotate", "zoom", "noise", "crop", "contrast", "brightness")
+#: The CNN after contrastive pretraining, in a run's folder (where the loop starts from; for --resume
+#: and --first_labels).
+INIT_MODEL = "init_model.keras"
+#: The two views of contrastive pretraining (SimCLR's crops, flips and intensity jitter, for grey images).
+CONTRASTIVE_AUGMENT = ("crop", "translate", "flip", "contrast", "brightness")
 
 
 @keras.saving.register_keras_serializable(package="dcn")
@@ -290,12 +298,22 @@ def initial_features(kind: str, x, model: SelfLabelNet | None = None, *, epochs:
     ``ae``: codes of a d-500-500-2000-10 autoencoder trained ``epochs`` epochs
     (phase ``init``, log ``init_log.csv``); ``desom``: codes of an 8x8 DESOM
     trained ``iterations`` iterations; ``random``: ``model``'s features at
-    initialisation. Other keyword arguments go to :func:`common.training.train`.
+    initialisation; ``contrastive``: ``model``'s features after ``epochs``
+    epochs of :class:`ContrastiveTask` (phase ``init``; the model keeps the
+    trained weights). Other keyword arguments go to
+    :func:`common.training.train`.
     """
     x = np.asarray(x, np.float32)
+    if kind in ("random", "contrastive") and model is None:
+        raise UsageError(f"--init {kind} needs the classifier")
     if kind == "random":
-        if model is None:
-            raise UsageError("--init random needs the classifier")
+        return model.embed(x)
+    if kind == "contrastive":
+        with _scope(loop.get("strategy")):
+            task = ContrastiveTask(model, augmenter(CONTRASTIVE_AUGMENT, seed))
+            optimizer = keras.optimizers.Adam(0.001)
+        train(task, x, epochs=epochs, seed=seed, optimizer=optimizer, phase="init", log_name="init_log.csv",
+              **loop)
         return model.embed(x)
     if kind == "ae":
         from dcn.autoencoders import Autoencoder
@@ -414,10 +432,76 @@ class NeighbourTask(Task):
         return {"loss": agreement - self.entropy_weight * entropy, "agreement": agreement, "entropy": entropy}
 
 
+def nt_xent(z1, z2, temperature: float):
+    """SimCLR's NT-Xent loss of each pair (row i of ``z1`` and of ``z2``: two
+    views of one image), Keras ops.
+
+    The 2B views are L2-normalised; view a's logits are its cosine
+    similarities to the 2B - 1 other views divided by ``temperature``, and
+    its loss the cross-entropy of picking its partner among them. Returns the
+    (B,) mean of the two views' losses.
+    """
+    z = ops.cast(ops.concatenate([z1, z2], axis=0), "float32")
+    z = z / ops.maximum(ops.norm(z, axis=1, keepdims=True), 1e-12)
+    n = ops.shape(z1)[0]
+    sim = ops.matmul(z, ops.transpose(z)) / temperature
+    sim = sim - 1e9 * ops.eye(2 * n)  # a view is not its own candidate
+    partner = ops.concatenate([ops.arange(n) + n, ops.arange(n)], axis=0)
+    log_p = ops.log_softmax(sim, axis=1)
+    loss = -ops.take_along_axis(log_p, ops.expand_dims(partner, 1), axis=1)[:, 0]
+    return 0.5 * (loss[:n] + loss[n:])
+
+
+class ContrastiveTask(Task):
+    """Contrastive pretraining of the classifier's feature extractor (SimCLR).
+
+    Every image of the batch is augmented twice (``augment``, e.g.
+    :data:`CONTRASTIVE_AUGMENT`); both views go through ``model.features``
+    (one batch-normalisation batch) and a projection head, dense
+    ``features``-``features``-``projection`` (ReLU between), used only here;
+    the loss is :func:`nt_xent` of the two projections. Under a distribution
+    strategy the negatives are the other views of the replica's own batch.
+
+    Args:
+        model: the :class:`SelfLabelNet` (its ``features`` are trained; the
+            classifier head is not).
+        augment: a batch function (:func:`augmenter`).
+        temperature: of :func:`nt_xent` (SimCLR's range is 0.1-0.5).
+        projection: output size of the projection head.
+    """
+
+    def __init__(self, model: SelfLabelNet, augment, temperature: float = 0.2, projection: int = 128):
+        if augment is None:
+            raise UsageError("contrastive pretraining needs augmentations (two views of each image)")
+        if not temperature > 0:
+            raise UsageError(f"the contrastive temperature must be positive, got {temperature}")
+        self.model, self.augment, self.temperature = model, augment, float(temperature)
+        width = model.dense_units[-1]
+        self.head = keras.Sequential([keras.layers.Dense(width, activation="relu", name="projection_0"),
+                                      keras.layers.Dense(int(projection), name="projection_1")],
+                                     name="projection")
+        self.head.build((None, width))
+
+    def variables(self):
+        return list(self.model.features.trainable_variables) + list(self.head.trainable_variables)
+
+    def loss_terms(self, x, idx, scalars):
+        views = ops.concatenate([self.augment(x), self.augment(x)], axis=0)
+        z1, z2 = ops.split(self.head(self.model.features(views, training=True)), 2, axis=0)
+        loss = nt_xent(z1, z2, self.temperature)
+        return {"loss": loss, "nt_xent": loss}
+
+    def trackables(self):
+        return {"model": self.model, "head": self.head}
+
+
 def augmenter(kinds, seed: int = 0):
     """A batch function for the loop's ``map_fn``: Keras preprocessing layers
     (shifts of 10 %, horizontal flips, rotations of 5 %, zooms of 10 %,
-    Gaussian noise), clipped to [0, 1]; None when ``kinds`` is empty."""
+    Gaussian noise; ``crop``: zooms in by up to 60 %, a centred crop resized
+    back; ``contrast``: contrast scaled by 0.5-1.5; ``brightness``: +-0.3
+    added), clipped to [0, 1]; None when ``kinds`` is empty. Every call draws
+    new transformations."""
     import tensorflow as tf
 
     layers = keras.layers
@@ -427,6 +511,9 @@ def augmenter(kinds, seed: int = 0):
         "rotate": lambda: layers.RandomRotation(0.05, fill_mode="constant", seed=seed),
         "zoom": lambda: layers.RandomZoom(0.1, fill_mode="constant", seed=seed),
         "noise": lambda: layers.GaussianNoise(0.02, seed=seed),
+        "crop": lambda: layers.RandomZoom((-0.6, 0.0), fill_mode="constant", seed=seed),
+        "contrast": lambda: layers.RandomContrast(0.5, value_range=(0.0, 1.0), seed=seed),
+        "brightness": lambda: layers.RandomBrightness(0.3, value_range=(0.0, 1.0), seed=seed),
     }
     unknown = [k for k in kinds if k not in make]
     if unknown:

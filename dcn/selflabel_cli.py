@@ -16,9 +16,10 @@ from common.cli import ArgumentParser, add_data_arguments, dispatch, run
 from common.command import RunData, TrainingCommand
 from common.data import CLASS_NAMES, label_names, load_data
 from common.errors import DataError, UsageError
+from common.networks import save_keras_model
 from common.results import atomic_path, write_json
 from common.runtime import from_chief, quiet_tensorflow, worker_count
-from dcn.selflabel import AUGMENTATIONS, CLUSTERERS, INITS, MANIFOLDS, RELABELS, SELECTIONS
+from dcn.selflabel import AUGMENTATIONS, CLUSTERERS, INIT_MODEL, INITS, MANIFOLDS, RELABELS, SELECTIONS
 
 #: What the issue's authors asked of an unsupervised Fashion-MNIST classifier.
 TARGETS = {"accuracy": 0.72, "nmi": 0.65, "purity": 0.75, "min_f1": 0.60, "stability": 0.95}
@@ -76,13 +77,14 @@ class SelfLabelCommand(TrainingCommand):
                        help="pseudo-classes (default: the number of classes)")
         p.add_argument("--init", choices=INITS, default="ae",
                        help="features of the first pseudo-labels: ae (autoencoder codes), desom (codes of "
-                       "an 8x8 DESOM), random (the untrained CNN's features)")
+                       "an 8x8 DESOM), random (the untrained CNN's features), contrastive (the CNN's "
+                       "features after SimCLR pretraining; the classifier trains on from it)")
         p.add_argument("--first_labels", metavar="RUN_DIR",
-                       help="start from the first pseudo-labels (and neighbours) of an earlier bin/selflabel "
-                       "run on the same data instead of computing them (no --init phase): to try loop "
-                       "settings from one start")
+                       help="start from the first pseudo-labels (and neighbours, and the pretrained CNN of "
+                       "--init contrastive) of an earlier bin/selflabel run on the same data instead of "
+                       "computing them (no --init phase): to try loop settings from one start")
         p.add_argument("--init_epochs", type=float, default=50, bounds="(0, inf)",
-                       help="ae: autoencoder training epochs")
+                       help="ae: autoencoder training epochs; contrastive: pretraining epochs")
         p.add_argument("--init_iterations", type=int, default=10000, bounds="[1, inf)",
                        help="desom: training iterations")
         p.add_argument("--manifold", choices=MANIFOLDS, default="umap",
@@ -181,6 +183,7 @@ class SelfLabelCommand(TrainingCommand):
         loop.pop("save_dir")
         first = save / "pseudo_labels" / "iteration_00.npz"
         knn_file = save / "neighbours.npy"
+        pretrained = save / INIT_MODEL  # the CNN after --init contrastive, where the loop starts
         neighbours = None
         with_knn = a.knn_epochs > 0 or a.select == "neighbours"
         if resume and first.is_file():
@@ -190,15 +193,24 @@ class SelfLabelCommand(TrainingCommand):
                     raise UsageError(f"{save} was trained without neighbours; resume it with --knn_epochs 0 "
                                      f"--select probability")
                 neighbours = np.load(knn_file)
+            if pretrained.is_file():
+                model.set_weights(sl.load_model(pretrained).get_weights())
         elif a.first_labels:
-            labels, confidence, neighbours = _first_labels(Path(a.first_labels), len(d.x), k, with_knn)
+            source = Path(a.first_labels)
+            labels, confidence, neighbours = _first_labels(source, len(d.x), k, with_knn)
             if neighbours is not None and run.chief:  # this run's own copy, for --resume
                 with atomic_path(knn_file) as tmp:
                     np.save(tmp, neighbours)
+            if (source / INIT_MODEL).is_file():
+                model.set_weights(sl.load_model(source / INIT_MODEL).get_weights())
+                if run.chief:
+                    save_keras_model(model, pretrained)
         else:
             t = time.perf_counter()
             z = sl.initial_features(a.init, d.x, model, epochs=a.init_epochs, iterations=a.init_iterations,
                                  seed=a.seed, save_dir=save, resume=resume, **loop)
+            if a.init == "contrastive" and run.chief:
+                save_keras_model(model, pretrained)
             run.stages["init_features"] = time.perf_counter() - t
             if with_knn:
                 t = time.perf_counter()

@@ -11,6 +11,7 @@ import pytest
 
 from common.errors import UsageError
 from dcn.selflabel import (
+    INIT_MODEL,
     NeighbourTask,
     PseudoLabelTask,
     SelfLabelNet,
@@ -19,9 +20,11 @@ from dcn.selflabel import (
     balanced_labels,
     best_iteration,
     fraction_at,
+    initial_features,
     load_model,
     nearest_neighbours,
     neighbour_agreement,
+    nt_xent,
     refine,
     select_confident,
 )
@@ -165,6 +168,44 @@ def test_neighbour_loss_against_numpy():
     np.testing.assert_allclose(np.asarray(terms["loss"]), agreement - 2.0 * entropy, rtol=1e-4, atol=1e-6)
 
 
+def test_nt_xent_against_numpy():
+    rng = np.random.default_rng(5)
+    z1, z2 = rng.normal(size=(4, 3)), rng.normal(size=(4, 3))
+    z = np.concatenate([z1, z2])
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    losses = []
+    for a in range(8):  # each view against the 7 others, its partner the positive
+        others = [b for b in range(8) if b != a]
+        logits = np.array([z[a] @ z[b] / 0.5 for b in others])
+        partner = others.index((a + 4) % 8)
+        losses.append(np.log(np.exp(logits).sum()) - logits[partner])
+    losses = np.array(losses)
+    got = np.asarray(nt_xent(z1.astype(np.float32), z2.astype(np.float32), 0.5))
+    np.testing.assert_allclose(got, (losses[:4] + losses[4:]) / 2, rtol=1e-5)
+    # two views pointing the same way and away from the rest: a lower loss than random pairs
+    assert np.asarray(nt_xent(z1.astype(np.float32), 2 * z1.astype(np.float32), 0.5)).mean() < got.mean()
+
+
+def test_contrastive_pretraining_trains_the_features_not_the_classifier(tmp_path):
+    from sklearn.datasets import load_digits
+
+    x = (load_digits().images[:256] / 16.0)[..., None].astype(np.float32)
+    model = SelfLabelNet((8, 8, 1), 4, filters=(8,), dense=(16,), head=(8,))
+    head, features = model.classifier.get_weights(), model.features.get_weights()
+    z = initial_features("contrastive", x, model, epochs=12, seed=0, batch_size=64, verbose=0,
+                         save_dir=tmp_path, jit_compile=False)
+    assert z.shape == (256, 16)
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(z, model.embed(x), rtol=1e-5, atol=1e-6)  # the model keeps what it learnt
+    for a, b in zip(head, model.classifier.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.allclose(a, b) for a, b in zip(features, model.features.get_weights()))
+    log = pd.read_csv(tmp_path / "init_log.csv")
+    assert log["nt_xent"].iloc[-3:].mean() < log["nt_xent"].iloc[:3].mean(), log["nt_xent"].tolist()
+    with pytest.raises(UsageError, match="needs the classifier"):
+        initial_features("contrastive", x, None)
+
+
 def test_nearest_neighbours_leave_out_the_sample_itself():
     z = np.array([[0.0], [1.0], [1.5], [10.0], [10.2]])
     nb = nearest_neighbours(z, 2)
@@ -277,6 +318,24 @@ def test_bin_selflabel_on_digits_improves_on_its_first_clustering_and_writes_eve
     assert "init_features_seconds" in results["timings"]["stages"]
     stages = json.loads((other / "results.json").read_text())["timings"]["stages"]
     assert "init_features_seconds" not in stages and "refine_seconds" in stages
+
+
+@pytest.mark.slow
+def test_bin_selflabel_init_contrastive_starts_the_loop_from_the_pretrained_cnn(tmp_path):
+    out, other = tmp_path / "contrastive", tmp_path / "other"
+    short = [*SHORT, "--iterations", "1", "--epochs_per_iteration", "1", "--knn_epochs", "0"]
+    with pytest.raises(SystemExit) as stop:
+        main([*short, "--init", "contrastive", "--init_epochs", "3", "--save_dir", str(out)])
+    assert stop.value.code == 0
+    assert "nt_xent" in pd.read_csv(out / "init_log.csv")
+    pretrained = load_model(out / INIT_MODEL)
+    # another loop setting from that start: the same first labels and the same pretrained CNN
+    with pytest.raises(SystemExit) as stop:
+        main([*short, "--first_labels", str(out), "--save_dir", str(other)])
+    assert stop.value.code == 0
+    for a, b in zip(pretrained.get_weights(), load_model(other / INIT_MODEL).get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert not (other / "init_log.csv").exists()
 
 
 BENCH = ["--dataset", "digits", "--init", "random", "--manifold", "none", "--clusterer", "kmeans",
