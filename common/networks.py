@@ -228,6 +228,24 @@ def dcec_autoencoder(input_shape, embedding_dim: int = 10, filters=(32, 64, 128)
     return encoder, decoder
 
 
+class Augmentation:
+    """A batch function of Keras preprocessing layers, clipped to [0, 1].
+
+    ``makers`` are callables ``seed -> layer``; each layer gets its own seed,
+    drawn from ``seed`` (layers given one seed draw the same random numbers
+    at every call: a flip would always come with the same rotation and
+    brightness). The layers run in training mode (new transformations at
+    every call); ``pipeline`` is their ``keras.Sequential``.
+    """
+
+    def __init__(self, makers, seed: int = 0, name: str = "augment"):
+        seeds = np.random.SeedSequence(int(seed)).generate_state(max(len(makers), 1))
+        self.pipeline = keras.Sequential([make(int(s) % 2**31) for make, s in zip(makers, seeds)], name=name)
+
+    def __call__(self, batch):
+        return ops.clip(self.pipeline(batch, training=True), 0.0, 1.0)
+
+
 def predict_in_batches(model, x, batch_size: int = 1024):
     """``model`` on ``x`` in batches of one fixed shape (the last one padded).
 

@@ -206,7 +206,7 @@ def draws_random_numbers(model) -> bool:
                for layer in model._flatten_layers(include_self=True))
 
 
-def resolve_jit(jit, model=None, replicas: int = 1) -> bool:
+def resolve_jit(jit, model=None, replicas: int = 1, extra=()) -> bool:
     """Whether to compile the training step with XLA.
 
     ``jit`` is ``"on"``/``True``, ``"off"``/``False`` or ``"auto"``. ``auto``
@@ -216,8 +216,10 @@ def resolve_jit(jit, model=None, replicas: int = 1) -> bool:
     "Speed") and the VAE of bin/ae (dropout + a Gaussian sample) 4.4 times
     slower (18.8 against 83.6 iterations per second). Like Keras'
     own ``auto``, it also leaves out models with a layer that does not support
-    XLA, and runs with TensorFlow's op determinism on. Steps run under a
-    strategy of several replicas are never compiled.
+    XLA (in ``model`` or in the ``extra`` layers the step also runs, such as
+    an augmentation pipeline: Keras' shifts, zooms and rotations have no XLA
+    kernel on GPUs), and runs with TensorFlow's op determinism on. Steps run
+    under a strategy of several replicas are never compiled.
     """
     if isinstance(jit, bool):
         jit = "on" if jit else "off"
@@ -232,7 +234,8 @@ def resolve_jit(jit, model=None, replicas: int = 1) -> bool:
 
     if is_op_determinism_enabled():
         return False
-    if not all(getattr(layer, "supports_jit", True) for layer in model._flatten_layers(include_self=True)):
+    every = [layer for m in (model, *extra) for layer in m._flatten_layers(include_self=True)]
+    if not all(getattr(layer, "supports_jit", True) for layer in every):
         return False
     return bool(gpu_names()) or not (has_convolutions(model) or draws_random_numbers(model))
 

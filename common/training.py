@@ -95,6 +95,11 @@ class Task:
         """Variables to train (default: the model's trainable variables)."""
         return list(self.model.trainable_variables)
 
+    def step_layers(self) -> list:
+        """Keras layers the step runs besides ``model`` (an augmentation
+        pipeline, a projection head): XLA's ``auto`` looks at them too."""
+        return []
+
     def scalars(self, iteration) -> dict:
         """Per-iteration numbers passed to ``loss_terms`` (e.g. the temperature T).
 
@@ -373,7 +378,7 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: float | None 
     multi, chief = worker_count(strategy) > 1, is_chief(strategy)
     if batch_size % replicas:
         raise UsageError(f"batch size {batch_size} does not split evenly over {replicas} replicas")
-    jit = resolve_jit(jit_compile, task.model, replicas)
+    jit = resolve_jit(jit_compile, task.model, replicas, task.step_layers())
 
     variables = task.variables()
     if replicas > 1:

@@ -239,20 +239,14 @@ def _check(args):
 def _augmenter(seed):
     """Random flips, small rotations, brightness and noise, clipped to [0, 1]."""
     import keras
-    import tensorflow as tf
+
+    from common.networks import Augmentation
 
     layers = keras.layers
-    augmenter = keras.Sequential([
-        layers.RandomFlip("horizontal", seed=seed),
-        layers.RandomRotation(0.05, fill_mode="constant", seed=seed),
-        layers.RandomBrightness(0.1, value_range=(0.0, 1.0), seed=seed),
-        layers.GaussianNoise(0.02, seed=seed),
-    ], name="augment")
-
-    def augment(batch):
-        return tf.clip_by_value(augmenter(batch, training=True), 0.0, 1.0)
-
-    return augment
+    return Augmentation([lambda s: layers.RandomFlip("horizontal", seed=s),
+                         lambda s: layers.RandomRotation(0.05, fill_mode="constant", seed=s),
+                         lambda s: layers.RandomBrightness(0.1, value_range=(0.0, 1.0), seed=s),
+                         lambda s: layers.GaussianNoise(0.02, seed=s)], seed)
 
 
 def _test_report(model, naming, test, save_dir: Path):

@@ -414,6 +414,9 @@ class NeighbourTask(Task):
     def scalars(self, iteration):
         return {"iteration": iteration}
 
+    def step_layers(self):
+        return _pipeline(self.augment)
+
     def loss_terms(self, x, idx, scalars):
         import tensorflow as tf
 
@@ -430,6 +433,12 @@ class NeighbourTask(Task):
         entropy = -ops.sum(mean * ops.log(ops.clip(mean, 1e-7, 1.0)))
         entropy = entropy * ops.ones_like(agreement)
         return {"loss": agreement - self.entropy_weight * entropy, "agreement": agreement, "entropy": entropy}
+
+
+def _pipeline(augment) -> list:
+    """The Keras layers of an augmentation function, where it has them."""
+    pipeline = getattr(augment, "pipeline", None)
+    return [] if pipeline is None else [pipeline]
 
 
 def nt_xent(z1, z2, temperature: float):
@@ -485,6 +494,9 @@ class ContrastiveTask(Task):
     def variables(self):
         return list(self.model.features.trainable_variables) + list(self.head.trainable_variables)
 
+    def step_layers(self):
+        return [self.head, *_pipeline(self.augment)]
+
     def loss_terms(self, x, idx, scalars):
         views = ops.concatenate([self.augment(x), self.augment(x)], axis=0)
         z1, z2 = ops.split(self.head(self.model.features(views, training=True)), 2, axis=0)
@@ -496,36 +508,32 @@ class ContrastiveTask(Task):
 
 
 def augmenter(kinds, seed: int = 0):
-    """A batch function for the loop's ``map_fn``: Keras preprocessing layers
-    (shifts of 10 %, horizontal flips, rotations of 5 %, zooms of 10 %,
-    Gaussian noise; ``crop``: zooms in by up to 60 %, a centred crop resized
-    back; ``contrast``: contrast scaled by 0.5-1.5; ``brightness``: +-0.3
-    added), clipped to [0, 1]; None when ``kinds`` is empty. Every call draws
-    new transformations."""
-    import tensorflow as tf
+    """A batch function for the loop's ``map_fn`` (a
+    :class:`common.networks.Augmentation`, each layer with its own seed):
+    shifts of 10 %, horizontal flips, rotations of 5 %, zooms of 10 %,
+    Gaussian noise; ``crop``: zooms in by up to 60 % (a centred crop resized
+    back); ``contrast``: contrast scaled by 0.5-1.5; ``brightness``: +-0.3
+    added; clipped to [0, 1]. None when ``kinds`` is empty."""
+    from common.networks import Augmentation
 
     layers = keras.layers
     make = {
-        "translate": lambda: layers.RandomTranslation(0.1, 0.1, fill_mode="constant", seed=seed),
-        "flip": lambda: layers.RandomFlip("horizontal", seed=seed),
-        "rotate": lambda: layers.RandomRotation(0.05, fill_mode="constant", seed=seed),
-        "zoom": lambda: layers.RandomZoom(0.1, fill_mode="constant", seed=seed),
-        "noise": lambda: layers.GaussianNoise(0.02, seed=seed),
-        "crop": lambda: layers.RandomZoom((-0.6, 0.0), fill_mode="constant", seed=seed),
-        "contrast": lambda: layers.RandomContrast(0.5, value_range=(0.0, 1.0), seed=seed),
-        "brightness": lambda: layers.RandomBrightness(0.3, value_range=(0.0, 1.0), seed=seed),
+        "translate": lambda s: layers.RandomTranslation(0.1, 0.1, fill_mode="constant", seed=s),
+        "flip": lambda s: layers.RandomFlip("horizontal", seed=s),
+        "rotate": lambda s: layers.RandomRotation(0.05, fill_mode="constant", seed=s),
+        "zoom": lambda s: layers.RandomZoom(0.1, fill_mode="constant", seed=s),
+        "noise": lambda s: layers.GaussianNoise(0.02, seed=s),
+        "crop": lambda s: layers.RandomZoom((-0.6, 0.0), fill_mode="constant", seed=s),
+        # a factor (lower, upper) draws the contrast factor in [1 - lower, 1 + upper]
+        "contrast": lambda s: layers.RandomContrast((0.5, 0.5), value_range=(0.0, 1.0), seed=s),
+        "brightness": lambda s: layers.RandomBrightness(0.3, value_range=(0.0, 1.0), seed=s),
     }
     unknown = [k for k in kinds if k not in make]
     if unknown:
         raise UsageError(f"unknown augmentation {unknown[0]}; choose from {', '.join(AUGMENTATIONS)}")
     if not kinds:
         return None
-    pipeline = keras.Sequential([make[k]() for k in kinds], name="augment")
-
-    def augment(batch):
-        return tf.clip_by_value(pipeline(batch, training=True), 0.0, 1.0)
-
-    return augment
+    return Augmentation([make[k] for k in kinds], seed)
 
 
 def fraction_at(i: int, iterations: int, start: float, end: float) -> float:

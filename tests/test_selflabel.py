@@ -168,6 +168,27 @@ def test_neighbour_loss_against_numpy():
     np.testing.assert_allclose(np.asarray(terms["loss"]), agreement - 2.0 * entropy, rtol=1e-4, atol=1e-6)
 
 
+def test_augmentation_layers_draw_independently_and_in_their_ranges():
+    import keras
+
+    from dcn.selflabel import augmenter
+
+    # left half dark, right half bright: a flip shows as a bright left half, brightness as the mean
+    x = np.zeros((2000, 8, 8, 1), np.float32)
+    x[:, :, :4], x[:, :, 4:] = 0.3, 0.6
+    out = np.asarray(augmenter(["flip", "brightness"], seed=3)(x))
+    flipped = out[:, :, :4].mean(axis=(1, 2, 3)) > out[:, :, 4:].mean(axis=(1, 2, 3))
+    shift = out.mean(axis=(1, 2, 3)) - 0.45
+    assert 0.4 < flipped.mean() < 0.6
+    assert -0.3 <= shift.min() < -0.25 and 0.25 < shift.max() <= 0.3  # +-0.3 (nothing clipped here)
+    # one seed for every layer would tie each flip to the same brightness draw (correlation ~0.87)
+    assert abs(np.corrcoef(flipped, shift)[0, 1]) < 0.1
+    contrast = augmenter(["contrast"], seed=1)
+    spread = np.asarray(contrast(x)).std(axis=(1, 2, 3)) / x[0].std()
+    assert spread.min() < 0.55 and spread.max() > 1.45  # contrast scaled by 0.5-1.5
+    assert isinstance(contrast.pipeline, keras.Sequential)
+
+
 def test_nt_xent_against_numpy():
     rng = np.random.default_rng(5)
     z1, z2 = rng.normal(size=(4, 3)), rng.normal(size=(4, 3))

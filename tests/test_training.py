@@ -321,6 +321,22 @@ def test_auto_compiles_dense_models_and_not_convolutional_ones_on_a_cpu():
         resolve_jit("maybe", dense)
 
 
+def test_auto_leaves_out_steps_whose_augmentation_xla_cannot_compile_on_a_gpu(monkeypatch):
+    import common.runtime as runtime
+    from dcn.selflabel import ContrastiveTask, NeighbourTask, SelfLabelNet, augmenter
+
+    monkeypatch.setattr(runtime, "gpu_names", lambda: ["a GPU"])  # on a GPU, auto compiles convolutions
+    model = SelfLabelNet((8, 8, 1), 3, filters=(4,), dense=(8,), head=(4,))
+    assert resolve_jit("auto", model)
+    flips = augmenter(["flip"])  # a flip compiles; a shift (an image transform) does not
+    assert resolve_jit("auto", model, extra=[flips.pipeline])
+    x, neighbours = np.zeros((4, 8, 8, 1), np.float32), np.zeros((4, 1), np.int32)
+    for task in (NeighbourTask(model, x, neighbours, augment=augmenter(["translate", "flip"])),
+                 ContrastiveTask(model, augmenter(["crop", "flip"]))):
+        assert not resolve_jit("auto", model, extra=task.step_layers())
+    assert resolve_jit("auto", model, extra=NeighbourTask(model, x, neighbours).step_layers())
+
+
 def test_the_loop_reports_its_xla_choice_and_plan(digits, capsys):
     x, _ = digits
     images = x.reshape(-1, 8, 8, 1)
