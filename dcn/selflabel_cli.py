@@ -186,7 +186,10 @@ class SelfLabelCommand(TrainingCommand):
         pretrained = save / INIT_MODEL  # the CNN after --init contrastive, where the loop starts
         neighbours = None
         with_knn = a.knn_epochs > 0 or a.select == "neighbours"
-        if resume and first.is_file():
+        fresh = not (resume and first.is_file())
+        if fresh and run.chief:  # not a CNN an earlier run left in this folder
+            pretrained.unlink(missing_ok=True)
+        if not fresh:
             labels = confidence = np.zeros(len(d.x))  # replaced by the saved ones
             if with_knn:
                 if not knn_file.is_file():
