@@ -338,6 +338,8 @@ def read_record(path, command) -> dict | None:
         return record if record["command"] == command else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
 JOBS_HELP = ("seeds trained at once (at most one per core), each in its own process on its own share of the "
              "CPU cores (<out>/seed<N>/); a seed that finished earlier with the same flags is read back, "
              "not run again")

@@ -95,8 +95,8 @@ def _main(argv=None):
     for config in args.configs:
         for r in range(args.runs):
             name, cmd = _command(args, passed, config, args.seed + r)
-            done = (out / name / "test_metrics.json").is_file() and read_record(out / name / FINISHED, cmd)
-            runs[config, args.seed + r] = name, cmd, done or None
+            record = (out / name / "test_metrics.json").is_file() and read_record(out / name / FINISHED, cmd)
+            runs[config, args.seed + r] = name, cmd, record or None
     done = [name for name, _, record in runs.values() if record]
     if done:
         print(f"finished earlier with the same command, read back: {', '.join(done)}")

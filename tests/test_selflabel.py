@@ -216,7 +216,6 @@ def test_contrastive_pretraining_trains_the_features_not_the_classifier(tmp_path
     z = initial_features("contrastive", x, model, epochs=12, seed=0, batch_size=64, verbose=0,
                          save_dir=tmp_path, jit_compile=False)
     assert z.shape == (256, 16)
-    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
     for a, b in zip(head, model.classifier.get_weights()):
         np.testing.assert_array_equal(a, b)
     assert any(not np.allclose(a, b) for a, b in zip(features, model.features.get_weights()))
