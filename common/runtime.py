@@ -371,8 +371,8 @@ def run_seeds(module: str, flags: list, seeds, out, jobs: int, first_only=()):
         done = ", ".join(str(seed) for seed in seeds if seed not in todo)
         print(f"seeds {done} finished earlier with the same flags: read back from {out}/seed<N>/", flush=True)
     if todo:
-        print(f"running seed{'s' * (len(todo) > 1)} {', '.join(map(str, todo))}, "
-              f"{jobs_at_once(jobs, len(todo))} at once; logs in {out}/seed<N>/log.txt", flush=True)
+        print(f"running seed{'s' * (len(todo) > 1)} {', '.join(map(str, todo))} "
+              f"({jobs_at_once(jobs, len(todo))} at a time); logs in {out}/seed<N>/log.txt", flush=True)
     for seed in todo:  # a seed that stops half-way must not pass for finished
         (out / f"seed{seed}" / FINISHED).unlink(missing_ok=True)
 

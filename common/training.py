@@ -97,7 +97,8 @@ class Task:
 
     def step_layers(self) -> list:
         """Keras layers the step runs besides ``model`` (an augmentation
-        pipeline, a projection head): XLA's ``auto`` looks at them too."""
+        pipeline, a projection head): XLA's ``auto`` looks at them too, and
+        their random state starts from the loop's seed and is checkpointed."""
         return []
 
     def scalars(self, iteration) -> dict:
@@ -124,6 +125,28 @@ class Task:
     def trackables(self) -> dict:
         """Objects saved in checkpoints (default: the model)."""
         return {"model": self.model}
+
+
+def layers_of(fn) -> list:
+    """The Keras layers of a batch function (a ``map_fn`` or a task's
+    augmentation), where it has them: its ``pipeline`` (see
+    :class:`common.networks.Augmentation`); plain functions have none."""
+    pipeline = getattr(fn, "pipeline", None)
+    return [] if pipeline is None else [pipeline]
+
+
+def seed_states(layers) -> list:
+    """The state variables of the Keras seed generators in ``layers`` (a
+    layer's own checkpoint leaves them out), each once, in order."""
+    return list({id(v): v for layer in layers for v in layer.variables
+                 if v.name == "seed_generator_state"}.values())
+
+
+def reseed(states, seed: int):
+    """Start the seed generator ``states`` (:func:`seed_states`) from
+    ``seed``: each its own seed drawn from it, in order."""
+    for v, s in zip(states, np.random.SeedSequence(int(seed)).generate_state(len(states))):
+        v.assign(np.array([int(s) % 2**31, 0]).astype(v.dtype))
 
 
 class StopTraining(Exception):
@@ -356,6 +379,8 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: float | None 
         verbose: 0 silent, 1 progress bar, 2 one line per log row.
         map_fn: optional function applied to each batch in the graph, before
             the step (data augmentation); it keeps the batch's shape and dtype.
+            The random state of its Keras layers (:func:`layers_of`) and of
+            ``task.step_layers()`` starts from ``seed`` and is checkpointed.
         shuffle: draw each epoch's batches in a new seeded order (default);
             False: consecutive rows in data order, wrapping around at the
             end (DEC-keras' clustering phase, without its partial batch).
@@ -401,13 +426,19 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: float | None 
     # --- checkpoints and log -------------------------------------------------
     save_dir = Path(save_dir) if save_dir is not None else None
     manager = None
+    # The augmentation's random state starts from ``seed`` and is checkpointed:
+    # the draws of a phase, like its batches, depend neither on interruptions
+    # nor on what the same layers drew in earlier phases.
+    random_state = seed_states([*layers_of(map_fn), *task.step_layers()])
+    reseed(random_state, seed)
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
         ckpt_dir = save_dir / "checkpoints" / phase
         if not resume and ckpt_dir.exists() and chief:
             shutil.rmtree(ckpt_dir)
         ckpt = tf.train.Checkpoint(optimizer=optimizer, iteration=iteration, elapsed=elapsed,
-                                   finished=finished, **task.trackables())
+                                   finished=finished, **task.trackables(),
+                                   **({"random_state": random_state} if random_state else {}))
         if resume:  # every worker restores the chief's checkpoints (a shared folder)
             found = _checkpoint_manager(tf, ckpt, ckpt_dir) if chief or ckpt_dir.is_dir() else None
             if found is not None and found.checkpoints:

@@ -52,7 +52,7 @@ from common.errors import UsageError
 from common.networks import cnn_features, load_keras_model, mlp_classifier, predict_in_batches
 from common.results import atomic_path
 from common.runtime import from_chief, is_chief
-from common.training import Task, train
+from common.training import Task, layers_of, train
 
 INITS = ("ae", "desom", "random", "contrastive")
 MANIFOLDS = ("umap", "none")
@@ -415,7 +415,7 @@ class NeighbourTask(Task):
         return {"iteration": iteration}
 
     def step_layers(self):
-        return _pipeline(self.augment)
+        return layers_of(self.augment)
 
     def loss_terms(self, x, idx, scalars):
         import tensorflow as tf
@@ -433,12 +433,6 @@ class NeighbourTask(Task):
         entropy = -ops.sum(mean * ops.log(ops.clip(mean, 1e-7, 1.0)))
         entropy = entropy * ops.ones_like(agreement)
         return {"loss": agreement - self.entropy_weight * entropy, "agreement": agreement, "entropy": entropy}
-
-
-def _pipeline(augment) -> list:
-    """The Keras layers of an augmentation function, where it has them."""
-    pipeline = getattr(augment, "pipeline", None)
-    return [] if pipeline is None else [pipeline]
 
 
 def nt_xent(z1, z2, temperature: float):
@@ -495,7 +489,7 @@ class ContrastiveTask(Task):
         return list(self.model.features.trainable_variables) + list(self.head.trainable_variables)
 
     def step_layers(self):
-        return [self.head, *_pipeline(self.augment)]
+        return [self.head, *layers_of(self.augment)]
 
     def loss_terms(self, x, idx, scalars):
         views = ops.concatenate([self.augment(x), self.augment(x)], axis=0)

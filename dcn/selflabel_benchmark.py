@@ -119,7 +119,7 @@ def _main(argv=None):
     jobs = jobs_at_once(args.jobs, len(todo))
     if todo:
         names = ", ".join(runs[key][0] for key in todo)
-        print(f"running {names}, {jobs} at once; logs in {out}/<run>.log", flush=True)
+        print(f"running {names} ({jobs} at a time); logs in {out}/<run>.log", flush=True)
 
     def record_finished(i, ended):  # at once, even if a run listed before this one fails
         key = todo[i]

@@ -184,4 +184,4 @@ def test_run_seeds_reads_back_seeds_finished_with_the_same_flags(tmp_path, monke
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: one_core)
     capsys.readouterr()
     assert seeds_run(["--value", "6"], [0, 1], jobs=2)[1] == [0, 1]
-    assert "running seeds 0, 1, 1 at once" in capsys.readouterr().out
+    assert "running seeds 0, 1 (1 at a time)" in capsys.readouterr().out

@@ -394,7 +394,7 @@ def test_selflabel_benchmark_reads_back_finished_runs_and_resumes_stopped_ones(t
     for name in ("finished.json", "test_metrics.json", "results.json", "model.keras", "iteration_00.keras"):
         (out / "digits_n2d_seed1" / name).unlink()
     printed = run("--runs", "2", "--jobs", "2", "--out", str(out))
-    assert "running digits_n2d_seed1," in printed and not (out / "digits_n2d_seed0.log").exists()
+    assert "running digits_n2d_seed1 (" in printed and not (out / "digits_n2d_seed0.log").exists()
     assert pd.read_csv(out / "runs.csv")["resumed"].tolist() == [False, True]
     stages = json.loads((out / "digits_n2d_seed1" / "results.json").read_text())["timings"]["stages"]
     assert "init_features_seconds" in first_stages and "init_features_seconds" not in stages

@@ -113,6 +113,55 @@ def test_resume_with_another_k_ends_where_an_uninterrupted_run_ends(digits, tmp_
     np.testing.assert_allclose(log["quantization_error"], ref_log["quantization_error"], rtol=1e-5)
 
 
+class _AugmentedTask(training.Task):
+    """A small dense network fitted to augmented images: its weights depend on every draw."""
+
+    def __init__(self, seed):
+        keras.utils.set_random_seed(seed)
+        self.model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(4)])
+
+    def loss_terms(self, x, idx, scalars):
+        return {"loss": keras.ops.sum(keras.ops.square(self.model(x) - 1.0), axis=1)}
+
+    def evaluate(self):
+        return {}
+
+
+def test_augmentation_draws_depend_on_the_seed_alone_not_on_interruptions_or_earlier_draws(tmp_path,
+                                                                                            monkeypatch):
+    from common.networks import Augmentation
+
+    (x, _), _ = load_data("digits", flatten=False)
+
+    def flip_shift():
+        return Augmentation([lambda s: keras.layers.RandomFlip("horizontal", seed=s),
+                             lambda s: keras.layers.RandomTranslation(0.2, 0.2, seed=s)], seed=4)
+
+    def run(save_dir=None, resume=False, augment=None, seed=4):
+        task = _AugmentedTask(seed=1)
+        training.train(task, x, iterations=60, batch_size=64, eval_interval=20, verbose=0, checkpoint_minutes=0,
+                       save_dir=save_dir, resume=resume, map_fn=augment or flip_shift(), seed=seed,
+                       optimizer=keras.optimizers.SGD(0.01))
+        return task.model.get_weights()
+
+    def assert_same(a, b):
+        for got, want in zip(a, b):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+    reference = run(tmp_path / "ref")
+    restore = interrupt_on_call(monkeypatch, _AugmentedTask, "evaluate", 3)  # the row at 40
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "run")
+    restore()
+    assert_same(run(tmp_path / "run", resume=True), reference)  # drawn on from the checkpoint
+    used = flip_shift()
+    for _ in range(3):  # an earlier phase's draws
+        used(x[:64])
+    assert_same(run(augment=used), reference)
+    other = run(seed=5)  # another seed draws (and shuffles) otherwise
+    assert not np.allclose(other[0], reference[0])
+
+
 # ---------------------------------------------------------------- in-graph scalars
 @pytest.mark.parametrize("decay", ["exponential", "linear", "constant"])
 @pytest.mark.parametrize("update_interval", [1, 7])
