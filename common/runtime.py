@@ -275,7 +275,8 @@ def run_pinned(commands, jobs: int, on_exit=None):
     given, is called as soon as command ``i`` ends (in a worker thread), so
     that a caller can record a finished child even when one listed before it
     fails. Once a child fails (or the caller stops reading), no new child
-    starts (None is yielded for it); those running end on their own.
+    starts (None is yielded for it); those running end on their own. A
+    failure is reported on stderr when it happens, with its log's last line.
     """
     commands = list(commands)
     cores = sorted(os.sched_getaffinity(0))
@@ -309,8 +310,11 @@ def run_pinned(commands, jobs: int, on_exit=None):
                 _, status, usage = os.wait4(child.pid, 0)  # wait(), with this child's own resource usage
                 child.returncode = os.waitstatus_to_exitcode(status)
                 ended = ChildExit(child.returncode, time.perf_counter() - t0, usage.ru_maxrss / 1024**2)
-                if ended.code:
+                if ended.code:  # said at once: the caller may still be waiting for a child listed before
                     stopped.set()
+                    print(f"{log_path}: exit {ended.code} after {ended.seconds:.0f} s "
+                          f"({last_line(log_path)}); no new run starts, those running finish",
+                          file=sys.stderr, flush=True)
         finally:
             shares.put(share)
         if on_exit is not None:

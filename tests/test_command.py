@@ -131,6 +131,22 @@ def test_run_pinned_gives_each_child_its_own_cores_and_stops_early(tmp_path):
     assert ended[0].code == 1 and ended[1] is None and not marker.exists()
 
 
+def test_run_pinned_reports_a_failure_while_a_run_listed_before_it_still_runs(tmp_path, capsys):
+    import sys
+
+    from common.runtime import run_pinned
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two cores")
+    slow = ([sys.executable, "-c", "import time; time.sleep(3)"], tmp_path / "slow.log")
+    bad = ([sys.executable, "-c", "import sys; sys.exit('no such file')"], tmp_path / "bad.log")
+    exits = run_pinned([slow, bad], jobs=2)
+    assert next(exits).code == 0  # the slow one, listed first, has ended: the failure was said meanwhile
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'bad.log'}: exit 1" in err and "(no such file)" in err
+    assert next(exits).code == 1
+
+
 FAKE_BENCHMARK = """
 import argparse, pathlib, sys
 p = argparse.ArgumentParser()

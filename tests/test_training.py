@@ -139,9 +139,9 @@ def test_augmentation_draws_depend_on_the_seed_alone_not_on_interruptions_or_ear
 
     def run(save_dir=None, resume=False, augment=None, seed=4):
         task = _AugmentedTask(seed=1)
-        training.train(task, x, iterations=60, batch_size=64, eval_interval=20, verbose=0, checkpoint_minutes=0,
-                       save_dir=save_dir, resume=resume, map_fn=augment or flip_shift(), seed=seed,
-                       optimizer=keras.optimizers.SGD(0.01))
+        training.train(task, x, iterations=60, batch_size=64, eval_interval=20, verbose=0,
+                       checkpoint_minutes=0, save_dir=save_dir, resume=resume, map_fn=augment or flip_shift(),
+                       seed=seed, optimizer=keras.optimizers.SGD(0.01))
         return task.model.get_weights()
 
     def assert_same(a, b):
