@@ -235,7 +235,10 @@ class Augmentation:
     drawn from ``seed`` (layers given one seed draw the same random numbers
     at every call: a flip would always come with the same rotation and
     brightness). The layers run in training mode (new transformations at
-    every call); ``pipeline`` is their ``keras.Sequential``.
+    every call); ``pipeline`` is their ``keras.Sequential``. The training
+    loop starts their random state again from its own ``seed`` at each phase
+    (:func:`common.training.reseed`: the same state as
+    ``Augmentation(makers, seed)``) and checkpoints it.
     """
 
     def __init__(self, makers, seed: int = 0, name: str = "augment"):

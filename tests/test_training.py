@@ -162,6 +162,19 @@ def test_augmentation_draws_depend_on_the_seed_alone_not_on_interruptions_or_ear
     assert not np.allclose(other[0], reference[0])
 
 
+def test_reseeding_with_an_augmentations_own_seed_gives_its_initial_state():
+    from dcn.selflabel import AUGMENTATIONS, augmenter
+
+    augment = augmenter(list(AUGMENTATIONS), seed=7)
+    states = training.seed_states(training.layers_of(augment))
+    assert len(states) == len(AUGMENTATIONS)  # one generator per layer
+    initial = [v.numpy().tolist() for v in states]
+    augment(np.random.default_rng(0).random((4, 28, 28, 1), np.float32))
+    training.reseed(states, 7)
+    assert [v.numpy().tolist() for v in states] == initial
+    assert training.layers_of(lambda batch: batch) == []
+
+
 # ---------------------------------------------------------------- in-graph scalars
 @pytest.mark.parametrize("decay", ["exponential", "linear", "constant"])
 @pytest.mark.parametrize("update_interval", [1, 7])
