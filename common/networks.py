@@ -19,7 +19,7 @@ from keras import layers, ops
 from common.data import as_float32
 from common.errors import UsageError
 from common.runtime import is_chief
-from common.training import Task, train
+from common.training import Task, layer_seeds, train
 
 
 def kernel_initializer(name: str):
@@ -236,14 +236,13 @@ class Augmentation:
     at every call: a flip would always come with the same rotation and
     brightness). The layers run in training mode (new transformations at
     every call); ``pipeline`` is their ``keras.Sequential``. The training
-    loop starts their random state again from its own ``seed`` at each phase
-    (:func:`common.training.reseed`: the same state as
-    ``Augmentation(makers, seed)``) and checkpoints it.
+    loop starts their random state again at each phase, from its seed and
+    the phase's name (:func:`common.training.reseed`), and checkpoints it.
     """
 
     def __init__(self, makers, seed: int = 0, name: str = "augment"):
-        seeds = np.random.SeedSequence(int(seed)).generate_state(max(len(makers), 1))
-        self.pipeline = keras.Sequential([make(int(s) % 2**31) for make, s in zip(makers, seeds)], name=name)
+        seeds = layer_seeds(len(makers), seed)
+        self.pipeline = keras.Sequential([make(s) for make, s in zip(makers, seeds)], name=name)
 
     def __call__(self, batch):
         return ops.clip(self.pipeline(batch, training=True), 0.0, 1.0)

@@ -312,9 +312,9 @@ def run_pinned(commands, jobs: int, on_exit=None):
                 ended = ChildExit(child.returncode, time.perf_counter() - t0, usage.ru_maxrss / 1024**2)
                 if ended.code:  # said at once: the caller may still be waiting for a child listed before
                     stopped.set()
-                    print(f"{log_path}: exit {ended.code} after {ended.seconds:.0f} s "
-                          f"({last_line(log_path)}); no new run starts, those running finish",
-                          file=sys.stderr, flush=True)
+                    how = f"exit {ended.code}" if ended.code > 0 else f"killed by signal {-ended.code}"
+                    print(f"{log_path}: {how} after {ended.seconds:.0f} s ({last_line(log_path)}); "
+                          f"no new run starts, those running finish", file=sys.stderr, flush=True)
         finally:
             shares.put(share)
         if on_exit is not None:

@@ -44,6 +44,7 @@ import os
 import shutil
 import sys
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -64,7 +65,8 @@ from common.runtime import (
 )
 
 __all__ = ["STRATEGIES", "CSVLog", "StopTraining", "Task", "Timings", "TrainResult", "checkpoint_exists",
-           "make_strategy", "plan", "proportional_batch_size", "set_mixed_precision", "train"]
+           "layer_seeds", "layers_of", "make_strategy", "plan", "proportional_batch_size", "reseed",
+           "seed_states", "set_mixed_precision", "train"]
 
 #: Wall-clock length aimed at for one call of the K-step function when K is ``auto``.
 TARGET_CALL_SECONDS = 0.1
@@ -98,7 +100,7 @@ class Task:
     def step_layers(self) -> list:
         """Keras layers the step runs besides ``model`` (an augmentation
         pipeline, a projection head): XLA's ``auto`` looks at them too, and
-        their random state starts from the loop's seed and is checkpointed."""
+        their random state starts from the phase's seed and is checkpointed."""
         return []
 
     def scalars(self, iteration) -> dict:
@@ -135,6 +137,12 @@ def layers_of(fn) -> list:
     return [] if pipeline is None else [pipeline]
 
 
+def layer_seeds(n: int, *entropy) -> list[int]:
+    """``n`` seeds for Keras layers (each below 2**31), drawn from the
+    integers ``entropy`` (numpy's ``SeedSequence``)."""
+    return [int(s) % 2**31 for s in np.random.SeedSequence([int(e) for e in entropy]).generate_state(n)]
+
+
 def seed_states(layers) -> list:
     """The state variables of the Keras seed generators in ``layers`` (a
     layer's own checkpoint leaves them out), each once, in order."""
@@ -142,11 +150,12 @@ def seed_states(layers) -> list:
                  if v.name == "seed_generator_state"}.values())
 
 
-def reseed(states, seed: int):
-    """Start the seed generator ``states`` (:func:`seed_states`) from
-    ``seed``: each its own seed drawn from it, in order."""
-    for v, s in zip(states, np.random.SeedSequence(int(seed)).generate_state(len(states))):
-        v.assign(np.array([int(s) % 2**31, 0]).astype(v.dtype))
+def reseed(states, seed: int, phase: str = ""):
+    """Start the seed generator ``states`` (:func:`seed_states`) afresh, each
+    from its own seed drawn from (``seed``, ``phase``): phases of one run
+    given the same seed (pretraining, then clustering) draw differently."""
+    for v, s in zip(states, layer_seeds(len(states), seed, zlib.crc32(phase.encode()))):
+        v.assign(np.array([s, 0]).astype(v.dtype))
 
 
 class StopTraining(Exception):
@@ -380,7 +389,8 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: float | None 
         map_fn: optional function applied to each batch in the graph, before
             the step (data augmentation); it keeps the batch's shape and dtype.
             The random state of its Keras layers (:func:`layers_of`) and of
-            ``task.step_layers()`` starts from ``seed`` and is checkpointed.
+            ``task.step_layers()`` starts from (``seed``, ``phase``) and is
+            checkpointed.
         shuffle: draw each epoch's batches in a new seeded order (default);
             False: consecutive rows in data order, wrapping around at the
             end (DEC-keras' clustering phase, without its partial batch).
@@ -426,23 +436,25 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: float | None 
     # --- checkpoints and log -------------------------------------------------
     save_dir = Path(save_dir) if save_dir is not None else None
     manager = None
-    # The augmentation's random state starts from ``seed`` and is checkpointed:
+    # The augmentation's random state starts from (seed, phase) and is checkpointed:
     # the draws of a phase, like its batches, depend neither on interruptions
     # nor on what the same layers drew in earlier phases.
     random_state = seed_states([*layers_of(map_fn), *task.step_layers()])
-    reseed(random_state, seed)
+    reseed(random_state, seed, phase)
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
         ckpt_dir = save_dir / "checkpoints" / phase
         if not resume and ckpt_dir.exists() and chief:
             shutil.rmtree(ckpt_dir)
-        ckpt = tf.train.Checkpoint(optimizer=optimizer, iteration=iteration, elapsed=elapsed,
-                                   finished=finished, **task.trackables(),
-                                   **({"random_state": random_state} if random_state else {}))
+        parts = dict(optimizer=optimizer, iteration=iteration, elapsed=elapsed, finished=finished,
+                     **task.trackables())
+        ckpt = tf.train.Checkpoint(**parts, **({"random_state": random_state} if random_state else {}))
         if resume:  # every worker restores the chief's checkpoints (a shared folder)
             found = _checkpoint_manager(tf, ckpt, ckpt_dir) if chief or ckpt_dir.is_dir() else None
             if found is not None and found.checkpoints:
-                _restore(tf, ckpt, found)
+                # checkpoints written before the random state was saved: all but it
+                _restore(tf, ckpt, found, without_random_state=tf.train.Checkpoint(**parts) if random_state
+                         else None)
         # TensorFlow's multi-worker convention: every worker saves (the variables are
         # synchronised), the chief into the run's folder, the others into a folder of
         # their own that is deleted after each save.
@@ -680,13 +692,20 @@ def _checkpoint_manager(tf, ckpt, directory: Path):
     return manager
 
 
-def _restore(tf, ckpt, manager):
+def _restore(tf, ckpt, manager, without_random_state=None):
     """Restore the newest checkpoint that can be read; warn about each one
-    that cannot (e.g. cut short by a full disk) and fall back to the one before."""
+    that cannot (e.g. cut short by a full disk) and fall back to the one before.
+    A checkpoint without ``random_state`` (written before it was saved) is
+    restored into ``without_random_state`` instead, with a warning."""
     paths = list(manager.checkpoints)
     for k, path in enumerate(reversed(paths)):
         try:
-            ckpt.restore(path).assert_existing_objects_matched()
+            old = without_random_state is not None and not any(
+                name.split("/")[0] == "random_state" for name, _ in tf.train.list_variables(path))
+            (without_random_state if old else ckpt).restore(path).assert_existing_objects_matched()
+            if old:
+                print(f"warning: checkpoint {path} was written before the augmentation's random state was "
+                      f"saved; its draws start again from the phase's seed", file=sys.stderr)
             return path
         except Exception as e:  # TensorFlow raises OpError, IndexError, ValueError, ... here
             older = paths[-k - 2] if k + 1 < len(paths) else None

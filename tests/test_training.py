@@ -162,17 +162,41 @@ def test_augmentation_draws_depend_on_the_seed_alone_not_on_interruptions_or_ear
     assert not np.allclose(other[0], reference[0])
 
 
-def test_reseeding_with_an_augmentations_own_seed_gives_its_initial_state():
+def test_reseeding_starts_each_generator_from_the_seed_and_phase():
     from dcn.selflabel import AUGMENTATIONS, augmenter
 
     augment = augmenter(list(AUGMENTATIONS), seed=7)
     states = training.seed_states(training.layers_of(augment))
     assert len(states) == len(AUGMENTATIONS)  # one generator per layer
-    initial = [v.numpy().tolist() for v in states]
-    augment(np.random.default_rng(0).random((4, 28, 28, 1), np.float32))
-    training.reseed(states, 7)
-    assert [v.numpy().tolist() for v in states] == initial
+    assert training.seed_states([*training.layers_of(augment), augment.pipeline]) == states  # each once
+    assert [v.numpy().tolist() for v in states] == [[s, 0] for s in training.layer_seeds(len(states), 7)]
+    drawn = {}
+    for phase in ("pretrain", "train"):
+        augment(np.random.default_rng(0).random((4, 28, 28, 1), np.float32))
+        training.reseed(states, 7, phase)
+        drawn[phase] = [v.numpy().tolist() for v in states]
+        assert all(count == 0 for _, count in drawn[phase])
+    assert len({s for s, _ in drawn["pretrain"] + drawn["train"]}) == 2 * len(states)  # all different
+    training.reseed(states, 7, "train")
+    assert [v.numpy().tolist() for v in states] == drawn["train"]
     assert training.layers_of(lambda batch: batch) == []
+
+
+def test_a_checkpoint_without_the_random_state_resumes_with_a_warning(tmp_path, monkeypatch, capsys):
+    from common.networks import Augmentation
+
+    (x, _), _ = load_data("digits", flatten=False)
+    flips = Augmentation([lambda s: keras.layers.RandomFlip("horizontal", seed=s)], seed=4)
+    kwargs = dict(iterations=40, batch_size=64, eval_interval=20, verbose=0, checkpoint_minutes=0,
+                  save_dir=tmp_path)
+    restore = interrupt_on_call(monkeypatch, _AugmentedTask, "evaluate", 2)  # the row at 20
+    with pytest.raises(KeyboardInterrupt):  # a plain function: its state is not saved, as before
+        training.train(_AugmentedTask(seed=1), x, map_fn=lambda batch: flips(batch), **kwargs)
+    restore()
+    result = training.train(_AugmentedTask(seed=1), x, map_fn=flips, resume=True, **kwargs)
+    assert (result.iterations, result.trained) == (40, 20)
+    err = capsys.readouterr().err
+    assert "written before the augmentation's random state was saved" in err and "cannot be read" not in err
 
 
 # ---------------------------------------------------------------- in-graph scalars
