@@ -90,7 +90,8 @@ def _main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     program = str(Path(__file__).resolve().parents[1] / "bin" / "selflabel")
     cores = f"{len(os.sched_getaffinity(0))} of {os.cpu_count()} CPU cores"
-    print(f"{cores}; bin/selflabel on {args.dataset}, {args.runs} seeds {' '.join(passed)}".rstrip())
+    seeds = f"{args.runs} seed{'s' * (args.runs != 1)}"
+    print(f"{cores}; bin/selflabel on {args.dataset}, {seeds} {' '.join(passed)}".rstrip())
     runs = {}
     for config in args.configs:
         for r in range(args.runs):
