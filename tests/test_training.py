@@ -123,9 +123,6 @@ class _AugmentedTask(training.Task):
     def loss_terms(self, x, idx, scalars):
         return {"loss": keras.ops.sum(keras.ops.square(self.model(x) - 1.0), axis=1)}
 
-    def evaluate(self):
-        return {}
-
 
 def test_augmentation_draws_depend_on_the_seed_alone_not_on_interruptions_or_earlier_draws(tmp_path,
                                                                                             monkeypatch):
