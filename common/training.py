@@ -436,11 +436,17 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: float | None 
     # --- checkpoints and log -------------------------------------------------
     save_dir = Path(save_dir) if save_dir is not None else None
     manager = None
-    # The augmentation's random state starts from (seed, phase) and is checkpointed:
-    # the draws of a phase, like its batches, depend neither on interruptions
-    # nor on what the same layers drew in earlier phases.
+    # Keras leaves seed generators out of a layer's checkpoint. The augmentation's
+    # random state starts from (seed, phase): the draws of a phase, like its
+    # batches, depend neither on interruptions nor on what the same layers drew
+    # in earlier phases. The models' own (dropout, a VAE's sampled code) go on
+    # from where they are. Both are checkpointed.
     random_state = seed_states([*layers_of(map_fn), *task.step_layers()])
     reseed(random_state, seed, phase)
+    reseeded = {id(v) for v in random_state}
+    model_random_state = [v for v in seed_states(o for o in task.trackables().values()
+                                                 if isinstance(o, keras.layers.Layer))
+                          if id(v) not in reseeded]
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
         ckpt_dir = save_dir / "checkpoints" / phase
@@ -448,13 +454,13 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: float | None 
             shutil.rmtree(ckpt_dir)
         parts = dict(optimizer=optimizer, iteration=iteration, elapsed=elapsed, finished=finished,
                      **task.trackables())
-        ckpt = tf.train.Checkpoint(**parts, **({"random_state": random_state} if random_state else {}))
+        states = {name: v for name, v in (("random_state", random_state),
+                                          ("model_random_state", model_random_state)) if v}
+        ckpt = tf.train.Checkpoint(**parts, **states)
         if resume:  # every worker restores the chief's checkpoints (a shared folder)
             found = _checkpoint_manager(tf, ckpt, ckpt_dir) if chief or ckpt_dir.is_dir() else None
             if found is not None and found.checkpoints:
-                # checkpoints written before the random state was saved: all but it
-                _restore(tf, ckpt, found, without_random_state=tf.train.Checkpoint(**parts) if random_state
-                         else None)
+                _restore(tf, ckpt, found, parts, states)
         # TensorFlow's multi-worker convention: every worker saves (the variables are
         # synchronised), the chief into the run's folder, the others into a folder of
         # their own that is deleted after each save.
@@ -692,20 +698,28 @@ def _checkpoint_manager(tf, ckpt, directory: Path):
     return manager
 
 
-def _restore(tf, ckpt, manager, without_random_state=None):
+_UNSAVED = {  # what a checkpoint written before a random state was saved with it resumes without
+    "random_state": "the augmentation's random state was saved; its draws start again from the phase's seed",
+    "model_random_state": "the model's random state (dropout, sampled codes) was saved; its draws go on "
+                          "from the model's state in this process",
+}
+
+
+def _restore(tf, ckpt, manager, parts=None, states=None):
     """Restore the newest checkpoint that can be read; warn about each one
     that cannot (e.g. cut short by a full disk) and fall back to the one before.
-    A checkpoint without ``random_state`` (written before it was saved) is
-    restored into ``without_random_state`` instead, with a warning."""
+    A checkpoint without some of the random ``states`` (written before they
+    were saved) is restored into the other ``parts`` and states, with a warning."""
     paths = list(manager.checkpoints)
     for k, path in enumerate(reversed(paths)):
         try:
-            old = without_random_state is not None and not any(
-                name.split("/")[0] == "random_state" for name, _ in tf.train.list_variables(path))
-            (without_random_state if old else ckpt).restore(path).assert_existing_objects_matched()
-            if old:
-                print(f"warning: checkpoint {path} was written before the augmentation's random state was "
-                      f"saved; its draws start again from the phase's seed", file=sys.stderr)
+            saved = {name.split("/")[0] for name, _ in tf.train.list_variables(path)}
+            missing = [name for name in states or {} if name not in saved]
+            target = ckpt if not missing else tf.train.Checkpoint(
+                **parts, **{name: v for name, v in states.items() if name not in missing})
+            target.restore(path).assert_existing_objects_matched()
+            for name in missing:
+                print(f"warning: checkpoint {path} was written before {_UNSAVED[name]}", file=sys.stderr)
             return path
         except Exception as e:  # TensorFlow raises OpError, IndexError, ValueError, ... here
             older = paths[-k - 2] if k + 1 < len(paths) else None

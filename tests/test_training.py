@@ -196,6 +196,50 @@ def test_a_checkpoint_without_the_random_state_resumes_with_a_warning(tmp_path, 
     assert "written before the augmentation's random state was saved" in err and "cannot be read" not in err
 
 
+class _DropoutTask(training.Task):
+    """A small network with dropout: its weights depend on every dropout mask."""
+
+    def __init__(self, dropout=True):
+        keras.utils.set_random_seed(1)
+        self.model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(4),
+                                       *([keras.layers.Dropout(0.5)] if dropout else [])])
+
+    def loss_terms(self, x, idx, scalars):
+        return {"loss": keras.ops.sum(keras.ops.square(self.model(x, training=True) - 1.0), axis=1)}
+
+
+def test_dropout_draws_after_a_resume_are_those_of_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    from dcn.autoencoders import VAE
+
+    (x, _), _ = load_data("digits", flatten=False)
+    kwargs = dict(iterations=60, batch_size=64, eval_interval=20, verbose=0, checkpoint_minutes=0)
+
+    def run(task, save_dir=None, resume=False):
+        training.train(task, x, save_dir=save_dir, resume=resume, optimizer=keras.optimizers.SGD(0.01),
+                       **kwargs)
+        return task.model.get_weights()
+
+    reference = run(_DropoutTask(), tmp_path / "ref")
+    restore = interrupt_on_call(monkeypatch, _DropoutTask, "evaluate", 3)  # the row at 40
+    with pytest.raises(KeyboardInterrupt):
+        run(_DropoutTask(), tmp_path / "run")
+    restore()
+    for got, want in zip(run(_DropoutTask(), tmp_path / "run", resume=True), reference):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # the VAE's sampled code has its generator found too, beside its encoder's dropout
+    assert len(training.seed_states([VAE((64,), latent_dim=2)])) == 3
+
+    # a checkpoint without the model's random state (written before it was saved) resumes, with a warning
+    restore = interrupt_on_call(monkeypatch, _DropoutTask, "evaluate", 2)
+    with pytest.raises(KeyboardInterrupt):
+        run(_DropoutTask(dropout=False), tmp_path / "old")
+    restore()
+    capsys.readouterr()
+    run(_DropoutTask(), tmp_path / "old", resume=True)
+    err = capsys.readouterr().err
+    assert "written before the model's random state" in err and "cannot be read" not in err
+
+
 # ---------------------------------------------------------------- in-graph scalars
 @pytest.mark.parametrize("decay", ["exponential", "linear", "constant"])
 @pytest.mark.parametrize("update_interval", [1, 7])
