@@ -125,7 +125,8 @@ class Task:
         return {}
 
     def trackables(self) -> dict:
-        """Objects saved in checkpoints (default: the model)."""
+        """Objects saved in checkpoints (default: the model). The random state
+        of the Keras layers among them (dropout, sampled noise) is saved too."""
         return {"model": self.model}
 
 
@@ -390,7 +391,8 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: float | None 
             the step (data augmentation); it keeps the batch's shape and dtype.
             The random state of its Keras layers (:func:`layers_of`) and of
             ``task.step_layers()`` starts from (``seed``, ``phase``) and is
-            checkpointed.
+            checkpointed; that of the layers in ``task.trackables()`` (dropout,
+            a VAE's sample) is checkpointed and goes on across phases.
         shuffle: draw each epoch's batches in a new seeded order (default);
             False: consecutive rows in data order, wrapping around at the
             end (DEC-keras' clustering phase, without its partial batch).
@@ -436,11 +438,11 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: float | None 
     # --- checkpoints and log -------------------------------------------------
     save_dir = Path(save_dir) if save_dir is not None else None
     manager = None
-    # Keras leaves seed generators out of a layer's checkpoint. The augmentation's
-    # random state starts from (seed, phase): the draws of a phase, like its
-    # batches, depend neither on interruptions nor on what the same layers drew
-    # in earlier phases. The models' own (dropout, a VAE's sampled code) go on
-    # from where they are. Both are checkpointed.
+    # Keras leaves seed generators out of a layer's checkpoint; both kinds below are
+    # checkpointed. The augmentation's start from (seed, phase): the draws of a
+    # phase, like its batches, depend neither on interruptions nor on what the
+    # same layers drew in earlier phases. The models' own (dropout, a VAE's
+    # sampled code) are not reseeded: they go on across phases, as before.
     random_state = seed_states([*layers_of(map_fn), *task.step_layers()])
     reseed(random_state, seed, phase)
     reseeded = {id(v) for v in random_state}
@@ -454,13 +456,13 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: float | None 
             shutil.rmtree(ckpt_dir)
         parts = dict(optimizer=optimizer, iteration=iteration, elapsed=elapsed, finished=finished,
                      **task.trackables())
-        states = {name: v for name, v in (("random_state", random_state),
-                                          ("model_random_state", model_random_state)) if v}
-        ckpt = tf.train.Checkpoint(**parts, **states)
+        random_states = {name: v for name, v in (("random_state", random_state),
+                                                 ("model_random_state", model_random_state)) if v}
+        ckpt = tf.train.Checkpoint(**parts, **random_states)
         if resume:  # every worker restores the chief's checkpoints (a shared folder)
             found = _checkpoint_manager(tf, ckpt, ckpt_dir) if chief or ckpt_dir.is_dir() else None
             if found is not None and found.checkpoints:
-                _restore(tf, ckpt, found, parts, states)
+                _restore(tf, ckpt, found, parts, random_states)
         # TensorFlow's multi-worker convention: every worker saves (the variables are
         # synchronised), the chief into the run's folder, the others into a folder of
         # their own that is deleted after each save.
@@ -698,28 +700,34 @@ def _checkpoint_manager(tf, ckpt, directory: Path):
     return manager
 
 
-_UNSAVED = {  # what a checkpoint written before a random state was saved with it resumes without
-    "random_state": "the augmentation's random state was saved; its draws start again from the phase's seed",
-    "model_random_state": "the model's random state (dropout, sampled codes) was saved; its draws go on "
-                          "from the model's state in this process",
+_RANDOM_STATES = {  # what each random-state part of a checkpoint is, and how a resume goes on without it
+    "random_state": ("the augmentation's random state", "its draws start again from the phase's seed"),
+    "model_random_state": ("the model's random state (dropout, sampled codes)",
+                           "its draws go on from the model's state in this process"),
 }
 
 
-def _restore(tf, ckpt, manager, parts=None, states=None):
+def _restore(tf, ckpt, manager, parts: dict, random_states: dict):
     """Restore the newest checkpoint that can be read; warn about each one
     that cannot (e.g. cut short by a full disk) and fall back to the one before.
-    A checkpoint without some of the random ``states`` (written before they
-    were saved) is restored into the other ``parts`` and states, with a warning."""
+    A part of ``random_states`` that a checkpoint lacks (written before it was
+    saved) or holds for another number of generators (a layer added or removed)
+    is left out, with a warning; the other ``parts`` are restored."""
     paths = list(manager.checkpoints)
     for k, path in enumerate(reversed(paths)):
         try:
-            saved = {name.split("/")[0] for name, _ in tf.train.list_variables(path)}
-            missing = [name for name in states or {} if name not in saved]
-            target = ckpt if not missing else tf.train.Checkpoint(
-                **parts, **{name: v for name, v in states.items() if name not in missing})
+            names = [name.split("/") for name, _ in tf.train.list_variables(path)]
+            saved = {part: len({n[1] for n in names if n[0] == part and len(n) > 1})  # generators saved
+                     for part in random_states}
+            left_out = [part for part, states in random_states.items() if saved[part] != len(states)]
+            target = ckpt if not left_out else tf.train.Checkpoint(
+                **parts, **{part: v for part, v in random_states.items() if part not in left_out})
             target.restore(path).assert_existing_objects_matched()
-            for name in missing:
-                print(f"warning: checkpoint {path} was written before {_UNSAVED[name]}", file=sys.stderr)
+            for part in left_out:
+                what, then = _RANDOM_STATES[part]
+                why = (f"was written before {what} was saved" if not saved[part] else
+                       f"holds {what} for {saved[part]} generators, the model has {len(random_states[part])}")
+                print(f"warning: checkpoint {path} {why}; {then}", file=sys.stderr)
             return path
         except Exception as e:  # TensorFlow raises OpError, IndexError, ValueError, ... here
             older = paths[-k - 2] if k + 1 < len(paths) else None

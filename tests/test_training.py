@@ -197,47 +197,59 @@ def test_a_checkpoint_without_the_random_state_resumes_with_a_warning(tmp_path, 
 
 
 class _DropoutTask(training.Task):
-    """A small network with dropout: its weights depend on every dropout mask."""
+    """A small network with ``dropouts`` dropout layers: its weights depend on
+    every dropout mask. Each instance starts from the same global seed."""
 
-    def __init__(self, dropout=True):
+    def __init__(self, dropouts=1):
         keras.utils.set_random_seed(1)
         self.model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(4),
-                                       *([keras.layers.Dropout(0.5)] if dropout else [])])
+                                       *[keras.layers.Dropout(0.5) for _ in range(dropouts)]])
 
     def loss_terms(self, x, idx, scalars):
         return {"loss": keras.ops.sum(keras.ops.square(self.model(x, training=True) - 1.0), axis=1)}
 
 
 def test_dropout_draws_after_a_resume_are_those_of_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    import tensorflow as tf
+
     from dcn.autoencoders import VAE
 
     (x, _), _ = load_data("digits", flatten=False)
     kwargs = dict(iterations=60, batch_size=64, eval_interval=20, verbose=0, checkpoint_minutes=0)
 
     def run(task, save_dir=None, resume=False):
-        training.train(task, x, save_dir=save_dir, resume=resume, optimizer=keras.optimizers.SGD(0.01),
-                       **kwargs)
-        return task.model.get_weights()
+        return training.train(task, x, save_dir=save_dir, resume=resume, optimizer=keras.optimizers.SGD(0.01),
+                              **kwargs)
 
-    reference = run(_DropoutTask(), tmp_path / "ref")
-    restore = interrupt_on_call(monkeypatch, _DropoutTask, "evaluate", 3)  # the row at 40
-    with pytest.raises(KeyboardInterrupt):
-        run(_DropoutTask(), tmp_path / "run")
-    restore()
-    for got, want in zip(run(_DropoutTask(), tmp_path / "run", resume=True), reference):
+    def interrupted(task, save_dir):
+        restore = interrupt_on_call(monkeypatch, _DropoutTask, "evaluate", 3)  # the row at 40
+        with pytest.raises(KeyboardInterrupt):
+            run(task, save_dir)
+        restore()
+        capsys.readouterr()
+
+    reference = _DropoutTask()
+    run(reference, tmp_path / "ref")
+    interrupted(_DropoutTask(), tmp_path / "run")
+    saved = tf.train.list_variables(tf.train.latest_checkpoint(tmp_path / "run" / "checkpoints" / "train"))
+    assert any(name.startswith("model_random_state/0/") for name, _ in saved)
+    resumed = _DropoutTask()
+    assert run(resumed, tmp_path / "run", resume=True).trained == 20
+    for got, want in zip(resumed.model.get_weights(), reference.model.get_weights()):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    # the VAE's sampled code has its generator found too, beside its encoder's dropout
+    assert "warning" not in capsys.readouterr().err
+    # the VAE's sampled code has its generator found too, beside its encoder's two dropouts
     assert len(training.seed_states([VAE((64,), latent_dim=2)])) == 3
 
-    # a checkpoint without the model's random state (written before it was saved) resumes, with a warning
-    restore = interrupt_on_call(monkeypatch, _DropoutTask, "evaluate", 2)
-    with pytest.raises(KeyboardInterrupt):
-        run(_DropoutTask(dropout=False), tmp_path / "old")
-    restore()
-    capsys.readouterr()
-    run(_DropoutTask(), tmp_path / "old", resume=True)
-    err = capsys.readouterr().err
-    assert "written before the model's random state" in err and "cannot be read" not in err
+    # a checkpoint without the model's random state (written before it was saved), or with it for another
+    # number of generators (a dropout added), resumes with a warning and without that part
+    for before, after, said in [(0, 1, "was written before the model's random state"),
+                                (1, 2, "for 1 generators, the model has 2")]:
+        interrupted(_DropoutTask(before), tmp_path / f"{before}to{after}")
+        result = run(_DropoutTask(after), tmp_path / f"{before}to{after}", resume=True)
+        err = capsys.readouterr().err
+        assert (result.iterations, result.trained) == (60, 20)
+        assert said in err and "cannot be read" not in err
 
 
 # ---------------------------------------------------------------- in-graph scalars
