@@ -725,8 +725,9 @@ def _restore(tf, ckpt, manager, parts: dict, random_states: dict):
             target.restore(path).assert_existing_objects_matched()
             for part in left_out:
                 what, then = _RANDOM_STATES[part]
-                why = (f"was written before {what} was saved" if not saved[part] else
-                       f"holds {what} for {saved[part]} generators, the model has {len(random_states[part])}")
+                n, has = saved[part], len(random_states[part])
+                why = (f"was written before {what} was saved" if not n else
+                       f"holds {what} for {n} generator{'s' * (n > 1)}, the model has {has}")
                 print(f"warning: checkpoint {path} {why}; {then}", file=sys.stderr)
             return path
         except Exception as e:  # TensorFlow raises OpError, IndexError, ValueError, ... here

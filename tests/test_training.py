@@ -244,7 +244,7 @@ def test_dropout_draws_after_a_resume_are_those_of_an_uninterrupted_run(tmp_path
     # a checkpoint without the model's random state (written before it was saved), or with it for another
     # number of generators (a dropout added), resumes with a warning and without that part
     for before, after, said in [(0, 1, "was written before the model's random state"),
-                                (1, 2, "for 1 generators, the model has 2")]:
+                                (1, 2, "for 1 generator, the model has 2")]:
         interrupted(_DropoutTask(before), tmp_path / f"{before}to{after}")
         result = run(_DropoutTask(after), tmp_path / f"{before}to{after}", resume=True)
         err = capsys.readouterr().err
