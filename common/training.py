@@ -443,12 +443,11 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: float | None 
     # phase, like its batches, depend neither on interruptions nor on what the
     # same layers drew in earlier phases. The models' own (dropout, a VAE's
     # sampled code) are not reseeded: they go on across phases, as before.
-    random_state = seed_states([*layers_of(map_fn), *task.step_layers()])
+    augmentation = [*layers_of(map_fn), *task.step_layers()]
+    random_state = seed_states(augmentation)
     reseed(random_state, seed, phase)
-    reseeded = {id(v) for v in random_state}
-    model_random_state = [v for v in seed_states(o for o in task.trackables().values()
-                                                 if isinstance(o, keras.layers.Layer))
-                          if id(v) not in reseeded]
+    models = [o for o in task.trackables().values() if isinstance(o, keras.layers.Layer)]
+    model_random_state = seed_states([*augmentation, *models])[len(random_state):]  # the others, each once
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
         ckpt_dir = save_dir / "checkpoints" / phase

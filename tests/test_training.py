@@ -113,15 +113,18 @@ def test_resume_with_another_k_ends_where_an_uninterrupted_run_ends(digits, tmp_
     np.testing.assert_allclose(log["quantization_error"], ref_log["quantization_error"], rtol=1e-5)
 
 
-class _AugmentedTask(training.Task):
-    """A small dense network fitted to augmented images: its weights depend on every draw."""
+class _SmallTask(training.Task):
+    """A small dense network fitted to (augmented) images, with ``dropouts``
+    dropout layers: its weights depend on every draw. Each instance starts
+    from the global seed ``seed``."""
 
-    def __init__(self, seed):
+    def __init__(self, seed=1, dropouts=0):
         keras.utils.set_random_seed(seed)
-        self.model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(4)])
+        self.model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(4),
+                                       *[keras.layers.Dropout(0.5) for _ in range(dropouts)]])
 
     def loss_terms(self, x, idx, scalars):
-        return {"loss": keras.ops.sum(keras.ops.square(self.model(x) - 1.0), axis=1)}
+        return {"loss": keras.ops.sum(keras.ops.square(self.model(x, training=True) - 1.0), axis=1)}
 
 
 def test_augmentation_draws_depend_on_the_seed_alone_not_on_interruptions_or_earlier_draws(tmp_path,
@@ -135,7 +138,7 @@ def test_augmentation_draws_depend_on_the_seed_alone_not_on_interruptions_or_ear
                              lambda s: keras.layers.RandomTranslation(0.2, 0.2, seed=s)], seed=4)
 
     def run(save_dir=None, resume=False, augment=None, seed=4):
-        task = _AugmentedTask(seed=1)
+        task = _SmallTask(seed=1)
         training.train(task, x, iterations=60, batch_size=64, eval_interval=20, verbose=0,
                        checkpoint_minutes=0, save_dir=save_dir, resume=resume, map_fn=augment or flip_shift(),
                        seed=seed, optimizer=keras.optimizers.SGD(0.01))
@@ -146,7 +149,7 @@ def test_augmentation_draws_depend_on_the_seed_alone_not_on_interruptions_or_ear
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
     reference = run(tmp_path / "ref")
-    restore = interrupt_on_call(monkeypatch, _AugmentedTask, "evaluate", 3)  # the row at 40
+    restore = interrupt_on_call(monkeypatch, _SmallTask, "evaluate", 3)  # the row at 40
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "run")
     restore()
@@ -186,27 +189,14 @@ def test_a_checkpoint_without_the_random_state_resumes_with_a_warning(tmp_path, 
     flips = Augmentation([lambda s: keras.layers.RandomFlip("horizontal", seed=s)], seed=4)
     kwargs = dict(iterations=40, batch_size=64, eval_interval=20, verbose=0, checkpoint_minutes=0,
                   save_dir=tmp_path)
-    restore = interrupt_on_call(monkeypatch, _AugmentedTask, "evaluate", 2)  # the row at 20
+    restore = interrupt_on_call(monkeypatch, _SmallTask, "evaluate", 2)  # the row at 20
     with pytest.raises(KeyboardInterrupt):  # a plain function: its state is not saved, as before
-        training.train(_AugmentedTask(seed=1), x, map_fn=lambda batch: flips(batch), **kwargs)
+        training.train(_SmallTask(seed=1), x, map_fn=lambda batch: flips(batch), **kwargs)
     restore()
-    result = training.train(_AugmentedTask(seed=1), x, map_fn=flips, resume=True, **kwargs)
+    result = training.train(_SmallTask(seed=1), x, map_fn=flips, resume=True, **kwargs)
     assert (result.iterations, result.trained) == (40, 20)
     err = capsys.readouterr().err
     assert "written before the augmentation's random state was saved" in err and "cannot be read" not in err
-
-
-class _DropoutTask(training.Task):
-    """A small network with ``dropouts`` dropout layers: its weights depend on
-    every dropout mask. Each instance starts from the same global seed."""
-
-    def __init__(self, dropouts=1):
-        keras.utils.set_random_seed(1)
-        self.model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(4),
-                                       *[keras.layers.Dropout(0.5) for _ in range(dropouts)]])
-
-    def loss_terms(self, x, idx, scalars):
-        return {"loss": keras.ops.sum(keras.ops.square(self.model(x, training=True) - 1.0), axis=1)}
 
 
 def test_dropout_draws_after_a_resume_are_those_of_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
@@ -222,18 +212,18 @@ def test_dropout_draws_after_a_resume_are_those_of_an_uninterrupted_run(tmp_path
                               **kwargs)
 
     def interrupted(task, save_dir):
-        restore = interrupt_on_call(monkeypatch, _DropoutTask, "evaluate", 3)  # the row at 40
+        restore = interrupt_on_call(monkeypatch, _SmallTask, "evaluate", 3)  # the row at 40
         with pytest.raises(KeyboardInterrupt):
             run(task, save_dir)
         restore()
         capsys.readouterr()
 
-    reference = _DropoutTask()
+    reference = _SmallTask(dropouts=1)
     run(reference, tmp_path / "ref")
-    interrupted(_DropoutTask(), tmp_path / "run")
+    interrupted(_SmallTask(dropouts=1), tmp_path / "run")
     saved = tf.train.list_variables(tf.train.latest_checkpoint(tmp_path / "run" / "checkpoints" / "train"))
     assert any(name.startswith("model_random_state/0/") for name, _ in saved)
-    resumed = _DropoutTask()
+    resumed = _SmallTask(dropouts=1)
     assert run(resumed, tmp_path / "run", resume=True).trained == 20
     for got, want in zip(resumed.model.get_weights(), reference.model.get_weights()):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -245,8 +235,8 @@ def test_dropout_draws_after_a_resume_are_those_of_an_uninterrupted_run(tmp_path
     # number of generators (a dropout added), resumes with a warning and without that part
     for before, after, said in [(0, 1, "was written before the model's random state"),
                                 (1, 2, "for 1 generator, the model has 2")]:
-        interrupted(_DropoutTask(before), tmp_path / f"{before}to{after}")
-        result = run(_DropoutTask(after), tmp_path / f"{before}to{after}", resume=True)
+        interrupted(_SmallTask(dropouts=before), tmp_path / f"{before}to{after}")
+        result = run(_SmallTask(dropouts=after), tmp_path / f"{before}to{after}", resume=True)
         err = capsys.readouterr().err
         assert (result.iterations, result.trained) == (60, 20)
         assert said in err and "cannot be read" not in err
