@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(TF)
 
-.PHONY: demo test bench bench-speed bench-schedule bench-deckeras bench-desom30k clean
+.PHONY: demo test bench bench-speed bench-schedule bench-deckeras bench-deckeras-reference bench-desom30k clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,23 @@ bench-schedule: $(STAMP)
 # are read back, not run again)
 bench-deckeras: $(STAMP)
 	bin/dcn-benchmark --dataset fmnist --protocol dec-keras --runs 5 --jobs 2 --out bench/deckeras
+
+# DEC-keras itself (its DEC.py on tf_keras, installed beside the venv, not into it), seeds 0 and 1 on cores
+# 0 and 1 (about 90 minutes), then our DEC from each of its pretrained autoencoders. Needs a DEC-keras
+# checkout: make bench-deckeras-reference DECKERAS=path/to/DEC-keras
+DECKERAS ?= ../DEC-keras
+TF_KERAS := $(VENV)/tf_keras
+bench-deckeras-reference: $(STAMP)
+	test -d $(TF_KERAS) || $(PY) -m pip install --quiet --no-deps --target $(TF_KERAS) \
+	  "tf_keras~=$$($(PY) -c 'import tensorflow as tf; print(*tf.__version__.split(".")[:2], sep=".")').0"
+	mkdir -p bench/deckeras_reference
+	pids=; for s in 0 1; do PYTHONPATH=$(TF_KERAS) TF_NUM_INTRAOP_THREADS=1 TF_NUM_INTEROP_THREADS=1 \
+	  OMP_NUM_THREADS=1 taskset -c $$s bin/dcn-deckeras --deckeras $(DECKERAS) --seed $$s \
+	  --out bench/deckeras_reference > bench/deckeras_reference/log_seed$$s.txt 2>&1 & pids="$$pids $$!"; done; \
+	  for p in $$pids; do wait $$p || { kill $$pids 2>/dev/null; tail -3 bench/deckeras_reference/log_seed*.txt; \
+	  exit 1; }; done
+	bin/dcn-benchmark --dataset fmnist --protocol dec-keras --methods ae+kmeans dec --runs 2 --jobs 2 \
+	  --pretrained bench/deckeras_reference --out bench/deckeras_reference/ours
 
 # DESOM on Fashion-MNIST 8x8 with 30,000 iterations of the paper's schedule (our best purity), 5 seeds two at
 # a time, each on one core (about 30 minutes a seed here; seeds finished in bench/it30k are read back)

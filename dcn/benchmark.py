@@ -7,7 +7,8 @@ follows ``--protocol``: ``ours`` (Glorot initialisation, Adam, 50 epochs) or
 ``dec-keras`` (DEC-keras' settings for MNIST and Fashion-MNIST: uniform
 +-sqrt(1/fan_in) initialisation, SGD lr 1 momentum 0.9, 300 epochs; and
 its clustering phase's batches of consecutive samples in data order, not
-shuffled).
+shuffled). ``--pretrained DIR`` takes each seed's autoencoder from an
+earlier run, or DEC-keras' own (``bin/dcn-deckeras``), instead.
 
 * ``ae+kmeans``: k-means (20 restarts) on the pretrained embedding;
 * ``dec``: KL(P || Q) alone, SGD lr 0.01 momentum 0.9 (DEC-keras);
@@ -45,7 +46,7 @@ from common.data import KNOWN_DATASETS, load_data
 from common.errors import UsageError
 from common.metrics import evaluate_clustering
 from common.results import write_csv, write_summary
-from common.runtime import JOBS_HELP, quiet_tensorflow, run_seeds
+from common.runtime import FINISHED, JOBS_HELP, quiet_tensorflow, run_seeds
 
 METHODS = ("ae+kmeans", "dec", "idec")
 COLUMNS = ("acc", "nmi", "nmi_geometric", "ari", "iterations", "pretrain_seconds", "cluster_seconds")
@@ -69,6 +70,9 @@ def parser():
                    "data order (not shuffled)")
     p.add_argument("--pretrain_epochs", type=int, bounds="[1, inf)",
                    help="override the protocol's pretraining epochs")
+    p.add_argument("--pretrained", metavar="DIR",
+                   help="take each seed's autoencoder from DIR/ae_<dataset>_seed<N>.weights.h5 (an earlier "
+                   "run's, or DEC-keras' own written by bin/dcn-deckeras) instead of pretraining it")
     p.add_argument("--max_iterations", type=int, default=20000, bounds="[1, inf)",
                    help="clustering iterations at most (vector runs)")
     p.add_argument("--update_interval", type=int, default=140, bounds="[1, inf)",
@@ -134,6 +138,10 @@ def parallel_vector_runs(args, out: Path, rows: list):
     the autoencoder weights, log.txt); the rows come back in seed order."""
     flags = command_line(parser(), args, skip=("runs", "seed", "out", "jobs", "folder"))
     seeds = range(args.seed, args.seed + args.runs)
+    for seed in seeds if args.pretrained else ():  # a seed read back must have used these very weights
+        done = out / f"seed{seed}" / FINISHED
+        if done.is_file() and done.stat().st_mtime < pretrained_weights(args, seed).stat().st_mtime:
+            done.unlink()
     for seed_rows in run_seeds("dcn.benchmark", flags, seeds, out, args.jobs):
         for row in seed_rows:
             rows.append(row)
@@ -142,14 +150,30 @@ def parallel_vector_runs(args, out: Path, rows: list):
 
 
 def _report(row):
+    pretrained = row.get("pretrained")  # NaN in a runs.csv read back from a run without --pretrained
+    source = (f"autoencoder from {pretrained}" if isinstance(pretrained, str) and pretrained
+              else f"+{row['pretrain_seconds']:.0f} s shared pretraining")
     print(f"{row['dataset']} {row['method']} seed {row['seed']}: acc {row['acc']:.4f}, NMI {row['nmi']:.4f} "
           f"(geometric {row['nmi_geometric']:.4f}), {row['iterations']} iterations, "
-          f"{row['cluster_seconds']:.0f} s (+{row['pretrain_seconds']:.0f} s shared pretraining)", flush=True)
+          f"{row['cluster_seconds']:.0f} s ({source})", flush=True)
 
 
 def _score(pred, y):
     m = evaluate_clustering(pred, y)
     return {k: m[k] for k in ("acc", "nmi", "nmi_geometric", "ari")}
+
+
+def pretrained_weights(args, seed: int) -> Path:
+    """``--pretrained``'s autoencoder weights for ``seed``: ``DIR/<name>`` or,
+    from an earlier ``--jobs`` run, ``DIR/seed<N>/<name>``; a missing file
+    is a UsageError."""
+    name = f"ae_{args.dataset}_seed{seed}.weights.h5"
+    for path in (Path(args.pretrained) / name, Path(args.pretrained) / f"seed{seed}" / name):
+        if path.is_file():
+            return path
+    seeds = f"seed {seed}" if args.runs == 1 else f"seeds {args.seed}-{args.seed + args.runs - 1}"
+    raise UsageError(f"--pretrained: no {name} in {args.pretrained} (nor in its seed{seed}/); give the "
+                     f"folder where an earlier run or bin/dcn-deckeras wrote the autoencoders of {seeds}")
 
 
 def vector_runs(args, out: Path, rows: list):
@@ -165,14 +189,17 @@ def vector_runs(args, out: Path, rows: list):
     for r in range(args.runs):
         seed = args.seed + r
         keras.utils.set_random_seed(seed)
-        weights = out / f"ae_{args.dataset}_seed{seed}.weights.h5"
-        model = DCN(x.shape[1:], k, init=init)
-        t0 = time.perf_counter()
-        pre_opt = keras.optimizers.SGD(1.0, momentum=0.9) if dec_keras else keras.optimizers.Adam()
-        model.pretrain(x, epochs, batch_size=args.batch_size, seed=seed, verbose=args.verbose,
-                       optimizer=pre_opt)
-        pretrain_seconds = time.perf_counter() - t0
-        model.save_autoencoder_weights(weights)
+        if args.pretrained:
+            weights, pretrain_seconds = pretrained_weights(args, seed), float("nan")
+        else:
+            weights = out / f"ae_{args.dataset}_seed{seed}.weights.h5"
+            model = DCN(x.shape[1:], k, init=init)
+            t0 = time.perf_counter()
+            pre_opt = keras.optimizers.SGD(1.0, momentum=0.9) if dec_keras else keras.optimizers.Adam()
+            model.pretrain(x, epochs, batch_size=args.batch_size, seed=seed, verbose=args.verbose,
+                           optimizer=pre_opt)
+            pretrain_seconds = time.perf_counter() - t0
+            model.save_autoencoder_weights(weights)
         for method in args.methods:
             keras.utils.set_random_seed(seed)
             m = DCN(x.shape[1:], k, init=init)
@@ -180,7 +207,9 @@ def vector_runs(args, out: Path, rows: list):
             t0 = time.perf_counter()
             labels = m.init_centers(x, n_init=20, seed=seed)
             row = {"dataset": args.dataset, "method": method, "protocol": args.protocol, "seed": seed,
-                   "pretrain_epochs": epochs, "pretrain_seconds": pretrain_seconds}
+                   "pretrain_epochs": None if args.pretrained else epochs,
+                   "pretrain_seconds": pretrain_seconds,
+                   "pretrained": str(weights) if args.pretrained else ""}
             if method == "ae+kmeans":
                 row.update(_score(labels, y), iterations=0, cluster_seconds=time.perf_counter() - t0)
             else:
@@ -267,7 +296,7 @@ def folder_run(args, out: Path):
     write_summary(rows, out / "folder_summary.csv", ["benchmark"], FOLDER_COLUMNS)
 
 
-def compare_published(rows: list, out: Path):
+def compare_published(rows: list, out: Path, pretrained=None):
     """Our runs beside DEC-keras' 10 Fashion-MNIST trials (:mod:`dcn.published`):
     writes ``<out>/published.csv`` and prints it."""
     from dcn.published import compare_dec_keras, text
@@ -275,12 +304,19 @@ def compare_published(rows: list, out: Path):
     table = compare_dec_keras(pd.DataFrame(rows))
     if len(table):
         write_csv(table, out / "published.csv")
-        print("\nagainst DEC-keras' trials (results/exp1/results.csv):")
+        print("\nagainst DEC-keras' trials (results/exp1/results.csv)"
+              + (f"; our runs start from the autoencoders in {pretrained}:" if pretrained else ":"))
         print(text(table))
 
 
 def _main(argv=None):
     args = parser().parse_args(argv)
+    if args.pretrained and args.methods and not args.speed:  # every seed's file, before the first run starts
+        if args.pretrain_epochs:
+            raise UsageError("--pretrain_epochs has no effect with --pretrained (nothing is pretrained); "
+                             "give one of the two")
+        for seed in range(args.seed, args.seed + args.runs):
+            pretrained_weights(args, seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tf = quiet_tensorflow()
@@ -299,7 +335,7 @@ def _main(argv=None):
             vector_runs(args, out, rows)
         write_summary(rows, out / "summary.csv", ["dataset", "method", "protocol"], COLUMNS)
         if args.dataset == "fmnist" and args.protocol == "dec-keras":
-            compare_published(rows, out)
+            compare_published(rows, out, args.pretrained)
     if args.folder:
         folder_run(args, out)
     print(f"\nwritten: {out}/")

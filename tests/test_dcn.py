@@ -13,7 +13,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 import dcn.models as dcn_models
-from common.errors import DataError
+from common.errors import DataError, UsageError
 from dcn import DCN, ClusteringLayer, kl_divergence, load_model, target_distribution
 from dcn.cli import main
 from dcn.folders import load_folders, reference_class
@@ -415,3 +415,104 @@ def test_dcn_benchmark_writes_the_comparison_with_dec_keras(tmp_path, capsys):
     assert table["method"].tolist() == ["ae+kmeans", "ae+kmeans", "dec", "dec", "dec-(ae+kmeans)",
                                         "dec-(ae+kmeans)"]
     assert "gain > 0 in 0 of 3 / 9 of 10" in capsys.readouterr().out
+
+
+# ------------------------------------------------- DEC-keras itself, beside ours
+def _keras2_weights_file(path, layers):
+    """A Keras 2 HDF5 weights file (as DEC-keras' ae_weights.h5): the model's
+    layer names, and per layer its weight names and arrays."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f.attrs["layer_names"] = [name.encode() for name, _ in layers]
+        for name, weights in layers:
+            group = f.create_group(name)
+            names = [f"{name}/{w}:0" for w in ("kernel", "bias")][: len(weights)]
+            group.attrs["weight_names"] = [n.encode() for n in names]
+            for n, w in zip(names, weights):
+                group[n] = w
+
+
+def test_dec_keras_autoencoder_file_gives_our_autoencoder_the_same_function(tmp_path):
+    from dcn.deckeras_reference import read_autoencoder, save_ours
+
+    dims = (6, 5, 4, 3, 2)
+    pairs = list(zip(dims[:-1], dims[1:]))  # DEC-keras' layer order: encoder_0..3, then decoder_3..0
+    pairs += [(b, a) for a, b in pairs[::-1]]
+    names = [f"encoder_{i}" for i in range(4)] + [f"decoder_{i}" for i in range(3, -1, -1)]
+    rng = np.random.default_rng(0)
+    weights = [(rng.normal(size=(i, o)).astype(np.float32), rng.normal(size=o).astype(np.float32))
+               for i, o in pairs]
+    _keras2_weights_file(tmp_path / "ae_weights.h5", [("input", []), *zip(names, weights)])
+    save_ours(read_autoencoder(tmp_path / "ae_weights.h5"), tmp_path / "ae.weights.h5", dims=dims)
+    model = DCN((6,), 3, embedding_dim=2, hidden=(5, 4, 3), init="dec")
+    model.load_autoencoder_weights(tmp_path / "ae.weights.h5")
+
+    x = rng.normal(size=(7, 6)).astype(np.float32)
+    h, codes = x, None
+    for n, (kernel, bias) in enumerate(weights):
+        h = h @ kernel + bias
+        if n == 3:  # DEC-keras: ReLU on the hidden layers, the code and the output linear
+            codes = h
+        elif n < 7:
+            h = np.maximum(h, 0)
+    np.testing.assert_allclose(model.encoder.predict(x, verbose=0), codes, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(model.decoder.predict(codes, verbose=0), h, rtol=1e-4, atol=1e-4)
+    with pytest.raises(UsageError, match="DEC-keras saved is not 6-5-4-3-2"):
+        save_ours(read_autoencoder(tmp_path / "ae_weights.h5")[:-2], tmp_path / "bad.weights.h5", dims=dims)
+
+
+def test_dcn_deckeras_names_what_it_needs(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from dcn.deckeras_reference import main as deckeras
+
+    out = tmp_path / "o"
+    assert_one_line_error(deckeras, ["--deckeras", str(tmp_path), "--out", str(out)],
+                          "--deckeras must name a DEC-keras checkout", capsys)
+    assert not out.exists()
+    (tmp_path / "DEC.py").write_text("raise SystemExit('must not run')\n")
+    monkeypatch.setitem(sys.modules, "tf_keras", None)  # not installed
+    assert_one_line_error(deckeras, ["--deckeras", str(tmp_path), "--out", str(out)],
+                          "install tf_keras for this TensorFlow (pip install tf_keras~=", capsys)
+
+
+def test_dcn_benchmark_starts_from_pretrained_weights(tmp_path, capsys):
+    import shutil
+
+    from dcn.benchmark import main as bench
+
+    def run(*argv):
+        with pytest.raises(SystemExit) as stop:
+            bench([*flags, *map(str, argv)])
+        assert stop.value.code == 0
+        return pd.read_csv(argv[-1] / "runs.csv")[["method", "seed", "acc", "nmi", "ari"]]
+
+    first, again, swapped = tmp_path / "first", tmp_path / "again", tmp_path / "swapped"
+    flags = ["--dataset", "digits", "--methods", "ae+kmeans", "dec", "--max_iterations", "20",
+             "--batch_size", "128"]
+    assert_one_line_error(bench, [*flags, "--pretrained", str(first), "--out", str(again)],
+                          "--pretrained: no ae_digits_seed0.weights.h5 in", capsys)
+    assert not again.exists()  # refused before any run
+    ran = run("--pretrain_epochs", "1", "--runs", "2", "--jobs", "2", "--out", first)  # seed<N>/ folders
+    rerun = run("--runs", "2", "--jobs", "2", "--pretrained", first, "--out", again)
+    assert not list(again.rglob("*.weights.h5"))  # nothing pretrained
+    table = pd.read_csv(again / "runs.csv")
+    assert table["pretrain_seconds"].isna().all() and table["pretrained"].str.startswith(str(first)).all()
+    # the same weights and seeds: the same k-means start and the same clustering phase
+    pd.testing.assert_frame_equal(ran, rerun)
+    capsys.readouterr()
+    run("--runs", "2", "--jobs", "2", "--pretrained", first, "--out", again)
+    assert "seeds 0, 1 finished earlier with the same flags" in capsys.readouterr().out
+    later = (again / "seed1" / "finished.json").stat().st_mtime + 10
+    os.utime(first / "seed1" / "ae_digits_seed1.weights.h5", (later, later))  # new weights for seed 1
+    run("--runs", "2", "--jobs", "2", "--pretrained", first, "--out", again)
+    assert "seeds 0 finished earlier" in capsys.readouterr().out  # seed 1 runs again
+    # seed 1's autoencoder given as seed 0's: seed 0 then clusters other codes
+    (swapped / "in").mkdir(parents=True)
+    shutil.copy(first / "seed1" / "ae_digits_seed1.weights.h5", swapped / "in" / "ae_digits_seed0.weights.h5")
+    other = run("--runs", "1", "--pretrained", swapped / "in", "--out", swapped)
+    assert other.loc[0, "acc"] != ran.loc[0, "acc"] or other.loc[0, "nmi"] != ran.loc[0, "nmi"]
+    assert "autoencoder from" in capsys.readouterr().out
+    assert_one_line_error(bench, [*flags, "--pretrained", str(first), "--pretrain_epochs", "2", "--out",
+                                  str(again)], "--pretrain_epochs has no effect with --pretrained", capsys)
