@@ -50,8 +50,9 @@ bench-deckeras: $(STAMP)
 	bin/dcn-benchmark --dataset fmnist --protocol dec-keras --runs 5 --jobs 2 --out bench/deckeras
 
 # DEC-keras itself (its DEC.py on tf_keras, installed beside the venv, not into it), seeds 0 and 1 on cores
-# 0 and 1 (about 90 minutes), then our DEC from each of its pretrained autoencoders. Needs a DEC-keras
-# checkout: make bench-deckeras-reference DECKERAS=path/to/DEC-keras
+# 0 and 1 (77 minutes of pretraining, then up to 20,000 iterations; each process grew to 8.9 GB here), then
+# our DEC from each of its pretrained autoencoders. Needs a DEC-keras checkout:
+# make bench-deckeras-reference DECKERAS=path/to/DEC-keras
 DECKERAS ?= ../DEC-keras
 TF_KERAS := $(VENV)/tf_keras
 bench-deckeras-reference: $(STAMP)
