@@ -349,7 +349,7 @@ JOBS_HELP = ("seeds trained at once (at most one per core), each in its own proc
              "not run again")
 
 
-def run_seeds(module: str, flags: list, seeds, out, jobs: int, first_only=()):
+def run_seeds(module: str, flags: list, seeds, out, jobs: int, first_only=(), inputs=None):
     """``python -m module *flags --runs 1 --seed N --out <out>/seed<N>`` for
     each seed, ``jobs`` at once (:func:`run_pinned`; each log in
     ``<out>/seed<N>/log.txt``); yields each seed's ``runs.csv`` rows (a list
@@ -359,7 +359,9 @@ def run_seeds(module: str, flags: list, seeds, out, jobs: int, first_only=()):
     A seed that finished earlier with the same command (recorded in its
     folder's ``finished.json``) is not run again: its rows are read back, so
     a benchmark of several hours that was stopped, or is extended to more
-    seeds, runs only the seeds it lacks."""
+    seeds, runs only the seeds it lacks. ``inputs(seed)``, if given, names
+    files the seed reads (e.g. pretrained weights): one newer than its
+    record runs the seed again."""
     import pandas as pd
 
     seeds, out = list(seeds), Path(out)
@@ -368,7 +370,10 @@ def run_seeds(module: str, flags: list, seeds, out, jobs: int, first_only=()):
 
     def finished(seed) -> bool:
         folder = out / f"seed{seed}"
-        return (folder / "runs.csv").is_file() and read_record(folder / FINISHED, argvs[seed]) is not None
+        if not (folder / "runs.csv").is_file() or read_record(folder / FINISHED, argvs[seed]) is None:
+            return False
+        done = (folder / FINISHED).stat().st_mtime
+        return all(Path(p).stat().st_mtime <= done for p in (inputs(seed) if inputs else ()))
 
     todo = [seed for seed in seeds if not finished(seed)]
     if len(todo) < len(seeds):

@@ -46,7 +46,7 @@ from common.data import KNOWN_DATASETS, load_data
 from common.errors import UsageError
 from common.metrics import evaluate_clustering
 from common.results import write_csv, write_summary
-from common.runtime import FINISHED, JOBS_HELP, quiet_tensorflow, run_seeds
+from common.runtime import JOBS_HELP, quiet_tensorflow, run_seeds
 
 METHODS = ("ae+kmeans", "dec", "idec")
 COLUMNS = ("acc", "nmi", "nmi_geometric", "ari", "iterations", "pretrain_seconds", "cluster_seconds")
@@ -138,11 +138,8 @@ def parallel_vector_runs(args, out: Path, rows: list):
     the autoencoder weights, log.txt); the rows come back in seed order."""
     flags = command_line(parser(), args, skip=("runs", "seed", "out", "jobs", "folder"))
     seeds = range(args.seed, args.seed + args.runs)
-    for seed in seeds if args.pretrained else ():  # a seed read back must have used these very weights
-        done = out / f"seed{seed}" / FINISHED
-        if done.is_file() and done.stat().st_mtime < pretrained_weights(args, seed).stat().st_mtime:
-            done.unlink()
-    for seed_rows in run_seeds("dcn.benchmark", flags, seeds, out, args.jobs):
+    inputs = (lambda seed: [pretrained_weights(args, seed)]) if args.pretrained else None
+    for seed_rows in run_seeds("dcn.benchmark", flags, seeds, out, args.jobs, inputs=inputs):
         for row in seed_rows:
             rows.append(row)
             _report(row)
@@ -158,7 +155,8 @@ def _report(row):
           f"{row['cluster_seconds']:.0f} s ({source})", flush=True)
 
 
-def _score(pred, y):
+def score_labels(pred, y) -> dict:
+    """Accuracy, NMI (arithmetic and geometric) and ARI of ``pred`` against ``y``."""
     m = evaluate_clustering(pred, y)
     return {k: m[k] for k in ("acc", "nmi", "nmi_geometric", "ari")}
 
@@ -211,14 +209,14 @@ def vector_runs(args, out: Path, rows: list):
                    "pretrain_seconds": pretrain_seconds,
                    "pretrained": str(weights) if args.pretrained else ""}
             if method == "ae+kmeans":
-                row.update(_score(labels, y), iterations=0, cluster_seconds=time.perf_counter() - t0)
+                row.update(score_labels(labels, y), iterations=0, cluster_seconds=time.perf_counter() - t0)
             else:
                 dec = method == "dec"
                 opt = keras.optimizers.SGD(0.01, momentum=0.9) if dec else keras.optimizers.Adam(0.001)
                 res = m.fit(x, y, max_iterations=args.max_iterations, update_interval=args.update_interval,
                             tol=args.tol, recon_weight=0.0 if dec else 10.0, batch_size=args.batch_size,
                             seed=seed, verbose=args.verbose, optimizer=opt, shuffle=not dec_keras)
-                row.update(_score(m.cluster(x), y), iterations=res.iterations,
+                row.update(score_labels(m.cluster(x), y), iterations=res.iterations,
                            cluster_seconds=time.perf_counter() - t0)
             rows.append(row)
             write_csv(pd.DataFrame(rows), out / "runs.csv")

@@ -200,7 +200,7 @@ def save_ours(weights: list, path: Path, dims=DIMS):
 
 
 def _main(argv=None):
-    from common.metrics import evaluate_clustering
+    from dcn.benchmark import score_labels
 
     args = parser().parse_args(argv)
     if not (Path(args.deckeras) / "DEC.py").is_file():
@@ -219,9 +219,9 @@ def _main(argv=None):
     last = int(pd.read_csv(save_dir / "dec_log.csv")["iter"].iloc[-1])
     iterations = last if last + g["update_interval"] < g["args"].maxiter else g["args"].maxiter
     row = {"dataset": "fmnist", "protocol": "deckeras", "seed": args.seed}
-    rows = [{**row, "method": "ae+kmeans", **_scores(evaluate_clustering(created[-1].labels_, g["y"])),
+    rows = [{**row, "method": "ae+kmeans", **score_labels(created[-1].labels_, g["y"]),
              "iterations": 0},
-            {**row, "method": "dec", **_scores(evaluate_clustering(g["y_pred"], g["y"])),
+            {**row, "method": "dec", **score_labels(g["y_pred"], g["y"]),
              "iterations": iterations, "seconds": round(seconds, 1)}]
     path = out / "runs.csv"
     with open(out / ".runs.lock", "w") as lock:  # seeds run at once, one per core, share the table
@@ -237,10 +237,6 @@ def _main(argv=None):
     print(f"its autoencoder in our format: {weights}; our phase from it: bin/dcn-benchmark --protocol "
           f"dec-keras --methods ae+kmeans dec --pretrained {out} --seed {args.seed} --runs 1")
     return 0
-
-
-def _scores(m: dict) -> dict:
-    return {k: m[k] for k in ("acc", "nmi", "nmi_geometric", "ari")}
 
 
 def main(argv=None):
