@@ -58,6 +58,7 @@ INITS = ("ae", "desom", "random", "contrastive")
 MANIFOLDS = ("umap", "none")
 SELECTIONS = ("probability", "neighbours")
 CLUSTERERS = ("gmm", "kmeans")
+KMEANS = ("auto", "sklearn", "faiss")  # auto: faiss when installed
 RELABELS = ("predict", "cluster")
 AUGMENTATIONS = ("translate", "flip", "rotate", "zoom", "noise", "crop", "contrast", "brightness")
 #: The CNN after contrastive pretraining, in a run's folder (where the loop starts from; for --resume
@@ -220,38 +221,86 @@ def neighbour_agreement(labels, neighbours, confidence=None) -> np.ndarray:
     return share
 
 
-def kmeans_labels(z, n_clusters: int, seed: int = 0, init_labels=None):
+def kmeans_backend(name: str = "auto") -> str:
+    """The k-means implementation ``name`` stands for: ``auto`` is faiss when
+    the faiss-cpu package is installed, scikit-learn otherwise."""
+    if name not in KMEANS:
+        raise UsageError(f"unknown k-means '{name}'; choose {', '.join(KMEANS)}")
+    if name == "sklearn":
+        return name
+    try:
+        import faiss  # noqa: F401
+    except ImportError as e:
+        if name == "faiss":
+            raise UsageError("--kmeans faiss needs the faiss-cpu package: pip install faiss-cpu, or use "
+                             "--kmeans sklearn") from e
+        return "sklearn"
+    return "faiss"
+
+
+def kmeans_labels(z, n_clusters: int, seed: int = 0, init_labels=None, starts: int = 10,
+                  backend: str = "auto"):
     """k-means labels and margins (1 - nearest / second-nearest distance).
 
     ``init_labels``: start from the centres of these clusters (one run), so
-    the new ids follow the old ones; otherwise 10 k-means++ restarts.
+    the new ids follow the old ones; otherwise ``starts`` k-means++ starts,
+    the one with the lowest inertia kept. ``backend``: see
+    :func:`kmeans_backend`; with faiss, its Lloyd iterations (100, on every
+    sample rather than its default subsample of 256 a centre) run from
+    scikit-learn's k-means++ starts.
     """
-    from sklearn.cluster import KMeans
-
-    z = np.asarray(z, np.float64)
-    if init_labels is None:
-        km = KMeans(n_clusters, n_init=10, random_state=seed)
-    else:
+    z = np.asarray(z, np.float64).reshape(len(z), -1)
+    centres = None
+    if init_labels is not None:
         rng = np.random.default_rng(seed)
         centres = np.stack([z[init_labels == k].mean(axis=0) if np.any(init_labels == k)
                             else z[rng.integers(len(z))] for k in range(n_clusters)])
-        km = KMeans(n_clusters, init=centres, n_init=1, random_state=seed)
-    d = km.fit_transform(z)
-    labels = d.argmin(axis=1)
-    two = np.sort(d, axis=1)[:, :2]
+    if kmeans_backend(backend) == "faiss":
+        import faiss
+        from sklearn.cluster import kmeans_plusplus
+
+        z32 = np.ascontiguousarray(z, np.float32)
+        rng = np.random.default_rng(seed)
+        # k-means++ starts, as scikit-learn's (faiss' own are random samples)
+        inits = [centres] if centres is not None else (
+            kmeans_plusplus(z32, int(n_clusters), random_state=int(rng.integers(2**31)))[0]
+            for _ in range(int(starts)))
+        best = None
+        for init in inits:
+            km = faiss.Kmeans(z32.shape[1], int(n_clusters), niter=100, verbose=False,
+                              max_points_per_centroid=len(z32))
+            km.train(z32, init_centroids=np.ascontiguousarray(init, np.float32))
+            if best is None or km.obj[-1] < best.obj[-1]:
+                best = km
+        two, nearest = best.index.search(z32, 2)
+        labels, two = nearest[:, 0].astype(np.int64), np.sqrt(np.maximum(two, 0.0))
+    else:
+        from sklearn.cluster import KMeans
+
+        km = (KMeans(n_clusters, n_init=int(starts), random_state=seed) if centres is None
+              else KMeans(n_clusters, init=centres, n_init=1, random_state=seed))
+        d = km.fit_transform(z)
+        labels = d.argmin(axis=1)
+        two = np.sort(d, axis=1)[:, :2]
     return labels, 1.0 - two[:, 0] / np.maximum(two[:, 1], 1e-12)
 
 
-def cluster_features(z, n_clusters: int, method: str = "gmm", seed: int = 0):
+def cluster_features(z, n_clusters: int, method: str = "gmm", seed: int = 0, starts: int = 10,
+                     kmeans: str = "auto"):
     """(labels, confidence) of a Gaussian mixture (full covariances; the
-    posterior of the chosen component) or of k-means (the margin)."""
+    posterior of the chosen component) or of k-means (the margin).
+
+    Of ``starts`` fits from different initialisations the one kept has the
+    highest likelihood (the lowest inertia for k-means): no label is used.
+    ``kmeans``: the k-means backend (:func:`kmeans_backend`).
+    """
     if method == "kmeans":
-        return kmeans_labels(z, n_clusters, seed)
+        return kmeans_labels(z, n_clusters, seed, starts=starts, backend=kmeans)
     if method != "gmm":
         raise UsageError(f"unknown clusterer '{method}'; choose {' or '.join(CLUSTERERS)}")
     from sklearn.mixture import GaussianMixture
 
-    gmm = GaussianMixture(n_clusters, covariance_type="full", random_state=seed).fit(z)
+    gmm = GaussianMixture(n_clusters, covariance_type="full", n_init=int(starts), random_state=seed).fit(z)
     p = gmm.predict_proba(z)
     return p.argmax(axis=1), p.max(axis=1)
 
@@ -268,13 +317,15 @@ def umap_embedding(z, n_components: int, n_neighbors: int = 10, seed: int = 0) -
     return reducer.fit_transform(np.asarray(z, np.float32))
 
 
-def relabel(model: SelfLabelNet, x, previous, method: str = "predict", balance: bool = True, seed: int = 0):
+def relabel(model: SelfLabelNet, x, previous, method: str = "predict", balance: bool = True, seed: int = 0,
+            kmeans: str = "auto"):
     """New (labels, confidence) from the trained classifier, aligned to ``previous``.
 
     ``predict``: the classifier's predictions (balanced with Sinkhorn-Knopp
     when ``balance``), confidence = the probability of the chosen label;
     ``cluster``: k-means on the L2-normalised features started from the
-    previous clusters' centres, confidence = the k-means margin.
+    previous clusters' centres (backend ``kmeans``), confidence = the k-means
+    margin.
     """
     k = model.n_clusters
     if method == "predict":
@@ -282,7 +333,7 @@ def relabel(model: SelfLabelNet, x, previous, method: str = "predict", balance: 
         labels = balanced_labels(p) if balance else p.argmax(axis=1)
         confidence = p[np.arange(len(p)), labels]
     elif method == "cluster":
-        labels, confidence = kmeans_labels(model.embed(x), k, seed, init_labels=previous)
+        labels, confidence = kmeans_labels(model.embed(x), k, seed, init_labels=previous, backend=kmeans)
     else:
         raise UsageError(f"unknown relabelling '{method}'; choose {' or '.join(RELABELS)}")
     return align_labels(labels, previous, k), confidence
@@ -546,6 +597,7 @@ def label_scores(labels, y) -> dict:
 
 def refine(model: SelfLabelNet, x, labels, confidence, *, iterations: int = 10,
            epochs_per_iteration: float = 2, recluster_interval: int = 1, relabelling: str = "predict",
+           kmeans: str = "auto",
            balance: bool = True, confident_fraction=(0.5, 1.0), fraction_iterations: int | None = None,
            smoothing: float = 0.1, threshold: float = 0.95, lr: float = 0.001, augment=None, neighbours=None,
            knn_epochs: float = 0,
@@ -601,7 +653,7 @@ def refine(model: SelfLabelNet, x, labels, confidence, *, iterations: int = 10,
             # its last iteration was not relabelled (interval, or an earlier version): relabel now
             with np.load(save / "pseudo_labels" / f"iteration_{start - 1:02d}.npz") as f:
                 previous = f["labels"]
-            labels, confidence = shared(*relabel(model, x, previous, relabelling, balance, seed))
+            labels, confidence = shared(*relabel(model, x, previous, relabelling, balance, seed, kmeans))
             rows[-1]["stability"] = aligned_stability(labels, previous, k)
             if on_rows is not None:
                 on_rows(rows)
@@ -641,7 +693,7 @@ def refine(model: SelfLabelNet, x, labels, confidence, *, iterations: int = 10,
             row.update({f"test_{n}": v for n, v in label_scores(pred, y_test).items()})
         relabelled = (i + 1) % recluster_interval == 0 or i + 1 == iterations
         if relabelled:
-            new, new_conf = shared(*relabel(model, x, labels, relabelling, balance, seed))
+            new, new_conf = shared(*relabel(model, x, labels, relabelling, balance, seed, kmeans))
             row["stability"] = aligned_stability(new, labels, k)
             labels, confidence = new, new_conf
         if relabelled and row["stability"] >= threshold:

@@ -19,7 +19,16 @@ from common.errors import DataError, UsageError
 from common.networks import save_keras_model
 from common.results import atomic_path, write_json
 from common.runtime import from_chief, quiet_tensorflow, worker_count
-from dcn.selflabel import AUGMENTATIONS, CLUSTERERS, INIT_MODEL, INITS, MANIFOLDS, RELABELS, SELECTIONS
+from dcn.selflabel import (
+    AUGMENTATIONS,
+    CLUSTERERS,
+    INIT_MODEL,
+    INITS,
+    KMEANS,
+    MANIFOLDS,
+    RELABELS,
+    SELECTIONS,
+)
 
 #: What the issue's authors asked of an unsupervised Fashion-MNIST classifier.
 TARGETS = {"accuracy": 0.72, "nmi": 0.65, "purity": 0.75, "min_f1": 0.60, "stability": 0.95}
@@ -93,6 +102,12 @@ class SelfLabelCommand(TrainingCommand):
         p.add_argument("--neighbors", type=int, default=10, bounds="[2, inf)", help="UMAP neighbours")
         p.add_argument("--clusterer", choices=CLUSTERERS, default="gmm",
                        help="clustering of the initial features")
+        p.add_argument("--cluster_starts", type=int, default=10, bounds="[1, inf)",
+                       help="initialisations of that clustering; the fit with the highest likelihood (the "
+                       "lowest inertia for k-means) is kept")
+        p.add_argument("--kmeans", choices=KMEANS, default="auto",
+                       help="k-means of --clusterer kmeans and --relabel cluster: faiss (faiss-cpu, "
+                       "faster on large data) or scikit-learn; auto: faiss when installed")
         p.add_argument("--knn", type=int, default=20, bounds="[1, inf)",
                        help="neighbours per image, in the initial features, for the neighbour phase and "
                        "--select neighbours")
@@ -133,6 +148,10 @@ class SelfLabelCommand(TrainingCommand):
             raise UsageError(f"--confident_fraction takes one or two shares, got {len(f)}: "
                              f"{' '.join(map(str, f))}")
         args.confident_fraction = [f[0], f[-1]]
+        if args.clusterer == "kmeans" or args.relabel == "cluster":
+            from dcn.selflabel import kmeans_backend
+
+            kmeans_backend(args.kmeans)  # faiss asked for and not installed: say so before anything runs
         if args.fraction_iterations is not None and args.fraction_iterations > args.iterations:
             raise UsageError(f"--fraction_iterations {args.fraction_iterations} is more than --iterations "
                              f"{args.iterations}: the share would never reach its last value; give at most "
@@ -227,7 +246,7 @@ class SelfLabelCommand(TrainingCommand):
                 if a.verbose:
                     print(f"UMAP of the {z.shape[1]}-d features to {k} dimensions ...", flush=True)
                 z = sl.umap_embedding(z, k, a.neighbors, a.seed)
-            labels, confidence = sl.cluster_features(z, k, a.clusterer, a.seed)
+            labels, confidence = sl.cluster_features(z, k, a.clusterer, a.seed, a.cluster_starts, a.kmeans)
             run.stages["init_clustering"] = time.perf_counter() - t
         def on_rows(rows):
             import pandas as pd
@@ -243,7 +262,7 @@ class SelfLabelCommand(TrainingCommand):
         t = time.perf_counter()
         rows = sl.refine(model, d.x, labels, confidence, iterations=a.iterations,
                       epochs_per_iteration=a.epochs_per_iteration, recluster_interval=a.recluster_interval,
-                      relabelling=a.relabel, balance=a.balance == "sinkhorn",
+                      relabelling=a.relabel, kmeans=a.kmeans, balance=a.balance == "sinkhorn",
                       confident_fraction=a.confident_fraction, fraction_iterations=a.fraction_iterations,
                       smoothing=a.label_smoothing, threshold=a.convergence_threshold, lr=a.lr,
                       augment=sl.augmenter(a.augment, a.seed), neighbours=neighbours, knn_epochs=a.knn_epochs,
@@ -280,6 +299,10 @@ class SelfLabelCommand(TrainingCommand):
                "chosen_by": "highest aligned stability of the relabelling (no labels)",
                "stopped": rows[-1].get("stopped"), "final_stability": _last_stability(rows),
                "n_train": len(d.x), "cluster_names": model.cluster_names}
+        if run.args.clusterer == "kmeans" or run.args.relabel == "cluster":
+            from dcn.selflabel import kmeans_backend
+
+            out["kmeans"] = kmeans_backend(run.args.kmeans)
         if "neighbours_same_class" in d.extra:
             out["neighbours_same_class"] = round(d.extra["neighbours_same_class"], 4)
         if d.y is not None:

@@ -19,8 +19,11 @@ from dcn.selflabel import (
     aligned_stability,
     balanced_labels,
     best_iteration,
+    cluster_features,
     fraction_at,
     initial_features,
+    kmeans_backend,
+    kmeans_labels,
     load_model,
     nearest_neighbours,
     neighbour_agreement,
@@ -225,6 +228,51 @@ def test_contrastive_pretraining_trains_the_features_not_the_classifier(tmp_path
         initial_features("contrastive", x, None)
 
 
+def grid_blobs(seed=0):
+    """Nine blobs on a grid, the four small ones easy to miss: single k-means or mixture starts often merge
+    two large blobs and leave a small one out."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(9), [300, 8] * 4 + [300])
+    centres = np.array([(i, j) for i in range(3) for j in range(3)], float) * 5
+    return centres[y] + rng.normal(0, 0.4, (len(y), 2)), y
+
+
+@pytest.mark.parametrize("method, kmeans", [("gmm", "auto"), ("kmeans", "sklearn"), ("kmeans", "faiss")])
+def test_first_clustering_keeps_the_best_of_its_starts(method, kmeans):
+    # with ten starts the fit kept (highest likelihood / lowest inertia) finds every blob, for every seed
+    from sklearn.metrics import adjusted_rand_score
+
+    z, y = grid_blobs()
+    one = [adjusted_rand_score(y, cluster_features(z, 9, method, seed, 1, kmeans)[0]) for seed in range(10)]
+    assert min(one) < 0.99  # the data do trip single starts
+    for seed in range(10):
+        labels, confidence = cluster_features(z, 9, method, seed, 10, kmeans)
+        assert adjusted_rand_score(y, labels) == 1.0
+        assert confidence.shape == (len(y),) and np.all((confidence >= 0) & (confidence <= 1))
+
+
+def test_faiss_and_scikit_learn_kmeans_agree_and_follow_the_previous_ids():
+    z, y = grid_blobs(1)
+    assert kmeans_backend("auto") == "faiss"  # installed with the dev extra
+    fast, fast_margin = kmeans_labels(z, 9, seed=3, backend="faiss")
+    slow, slow_margin = kmeans_labels(z, 9, seed=3, backend="sklearn")
+    assert aligned_stability(fast, slow, 9) == 1.0
+    np.testing.assert_allclose(fast_margin, slow_margin, atol=1e-4)  # 1 - nearest / second distance
+    # started from the centres of a labelling, the ids stay those of the labelling (relabel --relabel cluster)
+    for backend in ("faiss", "sklearn"):
+        labels, _ = kmeans_labels(z, 9, seed=0, init_labels=y, backend=backend)
+        np.testing.assert_array_equal(labels, y)
+
+
+def test_kmeans_faiss_without_faiss_installed_names_the_package(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss raises ImportError
+    assert kmeans_backend("auto") == "sklearn"
+    with pytest.raises(UsageError, match="--kmeans faiss needs the faiss-cpu package: pip install faiss-cpu"):
+        kmeans_backend("faiss")
+
+
 def test_nearest_neighbours_leave_out_the_sample_itself():
     z = np.array([[0.0], [1.0], [1.5], [10.0], [10.2]])
     nb = nearest_neighbours(z, 2)
@@ -310,6 +358,7 @@ def test_bin_selflabel_on_digits_improves_on_its_first_clustering_and_writes_eve
     y = y[:len(neighbours)]  # the training part of digits' split comes first
     assert results["neighbours_same_class"] == pytest.approx(np.mean(y[neighbours] == y[:, None]), abs=1e-4)
     assert results["chosen_iteration"] == max(zip(history["stability"], history["iteration"]))[1]
+    assert results["kmeans"] == "faiss"  # --clusterer kmeans, faiss installed with the dev extra
     # the loop labels the training images better than the first clustering did
     assert history["label_acc"].iloc[-1] > history["label_acc"].iloc[0] + 0.03, history
     assert results["train"]["acc"] > history["label_acc"].iloc[0] + 0.02, (results["train"], history)
@@ -464,6 +513,7 @@ def test_predict_names_image_files_of_any_size_in_a_new_process(tmp_path, capsys
     (["--knn", "0"], "argument --knn: must be in [1, inf), got 0"),
     (["--knn_epochs", "-1"], "argument --knn_epochs: must be in [0, inf), got -1"),
     (["--neighbors", "1"], "argument --neighbors: must be in [2, inf), got 1"),
+    (["--cluster_starts", "0"], "argument --cluster_starts: must be in [1, inf), got 0"),
     (["predict", "--model", "m.keras", "broken.png", "--top_k", "0"],
      "argument --top_k: must be in [1, inf), got 0"),
     (["--data", "vectors.npz"], "bin/selflabel classifies images"),
