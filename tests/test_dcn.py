@@ -475,6 +475,27 @@ def test_dcn_deckeras_names_what_it_needs(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tf_keras", None)  # not installed
     assert_one_line_error(deckeras, ["--deckeras", str(tmp_path), "--out", str(out)],
                           "install tf_keras for this TensorFlow (pip install tf_keras~=", capsys)
+    assert_one_line_error(deckeras, ["--deckeras", str(tmp_path), "--out", str(out), "--ae_weights", "no.h5"],
+                          "--ae_weights no.h5 not found: give the ae_weights.h5 of an earlier run", capsys)
+
+
+def test_deckeras_predict_goes_through_predict_on_batch_in_batches_of_32():
+    # tf_keras' Model.predict, which leaks memory at every call, is replaced by this during a DEC-keras run
+    from dcn.deckeras_reference import predict_in_batches
+
+    class Model:
+        sizes = []
+
+        def predict_on_batch(self, x):
+            self.sizes.append(len(x))
+            return x * 2.0
+
+    x = np.random.default_rng(0).random((70, 3))
+    np.testing.assert_array_equal(predict_in_batches(Model(), x, verbose=0), x * 2.0)
+    assert Model.sizes == [32, 32, 6]
+    Model.sizes.clear()
+    np.testing.assert_array_equal(predict_in_batches(Model(), x, batch_size=50), x * 2.0)
+    assert Model.sizes == [50, 20]
 
 
 def test_dcn_benchmark_starts_from_pretrained_weights(tmp_path, capsys):
