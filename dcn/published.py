@@ -98,7 +98,7 @@ def text(table: pd.DataFrame) -> str:
     lines = []
     for _, r in table.iterrows():
         sign = "+" if r["method"] == GAIN else ""
-        ours = f"ours {r['mean']:{sign}.3f} ± {r['std']:.3f} ({r['runs']} seeds)"
+        ours = f"ours {r['mean']:{sign}.3f} ± {r['std']:.3f} ({r['runs']} seed{'s' * (r['runs'] != 1)})"
         theirs = (f"DEC-keras {r['published_mean']:{sign}.3f} ± {r['published_std']:.3f} "
                   f"({r['published_trials']} trials)")
         line = (f"{r['method']:>15} {r['score']:<3}  {ours}, {theirs}: difference {r['difference']:+.3f}, "

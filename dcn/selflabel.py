@@ -611,8 +611,9 @@ def refine(model: SelfLabelNet, x, labels, confidence, *, iterations: int = 10,
     of :class:`NeighbourTask` on every image (phase ``iteration_<i>_knn``),
     saves ``iteration_<i>.keras`` and, on relabelling iterations (every
     ``recluster_interval``-th and the last, so that every model can be
-    chosen by its stability), computes L_{i+1} and its aligned stability
-    against L_i. The confident share of each cluster rises linearly from
+    chosen by its stability), computes L_{i+1} (:func:`relabel` with
+    ``relabelling``, ``balance`` and the k-means backend ``kmeans``) and its
+    aligned stability against L_i. The confident share of each cluster rises linearly from
     ``confident_fraction[0]`` to ``[1]`` over ``fraction_iterations``
     iterations (default: all of them), then stays; it is chosen by the
     labels' confidence (``select="probability"``) or by

@@ -106,8 +106,8 @@ class SelfLabelCommand(TrainingCommand):
                        help="initialisations of that clustering; the fit with the highest likelihood (the "
                        "lowest inertia for k-means) is kept")
         p.add_argument("--kmeans", choices=KMEANS, default="auto",
-                       help="k-means of --clusterer kmeans and --relabel cluster: faiss (faiss-cpu, "
-                       "faster on large data) or scikit-learn; auto: faiss when installed")
+                       help="k-means of --clusterer kmeans and --relabel cluster: faiss' (the faiss-cpu "
+                       "package) or scikit-learn's; auto: faiss when installed")
         p.add_argument("--knn", type=int, default=20, bounds="[1, inf)",
                        help="neighbours per image, in the initial features, for the neighbour phase and "
                        "--select neighbours")
