@@ -16,12 +16,12 @@ from a difference between the two pretrainings.
 Needs a DEC-keras checkout (``--deckeras``) and ``tf_keras`` for the
 installed TensorFlow (``pip install tf_keras~=<TensorFlow's major.minor>.0``);
 neither is a dependency of this project. Writes DEC-keras' own files
-(``pretrain_log.csv``, ``ae_weights.h5``, ``dec_log.csv``, ``DEC_model_*.h5``)
-into ``<out>/deckeras_seed<N>/``, and its rows into ``<out>/runs.csv`` (the
-columns of bin/dcn-benchmark's): ``ae+kmeans``, the k-means DEC.py starts
-from, and ``dec``, the labels of its last target refresh (where it stopped;
-the last row of ``dec_log.csv``, which DEC-keras' ``run_exp.py`` reports),
-scored with our metrics.
+(``pretrain_log.csv`` and ``ae_weights.h5``, unless ``--ae_weights`` gives
+them, ``dec_log.csv``, ``DEC_model_*.h5``) into ``<out>/deckeras_seed<N>/``,
+and its rows into ``<out>/runs.csv`` (the columns of bin/dcn-benchmark's):
+``ae+kmeans``, the k-means DEC.py starts from, and ``dec``, the labels of
+its last target refresh (where it stopped; the last row of ``dec_log.csv``,
+which DEC-keras' ``run_exp.py`` reports), scored with our metrics.
 """
 
 from __future__ import annotations
@@ -92,9 +92,9 @@ def shims(deckeras: Path, data_dir=None):
       ``KMeans(n_jobs=...)`` (removed in scikit-learn 1.0) drops ``n_jobs``;
     * ``keras.datasets.fashion_mnist.load_data``: the local IDX files;
     * ``Model.predict``: :func:`predict_in_batches`, the same batches of 32
-      through ``predict_on_batch``. tf_keras' own keeps about 200 MB more
-      at every call on the 70,000 images (measured here), and DEC.py calls
-      it every 140 iterations: 20,000 iterations would need some 28 GB.
+      through ``predict_on_batch``. tf_keras' own keeps memory at every
+      call (about 200 MB on the 70,000 images), and DEC.py calls it every
+      140 iterations: its runs grew to 8.9 GB by iteration 6,000.
     """
     try:
         import tf_keras
