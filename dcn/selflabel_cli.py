@@ -110,7 +110,7 @@ class SelfLabelCommand(TrainingCommand):
                        "package) or scikit-learn's; auto: faiss when installed")
         p.add_argument("--knn", type=int, default=20, bounds="[1, inf)",
                        help="neighbours per image, in the initial features, for the neighbour phase and "
-                       "--select neighbours")
+                       "--select neighbours (with --first_labels: the nearest --knn of that run's)")
         p.add_argument("--knn_epochs", type=float, default=1, bounds="[0, inf)",
                        help="epochs per iteration of SCAN's neighbour loss after the pseudo-label epochs: "
                        "each image and one of its --knn nearest neighbours should get the same class "
@@ -219,7 +219,7 @@ class SelfLabelCommand(TrainingCommand):
                 model.set_weights(sl.load_model(pretrained).get_weights())
         elif a.first_labels:
             source = Path(a.first_labels)
-            labels, confidence, neighbours = _first_labels(source, len(d.x), k, with_knn)
+            labels, confidence, neighbours = _first_labels(source, len(d.x), k, a.knn if with_knn else 0)
             if neighbours is not None and run.chief:  # this run's own copy, for --resume
                 with atomic_path(knn_file) as tmp:
                     np.save(tmp, neighbours)
@@ -348,10 +348,10 @@ class SelfLabelCommand(TrainingCommand):
         return line
 
 
-def _first_labels(run_dir: Path, n: int, k: int, with_knn: bool):
+def _first_labels(run_dir: Path, n: int, k: int, knn: int):
     """(labels, confidence, neighbours or None) of the first iteration of the
     bin/selflabel run in ``run_dir``, checked against ``n`` images and ``k``
-    clusters."""
+    clusters; the ``knn`` nearest of its saved neighbours (None when 0)."""
     path = run_dir / "pseudo_labels" / "iteration_00.npz"
     if not path.is_file():
         raise UsageError(f"--first_labels: no {path}; give the --save_dir of an earlier bin/selflabel run")
@@ -362,12 +362,16 @@ def _first_labels(run_dir: Path, n: int, k: int, with_knn: bool):
                          f"clusters, this run has {n} images and --n_clusters {k}; use a run on the "
                          f"same data")
     neighbours = None
-    if with_knn:
+    if knn:
         knn_file = run_dir / "neighbours.npy"
         if not knn_file.is_file():
             raise UsageError(f"--first_labels: {run_dir} has no neighbours.npy; give --knn_epochs 0 "
                              f"--select probability")
         neighbours = np.load(knn_file)
+        if neighbours.shape[1] < min(knn, n - 1):
+            raise UsageError(f"--first_labels: {run_dir} saved {neighbours.shape[1]} neighbours per image, "
+                             f"fewer than --knn {knn}; give --knn {neighbours.shape[1]} or less")
+        neighbours = neighbours[:, :knn]  # nearest first
     return labels, confidence, neighbours
 
 

@@ -534,3 +534,20 @@ def test_bad_input_gets_one_line(argv, message, capsys, tmp_path, monkeypatch):
     Path("short/pseudo_labels").mkdir(parents=True)
     np.savez("short/pseudo_labels/iteration_00.npz", labels=np.arange(20) % 2, confidence=np.ones(20))
     assert_one_line_error(main, argv, message, capsys)
+
+
+def test_first_labels_take_the_nearest_knn_of_the_saved_neighbours(tmp_path):
+    from dcn.selflabel_cli import _first_labels
+
+    (tmp_path / "pseudo_labels").mkdir()
+    np.savez(tmp_path / "pseudo_labels" / "iteration_00.npz", labels=np.arange(30) % 3,
+             confidence=np.ones(30))
+    saved = np.stack([(np.arange(30) + j) % 30 for j in range(1, 6)], axis=1)  # 5 per image, nearest first
+    np.save(tmp_path / "neighbours.npy", saved)
+    labels, _, neighbours = _first_labels(tmp_path, 30, 3, 2)
+    np.testing.assert_array_equal(labels, np.arange(30) % 3)
+    np.testing.assert_array_equal(neighbours, saved[:, :2])
+    np.testing.assert_array_equal(_first_labels(tmp_path, 30, 3, 5)[2], saved)
+    assert _first_labels(tmp_path, 30, 3, 0)[2] is None  # no neighbour phase, no --select neighbours
+    with pytest.raises(UsageError, match=r"saved 5 neighbours per image, fewer than --knn 8; give --knn 5"):
+        _first_labels(tmp_path, 30, 3, 8)
