@@ -87,7 +87,7 @@ class SelfLabelCommand(TrainingCommand):
         p.add_argument("--init", choices=INITS, default="ae",
                        help="features of the first pseudo-labels: ae (autoencoder codes), desom (codes of "
                        "an 8x8 DESOM), random (the untrained CNN's features), contrastive (the CNN's "
-                       "features after SimCLR pretraining; the classifier trains on from it)")
+                       "convolutional features after SimCLR pretraining; the classifier trains on from it)")
         p.add_argument("--first_labels", metavar="RUN_DIR",
                        help="start from the first pseudo-labels (and neighbours, and the pretrained CNN of "
                        "--init contrastive) of an earlier bin/selflabel run on the same data instead of "
