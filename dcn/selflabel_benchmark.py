@@ -20,7 +20,9 @@ output in ``<out>/<run>.log``). A run that finished with the same command
 command stopped half-way (``<run>/started.json``) goes on from its last
 checkpoint (``bin/selflabel --resume``), its wall time then that of the
 resuming process only (``resumed`` in runs.csv); a folder holding a run of
-another command is refused.
+another command is refused, and so is one whose run used a default that has
+changed since (its ``args.json`` against the command read with today's
+defaults).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from common.cli import SEED_BOUNDS, ArgumentParser, run
+from common.cli import SEED_BOUNDS, ArgumentParser, flag_text, run
 from common.errors import UsageError
 from common.results import write_csv, write_json, write_summary
 from common.runtime import FINISHED, jobs_at_once, last_line, read_record, run_pinned
@@ -79,6 +81,25 @@ def _command(args, passed, config, seed) -> tuple[str, list[str]]:
     return name, cmd
 
 
+def _check_settings(save_dir: Path, cmd):
+    """Refuse the run in ``save_dir`` if a setting in its ``args.json`` differs
+    from what ``cmd`` gives with today's defaults (a default changed since it
+    ran): the same command line, another run."""
+    from common.cli import RUNTIME_FLAGS
+    from dcn.selflabel_cli import SelfLabelCommand
+
+    path = save_dir / "args.json"
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    now = json.loads(json.dumps(vars(SelfLabelCommand().parser().parse_args(cmd)), default=str))
+    for k, v in now.items():
+        if k not in RUNTIME_FLAGS and v is not None and k in saved and saved[k] != v:  # None: set at run time
+            raise UsageError(f"{save_dir} was run with --{k} {flag_text(saved[k])}, the default when it ran; "
+                             f"the same command now means --{k} {flag_text(v)}: give another --out, or "
+                             "remove that folder")
+
+
 def _main(argv=None):
     from dcn.selflabel_cli import TARGETS
 
@@ -97,6 +118,8 @@ def _main(argv=None):
         for r in range(args.runs):
             name, cmd = _command(args, passed, config, args.seed + r)
             record = (out / name / "test_metrics.json").is_file() and read_record(out / name / FINISHED, cmd)
+            if record or read_record(out / name / STARTED, cmd):
+                _check_settings(out / name, cmd)
             runs[config, args.seed + r] = name, cmd, record or None
     done = [name for name, _, record in runs.values() if record]
     if done:

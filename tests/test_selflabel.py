@@ -458,6 +458,13 @@ def test_selflabel_benchmark_reads_back_finished_runs_and_resumes_stopped_ones(t
                           "digits_n2d_seed0 holds a run of another command", capsys)
     assert_one_line_error(bench, [*BENCH, "--first_labels_from", str(out), "--out", str(out)],
                           "--first_labels_from names the --out folder itself", capsys)
+    # so is a run made when a default was another: the same command now means another run
+    saved = json.loads((out / "digits_n2d_seed0" / "args.json").read_text())
+    (out / "digits_n2d_seed0" / "args.json").write_text(json.dumps({**saved, "label_smoothing": 0.2}))
+    assert_one_line_error(bench, [*BENCH, "--runs", "2", "--jobs", "2", "--out", str(out)],
+                          "digits_n2d_seed0 was run with --label_smoothing 0.2, the default when it ran; the "
+                          "same command now means --label_smoothing 0.1: give another --out", capsys)
+    (out / "digits_n2d_seed0" / "args.json").write_text(json.dumps(saved))
     # another loop setting from the same first labels, seed by seed
     other = tmp_path / "other"
     run("--runs", "1", "--seed", "1", "--iterations", "3", "--fraction_iterations", "2",
