@@ -32,7 +32,7 @@ bench: $(STAMP)
 	bin/rswnet-benchmark --runs 3 --out bench/rswnet
 	bin/rswnet-benchmark --heads som --runs 3 --out bench/rswnet_som
 	bin/ae-benchmark --runs 3 --out bench/ae
-	bin/selflabel-benchmark --runs 3 --jobs 3 --iterations 3 --out bench/selflabel
+	bin/selflabel-benchmark --runs 5 --jobs 2 --iterations 3 --out bench/selflabel_full
 
 # the end of DESOM's temperature schedule against map organisation (one seed; about an hour)
 bench-schedule: $(STAMP)

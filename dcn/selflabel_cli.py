@@ -20,6 +20,7 @@ from common.networks import save_keras_model
 from common.results import atomic_path, write_json
 from common.runtime import from_chief, quiet_tensorflow, worker_count
 from dcn.selflabel import (
+    AUGMENT,
     AUGMENTATIONS,
     CLUSTERERS,
     INIT_MODEL,
@@ -135,8 +136,11 @@ class SelfLabelCommand(TrainingCommand):
                        "neighbours with the same label, ties by probability)")
         p.add_argument("--label_smoothing", type=float, default=0.1, bounds="[0, 1)",
                        help="label smoothing of the targets")
-        p.add_argument("--augment", nargs="*", choices=AUGMENTATIONS, default=["translate", "flip"],
-                       help="augmentations of the training batches (none: give the flag alone)")
+        p.add_argument("--augment", nargs="*", choices=AUGMENTATIONS, default=list(AUGMENT),
+                       help="augmentations of the training batches, applied in the order given: translate "
+                       "(shifts of 10 %%), flip (horizontal), rotate (5 %%), zoom (10 %%), noise (Gaussian), "
+                       "crop (zooms in by up to 60 %%), contrast (0.5-1.5), brightness (+-0.3); none: give "
+                       "the flag alone")
         p.add_argument("--batch_size", type=int, default=256, bounds="[1, inf)", help="global batch size")
         p.add_argument("--lr", type=float, default=0.001, bounds="(0, inf)",
                        help="Adam learning rate (fresh each iteration)")
