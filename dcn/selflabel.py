@@ -138,9 +138,8 @@ class SelfLabelNet(keras.Model):
         dense layers) of ``x``: after contrastive pretraining, where nearest
         neighbours are likeliest to share a class."""
         f = self.features
-        conv = keras.Model(f.input, f.get_layer("flatten").output, name="conv_features")
-        z = predict_in_batches(conv, x, batch_size).reshape(len(x), -1).astype(np.float32)
-        return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+        unit = keras.layers.UnitNormalization(name="l2_normalise_conv")(f.get_layer("flatten").output)
+        return predict_in_batches(keras.Model(f.input, unit, name="conv_features"), x, batch_size)
 
     def get_config(self):
         config = super().get_config()
