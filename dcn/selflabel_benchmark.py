@@ -11,7 +11,8 @@ One ``bin/selflabel`` process per configuration and seed, trained on the
 
 Writes ``runs.csv`` and ``summary.csv`` (mean ± std of test accuracy, NMI,
 purity, ARI, lowest per-class F1, final aligned stability, iterations, wall
-time) and prints the summary beside the targets. Flags this program does not
+time, and the accuracy of the first and last pseudo-labels on the training
+images) and prints the summary beside the targets. Flags this program does not
 know go to ``bin/selflabel`` unchanged (e.g. ``--iterations 3``).
 
 Runs go ``--jobs`` at once, each pinned to its own share of the cores (its
@@ -45,7 +46,8 @@ CONFIGS = {
                     "--relabel", "cluster", "--knn_epochs", "0"],
 }
 STARTED = "started.json"  # {"command": ...} of a run, written when it starts (finished.json when it ends)
-COLUMNS = ("accuracy", "nmi", "purity", "ari", "min_f1", "stability", "iterations", "run_seconds")
+COLUMNS = ("accuracy", "nmi", "purity", "ari", "min_f1", "stability", "iterations", "run_seconds",
+           "first_label_acc", "first_label_nmi", "last_label_acc")
 
 
 def parser():
@@ -165,9 +167,13 @@ def _main(argv=None):
             record = json.loads((save_dir / FINISHED).read_text())
         metrics = json.loads((save_dir / "test_metrics.json").read_text())
         results = json.loads((save_dir / "results.json").read_text())
+        history = pd.read_csv(save_dir / "history.csv")  # the pseudo-labels' scores on the training images
+        first, last = history.iloc[0], history.iloc[-1]
         rows.append({"config": config, "seed": seed, **{k: metrics.get(k) for k in COLUMNS[:6]},
                      "iterations": results["iterations_run"],
-                     **{k: record.get(k) for k in ("run_seconds", "peak_rss_gb", "jobs", "resumed")}})
+                     **{k: record.get(k) for k in ("run_seconds", "peak_rss_gb", "jobs", "resumed")},
+                     "first_label_acc": first.get("label_acc"), "first_label_nmi": first.get("label_nmi"),
+                     "last_label_acc": last.get("label_acc")})
         write_csv(pd.DataFrame(rows), out / "runs.csv")
         print(f"{config} seed {seed}: test accuracy {metrics['accuracy']:.4f}, NMI {metrics['nmi']:.4f}, "
               f"purity {metrics['purity']:.4f}, lowest F1 {metrics['min_f1']:.4f}; "

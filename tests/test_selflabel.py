@@ -471,6 +471,9 @@ def test_selflabel_benchmark_reads_back_finished_runs_and_resumes_stopped_ones(t
         "--convergence_threshold", "1", "--first_labels_from", str(out), "--out", str(other))
     history = pd.read_csv(other / "digits_n2d_seed1" / "history.csv")
     assert history["confident_fraction"].tolist() == [0.5, 1, 1]  # full from iteration 1 on
+    row = pd.read_csv(other / "runs.csv").iloc[0]  # the pseudo-labels' accuracy at the start and the end
+    np.testing.assert_allclose([row["first_label_acc"], row["last_label_acc"]],
+                               history["label_acc"].iloc[[0, -1]])
     record = json.loads((other / "digits_n2d_seed1" / "finished.json").read_text())
     assert record["command"][-2:] == ["--first_labels", str(out / "digits_n2d_seed1")]
     first = [np.load(d / "digits_n2d_seed1/pseudo_labels/iteration_00.npz")["labels"] for d in (out, other)]
