@@ -36,6 +36,9 @@ where the data have them, are only scored against, after the fact.
 
 The model kept at the end is the iteration with the highest aligned
 stability (an unsupervised criterion; ties go to the later iteration).
+``bin/selflabel`` then adds :func:`class_offsets` of its predictions on the
+training images to its logits (:meth:`SelfLabelNet.shift_classes`), so that
+it predicts the balanced partition step 3 would make of them.
 """
 
 from __future__ import annotations
@@ -141,6 +144,16 @@ class SelfLabelNet(keras.Model):
         unit = keras.layers.UnitNormalization(name="l2_normalise_conv")(f.get_layer("flatten").output)
         return predict_in_batches(keras.Model(f.input, unit, name="conv_features"), x, batch_size)
 
+    def shift_classes(self, offsets):
+        """Add ``offsets`` (one per class) to the logits, in the last layer's
+        bias: e.g. :func:`class_offsets`, a prior correction saved with the
+        model."""
+        bias = self.classifier.get_layer("logits").bias
+        offsets = np.asarray(offsets, np.float32).reshape(-1)
+        if offsets.shape != tuple(bias.shape):
+            raise ValueError(f"need {bias.shape[0]} offsets, one per class, got {offsets.shape[0]}")
+        bias.assign(np.asarray(bias, np.float32) + offsets)
+
     def get_config(self):
         config = super().get_config()
         config.update(input_shape=list(self.sample_shape), n_clusters=self.n_clusters,
@@ -188,14 +201,36 @@ def balanced_labels(probs, power: float = 10.0, iterations: int = 100) -> np.nda
     A larger ``power`` stays closer to the plain argmax. This assumes
     clusters of about equal size (true of Fashion-MNIST and MNIST).
     """
+    return _sinkhorn(probs, power, iterations)[0].argmax(axis=1)
+
+
+def class_offsets(probs, power: float = 10.0, iterations: int = 100) -> np.ndarray:
+    """Per-class shifts of the log-probabilities that make their argmax the
+    :func:`balanced_labels` of ``probs`` (up to rounding).
+
+    The Sinkhorn-Knopp scaling of a row does not change its argmax, so the
+    balanced label of sample i is ``argmax_j(power * log p_ij + log c_j)``
+    with ``c`` the product of the column scalings: ``log(c) / power`` added
+    to a classifier's logits makes it predict that partition, on these
+    samples and, as a fixed prior correction, on new ones.
+    """
+    log_c = _sinkhorn(probs, power, iterations)[1]
+    return (log_c - log_c.mean()) / power
+
+
+def _sinkhorn(probs, power: float, iterations: int):
+    """(scaled matrix, log of the accumulated column scalings)."""
     p = np.asarray(probs, np.float64)
     n, k = p.shape
     logq = power * np.log(np.clip(p, 1e-30, None))
     q = np.exp(logq - logq.max(axis=1, keepdims=True))
+    log_c = np.zeros(k)
     for _ in range(iterations):
-        q *= (n / k) / np.maximum(q.sum(axis=0, keepdims=True), 1e-300)
+        scale = (n / k) / np.maximum(q.sum(axis=0, keepdims=True), 1e-300)
+        q *= scale
+        log_c += np.log(scale[0])
         q /= q.sum(axis=1, keepdims=True)
-    return q.argmax(axis=1)
+    return q, log_c
 
 
 def select_confident(labels, confidence, fraction: float, n_clusters: int) -> np.ndarray:

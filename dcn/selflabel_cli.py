@@ -122,8 +122,9 @@ class SelfLabelCommand(TrainingCommand):
         p.add_argument("--relabel", choices=RELABELS, default="predict",
                        help="predict: the classifier's own predictions; cluster: k-means on its features")
         p.add_argument("--balance", choices=("sinkhorn", "none"), default="sinkhorn",
-                       help="predict: make the relabelled clusters equal in size (Sinkhorn-Knopp, SeLa); "
-                       "none for data with very unequal classes")
+                       help="predict: make the relabelled clusters equal in size (Sinkhorn-Knopp, SeLa), "
+                       "and shift the final model's class biases so that it predicts that partition of the "
+                       "training images; none for data with very unequal classes")
         p.add_argument("--confident_fraction", type=float, nargs="+", default=[0.5, 1.0], bounds="(0, 1]",
                        metavar="F", help="share of each cluster trained on, the most confident first: one "
                        "value, or the first and last iteration's (linear in between)")
@@ -277,7 +278,8 @@ class SelfLabelCommand(TrainingCommand):
         self._choose(run, rows)
 
     def _choose(self, run, rows):
-        """Weights of the iteration chosen without labels; cluster names from the
+        """Weights of the iteration chosen without labels, shifted to predict the
+        balanced labelling (``--balance sinkhorn``); cluster names from the
         training labels (reporting), kept in the model for ``predict``."""
         from dcn.selflabel import best_iteration, load_model
 
@@ -291,6 +293,15 @@ class SelfLabelCommand(TrainingCommand):
         else:
             model.set_weights(chosen.get_weights())
         run.data.extra.update(rows=rows, best=best)
+        if run.args.relabel == "predict" and run.args.balance == "sinkhorn":
+            # the model predicts the balanced labelling its relabelling makes (a fixed prior correction)
+            from dcn.selflabel import balanced_labels, class_offsets
+
+            p = model.predict_proba(d.x)
+            offsets = class_offsets(p)
+            model.shift_classes(offsets)
+            d.extra["class_offsets"] = [round(float(o), 4) for o in offsets]
+            d.extra["shift_changed"] = float(np.mean(p.argmax(axis=1) != balanced_labels(p)))
         if d.y is not None:
             d.extra["train_pred"] = model.predict_proba(d.x).argmax(axis=1)
             model.cluster_names = name_clusters(d.extra["train_pred"], d.y, d.extra["classes"],
@@ -303,6 +314,9 @@ class SelfLabelCommand(TrainingCommand):
                "chosen_by": "highest aligned stability of the relabelling (no labels)",
                "stopped": rows[-1].get("stopped"), "final_stability": _last_stability(rows),
                "n_train": len(d.x), "cluster_names": model.cluster_names}
+        if "class_offsets" in d.extra:
+            out.update(class_offsets=d.extra["class_offsets"],
+                       shift_changed=round(d.extra["shift_changed"], 4))
         if run.args.clusterer == "kmeans" or run.args.relabel == "cluster":
             from dcn.selflabel import kmeans_backend
 

@@ -1,5 +1,6 @@
 """bin/selflabel: aligned stability, balanced relabelling, the loop on digits, saved models, bad input."""
 
+import argparse
 import itertools
 import json
 import subprocess
@@ -19,6 +20,7 @@ from dcn.selflabel import (
     aligned_stability,
     balanced_labels,
     best_iteration,
+    class_offsets,
     cluster_features,
     fraction_at,
     initial_features,
@@ -85,6 +87,41 @@ def test_balanced_labels_make_equal_clusters_and_keep_a_balanced_argmax():
     assert sizes.min() >= 90 and sizes.max() <= 110, sizes
     sharp = np.eye(4)[np.repeat(np.arange(4), 50)] * 0.9 + 0.025  # already balanced and confident
     np.testing.assert_array_equal(balanced_labels(sharp), sharp.argmax(axis=1))
+
+
+def test_class_offsets_make_the_argmax_the_balanced_labels_and_carry_to_new_samples():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(2000, 5)) * 2.0
+    logits[:, 1] += 1.5  # most samples prefer class 1
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    offsets = class_offsets(p)
+    assert offsets.shape == (5,) and abs(offsets.sum()) < 1e-9 and offsets.argmin() == 1
+    shifted = (np.log(p) + offsets).argmax(axis=1)
+    np.testing.assert_array_equal(shifted, balanced_labels(p))
+    assert np.bincount(shifted, minlength=5).max() <= 420  # 400 each
+    # a fixed prior correction: new samples from the same distribution come out about balanced too
+    new = rng.normal(size=(2000, 5)) * 2.0
+    new[:, 1] += 1.5
+    sizes = np.bincount((new - np.log(np.exp(new).sum(axis=1, keepdims=True)) + offsets).argmax(axis=1),
+                        minlength=5)
+    assert sizes.min() >= 330 and sizes.max() <= 470, sizes
+
+
+def test_shift_classes_adds_the_offsets_to_the_logits():
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = SelfLabelNet((8, 8, 1), 4, filters=(4,), dense=(8,), head=(8,))
+    x = np.random.default_rng(0).random((16, 8, 8, 1)).astype("float32")
+    before = np.log(model.predict_proba(x))
+    offsets = np.array([0.5, -1.0, 0.0, 0.5])
+    model.shift_classes(offsets)
+    after = np.log(model.predict_proba(x))
+    # log-softmax of shifted logits: the offsets, less a per-sample constant
+    diff = after - before - offsets
+    np.testing.assert_allclose(diff - diff[:, :1], 0.0, atol=1e-4)
+    with pytest.raises(ValueError, match="need 4 offsets"):
+        model.shift_classes([1.0, 2.0])
 
 
 def test_select_confident_keeps_the_top_share_of_every_cluster():
@@ -364,6 +401,16 @@ def test_bin_selflabel_on_digits_improves_on_its_first_clustering_and_writes_eve
     assert results["neighbours_same_class"] == pytest.approx(np.mean(y[neighbours] == y[:, None]), abs=1e-4)
     assert results["chosen_iteration"] == max(zip(history["stability"], history["iteration"]))[1]
     assert results["kmeans"] == "faiss"  # --clusterer kmeans, faiss installed with the dev extra
+    # the saved model predicts the balanced partition of the chosen iteration's predictions
+    from dcn.selflabel_cli import load_images
+
+    x = load_images(argparse.Namespace(data=None, dataset="digits", data_dir=None, label_col=None))[0]
+    raw = load_model(out / f"iteration_{results['chosen_iteration']:02d}.keras").predict_proba(x)
+    final = load_model(out / "model.keras").predict_proba(x).argmax(axis=1)
+    assert np.mean(final == balanced_labels(raw)) > 0.995
+    assert len(results["class_offsets"]) == 10 and 0 <= results["shift_changed"] <= 1
+    assert results["shift_changed"] == pytest.approx(np.mean(raw.argmax(axis=1) != balanced_labels(raw)),
+                                                     abs=1e-4)
     # the loop labels the training images better than the first clustering did
     assert history["label_acc"].iloc[-1] > history["label_acc"].iloc[0] + 0.03, history
     assert results["train"]["acc"] > history["label_acc"].iloc[0] + 0.02, (results["train"], history)
