@@ -23,7 +23,10 @@ checkpoint (``bin/selflabel --resume``), its wall time then that of the
 resuming process only (``resumed`` in runs.csv); a folder holding a run of
 another command is refused, and so is one whose run used a default that has
 changed since (its ``args.json`` against the command read with today's
-defaults).
+defaults). A finished run whose model an earlier version of ``bin/selflabel``
+chose and scored (``scoring`` in its ``results.json``) is resumed, which
+trains nothing: today's code chooses and scores it again (its wall time
+stays the run's; ``rescored`` in runs.csv).
 """
 
 from __future__ import annotations
@@ -102,8 +105,16 @@ def _check_settings(save_dir: Path, cmd):
                              "remove that folder")
 
 
+def _scoring(save_dir: Path) -> int:
+    """The version of bin/selflabel's scoring that wrote ``save_dir``'s results (1 before it was recorded)."""
+    try:
+        return int(json.loads((save_dir / "results.json").read_text()).get("scoring", 1))
+    except (OSError, ValueError, TypeError):
+        return 1
+
+
 def _main(argv=None):
-    from dcn.selflabel_cli import TARGETS
+    from dcn.selflabel_cli import SCORING, TARGETS
 
     args, passed = parser().parse_known_args(argv)
     out = Path(args.out)
@@ -115,17 +126,23 @@ def _main(argv=None):
     cores = f"{len(os.sched_getaffinity(0))} of {os.cpu_count()} CPU cores"
     seeds = f"{args.runs} seed{'s' * (args.runs != 1)}"
     print(f"{cores}; bin/selflabel on {args.dataset}, {seeds} {' '.join(passed)}".rstrip())
-    runs = {}
+    runs, rescored = {}, {}
     for config in args.configs:
         for r in range(args.runs):
             name, cmd = _command(args, passed, config, args.seed + r)
             record = (out / name / "test_metrics.json").is_file() and read_record(out / name / FINISHED, cmd)
             if record or read_record(out / name / STARTED, cmd):
                 _check_settings(out / name, cmd)
+            if record and _scoring(out / name) != SCORING:
+                rescored[config, args.seed + r] = record
+                record = None
             runs[config, args.seed + r] = name, cmd, record or None
     done = [name for name, _, record in runs.values() if record]
     if done:
         print(f"finished earlier with the same command, read back: {', '.join(done)}")
+    if rescored:
+        print("finished earlier, scored again by today's bin/selflabel (nothing trained): "
+              + ", ".join(runs[key][0] for key in rescored))
     todo, commands, resumed = [], [], {}
     for key, (name, cmd, record) in runs.items():
         if record is not None:
@@ -137,7 +154,8 @@ def _main(argv=None):
         if resumed[key] and read_record(save_dir / STARTED, cmd) is None:
             raise UsageError(f"{save_dir} holds a run of another command (or one started before the "
                              "benchmark recorded its commands); give another --out, or remove that folder")
-        (save_dir / FINISHED).unlink(missing_ok=True)
+        if key not in rescored:  # a rescored run keeps its record until it is replaced
+            (save_dir / FINISHED).unlink(missing_ok=True)
         save_dir.mkdir(parents=True, exist_ok=True)
         write_json(save_dir / STARTED, {"command": cmd})
         todo.append(key)
@@ -150,7 +168,9 @@ def _main(argv=None):
     def record_finished(i, ended):  # at once, even if a run listed before this one fails
         key = todo[i]
         name, cmd, _ = runs[key]
-        if ended.code == 0:
+        if ended.code == 0 and key in rescored:  # the run's own time and memory, not the rescoring's
+            write_json(out / name / FINISHED, {**rescored[key], "rescored": True})
+        elif ended.code == 0:
             write_json(out / name / FINISHED, {"command": cmd, "run_seconds": round(ended.seconds, 1),
                                                "peak_rss_gb": round(ended.peak_rss_gb, 2), "jobs": jobs,
                                                "resumed": resumed[key]})
@@ -172,6 +192,7 @@ def _main(argv=None):
         rows.append({"config": config, "seed": seed, **{k: metrics.get(k) for k in COLUMNS[:6]},
                      "iterations": results["iterations_run"],
                      **{k: record.get(k) for k in ("run_seconds", "peak_rss_gb", "jobs", "resumed")},
+                     "rescored": bool(record.get("rescored")),
                      "first_label_acc": first.get("label_acc"), "first_label_nmi": first.get("label_nmi"),
                      "last_label_acc": last.get("label_acc")})
         write_csv(pd.DataFrame(rows), out / "runs.csv")

@@ -33,6 +33,9 @@ from dcn.selflabel import (
 
 #: What the issue's authors asked of an unsupervised Fashion-MNIST classifier.
 TARGETS = {"accuracy": 0.72, "nmi": 0.65, "purity": 0.75, "min_f1": 0.60, "stability": 0.95}
+#: How a finished run chooses and scores its model (results.json's "scoring"; absent: 1). 2: the chosen
+#: model's classes are shifted to its balanced labelling. ``--resume`` of a finished run scores it again.
+SCORING = 2
 
 
 def load_images(args):
@@ -313,7 +316,7 @@ class SelfLabelCommand(TrainingCommand):
         out = {"iterations_run": len(rows), "chosen_iteration": best,
                "chosen_by": "highest aligned stability of the relabelling (no labels)",
                "stopped": rows[-1].get("stopped"), "final_stability": _last_stability(rows),
-               "n_train": len(d.x), "cluster_names": model.cluster_names}
+               "n_train": len(d.x), "cluster_names": model.cluster_names, "scoring": SCORING}
         if "class_offsets" in d.extra:
             out.update(class_offsets=d.extra["class_offsets"],
                        shift_changed=round(d.extra["shift_changed"], 4))

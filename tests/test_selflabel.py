@@ -33,7 +33,7 @@ from dcn.selflabel import (
     refine,
     select_confident,
 )
-from dcn.selflabel_cli import main
+from dcn.selflabel_cli import SCORING, main
 from tests.helpers import assert_one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -512,6 +512,23 @@ def test_selflabel_benchmark_reads_back_finished_runs_and_resumes_stopped_ones(t
                           "digits_n2d_seed0 was run with --label_smoothing 0.2, the default when it ran; the "
                           "same command now means --label_smoothing 0.1: give another --out", capsys)
     (out / "digits_n2d_seed0" / "args.json").write_text(json.dumps(saved))
+    # a run scored by an earlier bin/selflabel (no "scoring" in results.json) is scored again, not retrained,
+    # and keeps its own wall time
+    seed0 = out / "digits_n2d_seed0"
+    results, metrics = (json.loads((seed0 / f).read_text()) for f in ("results.json", "test_metrics.json"))
+    (seed0 / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "scoring"}))
+    (seed0 / "test_metrics.json").write_text(json.dumps({**metrics, "accuracy": -1.0}))
+    before = pd.read_csv(out / "runs.csv")
+    history = (seed0 / "history.csv").read_text()
+    printed = run("--runs", "2", "--jobs", "2", "--out", str(out))
+    assert "scored again by today's bin/selflabel (nothing trained): digits_n2d_seed0" in printed
+    assert "running digits_n2d_seed0 (" in printed and "read back: digits_n2d_seed1" in printed
+    after = pd.read_csv(out / "runs.csv")
+    assert after["rescored"].tolist() == [True, False]
+    assert after["run_seconds"].tolist() == before["run_seconds"].tolist()
+    assert after["accuracy"].iloc[0] == pytest.approx(metrics["accuracy"])
+    assert json.loads((seed0 / "results.json").read_text())["scoring"] == SCORING
+    assert (seed0 / "history.csv").read_text() == history
     # another loop setting from the same first labels, seed by seed
     other = tmp_path / "other"
     run("--runs", "1", "--seed", "1", "--iterations", "3", "--fraction_iterations", "2",
