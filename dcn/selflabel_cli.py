@@ -296,17 +296,22 @@ class SelfLabelCommand(TrainingCommand):
         else:
             model.set_weights(chosen.get_weights())
         run.data.extra.update(rows=rows, best=best)
-        if run.args.relabel == "predict" and run.args.balance == "sinkhorn":
-            # the model predicts the balanced labelling its relabelling makes (a fixed prior correction)
-            from dcn.selflabel import balanced_labels, class_offsets
+        shift = run.args.relabel == "predict" and run.args.balance == "sinkhorn"
+        if not shift and d.y is None:
+            return
+        probs = model.predict_proba(d.x)  # once: the shifted predictions follow from it
+        pred = probs.argmax(axis=1)
+        if shift:  # the model predicts the balanced labelling its relabelling makes (a prior correction)
+            from dcn.selflabel import class_offsets
 
-            p = model.predict_proba(d.x)
-            offsets = class_offsets(p)
+            offsets = class_offsets(probs)
             model.shift_classes(offsets)
+            shifted = (np.log(np.clip(probs, 1e-30, None)) + offsets).argmax(axis=1)
             d.extra["class_offsets"] = [round(float(o), 4) for o in offsets]
-            d.extra["shift_changed"] = float(np.mean(p.argmax(axis=1) != balanced_labels(p)))
+            d.extra["shift_changed"] = float(np.mean(pred != shifted))
+            pred = shifted
         if d.y is not None:
-            d.extra["train_pred"] = model.predict_proba(d.x).argmax(axis=1)
+            d.extra["train_pred"] = pred
             model.cluster_names = name_clusters(d.extra["train_pred"], d.y, d.extra["classes"],
                                                 model.n_clusters)
 
