@@ -150,10 +150,39 @@ class DiskArray:
         return out
 
 
+#: Descriptors left free for the rest of the process when shards are opened.
+SPARE_DESCRIPTORS = 256
+
+
+def _allow_descriptors(count: int):
+    """Raise this process's soft limit on open files so that ``count`` more
+    fit beside :data:`SPARE_DESCRIPTORS` others (up to the hard limit; the
+    soft one is often 1,024, a folder may hold more shards than that)."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX: nothing to raise
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = count + SPARE_DESCRIPTORS
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    allowed = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    if allowed > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (allowed, hard))
+    if allowed < need:
+        raise ValueError(f"{count} shards need {count} open files but this process may open at most "
+                         f"{hard} (ulimit -Hn); merge the shards into fewer, larger .npy files")
+
+
 def open_npy(paths) -> DiskArray:
     """A :class:`DiskArray` over ``.npy`` files of one dtype and row shape.
 
-    Raises ``ValueError`` naming the file that cannot be read or differs."""
+    Each file stays open (one descriptor) while the array lives; the limit
+    on open files is raised for them when needed. Raises ``ValueError``
+    naming the file that cannot be read or differs, or when the process may
+    not open that many files."""
+    paths = list(paths)
+    _allow_descriptors(len(paths))
     shards = []
     for path in paths:
         try:

@@ -2,6 +2,9 @@
 
 import bz2
 import gzip
+import os
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -377,3 +380,35 @@ def test_npy_shards_with_labels_and_their_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="empty has no .npy shards"):
         load_data(str(tmp_path / "empty"))
+
+
+@pytest.mark.skipif(not hasattr(os, "preadv"), reason="POSIX only")
+def test_more_shards_than_the_soft_limit_on_open_files(tmp_path):
+    # Each shard keeps a descriptor open: a folder of 400 shards under a soft
+    # limit of 128 open files raises the limit and reads; under a hard limit
+    # of 128 it is one clear error (in a child process, whose limits are its own).
+    x = np.arange(800, dtype=np.float32).reshape(400, 2)
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i, row in enumerate(x):
+        np.save(folder / f"part-{i:03d}.npy", row[None])
+    child = f"""
+import resource, sys, numpy as np
+from common.data import load_data
+from common.errors import DataError
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128 if sys.argv[1] == 'hard' else hard))
+try:
+    (d, _), _ = load_data({str(folder)!r})
+except DataError as e:
+    print('error:', e); sys.exit(0)
+assert np.array_equal(d[[0, 399, 200]], np.array([[0, 1], [798, 799], [400, 401]], np.float32))
+print('read', len(d), 'soft limit', resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    refused = ("error: 400 shards need 400 open files but this process may open at most 128 (ulimit -Hn); "
+               "merge the shards into fewer, larger .npy files")
+    for limit, expected in (("soft", "read 400 soft limit 656"), ("hard", refused)):
+        out = subprocess.run([sys.executable, "-c", child, limit], cwd=root, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == expected
