@@ -257,7 +257,9 @@ def predict_in_batches(model, x, batch_size: int = 1024):
     """
     x = as_float32(x)
     n = len(x)
-    size = min(batch_size, max(n, 1))
+    if n == 0:  # no rows: the output's shape still comes from the model
+        return np.asarray(model.predict_on_batch(np.zeros((1, *x.shape[1:]), np.float32)))[:0]
+    size = min(batch_size, n)
     outputs = []
     for start in range(0, n, size):
         batch = np.asarray(x[start:start + size], np.float32)
@@ -265,7 +267,7 @@ def predict_in_batches(model, x, batch_size: int = 1024):
             batch = np.concatenate([batch, np.zeros((size - len(batch), *x.shape[1:]), x.dtype)])
         out = model.predict_on_batch(batch)
         outputs.append(np.asarray(out)[: min(size, n - start)])
-    return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
+    return np.concatenate(outputs)
 
 
 def mse_per_sample(x, reconstruction):

@@ -339,6 +339,16 @@ def test_unshuffled_batches_take_consecutive_rows_and_wrap_around():
     assert len(set(epoch)) == 8 and epoch.tolist() != list(range(8))  # 8 distinct rows, not in order
 
 
+def test_predict_in_batches_pads_the_last_batch_and_keeps_the_output_shape_of_no_rows():
+    from common.networks import predict_in_batches
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    x = np.random.default_rng(0).normal(size=(7, 3)).astype(np.float32)
+    np.testing.assert_allclose(predict_in_batches(model, x, batch_size=4), model(x).numpy(), atol=1e-6)
+    empty = predict_in_batches(model, x[:0])
+    assert empty.shape == (0, 2) and empty.dtype == np.float32  # argmax(axis=1) works on it
+
+
 class _Regression(training.Task):
     """A linear model fitting the pixel sums; the loss turns NaN from step ``poison_at`` on."""
 
