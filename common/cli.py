@@ -17,6 +17,7 @@ TensorFlow's start-up helpers live in :mod:`common.runtime`.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import signal
@@ -256,6 +257,13 @@ def command_line(parser: argparse.ArgumentParser, args, skip=()) -> list[str]:
         else:
             argv += [flag, str(value)]
     return argv
+
+
+def parsed_settings(parser: argparse.ArgumentParser, argv) -> dict:
+    """Every setting ``argv`` means to ``parser``, defaults included, as JSON
+    values (for telling whether a run made earlier with the same flags ran
+    with other defaults)."""
+    return json.loads(json.dumps(vars(parser.parse_args(argv)), default=str))
 
 
 def flag_text(value) -> str:

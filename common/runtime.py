@@ -344,12 +344,21 @@ def read_record(path, command) -> dict | None:
         return None
 
 
+def changed_settings(before: dict, now: dict) -> list[str]:
+    """What differs between two :func:`common.cli.parsed_settings`, as
+    ``--flag <then>, today's default <now>`` phrases."""
+    from common.cli import flag_text
+
+    return [f"--{k} {flag_text(before[k])}, today's default {flag_text(v)}"
+            for k, v in now.items() if k in before and before[k] != v]
+
+
 JOBS_HELP = ("seeds trained at once (at most one per core), each in its own process on its own share of the "
              "CPU cores (<out>/seed<N>/); a seed that finished earlier with the same flags is read back, "
              "not run again")
 
 
-def run_seeds(module: str, flags: list, seeds, out, jobs: int, first_only=(), inputs=None):
+def run_seeds(module: str, flags: list, seeds, out, jobs: int, first_only=(), inputs=None, settings=None):
     """``python -m module *flags --runs 1 --seed N --out <out>/seed<N>`` for
     each seed, ``jobs`` at once (:func:`run_pinned`; each log in
     ``<out>/seed<N>/log.txt``); yields each seed's ``runs.csv`` rows (a list
@@ -361,7 +370,10 @@ def run_seeds(module: str, flags: list, seeds, out, jobs: int, first_only=(), in
     a benchmark of several hours that was stopped, or is extended to more
     seeds, runs only the seeds it lacks. ``inputs(seed)``, if given, names
     files the seed reads (e.g. pretrained weights): one newer than its
-    record runs the seed again."""
+    record runs the seed again. ``settings(flags)``, if given, is every
+    setting the module's flags mean (defaults included, e.g.
+    :func:`common.cli.parsed_settings`), kept in the record: a seed that ran
+    when a default was another runs again, though its flags are the same."""
     import pandas as pd
 
     seeds, out = list(seeds), Path(out)
@@ -370,8 +382,14 @@ def run_seeds(module: str, flags: list, seeds, out, jobs: int, first_only=(), in
 
     def finished(seed) -> bool:
         folder = out / f"seed{seed}"
-        if not (folder / "runs.csv").is_file() or read_record(folder / FINISHED, argvs[seed]) is None:
+        record = read_record(folder / FINISHED, argvs[seed])
+        if not (folder / "runs.csv").is_file() or record is None:
             return False
+        if settings is not None and "settings" in record:  # records older than the settings have none
+            changed = changed_settings(record["settings"], settings(argvs[seed][2:]))
+            if changed:
+                print(f"seed {seed} ran with {changed[0]}: runs again", flush=True)
+                return False
         done = (folder / FINISHED).stat().st_mtime
         return all(Path(p).stat().st_mtime <= done for p in (inputs(seed) if inputs else ()))
 
@@ -388,7 +406,10 @@ def run_seeds(module: str, flags: list, seeds, out, jobs: int, first_only=(), in
     def record(i, ended):  # at once: a seed that fails before it in the list must not lose it
         if ended.code == 0:
             seed = todo[i]
-            (out / f"seed{seed}" / FINISHED).write_text(json.dumps({"command": argvs[seed]}, indent=1) + "\n")
+            record = {"command": argvs[seed]}
+            if settings is not None:
+                record["settings"] = settings(argvs[seed][2:])
+            (out / f"seed{seed}" / FINISHED).write_text(json.dumps(record, indent=1) + "\n")
 
     exits = run_pinned([([sys.executable, *argvs[s]], out / f"seed{s}" / "log.txt") for s in todo], jobs,
                        on_exit=record)

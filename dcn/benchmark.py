@@ -36,12 +36,13 @@ import os
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from common.cli import SEED_BOUNDS, ArgumentParser, command_line, run
+from common.cli import SEED_BOUNDS, ArgumentParser, command_line, parsed_settings, run
 from common.data import KNOWN_DATASETS, load_data
 from common.errors import UsageError
 from common.metrics import evaluate_clustering
@@ -139,7 +140,8 @@ def parallel_vector_runs(args, out: Path, rows: list):
     flags = command_line(parser(), args, skip=("runs", "seed", "out", "jobs", "folder"))
     seeds = range(args.seed, args.seed + args.runs)
     inputs = (lambda seed: [pretrained_weights(args, seed)]) if args.pretrained else None
-    for seed_rows in run_seeds("dcn.benchmark", flags, seeds, out, args.jobs, inputs=inputs):
+    for seed_rows in run_seeds("dcn.benchmark", flags, seeds, out, args.jobs, inputs=inputs,
+                               settings=partial(parsed_settings, parser())):
         for row in seed_rows:
             rows.append(row)
             _report(row)

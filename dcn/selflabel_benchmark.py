@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from common.cli import SEED_BOUNDS, ArgumentParser, flag_text, run
+from common.cli import SEED_BOUNDS, ArgumentParser, flag_text, parsed_settings, run
 from common.errors import UsageError
 from common.results import write_csv, write_json, write_summary
 from common.runtime import FINISHED, jobs_at_once, last_line, read_record, run_pinned
@@ -97,7 +97,7 @@ def _check_settings(save_dir: Path, cmd):
     if not path.is_file():
         return
     saved = json.loads(path.read_text())
-    now = json.loads(json.dumps(vars(SelfLabelCommand().parser().parse_args(cmd)), default=str))
+    now = parsed_settings(SelfLabelCommand().parser(), cmd)
     for k, v in now.items():
         if k not in RUNTIME_FLAGS and v is not None and k in saved and saved[k] != v:  # None: set at run time
             raise UsageError(f"{save_dir} was run with --{k} {flag_text(saved[k])}, the default when it ran; "

@@ -17,12 +17,13 @@ import resource
 import shutil
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from common.cli import SEED_BOUNDS, ArgumentParser, command_line, run
+from common.cli import SEED_BOUNDS, ArgumentParser, command_line, parsed_settings, run
 from common.data import CLASS_NAMES, IMAGE_SHAPES, KNOWN_DATASETS, load_data
 from common.errors import DataError, UsageError
 from common.metrics import evaluate_clustering
@@ -313,7 +314,7 @@ def parallel_runs(args, out: Path) -> list:
     figs = ["--fig_dir", args.fig_dir] if args.fig_dir else []
     rows = []
     for seed_rows in run_seeds("desom.benchmark", flags, range(args.seed, args.seed + args.runs), out,
-                               args.jobs, first_only=figs):
+                               args.jobs, first_only=figs, settings=partial(parsed_settings, parser())):
         for row in seed_rows:
             _report(row)
         rows += seed_rows

@@ -201,3 +201,37 @@ def test_run_seeds_reads_back_seeds_finished_with_the_same_flags(tmp_path, monke
     capsys.readouterr()
     assert seeds_run(["--value", "6"], [0, 1], jobs=2)[1] == [0, 1]
     assert "running seeds 0, 1 (1 at a time)" in capsys.readouterr().out
+
+
+def test_run_seeds_runs_again_a_seed_that_ran_under_another_default(tmp_path, monkeypatch, capsys):
+    # The same flags under another default of the benchmark are another run: a
+    # make bench after a default changed must not read back the old numbers.
+    import argparse
+    from functools import partial
+
+    from common.cli import parsed_settings
+    from common.runtime import run_seeds
+
+    (tmp_path / "fakebench.py").write_text(FAKE_BENCHMARK)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    calls, out = tmp_path / "calls.txt", tmp_path / "out"
+
+    def ran(depth):  # the benchmark's parser as it would be with --depth's default at depth
+        p = argparse.ArgumentParser()
+        for flag in ("--value", "--seed", "--runs", "--out", "--fail_seed"):
+            p.add_argument(flag)
+        p.add_argument("--depth", type=int, default=depth)
+        calls.unlink(missing_ok=True)
+        list(run_seeds("fakebench", ["--value", "3"], [0, 1], out, 1, settings=partial(parsed_settings, p)))
+        return sorted(map(int, calls.read_text().split())) if calls.exists() else []
+
+    assert ran(2) == [0, 1]
+    assert ran(2) == []  # the same defaults: read back
+    capsys.readouterr()
+    assert ran(3) == [0, 1]
+    assert "seed 0 ran with --depth 2, today's default 3: runs again" in capsys.readouterr().out
+    record = json.loads((out / "seed1" / "finished.json").read_text())
+    assert record["settings"]["depth"] == 3 and record["settings"]["value"] == "3"
+    del record["settings"]  # a record from before settings were kept: taken as it is
+    (out / "seed1" / "finished.json").write_text(json.dumps(record))
+    assert ran(4) == [0]
