@@ -266,6 +266,15 @@ def parsed_settings(parser: argparse.ArgumentParser, argv) -> dict:
     return json.loads(json.dumps(vars(parser.parse_args(argv)), default=str))
 
 
+def changed_settings(before: dict, now: dict, ignore=RUNTIME_FLAGS) -> list[tuple[str, object, object]]:
+    """``(name, then, now)`` of each setting of ``now`` that ``before`` (both
+    :func:`parsed_settings`) holds with another value; settings in
+    ``ignore`` (how a run runs, not what it computes) and those left to run
+    time (None now) are not compared."""
+    return [(k, before[k], v) for k, v in now.items()
+            if k not in ignore and v is not None and k in before and before[k] != v]
+
+
 def flag_text(value) -> str:
     """A flag's value as typed: ``8 8`` for a list."""
     return " ".join(map(str, value)) if isinstance(value, list | tuple) else str(value)

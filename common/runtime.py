@@ -344,15 +344,6 @@ def read_record(path, command) -> dict | None:
         return None
 
 
-def changed_settings(before: dict, now: dict) -> list[str]:
-    """What differs between two :func:`common.cli.parsed_settings`, as
-    ``--flag <then>, today's default <now>`` phrases."""
-    from common.cli import flag_text
-
-    return [f"--{k} {flag_text(before[k])}, today's default {flag_text(v)}"
-            for k, v in now.items() if k in before and before[k] != v]
-
-
 JOBS_HELP = ("seeds trained at once (at most one per core), each in its own process on its own share of the "
              "CPU cores (<out>/seed<N>/); a seed that finished earlier with the same flags is read back, "
              "not run again")
@@ -386,9 +377,13 @@ def run_seeds(module: str, flags: list, seeds, out, jobs: int, first_only=(), in
         if not (folder / "runs.csv").is_file() or record is None:
             return False
         if settings is not None and "settings" in record:  # records older than the settings have none
+            from common.cli import changed_settings, flag_text
+
             changed = changed_settings(record["settings"], settings(argvs[seed][2:]))
             if changed:
-                print(f"seed {seed} ran with {changed[0]}: runs again", flush=True)
+                name, then, now = changed[0]
+                print(f"seed {seed} ran with --{name} {flag_text(then)}, today's default {flag_text(now)}: "
+                      "runs again", flush=True)
                 return False
         done = (folder / FINISHED).stat().st_mtime
         return all(Path(p).stat().st_mtime <= done for p in (inputs(seed) if inputs else ()))

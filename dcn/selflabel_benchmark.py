@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from common.cli import SEED_BOUNDS, ArgumentParser, flag_text, parsed_settings, run
+from common.cli import SEED_BOUNDS, ArgumentParser, changed_settings, flag_text, parsed_settings, run
 from common.errors import UsageError
 from common.results import write_csv, write_json, write_summary
 from common.runtime import FINISHED, jobs_at_once, last_line, read_record, run_pinned
@@ -90,19 +90,18 @@ def _check_settings(save_dir: Path, cmd):
     """Refuse the run in ``save_dir`` if a setting in its ``args.json`` differs
     from what ``cmd`` gives with today's defaults (a default changed since it
     ran): the same command line, another run."""
-    from common.cli import RUNTIME_FLAGS
     from dcn.selflabel_cli import SelfLabelCommand
 
     path = save_dir / "args.json"
     if not path.is_file():
         return
     saved = json.loads(path.read_text())
-    now = parsed_settings(SelfLabelCommand().parser(), cmd)
-    for k, v in now.items():
-        if k not in RUNTIME_FLAGS and v is not None and k in saved and saved[k] != v:  # None: set at run time
-            raise UsageError(f"{save_dir} was run with --{k} {flag_text(saved[k])}, the default when it ran; "
-                             f"the same command now means --{k} {flag_text(v)}: give another --out, or "
-                             "remove that folder")
+    changed = changed_settings(saved, parsed_settings(SelfLabelCommand().parser(), cmd))
+    if changed:
+        k, then, now = changed[0]
+        raise UsageError(f"{save_dir} was run with --{k} {flag_text(then)}, the default when it ran; "
+                         f"the same command now means --{k} {flag_text(now)}: give another --out, or "
+                         "remove that folder")
 
 
 def _scoring(save_dir: Path) -> int:
