@@ -12,6 +12,8 @@ other.
 * :func:`run_pinned` runs child processes a few at a time, each on its own
   CPU cores with TensorFlow's thread pools sized to them; :func:`run_seeds`
   runs a benchmark's seeds that way.
+* :func:`peak_rss_gb`, :func:`wait_measured` and :func:`run_measured`: a
+  process's own peak resident memory, for the benchmarks' tables.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import queue
 import shlex
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -240,6 +243,38 @@ def resolve_jit(jit, model=None, replicas: int = 1, extra=()) -> bool:
     return bool(gpu_names()) or not (has_convolutions(model) or draws_random_numbers(model))
 
 
+def peak_rss_gb(pid="self") -> float:
+    """Peak resident memory of process ``pid`` (default: this one) in GiB:
+    its ``VmHWM`` in /proc; 0.0 when unreadable (the process has ended).
+
+    Not ``ru_maxrss``: Linux carries a parent's peak into its child across
+    fork and exec, so a small child of a large benchmark process would
+    report at least the parent's size (both in its own ``getrusage`` and in
+    the parent's ``wait4``). ``VmHWM`` starts again with each program.
+    """
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    for line in text.splitlines():
+        if line.startswith("VmHWM:"):  # "VmHWM:   123456 kB"
+            return int(line.split()[1]) / 1024**2
+    return 0.0  # a process that is exiting has no memory map left
+
+
+def wait_measured(child, interval: float = 0.05) -> float:
+    """Wait for ``child`` (a ``subprocess.Popen``); return its peak resident
+    memory in GiB (:func:`peak_rss_gb`, read every ``interval`` seconds: the
+    high-water mark never falls, so only growth in the last interval before
+    the child exits is missed). Its own children are not counted."""
+    peak = 0.0
+    while True:
+        peak = max(peak, peak_rss_gb(child.pid))
+        if child.poll() is not None:
+            return peak
+        time.sleep(interval)
+
+
 def last_line(log_path) -> str:
     """The last non-empty line of a child's log (its error, when it failed)."""
     path = Path(log_path)
@@ -254,13 +289,32 @@ def jobs_at_once(jobs: int, commands: int) -> int:
 
 
 class ChildExit(NamedTuple):
-    """How a child of :func:`run_pinned` ended: its exit code, wall time and
-    peak resident memory (the child's ``ru_maxrss``: at least this process's
-    own size when it forked, which Linux carries into the child)."""
+    """How a child of :func:`run_pinned` or :func:`run_measured` ended: its
+    exit code, wall time, peak resident memory (:func:`wait_measured`) and,
+    from :func:`run_measured`, what it wrote on stderr."""
 
     code: int
     seconds: float
     peak_rss_gb: float
+    stderr: str = ""
+
+    def last_error_line(self) -> str:
+        lines = self.stderr.strip().splitlines()
+        return lines[-1] if lines else "(no message)"
+
+
+def run_measured(argv, stderr_path=None, **popen_args) -> ChildExit:
+    """Run ``argv`` to its end (its stdout discarded); how it ended, with its
+    peak resident memory. Its stderr goes to ``stderr_path`` if given (else a
+    temporary file: never a pipe, which would stall a child that fills it)
+    and comes back in :attr:`ChildExit.stderr`."""
+    with open(stderr_path, "w+b") if stderr_path else tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, **popen_args)
+        peak = wait_measured(child)
+        seconds = time.perf_counter() - t0
+        err.seek(0)
+        return ChildExit(child.returncode, seconds, peak, err.read().decode(errors="replace"))
 
 
 def run_pinned(commands, jobs: int, on_exit=None):
@@ -307,9 +361,8 @@ def run_pinned(commands, jobs: int, on_exit=None):
                 # is still starting, single-threaded, and the threads it makes later inherit the pinning
                 with contextlib.suppress(ProcessLookupError):  # a child that already ended
                     os.sched_setaffinity(child.pid, share)
-                _, status, usage = os.wait4(child.pid, 0)  # wait(), with this child's own resource usage
-                child.returncode = os.waitstatus_to_exitcode(status)
-                ended = ChildExit(child.returncode, time.perf_counter() - t0, usage.ru_maxrss / 1024**2)
+                peak = wait_measured(child)
+                ended = ChildExit(child.returncode, time.perf_counter() - t0, peak)
                 if ended.code:  # said at once: the caller may still be waiting for a child listed before
                     stopped.set()
                     how = f"exit {ended.code}" if ended.code > 0 else f"killed by signal {-ended.code}"

@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-import resource
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -32,6 +29,7 @@ from common.cli import SEED_BOUNDS, ArgumentParser, run
 from common.data import load_data
 from common.errors import DataError, UsageError
 from common.results import write_csv, write_summary
+from common.runtime import run_measured
 
 CONFIGS = {
     "ae": ["--model", "ae", "--cluster", "kmeans"],
@@ -89,20 +87,19 @@ def _main(argv=None):
                 save_dir = out / f"{dataset}_{config}_seed{seed}"
                 cmd = [str(ae), "--dataset", dataset, *CONFIGS[config], "--seed", str(seed), "--save_dir",
                        str(save_dir), "--verbose", "0", *passed]
-                t0 = time.perf_counter()
-                done = subprocess.run(cmd, capture_output=True, text=True)
-                seconds = time.perf_counter() - t0
-                if done.returncode:
-                    last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
-                    raise UsageError(f"bin/ae failed ({dataset} {config}, seed {seed}): {last}")
+                ended = run_measured(cmd)
+                seconds = ended.seconds
+                if ended.code:
+                    raise UsageError(f"bin/ae failed ({dataset} {config}, seed {seed}): "
+                                     f"{ended.last_error_line()}")
                 table = pd.read_csv(save_dir / "clustering.csv")
                 classifier = json.loads((save_dir / "results.json").read_text()).get("classifier")
-                peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
                 for _, row in table.iterrows():
                     rows.append({"dataset": dataset, "config": config, "method": row["method"], "seed": seed,
                                  **row.drop("method").to_dict(),
                                  "classifier_acc": (classifier or {}).get("accuracy_on_unlabelled"),
-                                 "run_seconds": round(seconds, 1), "peak_rss_gb": round(peak, 2)})
+                                 "run_seconds": round(seconds, 1),
+                                 "peak_rss_gb": round(ended.peak_rss_gb, 2)})
                 write_csv(pd.DataFrame(rows), out / "runs.csv")
                 first = table.iloc[0]
                 print(f"{dataset} {config} seed {seed}: {first['method']} accuracy {first['acc']:.4f}, NMI "

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from functools import partial
@@ -47,10 +46,11 @@ from common.data import KNOWN_DATASETS, load_data
 from common.errors import UsageError
 from common.metrics import evaluate_clustering
 from common.results import write_csv, write_summary
-from common.runtime import JOBS_HELP, quiet_tensorflow, run_seeds
+from common.runtime import JOBS_HELP, peak_rss_gb, quiet_tensorflow, run_measured, run_seeds
 
 METHODS = ("ae+kmeans", "dec", "idec")
-COLUMNS = ("acc", "nmi", "nmi_geometric", "ari", "iterations", "pretrain_seconds", "cluster_seconds")
+COLUMNS = ("acc", "nmi", "nmi_geometric", "ari", "iterations", "pretrain_seconds", "cluster_seconds",
+           "peak_rss_gb")
 FMNIST_CLASSES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                   "boot")
 
@@ -220,6 +220,7 @@ def vector_runs(args, out: Path, rows: list):
                             seed=seed, verbose=args.verbose, optimizer=opt, shuffle=not dec_keras)
                 row.update(score_labels(m.cluster(x), y), iterations=res.iterations,
                            cluster_seconds=time.perf_counter() - t0)
+            row["peak_rss_gb"] = round(peak_rss_gb(), 2)  # this process's so far (its seeds, in turn)
             rows.append(row)
             write_csv(pd.DataFrame(rows), out / "runs.csv")
             _report(row)
@@ -252,8 +253,6 @@ FOLDER_COLUMNS = ("test_accuracy", "nmi", "ari", "iterations", "seconds", "peak_
 
 def folder_run(args, out: Path):
     """``bin/dcn`` on the Fashion-MNIST folder, one run per seed, in a process of its own."""
-    import resource
-
     root = out / "fmnist_folders"
     if not (root / "train").is_dir():
         write_fmnist_folder(root, args.folder_classes, args.folder_train, args.folder_references,
@@ -272,19 +271,16 @@ def folder_run(args, out: Path):
                "--verbose", "0"]
         if args.folder_max_iterations:
             cmd += ["--max_iterations", str(args.folder_max_iterations)]
-        t0 = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        seconds = time.perf_counter() - t0
-        if done.returncode:
-            last = done.stderr.strip().splitlines()[-1]
-            raise UsageError(f"bin/dcn failed on the folder benchmark: {last}")
+        ended = run_measured(cmd)
+        seconds = ended.seconds
+        if ended.code:
+            raise UsageError(f"bin/dcn failed on the folder benchmark: {ended.last_error_line()}")
         metrics = json.loads((report / "test_metrics.json").read_text())
         results = json.loads((report / "results.json").read_text())
-        peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2  # the largest run so far
         rows.append({"seed": seed, "test_accuracy": metrics["accuracy"], "nmi": metrics["nmi"],
                      "ari": metrics["ari"], "n_test": metrics["n_images"],
                      "iterations": results["iterations"], "stopped": results["stopped"],
-                     "seconds": round(seconds, 1), "peak_rss_gb": round(peak_gb, 2),
+                     "seconds": round(seconds, 1), "peak_rss_gb": round(ended.peak_rss_gb, 2),
                      "command": " ".join(cmd[1:])})
         write_csv(pd.DataFrame(rows), out / "folder_runs.csv")
         print(f"  seed {seed}: test accuracy {metrics['accuracy']:.4f}, NMI {metrics['nmi']:.4f}, ARI "

@@ -21,7 +21,8 @@ them, ``dec_log.csv``, ``DEC_model_*.h5``) into ``<out>/deckeras_seed<N>/``,
 and its rows into ``<out>/runs.csv`` (the columns of bin/dcn-benchmark's):
 ``ae+kmeans``, the k-means DEC.py starts from, and ``dec``, the labels of
 its last target refresh (where it stopped; the last row of ``dec_log.csv``,
-which DEC-keras' ``run_exp.py`` reports), scored with our metrics.
+which DEC-keras' ``run_exp.py`` reports), scored with our metrics, with the
+run's time and peak resident memory.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import pandas as pd
 from common.cli import SEED_BOUNDS, ArgumentParser, run
 from common.errors import UsageError
 from common.results import write_csv
+from common.runtime import peak_rss_gb
 
 DIMS = (784, 500, 500, 2000, 10)
 
@@ -245,7 +247,7 @@ def _main(argv=None):
     rows = [{**row, "method": "ae+kmeans", **score_labels(created[-1].labels_, g["y"]),
              "iterations": 0},
             {**row, "method": "dec", **score_labels(g["y_pred"], g["y"]),
-             "iterations": iterations, "seconds": round(seconds, 1)}]
+             "iterations": iterations, "seconds": round(seconds, 1), "peak_rss_gb": round(peak_rss_gb(), 2)}]
     path = out / "runs.csv"
     with open(out / ".runs.lock", "w") as lock:  # seeds run at once, one per core, share the table
         fcntl.flock(lock, fcntl.LOCK_EX)

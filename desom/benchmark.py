@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import sys
 import time
@@ -28,7 +27,7 @@ from common.data import CLASS_NAMES, IMAGE_SHAPES, KNOWN_DATASETS, load_data
 from common.errors import DataError, UsageError
 from common.metrics import evaluate_clustering
 from common.results import write_csv, write_summary
-from common.runtime import JOBS_HELP, quiet_tensorflow, run_seeds
+from common.runtime import JOBS_HELP, peak_rss_gb, quiet_tensorflow, run_measured, run_seeds
 
 MODELS = ("desom", "convdesom", "som", "kmeans")
 COLUMNS = ("purity", "nmi", "nmi_geometric", "ari", "acc", "acc_kmeans", "quantization_error",
@@ -111,39 +110,16 @@ def _write_shards(folder: Path, x, y, copies: int, seed: int, rows_per_shard: in
 
 
 def _measured_run(argv, save_dir: Path) -> dict:
-    """``bin/desom`` in a child process: its peak resident set size, wall time, results.
-
-    The peak is the child's ``VmHWM`` (/proc), read every 50 ms until it exits
-    (it never decreases; the run's teardown outlasts the reads). Not
-    ``ru_maxrss``: Linux carries the parent's peak into a child across fork and
-    exec, so every child would report at least this benchmark's own memory.
-    """
-    import subprocess
-
+    """``bin/desom`` in a child process: its peak resident set size
+    (:func:`common.runtime.run_measured`), wall time, results."""
     shutil.rmtree(save_dir, ignore_errors=True)
-    t0 = time.perf_counter()
     save_dir.mkdir(parents=True)
-    err_file = open(save_dir / "stderr.txt", "w+b")  # not a pipe: a full pipe would stall the child
-    child = subprocess.Popen([sys.executable, "-m", "desom.cli", *argv, "--save_dir", str(save_dir),
-                              "--verbose", "0"], stderr=err_file)
-    status, peak_kb = Path(f"/proc/{child.pid}/status"), 0
-    while child.poll() is None:
-        try:
-            text = status.read_text()
-        except OSError:  # exiting
-            text = ""
-        for line in text.splitlines():
-            if line.startswith("VmHWM:"):  # "VmHWM:   123456 kB"
-                peak_kb = max(peak_kb, int(line.split()[1]))
-        time.sleep(0.05)
-    seconds = time.perf_counter() - t0
-    with err_file:
-        err_file.seek(0)
-        err = err_file.read().decode(errors="replace")
-    if child.returncode:
-        raise RuntimeError(f"bin/desom {' '.join(argv)} failed ({child.returncode}): {err.strip()[-500:]}")
+    command = [sys.executable, "-m", "desom.cli", *argv, "--save_dir", str(save_dir), "--verbose", "0"]
+    ended = run_measured(command, stderr_path=save_dir / "stderr.txt")
+    if ended.code:
+        raise RuntimeError(f"bin/desom {' '.join(argv)} failed ({ended.code}): {ended.stderr.strip()[-500:]}")
     results = json.loads((save_dir / "results.json").read_text())
-    return {"peak_rss_gb": peak_kb / 1024**2, "seconds": seconds, "purity": results["train"]["purity"],
+    return {"peak_rss_gb": ended.peak_rss_gb, "seconds": ended.seconds, "purity": results["train"]["purity"],
             "quantization_error": results["train"]["quantization_error"]}
 
 
@@ -247,10 +223,6 @@ def speed_cases():
     return [case("DESOM (dense, 784)", lambda: DESOM(784, (8, 8)), (784,)),
             case("ConvDESOM (28x28)", lambda: ConvDESOM((28, 28, 1), (8, 8)), (28, 28, 1)),
             case("Kerasom (784)", lambda: Kerasom(784, (8, 8)), (784,))]
-
-
-def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # kB on Linux
 
 
 def _one_run(args, name, model_name, x, y, seed, strategy, run_dir):
@@ -376,7 +348,7 @@ def _main(argv=None):
                 shutil.rmtree(run_dir, ignore_errors=True)
                 metrics = _one_run(args, name, model_name, data, y, seed, strategy, run_dir)
                 row = {"dataset": name, "model": model_name, "seed": seed, **metrics,
-                       "peak_rss_gb": round(_peak_rss_gb(), 2)}
+                       "peak_rss_gb": round(peak_rss_gb(), 2)}
                 rows.append(row)
                 write_csv(pd.DataFrame(rows), out / "runs.csv")
                 _report(row)

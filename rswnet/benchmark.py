@@ -12,10 +12,7 @@ per head and method) and prints the summary with each run's wall time.
 from __future__ import annotations
 
 import os
-import resource
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -23,6 +20,7 @@ import pandas as pd
 from common.cli import SEED_BOUNDS, ArgumentParser, run
 from common.errors import UsageError
 from common.results import write_csv, write_summary
+from common.runtime import run_measured
 
 COLUMNS = ("acc", "purity", "nmi", "ari", "silhouette", "davies_bouldin", "calinski_harabasz",
            "largest_share", "clusters", "run_seconds")
@@ -58,18 +56,15 @@ def _main(argv=None):
             cmd = [str(rswnet), "--dataset", args.dataset, "--head", head, "--input_size",
                    str(args.input_size), "--weights", args.weights, "--subset", str(args.subset), "--seed",
                    str(seed), "--save_dir", str(save_dir), "--verbose", "0", *passed]
-            t0 = time.perf_counter()
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            seconds = time.perf_counter() - t0
-            if done.returncode:
-                last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
-                raise UsageError(f"bin/rswnet failed ({head}, seed {seed}): {last}")
+            ended = run_measured(cmd)
+            seconds = ended.seconds
+            if ended.code:
+                raise UsageError(f"bin/rswnet failed ({head}, seed {seed}): {ended.last_error_line()}")
             table = pd.read_csv(save_dir / "comparison.csv")
-            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
             for _, row in table.iterrows():
                 rows.append({"head": head, "method": row["method"], "seed": seed,
                              **row.drop("method").to_dict(), "run_seconds": round(seconds, 1),
-                             "peak_rss_gb": round(peak, 2)})
+                             "peak_rss_gb": round(ended.peak_rss_gb, 2)})
             write_csv(pd.DataFrame(rows), out / "runs.csv")
             model_row = table[table["method"].str.startswith("RSWNet")].iloc[0]
             print(f"{head} seed {seed}: {model_row['method']}: acc {model_row['acc']:.4f}, NMI "

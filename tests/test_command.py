@@ -103,6 +103,29 @@ def test_command_line_writes_parsed_arguments_back_as_flags():
     assert vars(parser().parse_args(flags)) == {**vars(args), "jobs": 1}
 
 
+def test_a_childs_peak_memory_is_its_own_not_its_parents(tmp_path):
+    """Linux carries a parent's ru_maxrss into its children: a 60 MB child of
+    a process holding 1.5 GB must still be measured at about 60 MB."""
+    import sys
+
+    import numpy as np
+
+    from common.runtime import peak_rss_gb, run_measured, run_pinned
+
+    held = np.ones(1536 * 2**20 // 8)  # touched, so resident
+    assert peak_rss_gb() > 1.5
+    grow = "import time; x = b'x' * (60 * 2**20); time.sleep(0.3)"
+    ended = run_measured([sys.executable, "-c", grow])
+    assert ended.code == 0 and 0.05 < ended.peak_rss_gb < 0.5
+    ended, = run_pinned([([sys.executable, "-c", grow], tmp_path / "log.txt")], jobs=1)
+    assert ended.code == 0 and 0.05 < ended.peak_rss_gb < 0.5
+    failed = run_measured([sys.executable, "-c", "import sys; print('out'); sys.exit('bad input')"],
+                          stderr_path=tmp_path / "err.txt")
+    assert failed.code == 1 and failed.last_error_line() == "bad input"
+    assert (tmp_path / "err.txt").read_text().strip() == "bad input"
+    del held
+
+
 def test_run_pinned_gives_each_child_its_own_cores_and_stops_early(tmp_path):
     import os
     import sys
