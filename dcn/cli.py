@@ -34,6 +34,10 @@ class DcnCommand(TrainingCommand):
     outputs = ("model.keras", "pretrain_log.csv", "log.csv", "class_mappings.json", "results.json",
                "test_metrics.json", "test_cm.png", "architecture.png", "architecture.txt")
 
+    def resumed_with_changes(self, args, changed):
+        if "max_epochs" in changed and "max_iterations" not in changed:
+            args.max_iterations = None  # the saved --max_iterations would override the new budget
+
     def add_arguments(self, p):
         src = p.add_mutually_exclusive_group()
         src.add_argument("--data", metavar="DIR",

@@ -235,6 +235,32 @@ def test_folder_run_end_to_end_and_predict_in_a_new_process(image_folder, tmp_pa
     assert (preds["probability"] > 0).all() and len(res.stdout.strip().splitlines()) == 3
 
 
+def test_resume_with_a_new_max_epochs_replaces_the_saved_max_iterations(tmp_path, monkeypatch):
+    """--max_iterations overrides --max_epochs: a run started with the one and
+    resumed with the other must train for the new budget, not the old one."""
+    from common.results import write_json
+    from dcn.cli import DcnCommand
+
+    first = ["--dataset", "digits", "--max_iterations", "5000", "--save_dir", str(tmp_path)]
+    write_json(tmp_path / "args.json", vars(DcnCommand().parser().parse_args(first)))
+    seen = {}
+
+    class Loaded(Exception):
+        pass
+
+    def load(self, args):
+        seen["args"] = args
+        raise Loaded
+
+    monkeypatch.setattr(DcnCommand, "load", load)
+    with pytest.raises(Loaded):
+        DcnCommand().main(["--resume", "--save_dir", str(tmp_path), "--max_epochs", "100", "--verbose", "0"])
+    args = seen["args"]
+    assert args.max_iterations is None and args.max_epochs == 100
+    _, iterations = dcn_models.clustering_schedule(1797, 256, None, args.max_iterations, args.max_epochs)
+    assert iterations == 700  # 100 epochs of 7 batches of 256, not the saved 5,000 iterations
+
+
 def test_dec_on_digits_vectors(tmp_path):
     out = tmp_path / "dec"
     res = run_bin("--dataset", "digits", "--recon_weight", 0, "--optimizer", "sgd", "--pretrain_epochs", 30,
