@@ -17,6 +17,7 @@ TensorFlow's start-up helpers live in :mod:`common.runtime`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -259,11 +260,18 @@ def command_line(parser: argparse.ArgumentParser, args, skip=()) -> list[str]:
     return argv
 
 
-def parsed_settings(parser: argparse.ArgumentParser, argv) -> dict:
+def parsed_settings(parser: argparse.ArgumentParser, argv, complete=None) -> dict:
     """Every setting ``argv`` means to ``parser``, defaults included, as JSON
     values (for telling whether a run made earlier with the same flags ran
-    with other defaults)."""
-    return json.loads(json.dumps(vars(parser.parse_args(argv)), default=str))
+    with other defaults). ``complete(args)``, if given, is the command's own
+    completion of its flags (e.g. ``check``, writing ``--confident_fraction
+    0.7`` as ``0.7 0.7`` the way the run saved it); a UsageError of it is
+    left to the run itself."""
+    args = parser.parse_args(argv)
+    if complete is not None:
+        with contextlib.suppress(UsageError):
+            complete(args)
+    return json.loads(json.dumps(vars(args), default=str))
 
 
 def changed_settings(before: dict, now: dict, ignore=RUNTIME_FLAGS) -> list[tuple[str, object, object]]:

@@ -96,7 +96,8 @@ def _check_settings(save_dir: Path, cmd):
     if not path.is_file():
         return
     saved = json.loads(path.read_text())
-    changed = changed_settings(saved, parsed_settings(SelfLabelCommand().parser(), cmd))
+    command = SelfLabelCommand()
+    changed = changed_settings(saved, parsed_settings(command.parser(), cmd, complete=command.check))
     if changed:
         k, then, now = changed[0]
         raise UsageError(f"{save_dir} was run with --{k} {flag_text(then)}, the default when it ran; "

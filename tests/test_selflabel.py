@@ -544,6 +544,24 @@ def test_selflabel_benchmark_reads_back_finished_runs_and_resumes_stopped_ones(t
     np.testing.assert_array_equal(*first)
 
 
+def test_selflabel_benchmark_accepts_its_own_run_of_one_confident_fraction(tmp_path):
+    """bin/selflabel saves --confident_fraction 0.7 as [0.7, 0.7]: the same
+    benchmark command must read that run back, not call it another run."""
+    from common.results import write_json
+    from dcn.selflabel_benchmark import _check_settings
+    from dcn.selflabel_cli import SelfLabelCommand
+
+    cmd = [*BENCH, "--confident_fraction", "0.7", "--save_dir", str(tmp_path)]
+    command = SelfLabelCommand()
+    args = command.parser().parse_args(cmd)
+    command.check(args)
+    write_json(tmp_path / "args.json", vars(args))
+    _check_settings(tmp_path, cmd)  # no UsageError
+    write_json(tmp_path / "args.json", {**vars(args), "confident_fraction": [0.6, 0.6]})
+    with pytest.raises(UsageError, match="was run with --confident_fraction 0.6 0.6, the default when it"):
+        _check_settings(tmp_path, cmd)
+
+
 def test_selflabel_benchmark_needs_first_labels_for_every_run(tmp_path, capsys):
     from dcn.selflabel_benchmark import main as bench
 
