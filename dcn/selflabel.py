@@ -674,8 +674,7 @@ def refine(model: SelfLabelNet, x, labels, confidence, *, iterations: int = 10,
     finished iterations (the one in progress resumes from its checkpoint).
     ``y`` / ``y_test`` (optional) are scored in each row, for reporting only.
     ``on_rows(rows)`` is called with every row so far after each iteration
-    (to write history.csv). Returns the rows. A resumed run given more
-    iterations than it had relabels from its last model first.
+    (to write history.csv). Returns the rows.
     """
     k = model.n_clusters
     if select not in SELECTIONS:
@@ -702,13 +701,23 @@ def refine(model: SelfLabelNet, x, labels, confidence, *, iterations: int = 10,
         if rows and rows[-1].get("stopped"):
             return rows
         if start and not (save / "pseudo_labels" / f"iteration_{start:02d}.npz").is_file():
-            # its last iteration was not relabelled (interval, or an earlier version): relabel now
+            # written by an earlier version, which saved a non-relabelling iteration's labels only when the
+            # next one began: do what the run would have done
             with np.load(save / "pseudo_labels" / f"iteration_{start - 1:02d}.npz") as f:
-                previous = f["labels"]
-            labels, confidence = shared(*relabel(model, x, previous, relabelling, balance, seed, kmeans))
-            rows[-1]["stability"] = aligned_stability(labels, previous, k)
-            if on_rows is not None:
-                on_rows(rows)
+                previous, previous_confidence = f["labels"], f["confidence"]
+            if start % recluster_interval and start != iterations:  # iteration start-1 kept its labels
+                labels, confidence = shared(previous, previous_confidence)
+            else:
+                labels, confidence = shared(*relabel(model, x, previous, relabelling, balance, seed, kmeans))
+                rows[-1]["stability"] = aligned_stability(labels, previous, k)
+                if rows[-1]["stability"] >= threshold:
+                    rows[-1]["stopped"] = f"aligned stability {rows[-1]['stability']:.4f} >= {threshold}"
+                if write:
+                    _save_labels(save / "pseudo_labels" / f"iteration_{start:02d}.npz", labels, confidence)
+                if on_rows is not None:
+                    on_rows(rows)
+                if rows[-1].get("stopped"):
+                    return rows
     knn = None
     if neighbours is not None and knn_epochs > 0:
         with _scope(loop.get("strategy")):
@@ -750,11 +759,10 @@ def refine(model: SelfLabelNet, x, labels, confidence, *, iterations: int = 10,
             labels, confidence = new, new_conf
         if relabelled and row["stability"] >= threshold:
             row["stopped"] = f"aligned stability {row['stability']:.4f} >= {threshold}"
-        if write:  # the next labels first: a finished iteration's model implies them
+        if write:  # the next labels first (the same ones when not relabelled): a finished model implies them
             from common.networks import save_keras_model
 
-            if relabelled:
-                _save_labels(save / "pseudo_labels" / f"iteration_{i + 1:02d}.npz", labels, confidence)
+            _save_labels(save / "pseudo_labels" / f"iteration_{i + 1:02d}.npz", labels, confidence)
             save_keras_model(model, save / f"iteration_{i:02d}.keras")
             for done in (phase, f"{phase}_knn"):
                 shutil.rmtree(save / "checkpoints" / done, ignore_errors=True)

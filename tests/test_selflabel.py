@@ -377,6 +377,46 @@ def test_refine_resumes_after_the_last_finished_iteration(tmp_path):
     assert (tmp_path / "iteration_02.keras").is_file()
 
 
+def test_refine_stopped_between_iterations_keeps_the_labels_of_a_non_relabelling_one(tmp_path):
+    """With --recluster_interval 2, iteration 1 trains on iteration 0's labels;
+    a run stopped right after iteration 0 must do the same when resumed."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images[:256] / 16.0)[..., None].astype(np.float32)
+    kwargs = dict(iterations=3, recluster_interval=2, epochs_per_iteration=1, batch_size=64, verbose=0,
+                  jit_compile=False, save_dir=tmp_path, threshold=1.1)
+
+    def stop_after_first(rows):
+        pd.DataFrame(rows).to_csv(tmp_path / "history.csv", index=False)
+        raise KeyboardInterrupt
+
+    def on_rows(rows):
+        pd.DataFrame(rows).to_csv(tmp_path / "history.csv", index=False)
+
+    def net():
+        return SelfLabelNet((8, 8, 1), 4, filters=(8,), dense=(16,), head=(8,))
+
+    with pytest.raises(KeyboardInterrupt):
+        refine(net(), x, d.target[:256] % 4, np.ones(256), on_rows=stop_after_first, **kwargs)
+    first = np.load(tmp_path / "pseudo_labels" / "iteration_00.npz")["labels"]
+    np.testing.assert_array_equal(np.load(tmp_path / "pseudo_labels" / "iteration_01.npz")["labels"], first)
+    for written_before in (True, False):  # this version's files, and an earlier one's (labels of 1 missing)
+        if not written_before:
+            (tmp_path / "pseudo_labels" / "iteration_01.npz").unlink()
+            for name in ("iteration_01.keras", "iteration_02.keras", "pseudo_labels/iteration_02.npz",
+                         "pseudo_labels/iteration_03.npz"):
+                (tmp_path / name).unlink()
+            pd.read_csv(tmp_path / "history.csv").iloc[:1].drop(columns="stability").to_csv(
+                tmp_path / "history.csv", index=False)
+        rows = refine(net(), x, np.zeros(256, int), np.ones(256), resume=True, on_rows=on_rows, **kwargs)
+        assert [r["iteration"] for r in rows] == [0, 1, 2]
+        assert "stability" not in rows[0]  # iteration 0 kept its labels
+        assert 0 <= rows[1]["stability"] <= 1  # 1 relabelled
+        np.testing.assert_array_equal(np.load(tmp_path / "pseudo_labels" / "iteration_01.npz")["labels"],
+                                      first)
+
+
 @pytest.mark.slow
 def test_bin_selflabel_on_digits_improves_on_its_first_clustering_and_writes_everything(tmp_path, capsys):
     out = tmp_path / "run"
