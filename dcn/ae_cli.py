@@ -328,6 +328,9 @@ def generate_main(argv):
     if args.label is not None and not model.needs_labels:
         raise UsageError(f"{args.model} is a {type(model).__name__}, not conditioned on labels: use "
                          f"--cluster 0..{model.n_clusters - 1}")
+    if model.needs_labels and args.cluster is not None:
+        raise UsageError(f"{args.model} is a {type(model).__name__}: it draws a class, not a cluster; use "
+                         f"--label 0..{model.n_classes - 1}, or neither for every class")
     if model.needs_labels and args.label is None:
         rows = [(f"class {c}", model.generate(args.n, label=c, seed=args.seed + c))
                 for c in range(model.n_classes)]

@@ -147,7 +147,7 @@ def test_generation_needs_clusters_and_a_cvae_needs_a_label():
 
 # ----------------------------------------------------------------- command
 @pytest.mark.parametrize("model", ["ae", "semisupervised", "vae", "cvae"])
-def test_bin_ae_writes_every_output_and_the_model_generates_in_a_new_process(model, tmp_path):
+def test_bin_ae_writes_every_output_and_the_model_generates_in_a_new_process(model, tmp_path, capsys):
     out = tmp_path / model
     extra = ["--latent_dim", "2"] if model == "ae" else []  # 2-d: the manifold grid too
     with pytest.raises(SystemExit) as stop:
@@ -186,6 +186,10 @@ def test_bin_ae_writes_every_output_and_the_model_generates_in_a_new_process(mod
     assert res.returncode == 0, res.stderr[-2000:]
     written = pd.read_csv(tmp_path / "gen.csv").drop(columns="row").to_numpy()
     np.testing.assert_allclose(written, expected.reshape(5, -1), atol=1e-6)
+    if model == "cvae":  # a cluster is not what a CVAE draws from: refused, not ignored
+        assert_one_line_error(main, ["generate", "--model", str(out / "model.keras"), "--cluster", "2",
+                                     "--out", str(tmp_path / "c.png")],
+                              "is a CVAE: it draws a class, not a cluster; use --label 0..9", capsys)
 
 
 def test_semisupervised_model_on_two_mirrored_cpus_matches_the_default_strategy(tmp_path):
