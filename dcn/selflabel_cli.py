@@ -220,8 +220,9 @@ class SelfLabelCommand(TrainingCommand):
             labels = confidence = np.zeros(len(d.x))  # replaced by the saved ones
             if with_knn:
                 if not knn_file.is_file():
-                    raise UsageError(f"{save} was trained without neighbours; resume it with --knn_epochs 0 "
-                                     f"--select probability")
+                    raise UsageError(f"cannot resume {save}: its neighbours.npy is missing (its --knn_epochs "
+                                     "or --select neighbours need it); start the run again in a new "
+                                     "--save_dir")
                 neighbours = np.load(knn_file)
             if pretrained.is_file():
                 model.set_weights(sl.load_model(pretrained).get_weights())

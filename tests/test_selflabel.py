@@ -478,6 +478,11 @@ def test_bin_selflabel_on_digits_improves_on_its_first_clustering_and_writes_eve
     assert "init_features_seconds" in results["timings"]["stages"]
     stages = json.loads((other / "results.json").read_text())["timings"]["stages"]
     assert "init_features_seconds" not in stages and "refine_seconds" in stages
+    # resuming a run that lost its neighbours: one line, and advice --resume accepts
+    (other / "neighbours.npy").unlink()
+    assert_one_line_error(main, ["--resume", "--save_dir", str(other)],
+                          f"cannot resume {other}: its neighbours.npy is missing (its --knn_epochs or "
+                          "--select neighbours need it); start the run again in a new --save_dir", capsys)
 
 
 @pytest.mark.slow
