@@ -109,8 +109,15 @@ class DesomCommand(TrainingCommand):
 
         check_map(args.map_size, args.topology, args.toroidal, flag="--map_size")
         args.Tmax, args.Tmin = temperatures(args.map_size, args.Tmax, args.Tmin, args.schedule)
-        if args.model == "som" and (args.pretrain_epochs or args.ae_weights):
-            raise UsageError("--model som has no autoencoder: drop --pretrain_epochs/--ae_weights")
+        if args.model == "som":  # flags of the autoencoder: refused, not silently ignored
+            p = self.parser()
+            unused = [f"--{k}" for k in ("pretrain_epochs", "ae_weights", "latent_dim", "gamma", "batchnorm")
+                      if getattr(args, k) != p.get_default(k)]
+            if unused:
+                raise UsageError(f"--model som has no autoencoder: drop {' '.join(unused)}")
+        elif args.ae_weights and args.pretrain_epochs:
+            raise UsageError(f"--ae_weights {args.ae_weights} is an autoencoder pretrained already, and "
+                             f"--pretrain_epochs {args.pretrain_epochs} would not run: drop one of the two")
         if args.data is None and args.scaling != "none":
             raise UsageError("--scaling applies to --data files; the named data sets come scaled as in DESOM")
 

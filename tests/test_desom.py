@@ -267,7 +267,12 @@ def test_bin_desom_csv_with_scaling_and_predict(tmp_path):
     (["--seed", "-1"], "argument --seed: must be in [0, 4294967295], got -1"),
     (["--model", "convdesom", "--dataset", "digits", "--data", "x.csv"], "not allowed with argument"),
     (["--resume", "--save_dir", "nowhere"], "nothing to resume"),
-    (["--model", "som", "--pretrain_epochs", "2"], "no autoencoder"),
+    (["--model", "som", "--pretrain_epochs", "2"], "--model som has no autoencoder: drop --pretrain_epochs"),
+    (["--model", "som", "--gamma", "7", "--latent_dim", "99", "--batchnorm"],
+     "--model som has no autoencoder: drop --latent_dim --gamma --batchnorm"),
+    (["--ae_weights", "ae.weights.h5", "--pretrain_epochs", "3"],
+     "--ae_weights ae.weights.h5 is an autoencoder pretrained already, and --pretrain_epochs 3 would not "
+     "run"),
     (["predict", "--model", "nothing.keras", "--dataset", "digits"], "model file nothing.keras not found"),
 ])
 def test_bad_arguments_get_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
