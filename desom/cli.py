@@ -40,9 +40,10 @@ class DesomCommand(TrainingCommand):
     resume_may_change = ("iterations",)
 
     def resumed_with_changes(self, args, changed):
-        old = changed["iterations"][0]
-        if args.som_iterations is None:  # T keeps the schedule it had; extra iterations run at Tmin
-            args.som_iterations = min(old, args.iterations)
+        # T keeps the schedule it had: extra iterations run at Tmin; a shorter run stops it where it is
+        # (min(old, new) would squeeze the rest of the decay: T jumped from 7.7 to 0.25 in 1,000 iterations)
+        if args.som_iterations is None:
+            args.som_iterations = changed["iterations"][0]
 
     def add_arguments(self, p):
         _data_arguments(p, required=False)

@@ -72,6 +72,19 @@ def test_resume_with_more_iterations_trains_on_at_the_final_radius(finished_run,
     assert json.loads((finished_run / "results.json").read_text())["iterations"] == 100
 
 
+def test_resume_with_fewer_iterations_keeps_the_temperature_schedule():
+    from argparse import Namespace
+
+    from desom.cli import DesomCommand
+
+    args = Namespace(iterations=30000, som_iterations=None)
+    DesomCommand().resumed_with_changes(args, {"iterations": (400000, 30000)})
+    assert args.som_iterations == 400000  # T goes on decaying as before, and stops where the run stops
+    args = Namespace(iterations=30000, som_iterations=5000)  # given explicitly: kept
+    DesomCommand().resumed_with_changes(args, {"iterations": (400000, 30000)})
+    assert args.som_iterations == 5000
+
+
 # ---------------------------------------------------------------- --deterministic
 def test_two_deterministic_runs_give_identical_results(tmp_path):
     for name in ("a", "b"):  # processes of their own: op determinism, once on, stays on in a process
