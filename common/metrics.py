@@ -107,8 +107,9 @@ def quantization_error(sq_distances) -> float:
     """Mean Euclidean distance from each sample to its best-matching prototype.
 
     ``sq_distances`` is the (samples, units) matrix of squared Euclidean
-    distances. This is Kohonen's quantization error; the original DESOM code
-    logged the mean *squared* distance instead (the square of this, roughly).
+    distances. This is Kohonen's quantization error, and the original DESOM
+    code's (somperf's, on the square roots of its distances; its own
+    ``metrics.quantization_error``, the mean squared distance, is never called).
     """
     d = np.asarray(sq_distances, dtype=np.float64)
     return float(np.sqrt(np.maximum(d.min(axis=1), 0.0)).mean())
