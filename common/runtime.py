@@ -88,6 +88,11 @@ def make_strategy(name: str = "auto"):
     ``multiworker``: ``MultiWorkerMirroredStrategy`` over the machines named
     by the ``TF_CONFIG`` variable; it must be made before TensorFlow runs
     its first op.
+
+    A mirrored strategy is made once per process and given again: a second
+    one numbers its collective operations (the all-reduce of a batch
+    statistic, :func:`common.training.batch_sum`) from where the first one
+    started, and TensorFlow aborts the step on the clash.
     """
     if name not in STRATEGIES:
         raise UsageError(f"unknown strategy '{name}'; choose one of {', '.join(STRATEGIES)}")
@@ -97,8 +102,13 @@ def make_strategy(name: str = "auto"):
     gpus = tf.config.list_logical_devices("GPU")
     if name == "default" or (name == "auto" and len(gpus) < 2):
         return tf.distribute.get_strategy()
-    devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
-    return tf.distribute.MirroredStrategy(devices)
+    devices = tuple(d.name for d in gpus) or tuple(d.name for d in tf.config.list_logical_devices("CPU"))
+    if devices not in _MIRRORED:  # one per process: a second one's collectives reuse the first one's keys
+        _MIRRORED[devices] = tf.distribute.MirroredStrategy(list(devices))
+    return _MIRRORED[devices]
+
+
+_MIRRORED: dict = {}
 
 
 def _multiworker():

@@ -130,6 +130,34 @@ class Task:
         return {"model": self.model}
 
 
+def batch_sum(x):
+    """``x`` summed over its first axis, over the whole global batch.
+
+    Inside the step of a strategy with several replicas, ``loss_terms``
+    sees one replica's share of the batch: the shares' sums are added up
+    across the replicas (an all-reduce, with its gradient). Elsewhere, the
+    plain sum. For batch statistics (DEC's per-batch target, DESOM's latent
+    spread, an entropy of the batch's mean prediction) that must not change
+    with the number of devices.
+    """
+    import tensorflow as tf
+    from keras import ops
+
+    total = ops.sum(x, axis=0)
+    context = tf.distribute.get_replica_context()
+    if context is not None and context.num_replicas_in_sync > 1:
+        total = context.all_reduce(tf.distribute.ReduceOp.SUM, total)
+    return total
+
+
+def batch_mean(x):
+    """``x`` averaged over its first axis, over the whole global batch (:func:`batch_sum`)."""
+    from keras import ops
+
+    ones = ops.ones_like(ops.reshape(x, (ops.shape(x)[0], -1))[:, 0])
+    return batch_sum(x) / batch_sum(ones)
+
+
 def layers_of(fn) -> list:
     """The Keras layers of a batch function (a ``map_fn`` or a task's
     augmentation), where it has them: its ``pipeline`` (see

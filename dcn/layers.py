@@ -77,9 +77,13 @@ def target_distribution(q):
 
 
 def batch_target_distribution(q):
-    """:func:`target_distribution` of one batch's Q (Keras ops, float32)."""
+    """:func:`target_distribution` of one batch's Q (Keras ops, float32); the
+    cluster frequencies are the whole global batch's, however many devices
+    share it (:func:`common.training.batch_sum`)."""
+    from common.training import batch_sum
+
     q = ops.cast(q, "float32")
-    weight = ops.square(q) / ops.sum(q, axis=0, keepdims=True)
+    weight = ops.square(q) / ops.expand_dims(batch_sum(q), 0)
     return weight / ops.sum(weight, axis=1, keepdims=True)
 
 

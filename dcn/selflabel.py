@@ -55,7 +55,7 @@ from common.errors import UsageError
 from common.networks import cnn_features, load_keras_model, mlp_classifier, predict_in_batches
 from common.results import atomic_path
 from common.runtime import from_chief, is_chief
-from common.training import Task, layers_of, train
+from common.training import Task, batch_mean, layers_of, train
 
 INITS = ("ae", "desom", "random", "contrastive")
 MANIFOLDS = ("umap", "none")
@@ -531,7 +531,7 @@ class NeighbourTask(Task):
         logits = ops.cast(self.model.logits(ops.concatenate([x, xn], axis=0), training=True), "float32")
         p, pn = ops.split(ops.softmax(logits, axis=-1), 2, axis=0)
         agreement = -ops.log(ops.clip(ops.sum(p * pn, axis=-1), 1e-7, 1.0))
-        mean = ops.mean(p, axis=0)
+        mean = batch_mean(p)  # the global batch's, on several devices too
         entropy = -ops.sum(mean * ops.log(ops.clip(mean, 1e-7, 1.0)))
         entropy = entropy * ops.ones_like(agreement)
         return {"loss": agreement - self.entropy_weight * entropy, "agreement": agreement, "entropy": entropy}

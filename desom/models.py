@@ -39,7 +39,7 @@ from common.networks import (
     mse_per_sample,
     predict_in_batches,
 )
-from common.training import Task, train
+from common.training import Task, batch_mean, train
 from desom.layers import (
     KERNELS,
     SOMLayer,
@@ -65,8 +65,8 @@ def latent_spread(z):
     (ResNet50's 2048-d) does under DESOM's plain loss. The gradient flows
     through it, so collapsing the codes raises the loss instead.
     """
-    centred = z - ops.mean(z, axis=0, keepdims=True)
-    return ops.mean(ops.sum(ops.square(centred), axis=1))
+    centred = z - ops.expand_dims(batch_mean(z), 0)  # the global batch's, on several devices too
+    return batch_mean(ops.sum(ops.square(centred), axis=1))
 
 
 class SOMTask(Task):

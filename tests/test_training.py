@@ -623,3 +623,53 @@ def test_cli_helpers_and_the_loop_do_not_import_each_other():
                              cwd=ROOT, timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stdout.strip() == "False", (module, other)
+
+
+def test_batch_statistics_are_the_global_batchs_on_two_mirrored_cpus(tmp_path):
+    """DEC's per-batch target and DESOM's normalised SOM loss divide by
+    statistics of the batch: on two replicas, each holding half of it, they
+    must still be the whole batch's (the weights end as on one device)."""
+    import textwrap
+
+    script = textwrap.dedent("""
+        import sys
+        import numpy as np
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        import keras
+        from common.data import load_data
+        from common.runtime import make_strategy
+        from dcn import DCN
+        from desom import DESOM
+        (x, y), _ = load_data("digits")
+        x = x[:512]
+        def dec(model, strategy):
+            model.init_centers(x, n_init=2, seed=2)
+            model.fit(x, None, max_iterations=30, batch_size=32, target="batch", recon_weight=0.0, tol=0.0,
+                      verbose=0, strategy=strategy, checkpoint_minutes=0)
+        def desom(model, strategy):
+            model.fit(x, None, iterations=30, batch_size=32, normalize=True, gamma=0.01, verbose=0,
+                      strategy=strategy, checkpoint_minutes=0)
+        cases = [("dec", lambda: DCN((64,), 10, hidden=(32, 32)), dec),
+                 ("desom", lambda: DESOM(64, (3, 3), latent_dim=4, hidden=(16,)), desom)]
+        for case, make, fit in cases:
+            weights = {}
+            for name in ("mirrored", "default"):
+                strategy = make_strategy(name)
+                with strategy.scope():
+                    keras.utils.set_random_seed(3)
+                    model = make()
+                fit(model, strategy)
+                weights[name] = model.get_weights()
+            gap = max(np.abs(a - b).max() for a, b in zip(weights["mirrored"], weights["default"]))
+            print(case, strategy.num_replicas_in_sync, make_strategy("mirrored").num_replicas_in_sync, gap)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    gaps = {line.split()[0]: line.split()[1:] for line in out.stdout.strip().splitlines()}
+    for case in ("dec", "desom"):
+        one, two, gap = gaps[case]
+        assert (one, two) == ("1", "2") and float(gap) < 1e-5, out.stdout  # half batches: 1e-3 apart
+
