@@ -215,17 +215,21 @@ def architecture(model, path, expand_nested: bool = True) -> Path:
     Graphviz's ``dot`` aborts on some nested layouts (an assertion in its
     orthogonal router); the plot is then drawn without expanding the nested
     models. Without Graphviz, or if both fail, the text summary goes to a
-    ``.txt`` beside it, with one warning on stderr. Returns the path written.
+    ``.txt`` beside it, with one warning on stderr. Returns the path written
+    (atomically, as every file of a run).
     """
     import keras
+
+    from common.results import atomic_path
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     reason = ""
     for expand in ((True, False) if expand_nested else (False,)):
         try:  # pydot prints dot's failure before raising it; the one warning below says it instead
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                keras.utils.plot_model(model, to_file=str(path), show_shapes=True, expand_nested=expand,
+            with (contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()),
+                  atomic_path(path) as tmp):
+                keras.utils.plot_model(model, to_file=str(tmp), show_shapes=True, expand_nested=expand,
                                        dpi=72)
             return path
         except ImportError as e:  # no pydot or no dot program: no second try
@@ -236,7 +240,8 @@ def architecture(model, path, expand_nested: bool = True) -> Path:
     lines = []
     model.summary(print_fn=lambda line, *a, **k: lines.append(line), expand_nested=True)
     txt = path.with_suffix(".txt")
-    txt.write_text("\n".join(lines) + "\n")
+    with atomic_path(txt) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
     print(f"warning: no architecture plot ({reason}); install Graphviz (apt-get install graphviz) "
           f"for {path.name}; wrote {txt.name} instead", file=sys.stderr)
     return txt

@@ -467,7 +467,9 @@ def run_seeds(module: str, flags: list, seeds, out, jobs: int, first_only=(), in
             record = {"command": argvs[seed]}
             if settings is not None:
                 record["settings"] = settings(argvs[seed][2:])
-            (out / f"seed{seed}" / FINISHED).write_text(json.dumps(record, indent=1) + "\n")
+            from common.results import write_json
+
+            write_json(out / f"seed{seed}" / FINISHED, record)
 
     exits = run_pinned([([sys.executable, *argvs[s]], out / f"seed{s}" / "log.txt") for s in todo], jobs,
                        on_exit=record)
