@@ -170,8 +170,9 @@ def _allow_descriptors(count: int):
     if allowed > soft:
         resource.setrlimit(resource.RLIMIT_NOFILE, (allowed, hard))
     if allowed < need:
-        raise ValueError(f"{count} shards need {count} open files but this process may open at most "
-                         f"{hard} (ulimit -Hn); merge the shards into fewer, larger .npy files")
+        raise ValueError(f"{count} shards need {count} open files, and {SPARE_DESCRIPTORS} are kept for the "
+                         f"rest of the run, but this process may open at most {hard} (ulimit -Hn); merge the "
+                         "shards into fewer, larger .npy files")
 
 
 def open_npy(paths) -> DiskArray:

@@ -411,8 +411,8 @@ assert np.array_equal(d[[0, 399, 200]], np.array([[0, 1], [798, 799], [400, 401]
 print('read', len(d), 'soft limit', resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 """
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    refused = ("error: 400 shards need 400 open files but this process may open at most 128 (ulimit -Hn); "
-               "merge the shards into fewer, larger .npy files")
+    refused = ("error: 400 shards need 400 open files, and 256 are kept for the rest of the run, but this "
+               "process may open at most 128 (ulimit -Hn); merge the shards into fewer, larger .npy files")
     for limit, expected in (("soft", "read 400 soft limit 656"), ("hard", refused)):
         out = subprocess.run([sys.executable, "-c", child, limit], cwd=root, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
