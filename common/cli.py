@@ -172,8 +172,8 @@ def add_run_arguments(p, seed_help: str, progress: str = "progress bar"):
                    help="auto: mirrored over all GPUs when there are several")
     p.add_argument("--mixed_precision", action="store_true", help="float16 compute (GPUs)")
     p.add_argument("--jit", choices=JIT_MODES, default="auto",
-                   help="compile the training step with XLA; auto: yes, except convolutional models "
-                   "on a CPU (where XLA makes them about twice as slow)")
+                   help="compile the training step with XLA; auto: yes, except models with convolutions "
+                   "or random draws (dropout, noise) on a CPU, where XLA makes them 2-4 times slower")
     p.add_argument("--no_jit", dest="jit", action="store_const", const="off", help="the same as --jit off")
     p.add_argument("--steps_per_execution", type=steps_per_execution, default="auto", metavar="K",
                    help="training steps run per compiled call; auto: enough for calls of about 0.1 s "
