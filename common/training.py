@@ -569,6 +569,11 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: float | None 
     def save_checkpoint(it):
         t = time.perf_counter()
         manager.save(checkpoint_number=it)
+        if chief:  # so that the row after a resume averages the whole interval's steps
+            from common.results import write_json
+
+            write_json(Path(manager.directory) / LOSS_SUMS,
+                       {"iteration": it, "row_iteration": row_it, "sums": read_sums()})
         if not chief:
             shutil.rmtree(manager.directory, ignore_errors=True)
         timings.checkpoint += time.perf_counter() - t
@@ -613,12 +618,26 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: float | None 
         print(f"{phase}: {where} = {left / steps_per_epoch:.1f} epochs of {steps_per_epoch} batches of "
               f"{batch_size}; XLA {'on' if jit else 'off'}, steps per call "
               f"{'auto' if fixed_k == 'auto' else fixed_k}", flush=True)
+
+    def read_sums():
+        return {k: float(v.numpy()) for k, v in sums.items()}
+
+    it, row_it = start, start             # iteration reached; iteration of the last log row
+    kept = _read_loss_sums(ckpt_dir, start) if resume and save_dir is not None else None
+    if kept is not None:  # the loss sums of the steps since the last row, saved with the checkpoint
+        row_it = kept["row_iteration"]
+        for name, value in kept["sums"].items():
+            if name in sums:
+                sums[name].assign(value)
     if start == 0 or (start % eval_interval == 0 and start not in set(log.frame.get("iteration", []))):
-        row(start, {})  # the map before training (or where an interruption left no row)
+        # the map before training (or the row an interruption left unwritten)
+        row(start, {k: v / (start - row_it) for k, v in read_sums().items()} if start > row_it else {})
+        for v in sums.values():
+            v.assign(0.0)
+        row_it = start
     bar = keras.utils.Progbar(total, verbose=1 if verbose == 1 else 0, unit_name="it")
     bar.update(start)
 
-    it, row_it = start, start             # iteration reached; iteration of the last log row
     host_sums: dict = {}                  # sums read at the last bar update
     bar_it, bar_time = start, time.perf_counter()
     k_auto, per_step = 1, None
@@ -632,9 +651,6 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: float | None 
         if refresh_interval:
             nxt = min(nxt, (i // refresh_interval + 1) * refresh_interval)
         return nxt
-
-    def read_sums():
-        return {k: float(v.numpy()) for k, v in sums.items()}
 
     try:
         while it < total:
@@ -725,6 +741,23 @@ def _checkpoint_manager(tf, ckpt, directory: Path):
             tmp.write_text(text)
         manager = tf.train.CheckpointManager(ckpt, str(directory), max_to_keep=2)
     return manager
+
+
+LOSS_SUMS = "loss_sums.json"
+
+
+def _read_loss_sums(ckpt_dir: Path, start: int) -> dict | None:
+    """The loss sums saved with the checkpoint the run resumed from (None when
+    the checkpoint restored is another, or they were not saved)."""
+    import json
+
+    try:
+        kept = json.loads((ckpt_dir / LOSS_SUMS).read_text())
+        if kept["iteration"] == start and kept["row_iteration"] <= start:
+            return kept
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
 
 
 _RANDOM_STATES = {  # what each random-state part of a checkpoint is, and how a resume goes on without it
