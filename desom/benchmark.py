@@ -25,7 +25,7 @@ import pandas as pd
 from common.cli import SEED_BOUNDS, ArgumentParser, command_line, parsed_settings, run
 from common.data import CLASS_NAMES, IMAGE_SHAPES, KNOWN_DATASETS, load_data
 from common.errors import DataError, UsageError
-from common.metrics import evaluate_clustering
+from common.metrics import evaluate_clustering, prototype_kmeans_accuracy
 from common.results import write_csv, write_summary
 from common.runtime import JOBS_HELP, peak_rss_gb, quiet_tensorflow, run_measured, run_seeds
 
@@ -40,7 +40,8 @@ def parser():
                    help="data sets; missing files skip the data set with a note")
     p.add_argument("--models", nargs="+", choices=MODELS, default=["desom"],
                    help="som = Kerasom on the inputs; kmeans = scikit-learn k-means with one "
-                   "cluster per unit, on the inputs")
+                   "cluster per unit, on the inputs (its centres scored as prototypes: acc_kmeans, and the "
+                   "quantization error in input space)")
     p.add_argument("--runs", type=int, default=5, bounds="[1, inf)",
                    help="runs per data set and model (seeds seed..seed+runs-1)")
     p.add_argument("--seed", type=int, default=0, bounds=SEED_BOUNDS, help="first seed")
@@ -235,11 +236,15 @@ def _one_run(args, name, model_name, x, y, seed, strategy, run_dir):
         from sklearn.cluster import KMeans
 
         t0 = time.perf_counter()
+        flat = x.reshape(len(x), -1)
         km = KMeans(n_clusters=args.map_size[0] * args.map_size[1], n_init=3, random_state=seed)
-        pred = km.fit_predict(x.reshape(len(x), -1))
+        pred = km.fit_predict(flat)
         seconds = time.perf_counter() - t0
-        out = evaluate_clustering(pred, y, features=x.reshape(len(x), -1), seed=seed)
-        out.update(fit_seconds=seconds)
+        out = evaluate_clustering(pred, y, features=flat, seed=seed)
+        if km.n_clusters > len(np.unique(y)):  # as the maps are scored: not the one-to-one accuracy
+            del out["acc"]
+            out["acc_kmeans"] = prototype_kmeans_accuracy(y, pred, km.cluster_centers_, seed)
+        out.update(quantization_error=float(km.transform(flat).min(axis=1).mean()), fit_seconds=seconds)
         return out
     with strategy.scope():
         if model_name == "convdesom":

@@ -319,7 +319,7 @@ def test_benchmark_writes_runs_summary_table_and_figure(tmp_path, capsys):
 
     with pytest.raises(SystemExit) as stop:
         bench(["--datasets", "digits", "mnist", "--models", "desom", "som", "kmeans", "--runs", "2",
-               "--iterations", "40", "--batch_size", "128", "--map_size", "3", "3", "--out",
+               "--iterations", "40", "--batch_size", "128", "--map_size", "4", "4", "--out",
                str(tmp_path / "b"), "--fig_dir", str(tmp_path / "fig")])
     assert stop.value.code == 0
     printed = capsys.readouterr().out
@@ -327,6 +327,9 @@ def test_benchmark_writes_runs_summary_table_and_figure(tmp_path, capsys):
     runs = pd.read_csv(tmp_path / "b" / "runs.csv")
     assert len(runs) == 6 and set(runs["model"]) == {"desom", "som", "kmeans"}
     assert runs["seed"].tolist() == [0, 1] * 3
+    # 16 units for 10 classes: every model scored by the paper's accuracy, none by the one-to-one one
+    assert runs["acc_kmeans"].between(0, 1).all() and "acc" not in runs
+    assert (runs["quantization_error"] > 0).all()
     summary = pd.read_csv(tmp_path / "b" / "summary.csv")
     desom_rows = runs[runs["model"] == "desom"]
     got = summary.set_index("model").loc["desom", "purity_mean"]
