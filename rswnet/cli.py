@@ -9,6 +9,7 @@ a SOM head) and compare it honestly with k-means, SOMs and DESOM.
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +44,18 @@ def _stratified(x, y, n: int, seed: int, what: str):
         return x[pick], None
     from sklearn.model_selection import train_test_split
 
-    classes = len(np.unique(y))
+    names, counts = np.unique(y, return_counts=True)
+    classes = len(names)
     if n < classes:
         raise UsageError(f"{what} {n} is smaller than the {classes} classes; give at least {classes}")
+    if len(x) - n < classes:  # what is left out must hold each class too
+        raise UsageError(f"{what} {n} leaves out {len(x) - n} of the {len(x)} images, fewer than the "
+                         f"{classes} classes; give at most {len(x) - classes}, or all {len(x)} (no {what})")
+    if counts.min() < 2:  # a class of one image cannot be split: draw at random
+        print(f"warning: class {names[counts.argmin()]} has a single image; {what} is drawn at random, "
+              "not class by class", file=sys.stderr)
+        pick = np.sort(np.random.default_rng(seed).choice(len(x), size=n, replace=False))
+        return x[pick], y[pick]
     pick, _ = train_test_split(np.arange(len(x)), train_size=n, stratify=y, random_state=seed)
     pick = np.sort(pick)
     return x[pick], y[pick]
@@ -153,7 +163,7 @@ class RswnetCommand(TrainingCommand):
             raise UsageError("the published protocol trains the clustering head; use --protocol ours with "
                              "--head som")
         if str(args.weights).lower() == "none":
-            args.weights = None
+            args.weights = "none"  # as text: saved as null, a --resume would take the imagenet default
         from desom.layers import check_map, temperatures
 
         check_map(args.map_size, flag="--map_size")
@@ -200,7 +210,7 @@ class RswnetCommand(TrainingCommand):
         head = (f"clustering head, {a.n_clusters} clusters" if a.head == "clustering"
                 else f"SOM head, {a.map_size[0]}x{a.map_size[1]} map")
         return (f"RSWNet ({head}; ResNet50 at {a.input_size}x{a.input_size}, weights "
-                f"{a.weights or 'none'}; protocol {a.protocol})")
+                f"{a.weights}; protocol {a.protocol})")
 
     def build(self, run):
         import keras

@@ -91,14 +91,16 @@ def resnet_encoder(image_shape, input_size: int = 224, weights: str | None = Non
                    name: str = "resnet_encoder") -> keras.Model:
     """:class:`ResNetInput` + ResNet50 (no top, average pooling): images -> 2048-d.
 
-    ``weights``: ``None`` (random), ``"imagenet"`` (see :func:`imagenet_weights`)
-    or the path of a weights file. ``freeze_until``: the name of a ResNet50
+    ``weights``: ``None`` or ``"none"`` (random), ``"imagenet"`` (see
+    :func:`imagenet_weights`) or the path of a weights file. ``freeze_until``: the name of a ResNet50
     layer; it and every layer before it stop training. ``bn_momentum``: the
     momentum of ResNet50's batch-normalisation statistics (Keras: 0.99).
     Short runs from random weights want less: after 45 steps at 0.99 the
     moving statistics still hold 0.99^45 = 64 % of their initial values,
     and k-means and the targets see the latents through them.
     """
+    if weights is not None and str(weights).lower() == "none":
+        weights = None
     if weights == "imagenet":
         weights = str(imagenet_weights())
     elif weights is not None and not Path(weights).is_file():

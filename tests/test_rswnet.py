@@ -211,11 +211,37 @@ def test_published_protocol_sets_the_notebook_defaults_and_explicit_flags_win():
     command.check(args)
     assert (args.pretrain_epochs, args.epochs, args.recon_weight, args.target, args.batch_size, args.lr,
             args.bn_momentum) == (22, 22, 0.0, "batch", 128, 0.001, 0.99)
-    assert (args.input_size, args.weights) == (40, None)
+    assert (args.input_size, args.weights) == (40, "none")
     args = command.parser().parse_args(["--dataset", "digits"])
     command.check(args)
     assert (args.pretrain_epochs, args.epochs, args.recon_weight, args.target, args.weights,
             args.bn_momentum) == (10, 10, 10.0, "refresh", "imagenet", 0.9)
+
+
+def test_resume_keeps_random_resnet_weights(tmp_path, monkeypatch):
+    """--weights none is saved as such: a resume must not take the protocol's imagenet."""
+    from common.results import write_json
+    from rswnet.cli import RswnetCommand
+
+    first = ["--dataset", "digits", "--weights", "none", "--save_dir", str(tmp_path)]
+    command = RswnetCommand()
+    args = command.parser().parse_args(first)
+    command.check(args)
+    write_json(tmp_path / "args.json", vars(args))
+    seen = {}
+
+    class Loaded(Exception):
+        pass
+
+    def load(self, args):
+        seen["args"] = args
+        raise Loaded
+
+    monkeypatch.setattr(RswnetCommand, "load", load)
+    with pytest.raises(Loaded):
+        RswnetCommand().main(["--dataset", "digits", "--resume", "--save_dir", str(tmp_path), "--verbose",
+                              "0"])
+    assert seen["args"].weights == "none"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -234,6 +260,8 @@ def test_published_protocol_sets_the_notebook_defaults_and_explicit_flags_win():
      "the published protocol trains the"),
     (["--dataset", "digits", "--subset", "5", "--weights", "none"],
      "--subset 5 is smaller than the 10 classes"),
+    (["--dataset", "digits", "--subset", "1342", "--weights", "none"],  # of 1,347 training images
+     "--subset 1342 leaves out 5 of the 1347 images, fewer than the 10 classes; give at most 1337"),
     (["--dataset", "reuters10k"], "invalid choice: 'reuters10k'"),
     (["predict", "--model", "none.keras", "--dataset", "digits"], "model file none.keras not found"),
     (["predict", "--model", "none.keras"], "give exactly one of IMAGE files, --dataset or --data"),
