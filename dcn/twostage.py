@@ -56,10 +56,19 @@ def knee(curve) -> int:
 
 
 def choose_eps(codes, min_samples: int) -> tuple[float, np.ndarray]:
-    """DBSCAN's ``eps``: the k-distance (k = ``min_samples``) at the curve's knee.
-    Returns it and the curve."""
+    """DBSCAN's ``eps``: the k-distance (k = ``min_samples``) at the curve's knee,
+    or the smallest positive one after it when codes repeat (DBSCAN needs
+    eps > 0). Returns it and the curve."""
+    if min_samples < 2:
+        raise UsageError("--min_samples 1 counts each code alone, so every k-distance is 0 and has no "
+                         "knee: give --min_samples 2 or more, or --eps")
     curve = k_distances(codes, min_samples)
-    return float(curve[knee(curve)]), curve
+    positive = curve[knee(curve):]
+    positive = positive[positive > 0]
+    if not len(positive):
+        raise UsageError(f"the codes' k-distances are 0 from the knee on (at least {min_samples} identical "
+                         "codes per point: has the encoder collapsed?); give --eps")
+    return float(positive[0]), curve
 
 
 @dataclass

@@ -111,6 +111,17 @@ def test_eps_from_the_knee_separates_two_blobs_from_scattered_noise():
     assert rows.loc["DBSCAN", "purity"] > 0.95
 
 
+def test_eps_from_the_knee_is_positive_or_a_clear_error():
+    rng = np.random.default_rng(5)
+    repeated = np.concatenate([np.zeros((150, 2)), rng.normal(0, 1, (50, 2))])  # most codes identical
+    eps, curve = choose_eps(repeated, 10)
+    assert eps > 0 and curve[knee(curve)] == 0  # the knee itself is 0: DBSCAN would refuse it
+    with pytest.raises(UsageError, match="--min_samples 1 counts each code alone"):
+        choose_eps(repeated, 1)
+    with pytest.raises(UsageError, match="k-distances are 0 from the knee on"):
+        choose_eps(np.zeros((50, 2)), 5)
+
+
 # -------------------------------------------------------------- generation
 @pytest.mark.parametrize("make", [
     lambda: Autoencoder((8, 8, 1), latent_dim=3, hidden=(16,), n_clusters=2),
