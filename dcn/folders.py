@@ -9,12 +9,14 @@ A data folder holds::
                  one sub-folder per class
 
 Images of any size and colour mode are decoded with ``tf.data`` in
-parallel, converted to grayscale (or RGB), resized to ``image_size`` and
-scaled to [0, 1]. Files that are not images (by extension) are skipped with a
-warning that counts them; an image that fails to decode is skipped and
-named. Keras' ``image_dataset_from_directory`` would stop at the first
-corrupt file and pass over other files silently, so the folders are listed
-here and decoded with ``tf.io.decode_image`` under ``ignore_errors``.
+parallel, turned upright as their EXIF orientation says (phone photos),
+laid over white where they are transparent, converted to grayscale (or
+RGB), resized to ``image_size`` and scaled to [0, 1]. Files that are not
+images (by extension) are skipped with a warning that counts them; an
+image that fails to decode is skipped and named. Keras'
+``image_dataset_from_directory`` would stop at the first corrupt file and
+pass over other files silently, so the folders are listed here and decoded
+with ``tf.io.decode_image`` under ``ignore_errors``.
 """
 
 from __future__ import annotations
@@ -52,16 +54,53 @@ def _list_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
+def exif_orientation(path) -> int:
+    """The EXIF orientation (1-8) of a JPEG or PNG file; 1 (upright) when it
+    has none or it cannot be read. Reads the header only (PIL, lazily)."""
+    if Path(path).suffix.lower() not in (".jpg", ".jpeg", ".png"):
+        return 1
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            code = int(image.getexif().get(0x0112, 1))
+    except Exception:  # not an image, or a damaged header: the decoder will say so
+        return 1
+    return code if 1 <= code <= 8 else 1
+
+
+def _upright(tf, image, code):
+    """``image`` turned as EXIF orientation ``code`` asks (as PIL's exif_transpose)."""
+    turns = [lambda: image,                                           # 0: not used
+             lambda: image,                                           # 1: upright already
+             lambda: tf.image.flip_left_right(image),                 # 2: mirror
+             lambda: tf.image.rot90(image, 2),                        # 3: turn 180 degrees
+             lambda: tf.image.flip_up_down(image),                    # 4: flip
+             lambda: tf.image.transpose(image),                       # 5: transpose
+             lambda: tf.image.rot90(image, 3),                        # 6: turn 90 degrees clockwise
+             lambda: tf.image.rot90(tf.image.transpose(image), 2),    # 7: transverse
+             lambda: tf.image.rot90(image, 1)]                        # 8: turn 90 degrees anticlockwise
+    return tf.switch_case(code, turns)
+
+
 def decode_images(paths: list[Path], image_size, color: str = "grayscale"):
-    """Decode, convert and resize images in parallel; returns (x, kept, corrupt)."""
+    """Decode, turn upright, convert and resize images in parallel; returns
+    (x, kept, corrupt)."""
     import tensorflow as tf
 
     channels = COLORS[color]
     size = tuple(int(v) for v in image_size)
 
-    def load(path):
-        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    def load(path, orientation):
+        image = tf.io.decode_image(tf.io.read_file(path), expand_animations=False)  # its own channels, 1-4
         image = tf.image.convert_image_dtype(image, tf.float32)  # [0, 1]
+        n = tf.shape(image)[-1]
+        alpha = tf.cond(n % 2 == 0, lambda: image[..., -1:], lambda: tf.ones_like(image[..., :1]))
+        colour = tf.cond(n % 2 == 0, lambda: image[..., :-1], lambda: image)  # grey+alpha, RGBA: drop it
+        colour = tf.cond(tf.shape(colour)[-1] == 1, lambda: tf.tile(colour, [1, 1, 3]), lambda: colour)
+        colour.set_shape([None, None, 3])
+        image = colour * alpha + (1.0 - alpha)  # transparent parts over white
+        image = _upright(tf, image, orientation)
         if channels == 1:
             image = tf.image.rgb_to_grayscale(image)
         return tf.image.resize(image, size, antialias=True), path
@@ -69,7 +108,8 @@ def decode_images(paths: list[Path], image_size, color: str = "grayscale"):
     names = [str(p) for p in paths]
     if not names:
         return np.zeros((0, *size, channels), np.float32), [], []
-    ds = (tf.data.Dataset.from_tensor_slices(names)
+    orientations = np.array([exif_orientation(p) for p in names], np.int32)
+    ds = (tf.data.Dataset.from_tensor_slices((names, orientations))
           .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
           .ignore_errors())
     images, kept = [], []
@@ -113,21 +153,26 @@ def load_images(folder, image_size, color: str = "grayscale", labelled: bool = F
 _NUMBERED = re.compile(r"^(.*?)[_-]\d+$")
 
 
-def reference_class(path: Path, folder: Path) -> str:
+def reference_class(path: Path, folder: Path, known=()) -> str:
     """Class of a reference image: its sub-folder, else its file name
-    without extension and without a trailing _N or -N (cat_2.png -> cat)."""
+    without extension and without a trailing _N or -N (cat_2.png -> cat),
+    unless the whole name is one of the ``known`` classes (test/'s: a class
+    ``covid-19`` keeps its number; covid-19_2.png is covid-19 too)."""
     rel = path.relative_to(folder)
     if len(rel.parts) > 1:
         return rel.parts[0]
+    if path.stem in known:
+        return path.stem
     match = _NUMBERED.match(path.stem)
     return match.group(1) if match else path.stem
 
 
-def load_references(folder, image_size, color: str = "grayscale") -> ImageSet:
-    """Reference images with their classes (files named after a class, or class sub-folders)."""
+def load_references(folder, image_size, color: str = "grayscale", known=()) -> ImageSet:
+    """Reference images with their classes (files named after a class, or
+    class sub-folders); ``known``: the classes of test/, see :func:`reference_class`."""
     folder = Path(folder)
     refs = load_images(folder, image_size, color, labelled=False, name=folder.name)
-    names = [reference_class(Path(p), folder) for p in refs.paths]
+    names = [reference_class(Path(p), folder, known) for p in refs.paths]
     refs.classes = sorted(set(names))
     refs.labels = np.array([refs.classes.index(n) for n in names], dtype=np.int64)
     return refs
@@ -162,7 +207,8 @@ def load_folders(root, image_size=(160, 160), color: str = "grayscale") -> Image
             test = None
     reference = None
     if (root / "reference").is_dir():
-        reference = load_references(root / "reference", image_size, color)
+        reference = load_references(root / "reference", image_size, color,
+                                    known=test.classes if test is not None else ())
         if len(reference.x) == 0:
             warn(f"{root / 'reference'} has no readable images; clusters stay unnamed")
             reference = None

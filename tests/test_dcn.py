@@ -136,6 +136,11 @@ def test_reference_class_names():
     assert reference_class(root / "cat_2.jpg", root) == "cat"
     assert reference_class(root / "sea-lion-3.png", root) == "sea-lion"
     assert reference_class(root / "dog" / "x_1.png", root) == "dog"
+    known = ["class_1", "class_2", "covid-19"]  # test/'s classes keep their numbers
+    assert reference_class(root / "class_1.png", root, known) == "class_1"
+    assert reference_class(root / "covid-19.png", root, known) == "covid-19"
+    assert reference_class(root / "covid-19_2.png", root, known) == "covid-19"
+    assert reference_class(root / "cat_2.png", root, known) == "cat"
 
 
 # ---------------------------------------------------------------- image folders
@@ -180,6 +185,44 @@ def test_load_folders_skips_and_reports(image_folder, capsys):
     assert folders.test.classes == ["one", "two", "zero"] and len(folders.test.x) == 60
     assert folders.reference.classes == ["one", "two", "zero"] and len(folders.reference.x) == 6
     assert load_folders(image_folder, (10, 12), color="rgb").train.x.shape == (240, 10, 12, 3)
+
+
+def test_images_are_turned_upright_and_laid_over_white_as_pil_shows_them(tmp_path):
+    """Phone photos carry their turn in EXIF: each of the 8 orientations is
+    decoded as PIL's exif_transpose shows it; transparent pixels are white,
+    in every colour mode."""
+    from PIL import ImageOps
+
+    from dcn.folders import decode_images
+
+    rng = np.random.default_rng(0)
+    picture = np.kron(rng.integers(0, 256, (3, 4, 3)), np.ones((8, 8, 1))).astype(np.uint8)  # 24x32 blocks
+    paths = []
+    for code in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = code
+        path = tmp_path / f"o{code}.png"  # lossless, so the pixels can be compared exactly
+        Image.fromarray(picture).save(path, exif=exif.tobytes())
+        paths.append(path)
+    for path in paths:
+        with Image.open(path) as image:
+            shown = np.asarray(ImageOps.exif_transpose(image).convert("RGB"), np.float32) / 255
+        x, _, _ = decode_images([path], shown.shape[:2], color="rgb")
+        np.testing.assert_allclose(x[0], shown, atol=1e-3, err_msg=path.name)
+    half = np.zeros((4, 4, 4), np.uint8)
+    half[:, :2] = (0, 0, 0, 255)  # left half opaque black, right half transparent (black beneath)
+    images = {"rgba.png": Image.fromarray(half, "RGBA"),
+              "la.png": Image.fromarray(half[..., [0, 3]], "LA"),
+              "p.png": Image.fromarray(half, "RGBA").convert("P"),
+              "grey.png": Image.fromarray(half[..., 0], "L")}
+    for name, image in images.items():
+        image.save(tmp_path / name)
+    x, kept, corrupt = decode_images([tmp_path / n for n in images], (4, 4))
+    assert not corrupt
+    for name, image in zip(kept, x):
+        assert image[:, :2].max() < 0.01, name
+        expected = 0.0 if name.endswith("grey.png") else 1.0  # no alpha: black stays black
+        np.testing.assert_allclose(image[:, 2:], expected, atol=0.01, err_msg=name)
 
 
 def test_bad_folders(tmp_path, capsys):
