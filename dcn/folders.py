@@ -185,8 +185,10 @@ class ImageFolders:
     reference: ImageSet | None
 
 
-def load_folders(root, image_size=(160, 160), color: str = "grayscale") -> ImageFolders:
-    """``train/`` (required), ``test/`` and ``reference/`` (optional) of ``root``."""
+def load_folders(root, image_size=(160, 160), color: str = "grayscale", naming: bool = True) -> ImageFolders:
+    """``train/`` (required), ``test/`` and ``reference/`` (optional) of ``root``.
+    ``naming``: the references name the clusters (bin/dcn), so a test class
+    without references is warned of; bin/rswnet scores by Hungarian matching."""
     root = Path(root)
     if color not in COLORS:
         raise DataError(f"unknown colour mode '{color}'; choose grayscale or rgb")
@@ -212,7 +214,7 @@ def load_folders(root, image_size=(160, 160), color: str = "grayscale") -> Image
         if len(reference.x) == 0:
             warn(f"{root / 'reference'} has no readable images; clusters stay unnamed")
             reference = None
-    if test is not None and reference is not None:
+    if naming and test is not None and reference is not None:
         missing = sorted(set(test.classes) - set(reference.classes))
         if missing:
             warn(f"test classes without reference images: {', '.join(missing)}; "

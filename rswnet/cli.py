@@ -116,9 +116,11 @@ class RswnetCommand(TrainingCommand):
                        "published 0: KL alone, decoder frozen)")
         p.add_argument("--update_interval", type=int, bounds="[1, inf)",
                        help="clustering head: iterations between target refreshes (default: 140, or one "
-                       "epoch when shorter)")
+                       "epoch when shorter); with the per-batch target (--protocol published) there are "
+                       "none, and it only spaces the log rows")
         p.add_argument("--tol", type=float, default=0.001, bounds="[0, 1]",
-                       help="clustering head: stop when fewer than this share of labels change at a refresh")
+                       help="clustering head: stop when fewer than this share of labels change at a refresh "
+                       "(not with the per-batch target of --protocol published, which has no refreshes)")
         p.add_argument("--gamma", type=float, default=0.001, bounds="[0, inf)",
                        help="SOM head: weight of the SOM loss (DESOM's)")
         p.add_argument("--som_loss", choices=("normalized", "desom"), default="normalized",
@@ -137,7 +139,7 @@ class RswnetCommand(TrainingCommand):
         p.add_argument("--lr", type=float, bounds="(0, inf)",
                        help="Adam learning rate of both phases (0.001)")
         p.add_argument("--n_init", type=int, default=20, bounds="[1, inf)",
-                       help="k-means restarts for the initial centres")
+                       help="clustering head: k-means restarts for the initial centres")
         p.add_argument("--som_map_size", nargs=2, type=int, default=[2, 5], bounds="[1, inf)",
                        metavar=("ROWS", "COLS"),
                        help="comparison: the SOM trained on the latents (2x5 as published)")
@@ -148,7 +150,7 @@ class RswnetCommand(TrainingCommand):
         p.add_argument("--internal_samples", type=int, default=5000, bounds="[1, inf)",
                        help="comparison: test samples on which the internal indices are computed")
         p.add_argument("--tsne_samples", type=int, default=2000, bounds="[2, inf)",
-                       help="test samples drawn in pca.png and tsne.png")
+                       help="scored samples (test, else training) drawn in pca.png and tsne.png")
         p.add_argument("--save_dir", help="output folder (default: results/<data>_rswnet_<head>)")
         p.add_argument("--no_explorer", action="store_true",
                        help="SOM head: do not write explorer.html, the map explorer page of the scored "
@@ -179,7 +181,8 @@ class RswnetCommand(TrainingCommand):
         else:
             from dcn import folders as fold
 
-            folders = fold.load_folders(args.data, (args.image_size, args.image_size), args.color)
+            folders = fold.load_folders(args.data, (args.image_size, args.image_size), args.color,
+                                        naming=False)  # scored by Hungarian matching, not named
             x, y = folders.train.x, None
             xt, yt = (folders.test.x, folders.test.labels) if folders.test is not None else (None, None)
             classes = folders.test.classes if folders.test is not None else (
@@ -275,7 +278,7 @@ class RswnetCommand(TrainingCommand):
 
         comparison, x_eval, y_eval = run.data.extra["comparison"]
         compare.figures(comparison, x_eval, y_eval, run.save_dir, samples=run.args.tsne_samples,
-                        seed=run.args.seed)
+                        seed=run.args.seed, scored="test" if run.data.x_val is not None else "training")
         a = run.args
         if a.head == "som" and not a.no_explorer:
             from desom.explorer import write_explorer

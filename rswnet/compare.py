@@ -137,10 +137,12 @@ def text(table: pd.DataFrame, max_sizes: int = 6) -> str:
     return shown.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="-")
 
 
-def figures(comparison: Comparison, x_test, y_test, save_dir, *, samples: int = 2000, seed: int = 0):
+def figures(comparison: Comparison, x_test, y_test, save_dir, *, samples: int = 2000, seed: int = 0,
+            scored: str = "test"):
     """``pca.png`` and ``tsne.png``: raw pixels coloured by k-means on pixels;
     the RSWNet latents coloured by RSWNet, by the trained SOM and by the true
-    classes (when known). Returns the paths written."""
+    classes (when known); ``scored`` names the images in the title ("test",
+    or "training" when there is no test split). Returns the paths written."""
     from common import plots
 
     n = len(x_test)
@@ -159,5 +161,5 @@ def figures(comparison: Comparison, x_test, y_test, save_dir, *, samples: int = 
         if y_test is not None:
             panels.append(("latents, coloured by the true classes", xy_latents, np.asarray(y_test)[pick]))
         written.append(plots.scatter_panels(panels, f"{save_dir}/{kind}.png",
-                                            title=f"{label} of {len(pick)} test images"))
+                                            title=f"{label} of {len(pick)} {scored} images"))
     return written
