@@ -19,6 +19,8 @@ best-matching unit, ``model.save("m.keras")`` writes one file, and
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import keras
 import numpy as np
 from keras import ops
@@ -39,7 +41,7 @@ from common.networks import (
     mse_per_sample,
     predict_in_batches,
 )
-from common.training import Task, batch_mean, train
+from common.training import Task, batch_mean, checkpoint_exists, train
 from desom.layers import (
     KERNELS,
     SOMLayer,
@@ -248,6 +250,10 @@ class SOMModel(AutoencoderModel):
         ``strategy``, ``save_dir``, ``checkpoint_minutes``, ``resume``,
         ``jit_compile``, ``steps_per_execution``, ``verbose``). Returns the
         :class:`common.training.TrainResult`.
+
+        Resumed from a checkpoint with another ``iterations`` (and no
+        ``som_iterations``), T keeps the schedule it had (saved beside the
+        checkpoints): extra iterations run at ``Tmin``, fewer stop it early.
         """
         if neighborhood not in KERNELS:
             raise UsageError(f"unknown neighborhood '{neighborhood}'; choose one of {', '.join(KERNELS)}")
@@ -262,11 +268,33 @@ class SOMModel(AutoencoderModel):
         x = as_float32(x)
         rng = np.random.default_rng(seed)
         pick = np.sort(rng.choice(len(x), size=min(eval_samples, len(x)), replace=False))
+        som_iterations = self._schedule_length(som_iterations, iterations, loop)
         task = SOMTask(self, gamma=gamma, Tmax=Tmax, Tmin=Tmin, decay=decay,
-                       neighborhood=neighborhood, som_iterations=som_iterations or iterations,
+                       neighborhood=neighborhood, som_iterations=som_iterations,
                        update_interval=update_interval, normalize=normalize, x_eval=x[pick],
                        y_eval=None if y is None else np.asarray(y)[pick])
         return train(task, x, iterations=iterations, eval_interval=eval_interval, seed=seed, **loop)
+
+    @staticmethod
+    def _schedule_length(som_iterations, iterations: int, loop: dict) -> int:
+        """``som_iterations``, else the one of the checkpoint a resume continues
+        (``<save_dir>/checkpoints/som_schedule.json``), else ``iterations``;
+        written there for a later resume."""
+        import json
+
+        from common.results import write_json
+        from common.runtime import is_chief
+
+        save_dir, phase = loop.get("save_dir"), loop.get("phase", "train")
+        path = None if save_dir is None else Path(save_dir) / "checkpoints" / "som_schedule.json"
+        if (som_iterations is None and path is not None and loop.get("resume") and path.is_file()
+                and checkpoint_exists(save_dir, phase)):
+            som_iterations = int(json.loads(path.read_text())["som_iterations"])
+        som_iterations = int(som_iterations or iterations)
+        if path is not None and is_chief(loop.get("strategy")):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(path, {"som_iterations": som_iterations})
+        return som_iterations
 
     def get_config(self):
         config = super().get_config()

@@ -87,7 +87,7 @@ def test_two_workers_train_like_one_process_with_the_same_global_batch(tmp_path,
     assert results["environment"]["replicas"] == 2
     # only the chief kept files: the other worker's checkpoints went to a folder of its own, then removed
     assert sorted(p.name for p in (tmp_path / "workers" / "checkpoints").iterdir()) == (
-        ["train"] if program == "desom" else sorted(["pretrain", "train"]))
+        ["som_schedule.json", "train"] if program == "desom" else sorted(["pretrain", "train"]))
 
 
 def test_two_workers_run_selflabel_on_the_chiefs_pseudo_labels(tmp_path):

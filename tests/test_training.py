@@ -135,6 +135,23 @@ def test_a_log_row_after_a_resume_averages_its_whole_interval(tmp_path):
     np.testing.assert_allclose(log["loss"], ref_log["loss"], rtol=1e-5)
 
 
+def test_fit_resumed_with_more_iterations_keeps_the_temperature_schedule(digits, tmp_path):
+    """The Python API as the command: resumed with iterations=90 after 60,
+    T goes on as before (at Tmin after 60), not along a 90-iteration decay."""
+    x, y = digits
+    kwargs = dict(batch_size=64, eval_interval=15, verbose=0, checkpoint_minutes=0, save_dir=tmp_path / "run")
+    _desom(x).fit(x, y, iterations=60, **kwargs)
+    before = pd.read_csv(tmp_path / "run" / "log.csv")
+    _desom(x).fit(x, y, iterations=90, resume=True, **kwargs)
+    log = pd.read_csv(tmp_path / "run" / "log.csv")
+    assert log["iteration"].tolist() == [0, 15, 30, 45, 60, 75, 90]
+    np.testing.assert_allclose(log["T"].iloc[:5], before["T"], rtol=1e-6)
+    np.testing.assert_allclose(log["T"].iloc[5:], 0.1, rtol=1e-6)  # a 90-iteration decay: 0.21 at 75
+    # a fresh run in the same folder takes its own schedule
+    _desom(x).fit(x, y, iterations=90, **kwargs)
+    assert pd.read_csv(tmp_path / "run" / "log.csv")["T"].iloc[5] > 0.2
+
+
 class _SmallTask(training.Task):
     """A small dense network fitted to (augmented) images, with ``dropouts``
     dropout layers: its weights depend on every draw. Each instance starts
