@@ -30,6 +30,34 @@ def assert_one_line_error(main, argv, message: str, capsys):
     assert message in err and len(err.splitlines()) == 1, err
 
 
+def resumed_args(monkeypatch, command_class, first, resume):
+    """The arguments a ``TrainingCommand`` resumes with: ``first`` (which
+    holds ``--save_dir``) parsed and checked, saved in that folder's
+    args.json as a run saves them, then ``main(resume)`` stopped where it
+    would load the data (nothing is trained)."""
+    from pathlib import Path
+
+    from common.results import write_json
+
+    command = command_class()
+    args = command.parser().parse_args(first)
+    command.check(args)
+    write_json(Path(args.save_dir) / "args.json", vars(args))
+    seen = {}
+
+    class Loaded(Exception):
+        pass
+
+    def load(self, args):
+        seen["args"] = args
+        raise Loaded
+
+    monkeypatch.setattr(command_class, "load", load)
+    with pytest.raises(Loaded):
+        command_class().main(resume)
+    return seen["args"]
+
+
 def explorer_page(path) -> dict:
     """The data embedded in an explorer.html page (see desom.explorer)."""
     import json

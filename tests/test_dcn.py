@@ -18,7 +18,7 @@ from dcn import DCN, ClusteringLayer, kl_divergence, load_model, target_distribu
 from dcn.cli import main
 from dcn.folders import load_folders, reference_class
 from dcn.naming import name_from_labels, name_from_references
-from tests.helpers import assert_one_line_error, interrupt_on_call
+from tests.helpers import assert_one_line_error, interrupt_on_call, resumed_args
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / "bin" / "dcn"
@@ -281,24 +281,11 @@ def test_folder_run_end_to_end_and_predict_in_a_new_process(image_folder, tmp_pa
 def test_resume_with_a_new_max_epochs_replaces_the_saved_max_iterations(tmp_path, monkeypatch):
     """--max_iterations overrides --max_epochs: a run started with the one and
     resumed with the other must train for the new budget, not the old one."""
-    from common.results import write_json
     from dcn.cli import DcnCommand
 
-    first = ["--dataset", "digits", "--max_iterations", "5000", "--save_dir", str(tmp_path)]
-    write_json(tmp_path / "args.json", vars(DcnCommand().parser().parse_args(first)))
-    seen = {}
-
-    class Loaded(Exception):
-        pass
-
-    def load(self, args):
-        seen["args"] = args
-        raise Loaded
-
-    monkeypatch.setattr(DcnCommand, "load", load)
-    with pytest.raises(Loaded):
-        DcnCommand().main(["--resume", "--save_dir", str(tmp_path), "--max_epochs", "100", "--verbose", "0"])
-    args = seen["args"]
+    args = resumed_args(monkeypatch, DcnCommand,
+                        ["--dataset", "digits", "--max_iterations", "5000", "--save_dir", str(tmp_path)],
+                        ["--resume", "--save_dir", str(tmp_path), "--max_epochs", "100", "--verbose", "0"])
     assert args.max_iterations is None and args.max_epochs == 100
     _, iterations = dcn_models.clustering_schedule(1797, 256, None, args.max_iterations, args.max_epochs)
     assert iterations == 700  # 100 epochs of 7 batches of 256, not the saved 5,000 iterations

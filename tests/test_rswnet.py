@@ -14,7 +14,7 @@ from common.errors import UsageError
 from rswnet import ResNetInput, RSWNet, RSWNetSOM, load_model, resnet_decoder, resnet_encoder
 from rswnet.cli import main
 from rswnet.networks import imagenet_weights
-from tests.helpers import assert_one_line_error, explorer_page
+from tests.helpers import assert_one_line_error, explorer_page, resumed_args
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / "bin" / "rswnet"
@@ -220,28 +220,12 @@ def test_published_protocol_sets_the_notebook_defaults_and_explicit_flags_win():
 
 def test_resume_keeps_random_resnet_weights(tmp_path, monkeypatch):
     """--weights none is saved as such: a resume must not take the protocol's imagenet."""
-    from common.results import write_json
     from rswnet.cli import RswnetCommand
 
-    first = ["--dataset", "digits", "--weights", "none", "--save_dir", str(tmp_path)]
-    command = RswnetCommand()
-    args = command.parser().parse_args(first)
-    command.check(args)
-    write_json(tmp_path / "args.json", vars(args))
-    seen = {}
-
-    class Loaded(Exception):
-        pass
-
-    def load(self, args):
-        seen["args"] = args
-        raise Loaded
-
-    monkeypatch.setattr(RswnetCommand, "load", load)
-    with pytest.raises(Loaded):
-        RswnetCommand().main(["--dataset", "digits", "--resume", "--save_dir", str(tmp_path), "--verbose",
-                              "0"])
-    assert seen["args"].weights == "none"
+    args = resumed_args(monkeypatch, RswnetCommand,
+                        ["--dataset", "digits", "--weights", "none", "--save_dir", str(tmp_path)],
+                        ["--dataset", "digits", "--resume", "--save_dir", str(tmp_path), "--verbose", "0"])
+    assert args.weights == "none"
 
 
 @pytest.mark.parametrize("argv, message", [
