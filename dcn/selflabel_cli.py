@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from common.cli import ArgumentParser, add_data_arguments, dispatch, run
+from common.clustering import CLUSTERERS, KMEANS, cluster_features, kmeans_backend, umap_embedding
 from common.command import RunData, TrainingCommand
 from common.data import CLASS_NAMES, label_names, load_data
 from common.errors import DataError, UsageError
@@ -22,11 +23,12 @@ from common.runtime import from_chief, quiet_tensorflow, worker_count
 from dcn.selflabel import (
     AUGMENT,
     AUGMENTATIONS,
-    CLUSTERERS,
+    FIT_ROUNDS,
+    FIT_THRESHOLD,
     INIT_MODEL,
     INITS,
-    KMEANS,
     MANIFOLDS,
+    MIN_STEPS,
     RELABELS,
     SELECTIONS,
 )
@@ -82,6 +84,13 @@ class SelfLabelCommand(TrainingCommand):
                        help="most iterations (training + relabelling) before stopping")
         p.add_argument("--epochs_per_iteration", type=float, default=2, bounds="(0, inf)",
                        help="training epochs per iteration")
+        p.add_argument("--min_steps", type=int, default=MIN_STEPS, bounds="[0, inf)",
+                       help="optimizer steps an iteration's pseudo-label phase takes at least: on small data "
+                       "its epochs (and the neighbour phase's) are stretched to reach them")
+        p.add_argument("--fit_threshold", type=float, default=FIT_THRESHOLD, bounds="[0, 1]",
+                       help="share of its training labels the classifier must predict before it relabels; "
+                       f"below it, the iteration trains again (at most {FIT_ROUNDS} rounds), then the "
+                       "refinement stops")
         p.add_argument("--recluster_interval", type=int, default=1, bounds="[1, inf)",
                        help="iterations between relabellings (1: after every iteration)")
         p.add_argument("--convergence_threshold", type=float, default=0.95, bounds="(0, 1]",
@@ -157,8 +166,6 @@ class SelfLabelCommand(TrainingCommand):
                              f"{' '.join(map(str, f))}")
         args.confident_fraction = [f[0], f[-1]]
         if args.clusterer == "kmeans" or args.relabel == "cluster":
-            from dcn.selflabel import kmeans_backend
-
             kmeans_backend(args.kmeans)  # faiss asked for and not installed: say so before anything runs
         if args.fraction_iterations is not None and args.fraction_iterations > args.iterations:
             raise UsageError(f"--fraction_iterations {args.fraction_iterations} is more than --iterations "
@@ -254,8 +261,8 @@ class SelfLabelCommand(TrainingCommand):
             if a.manifold == "umap":
                 if a.verbose:
                     print(f"UMAP of the {z.shape[1]}-d features to {k} dimensions ...", flush=True)
-                z = sl.umap_embedding(z, k, a.neighbors, a.seed)
-            labels, confidence = sl.cluster_features(z, k, a.clusterer, a.seed, a.cluster_starts, a.kmeans)
+                z = umap_embedding(z, k, a.neighbors, a.seed)
+            labels, confidence = cluster_features(z, k, a.clusterer, a.seed, a.cluster_starts, a.kmeans)
             run.stages["init_clustering"] = time.perf_counter() - t
         def on_rows(rows):
             import pandas as pd
@@ -275,7 +282,8 @@ class SelfLabelCommand(TrainingCommand):
                       confident_fraction=a.confident_fraction, fraction_iterations=a.fraction_iterations,
                       smoothing=a.label_smoothing, threshold=a.convergence_threshold, lr=a.lr,
                       augment=sl.augmenter(a.augment, a.seed), neighbours=neighbours, knn_epochs=a.knn_epochs,
-                      entropy_weight=a.entropy_weight, select=a.select,
+                      entropy_weight=a.entropy_weight, select=a.select, min_steps=a.min_steps,
+                      fit_threshold=a.fit_threshold,
                       save_dir=save, resume=resume, seed=a.seed, y=d.y, x_test=d.x_val, y_test=d.y_val,
                       on_rows=on_rows, **loop)
         run.stages["refine"] = time.perf_counter() - t
@@ -296,7 +304,9 @@ class SelfLabelCommand(TrainingCommand):
             model = run.model = chosen      # a model built under their strategy would wait for them
         else:
             model.set_weights(chosen.get_weights())
-        run.data.extra.update(rows=rows, best=best)
+        run.data.extra.update(rows=rows, best=best, note=_first_labels_note(rows, best))
+        if run.data.extra["note"] and run.args.verbose:
+            print(run.data.extra["note"], flush=True)
         shift = run.args.relabel == "predict" and run.args.balance == "sinkhorn"
         if not shift and d.y is None:
             return
@@ -322,13 +332,14 @@ class SelfLabelCommand(TrainingCommand):
         out = {"iterations_run": len(rows), "chosen_iteration": best,
                "chosen_by": "highest aligned stability of the relabelling (no labels)",
                "stopped": rows[-1].get("stopped"), "final_stability": _last_stability(rows),
-               "n_train": len(d.x), "cluster_names": model.cluster_names, "scoring": SCORING}
+               "n_train": len(d.x), "cluster_names": model.cluster_names, "scoring": SCORING,
+               "kept_first_labels_model": bool(d.extra["note"])}
+        if d.extra["note"]:
+            out["note"] = d.extra["note"]
         if "class_offsets" in d.extra:
             out.update(class_offsets=d.extra["class_offsets"],
                        shift_changed=round(d.extra["shift_changed"], 4))
         if run.args.clusterer == "kmeans" or run.args.relabel == "cluster":
-            from dcn.selflabel import kmeans_backend
-
             out["kmeans"] = kmeans_backend(run.args.kmeans)
         if "neighbours_same_class" in d.extra:
             out["neighbours_same_class"] = round(d.extra["neighbours_same_class"], 4)
@@ -415,6 +426,25 @@ def _row_line(row) -> str:
     if row.get("stopped"):
         parts.append(f"stop: {row['stopped']}")
     return "; ".join(parts)
+
+
+def _first_labels_note(rows, best: int) -> str | None:
+    """One line when the model kept is the one trained on the first labels
+    (iteration 0) because refinement could not, or did not, improve on them."""
+    if best != 0:
+        return None
+    first = rows[0]
+    if first.get("stability") is None:  # it never relabelled: it could not fit the first labels
+        if "fit" not in first:
+            return None
+        return (f"refinement stopped: {first['stopped']}; the model kept is the one trained on the first "
+                f"pseudo-labels (iteration 0), which are in pseudo_labels/iteration_00.npz")
+    later = [r["stability"] for r in rows[1:] if r.get("stability") is not None]
+    if not later:
+        return None
+    return (f"refinement did not improve on the first pseudo-labels: aligned stability "
+            f"{first['stability']:.4f} at iteration 0, at most {max(later):.4f} after it; the model kept is "
+            f"the one trained on the first labels (iteration 0)")
 
 
 def _last_stability(rows):

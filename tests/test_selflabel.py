@@ -10,8 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from common.clustering import cluster_features, kmeans_backend, kmeans_labels
 from common.errors import UsageError
 from dcn.selflabel import (
+    FIT_ROUNDS,
+    FIT_THRESHOLD,
     INIT_MODEL,
     NeighbourTask,
     PseudoLabelTask,
@@ -21,11 +24,9 @@ from dcn.selflabel import (
     balanced_labels,
     best_iteration,
     class_offsets,
-    cluster_features,
     fraction_at,
     initial_features,
-    kmeans_backend,
-    kmeans_labels,
+    iteration_stretch,
     load_model,
     nearest_neighbours,
     neighbour_agreement,
@@ -42,7 +43,7 @@ BIN = ROOT / "bin" / "selflabel"
 #: the default neighbour phase), a short run
 SHORT = ["--dataset", "digits", "--init", "random", "--manifold", "none", "--clusterer", "kmeans",
          "--iterations", "4", "--epochs_per_iteration", "8", "--batch_size", "64", "--augment", "translate",
-         "--verbose", "0"]
+         "--min_steps", "0", "--verbose", "0"]
 
 
 def run_bin(*args, timeout=300):
@@ -339,7 +340,8 @@ def test_refine_resumes_after_the_last_finished_iteration(tmp_path):
     x = (d.images[:256] / 16.0)[..., None].astype(np.float32)
     labels = d.target[:256] % 4
     kwargs = dict(epochs_per_iteration=1, batch_size=64, verbose=0, jit_compile=False, save_dir=tmp_path,
-                  threshold=1.0, neighbours=nearest_neighbours(x, 5), knn_epochs=1)
+                  threshold=1.0, neighbours=nearest_neighbours(x, 5), knn_epochs=1, min_steps=0,
+                  fit_threshold=0.0)
     model = SelfLabelNet((8, 8, 1), 4, filters=(8,), dense=(16,), head=(8,))
     def on_rows(rows):
         pd.DataFrame(rows).to_csv(tmp_path / "history.csv", index=False)
@@ -377,6 +379,57 @@ def test_refine_resumes_after_the_last_finished_iteration(tmp_path):
     assert (tmp_path / "iteration_02.keras").is_file()
 
 
+def test_an_iteration_on_few_samples_is_stretched_to_the_floor_of_steps():
+    assert iteration_stretch(672, 256, 2, 300) == 75  # 2 batches an epoch: 150 epochs make 300 steps
+    assert iteration_stretch(30000, 256, 2, 200) == 1.0  # 234 steps already
+    assert iteration_stretch(672, 256, 2, 0) == 1.0
+    assert iteration_stretch(100, 256, 1, 10) == 10  # fewer samples than a batch: one step an epoch
+
+
+def test_a_classifier_that_cannot_learn_its_labels_never_relabels_and_the_first_labels_model_is_kept(
+        tmp_path):
+    """The guard: with a learning rate too small to learn anything, the
+    iteration trains FIT_ROUNDS rounds, does not relabel from its chance-level
+    predictions, and the run stops; iteration 0 is the model kept and the
+    note says why. A classifier that can learn relabels after one round."""
+    from sklearn.datasets import load_digits
+
+    from dcn.selflabel_cli import _first_labels_note
+
+    d = load_digits()
+    x = (d.images[:256] / 16.0)[..., None].astype(np.float32)
+    labels = d.target[:256] % 4
+    kwargs = dict(epochs_per_iteration=1, batch_size=64, verbose=0, jit_compile=False, min_steps=12,
+                  threshold=1.1, iterations=3)
+
+    def net():
+        return SelfLabelNet((8, 8, 1), 4, filters=(8,), dense=(16,), head=(8,))
+
+    rows = refine(net(), x, labels, np.ones(256), lr=1e-9, save_dir=tmp_path / "stuck", **kwargs)
+    assert len(rows) == 1 and "stability" not in rows[0]
+    assert rows[0]["rounds"] == FIT_ROUNDS and rows[0]["fit"] < FIT_THRESHOLD
+    assert rows[0]["epochs"] == 6  # the confident half, 2 batches an epoch: stretched to the 12 steps
+    assert "the classifier fits only" in rows[0]["stopped"]
+    for r in range(FIT_ROUNDS):  # every round logged, its checkpoints removed with the iteration's
+        assert (tmp_path / "stuck" / "logs" / f"iteration_00{f'_more{r}' if r else ''}.csv").is_file()
+    assert not list((tmp_path / "stuck" / "checkpoints").glob("iteration_00*"))
+    kept = np.load(tmp_path / "stuck" / "pseudo_labels" / "iteration_01.npz")["labels"]
+    np.testing.assert_array_equal(kept, labels)  # not replaced
+    assert best_iteration(rows) == 0
+    note = _first_labels_note(rows, 0)
+    assert note.startswith("refinement stopped: the classifier fits only") and "iteration 0" in note
+
+    learnt = refine(net(), x, labels, np.ones(256), lr=0.01, fit_threshold=0.5, save_dir=tmp_path / "ok",
+                    **kwargs)
+    assert [r["rounds"] for r in learnt] == [1, 1, 1] and all(r["fit"] >= 0.5 for r in learnt)
+    assert all(0 <= r["stability"] <= 1 for r in learnt)
+    rows = [{"iteration": 0, "stability": 0.9}, {"iteration": 1, "stability": 0.8}]
+    assert _first_labels_note(rows, 0).startswith("refinement did not improve on the first pseudo-labels: "
+                                                   "aligned stability 0.9000 at iteration 0, at most 0.8000")
+    assert _first_labels_note(rows, 1) is None
+    assert _first_labels_note(rows[:1], 0) is None  # one iteration: nothing to improve with
+
+
 def test_refine_stopped_between_iterations_keeps_the_labels_of_a_non_relabelling_one(tmp_path):
     """With --recluster_interval 2, iteration 1 trains on iteration 0's labels;
     a run stopped right after iteration 0 must do the same when resumed."""
@@ -385,7 +438,7 @@ def test_refine_stopped_between_iterations_keeps_the_labels_of_a_non_relabelling
     d = load_digits()
     x = (d.images[:256] / 16.0)[..., None].astype(np.float32)
     kwargs = dict(iterations=3, recluster_interval=2, epochs_per_iteration=1, batch_size=64, verbose=0,
-                  jit_compile=False, save_dir=tmp_path, threshold=1.1)
+                  jit_compile=False, save_dir=tmp_path, threshold=1.1, min_steps=0, fit_threshold=0.0)
 
     def stop_after_first(rows):
         pd.DataFrame(rows).to_csv(tmp_path / "history.csv", index=False)
