@@ -29,8 +29,8 @@ bench: $(STAMP)
 	bin/desom-benchmark --memory --iterations 2000 --out bench/memory
 	bin/desom-benchmark --explorer --out bench/explorer
 	bin/dcn-benchmark --dataset fmnist --runs 3 --folder --out bench/dcn
-	bin/rswnet-benchmark --runs 3 --out bench/rswnet
-	bin/rswnet-benchmark --heads som --runs 3 --out bench/rswnet_som
+	bin/rswnet-benchmark --runs 3 --desom_iterations 10000 --out bench/rswnet
+	bin/rswnet-benchmark --heads som --runs 3 --desom_iterations 10000 --out bench/rswnet_som
 	bin/ae-benchmark --runs 3 --out bench/ae
 	bin/selflabel-benchmark --runs 5 --jobs 2 --iterations 3 --out bench/selflabel_full
 

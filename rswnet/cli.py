@@ -145,8 +145,13 @@ class RswnetCommand(TrainingCommand):
                        help="comparison: the SOM trained on the latents (2x5 as published)")
         p.add_argument("--som_epochs", type=int, default=100, bounds="[1, inf)",
                        help="comparison: epochs of that SOM on the training latents")
-        p.add_argument("--desom_iterations", type=int, default=10000, bounds="[0, inf)",
-                       help="comparison: iterations of DESOM 8x8 on the pixels (0: leave it out)")
+        p.add_argument("--desom_iterations", type=int, default=0, bounds="[0, inf)",
+                       help="comparison: train DESOM 8x8 on the pixels for this many iterations (the paper's "
+                       "10000; on a CPU it costs more than the rest of a small run) and score it; 0: no "
+                       "DESOM row unless --desom_model gives one")
+        p.add_argument("--desom_model", metavar="MODEL.keras",
+                       help="comparison: score this trained bin/desom map (of the same pixels) instead of "
+                       "training one")
         p.add_argument("--internal_samples", type=int, default=5000, bounds="[1, inf)",
                        help="comparison: test samples on which the internal indices are computed")
         p.add_argument("--tsne_samples", type=int, default=2000, bounds="[2, inf)",
@@ -229,6 +234,8 @@ class RswnetCommand(TrainingCommand):
 
     def train(self, run):
         a, x, y, model = run.args, run.data.x, run.data.y, run.model
+        # a --desom_model that cannot score these images is refused before training, not after
+        run.kept["desom_model"] = _desom_model(a.desom_model, x)
         run.pretrain(model, run.optimizers["pretrain"])
         options = run.loop_options()
         eval_samples = min(2000, len(x))
@@ -254,7 +261,8 @@ class RswnetCommand(TrainingCommand):
         x_eval, y_eval = (d.x_val, d.y_val) if held_out else (d.x, d.y)
         comparison = compare.compare(
             run.model, d.x, x_eval, y_eval, n_clusters=a.n_clusters, som_map_size=a.som_map_size,
-            som_epochs=a.som_epochs, desom_iterations=a.desom_iterations, internal_samples=a.internal_samples,
+            som_epochs=a.som_epochs, desom_iterations=a.desom_iterations,
+            desom_model=run.kept.get("desom_model"), internal_samples=a.internal_samples,
             batch_size=a.batch_size, seed=a.seed, verbose=a.verbose)
         run.data.extra["comparison"] = (comparison, x_eval, y_eval)
         write_csv(comparison.table, run.save_dir / "comparison.csv")
@@ -294,6 +302,21 @@ class RswnetCommand(TrainingCommand):
                           if m.get(k) is not None)
         return (f"{results['iterations']} joint iterations ({results['stopped']}); RSWNet on "
                 f"{results['scored_on']}: {shown}")
+
+
+def _desom_model(path, x):
+    """The bin/desom map at ``path`` (None: none), checked against the flattened images ``x``."""
+    if path is None:
+        return None
+    from common.networks import load_keras_model
+    from desom.models import DESOM
+
+    model = load_keras_model(path, DESOM, "a DESOM map written by bin/desom --model desom")
+    features = int(np.prod(x.shape[1:]))
+    if tuple(model.sample_shape) != (features,):
+        raise UsageError(f"--desom_model {path} takes samples of shape {tuple(model.sample_shape)}; the "
+                         f"scored images have {features} pixels (train it with bin/desom on the same images)")
+    return model
 
 
 def train_main(argv):

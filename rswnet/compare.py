@@ -10,10 +10,17 @@ Each method is fitted on the training images and scored on the test images:
   leaves the best-matching units unchanged);
 * the same SOM untrained (random prototypes), which is what the published
   "SOM" column measured;
-* DESOM (dense autoencoder, 8x8 map) on the pixels, the SOM family's reference.
+* DESOM (dense autoencoder, 8x8 map) on the pixels, the SOM family's
+  reference, when asked for (``desom_iterations``; it costs more than the rest
+  on a CPU) or given trained (``desom_model``, a ``bin/desom`` map of the same
+  pixels).
 
-Columns: accuracy (Hungarian; clusters beyond the classes count as errors),
-purity, NMI and ARI against the labels; silhouette, Davies-Bouldin and
+Columns: accuracy (Hungarian; clusters beyond the classes count as errors;
+left out for maps with more units than classes), ``acc_kmeans`` for every
+map (the DESOM paper's: k-means of the prototypes into as many groups as
+classes, each sample taking its unit's group; see
+:func:`common.metrics.prototype_kmeans_accuracy`), purity, NMI and ARI
+against the labels; silhouette, Davies-Bouldin and
 Calinski-Harabasz of each method's assignments in one feature space for all,
 the RSWNet latents of the test images, on one fixed-seed subsample; the
 clusters used, the share of the largest and every size (a collapse shows);
@@ -37,7 +44,7 @@ KMEANS_LATENTS = "k-means, RSWNet latents"
 SOM_TRAINED = "SOM {rows}x{cols} (Kerasom) on RSWNet latents"
 SOM_UNTRAINED = "SOM {rows}x{cols} untrained (the published SOM column)"
 DESOM_METHOD = "DESOM {rows}x{cols} (dense) on pixels"
-COLUMNS = ("method", "clusters", "acc", "purity", "nmi", "ari", "silhouette", "davies_bouldin",
+COLUMNS = ("method", "clusters", "acc", "acc_kmeans", "purity", "nmi", "ari", "silhouette", "davies_bouldin",
            "calinski_harabasz", "largest_share", "sizes", "seconds")
 
 
@@ -61,7 +68,7 @@ def _kmeans(train, test, k, seed):
 
 
 def compare(model, x_train, x_test, y_test=None, *, n_clusters: int, som_map_size=(2, 5),
-            som_epochs: int = 20, desom_map_size=(8, 8), desom_iterations: int = 10000,
+            som_epochs: int = 20, desom_map_size=(8, 8), desom_iterations: int = 0, desom_model=None,
             internal_samples: int = 5000, batch_size: int = 256, seed: int = 0,
             verbose: int = 0) -> Comparison:
     """Fit every method on ``x_train`` and score it on ``x_test`` (see the module)."""
@@ -74,12 +81,17 @@ def compare(model, x_train, x_test, y_test=None, *, n_clusters: int, som_map_siz
     rows, assignments = [], {}
     z_train, z_test = model.transform(x_train), model.transform(x_test)
 
-    def score(method, pred, seconds):
+    def score(method, pred, seconds, prototypes=None):
+        """``prototypes``: a map's, which ``pred`` (best-matching units) index."""
         pred = np.asarray(pred).ravel()
         m = evaluate_clustering(pred, y_test, features=z_test, sample_size=internal_samples, seed=seed)
+        if prototypes is not None and y_test is not None:
+            m["acc_kmeans"] = map_accuracy(y_test, pred, prototypes, seed)
+            if len(prototypes) > len(np.unique(y_test)):
+                m["acc"] = None  # one unit per class would count: acc_kmeans is the map's accuracy
         sizes = np.sort(np.bincount(pred))[::-1]
         sizes = sizes[sizes > 0]
-        rows.append({"method": method, "clusters": m["n_clusters"], **{k: m.get(k) for k in COLUMNS[2:9]},
+        rows.append({"method": method, "clusters": m["n_clusters"], **{k: m.get(k) for k in COLUMNS[2:10]},
                      "largest_share": float(sizes[0] / len(pred)), "sizes": " ".join(map(str, sizes)),
                      "seconds": round(seconds, 1)})
         assignments[method] = pred
@@ -94,7 +106,8 @@ def compare(model, x_train, x_test, y_test=None, *, n_clusters: int, som_map_siz
     if isinstance(model, RSWNetSOM):
         rows_, cols_ = model.map_size
         model_method = f"RSWNet, SOM head {rows_}x{cols_} (best-matching unit)"
-        score(model_method, pairwise_sq_distances(z_test, model.prototypes).argmin(axis=1), 0.0)
+        prototypes = np.asarray(model.prototypes)
+        score(model_method, pairwise_sq_distances(z_test, prototypes).argmin(axis=1), 0.0, prototypes)
     else:
         model_method = "RSWNet, clustering head (argmax q)"
         score(model_method, model.assign_embeddings(z_test).argmax(axis=1), 0.0)
@@ -105,28 +118,47 @@ def compare(model, x_train, x_test, y_test=None, *, n_clusters: int, som_map_siz
     def som_trained():
         som, scale = som_on_codes(z_train, som_map_size, som_epochs, batch_size, seed, verbose,
                                   "som_on_latents")
-        return pairwise_sq_distances(z_test / scale, som.prototypes).argmin(axis=1)
+        prototypes = np.asarray(som.prototypes)
+        return pairwise_sq_distances(z_test / scale, prototypes).argmin(axis=1), prototypes
 
-    score(som_method, *timed(som_trained))
+    (units, prototypes), seconds = timed(som_trained)
+    score(som_method, units, seconds, prototypes)
     keras.utils.set_random_seed(seed)
     untrained = Kerasom(z_train.shape[1], som_map_size, name="untrained_som")
-    score(SOM_UNTRAINED.format(rows=rows_, cols=cols_),
-          pairwise_sq_distances(z_test, untrained.prototypes).argmin(axis=1), 0.0)
+    prototypes = np.asarray(untrained.prototypes)
+    units = pairwise_sq_distances(z_test, prototypes).argmin(axis=1)
+    score(SOM_UNTRAINED.format(rows=rows_, cols=cols_), units, 0.0, prototypes)
 
-    if desom_iterations:
+    if desom_model is not None or desom_iterations:
         def desom():
-            keras.utils.set_random_seed(seed)
-            train = _flat(x_train)
-            reference = DESOM(train.shape[1], desom_map_size, name="desom_reference")
-            reference.init_prototypes(train, seed=seed)
-            reference.fit(train, iterations=desom_iterations, batch_size=min(256, len(train)),
-                          eval_interval=desom_iterations, eval_samples=min(2000, len(train)), seed=seed,
-                          verbose=verbose)
-            return reference.predict(_flat(x_test), verbose=0, batch_size=1024)
+            reference = desom_model
+            if reference is None:
+                keras.utils.set_random_seed(seed)
+                train = _flat(x_train)
+                reference = DESOM(train.shape[1], desom_map_size, name="desom_reference")
+                reference.init_prototypes(train, seed=seed)
+                reference.fit(train, iterations=desom_iterations, batch_size=min(256, len(train)),
+                              eval_interval=desom_iterations, eval_samples=min(2000, len(train)), seed=seed,
+                              verbose=verbose)
+            return reference.predict(_flat(x_test), verbose=0, batch_size=1024), reference
 
-        score(DESOM_METHOD.format(rows=desom_map_size[0], cols=desom_map_size[1]), *timed(desom))
+        (units, reference), seconds = timed(desom)
+        rows_, cols_ = reference.map_size
+        method = DESOM_METHOD.format(rows=rows_, cols=cols_) + (" (given)" if desom_model is not None else "")
+        score(method, units, seconds, np.asarray(reference.prototypes))
     table = pd.DataFrame(rows, columns=list(COLUMNS))
     return Comparison(table, assignments, z_test, model_method, som_method)
+
+
+def map_accuracy(y, units, prototypes, seed: int = 0) -> float:
+    """Accuracy of a map's best-matching ``units``: :func:`~common.metrics.accuracy`
+    when it has at most one unit per class, else the DESOM paper's k-means of
+    the prototypes (:func:`~common.metrics.prototype_kmeans_accuracy`)."""
+    from common.metrics import accuracy, prototype_kmeans_accuracy
+
+    if len(prototypes) <= len(np.unique(y)):
+        return accuracy(y, units)
+    return prototype_kmeans_accuracy(y, units, prototypes, seed)
 
 
 def text(table: pd.DataFrame, max_sizes: int = 6) -> str:

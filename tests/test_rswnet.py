@@ -126,10 +126,14 @@ def check_run(out: Path, model_row: str, n: int = 60):
     assert table["method"].tolist() == [
         "k-means, raw pixels", "k-means, RSWNet latents", model_row, "SOM 2x5 (Kerasom) on RSWNet latents",
         "SOM 2x5 untrained (the published SOM column)", "DESOM 8x8 (dense) on pixels"]
-    for column in ("acc", "purity", "nmi", "ari", "silhouette", "davies_bouldin", "calinski_harabasz",
-                   "largest_share", "sizes", "clusters"):
+    for column in ("acc", "acc_kmeans", "purity", "nmi", "ari", "silhouette", "davies_bouldin",
+                   "calinski_harabasz", "largest_share", "sizes", "clusters"):
         assert column in table, column
-    assert table["acc"].between(0, 1).all() and table["nmi"].between(0, 1).all()
+    maps = table["method"].str.contains("SOM")
+    assert table["acc_kmeans"][maps].between(0, 1).all() and table["acc_kmeans"][~maps].isna().all()
+    larger = table["method"].str.contains("8x8")  # maps of more units than classes: acc_kmeans only
+    assert table["acc"][larger].isna().all() and table["acc"][~larger].between(0, 1).all()
+    assert table["nmi"].between(0, 1).all()
     assert [sum(map(int, s.split())) for s in table["sizes"]] == [n] * len(table)  # the same n test images
     results = json.loads((out / "results.json").read_text())
     assert results["n_train"] == n and results["n_scored"] == n
@@ -200,6 +204,48 @@ def test_benchmark_with_the_som_head_end_to_end(tmp_path, capsys):
     assert isinstance(model, RSWNetSOM)
     np.testing.assert_array_equal(preds["bmu"], model.predict(x, verbose=0))
     np.testing.assert_array_equal(preds["bmu"], preds["row"] * 3 + preds["col"])
+
+
+class BlobEncoder:
+    """A stand-in for RSWNet in :func:`rswnet.compare.compare`: its latents are
+    the flattened images, its clusters the nearest of ``centres``."""
+
+    def __init__(self, centres):
+        self.centres = centres
+
+    def transform(self, x):
+        return np.asarray(x, np.float32).reshape(len(x), -1)
+
+    def assign_embeddings(self, z):
+        d = ((z[:, None, :] - self.centres[None]) ** 2).sum(axis=-1)
+        return np.exp(-d) / np.exp(-d).sum(axis=1, keepdims=True)
+
+
+def test_comparison_scores_every_map_by_acc_kmeans_and_has_desom_only_when_asked():
+    from common.metrics import accuracy, prototype_kmeans_accuracy
+    from desom.models import DESOM
+    from rswnet.compare import compare, map_accuracy
+
+    rng = np.random.default_rng(0)
+    centres = np.eye(3, 4, dtype=np.float32) * 4
+    y = np.repeat(np.arange(3), 40)
+    x = (centres[y] + rng.normal(0, 0.3, (120, 4))).astype(np.float32).reshape(120, 2, 2, 1)
+    options = dict(n_clusters=3, som_map_size=(2, 3), som_epochs=5, internal_samples=60, batch_size=20)
+    table = compare(BlobEncoder(centres), x, x, y, **options).table.set_index("method")
+    assert not table.index.str.contains("DESOM").any()  # not asked for: no DESOM row
+    som = table.loc["SOM 2x3 (Kerasom) on RSWNet latents"]
+    assert np.isnan(som["acc"]) and som["acc_kmeans"] > 0.9  # 6 units for 3 classes: grouped by k-means
+    assert np.isnan(table.loc["RSWNet, clustering head (argmax q)", "acc_kmeans"])
+    # given a trained map instead of training one
+    keras.utils.set_random_seed(0)
+    desom = DESOM(4, (2, 2), latent_dim=2)
+    desom.init_prototypes(x.reshape(120, 4), seed=0)
+    table = compare(BlobEncoder(centres), x, x, y, desom_model=desom, **options).table.set_index("method")
+    row = table.loc["DESOM 2x2 (dense) on pixels (given)"]
+    units = desom.predict(x.reshape(120, 4), verbose=0)
+    assert row["acc_kmeans"] == pytest.approx(prototype_kmeans_accuracy(y, units, desom.prototypes))
+    assert np.isnan(row["acc"])
+    assert map_accuracy(y, y, np.zeros((3, 2))) == accuracy(y, y) == 1.0  # a unit per class: plain accuracy
 
 
 def test_published_protocol_sets_the_notebook_defaults_and_explicit_flags_win():
