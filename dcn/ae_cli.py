@@ -64,7 +64,8 @@ class AeCommand(TrainingCommand):
                        help="semisupervised: share of the labels used in training (stratified, fixed by "
                        "--seed)")
         p.add_argument("--cluster", nargs="+", choices=(*METHODS, "all"), default=["all"],
-                       help="clusterings of the codes to run and score")
+                       help="clusterings of the codes to run and score: k-means, DBSCAN, a SOM, UMAP to "
+                       "--n_clusters dimensions + a Gaussian mixture (umap_gmm, N2D); all: every one")
         p.add_argument("--n_clusters", type=int, bounds="[2, inf)",
                        help="k-means clusters (default: the number of classes)")
         p.add_argument("--eps", type=float, bounds="(0, inf)",

@@ -6,7 +6,9 @@
   codes (its neighbourhoods grow quadratically); its noise points form one
   group of their own in the scores, and their number is reported;
 * a SOM (the Kerasom of desom, 8x8) trained on the codes: the AE + SOM
-  baseline of the DESOM papers (:func:`desom.models.som_on_codes`).
+  baseline of the DESOM papers (:func:`desom.models.som_on_codes`);
+* UMAP of the codes to k dimensions, then a Gaussian mixture (N2D,
+  McConville et al. 2020; :func:`common.clustering.umap_gmm`).
 
 Every method is fitted and scored on the same codes (the DESOM and DEC
 protocol: the whole data set), in one table: accuracy (Hungarian), purity,
@@ -26,7 +28,7 @@ import pandas as pd
 from common.errors import UsageError
 from common.metrics import evaluate_clustering
 
-METHODS = ("kmeans", "dbscan", "som")
+METHODS = ("kmeans", "dbscan", "som", "umap_gmm")
 COLUMNS = ("method", "samples", "clusters", "noise", "acc", "purity", "nmi", "ari", "silhouette", "seconds")
 
 
@@ -81,7 +83,7 @@ class TwoStage:
 
 def method_name(method: str, map_size=(8, 8)) -> str:
     return {"kmeans": "k-means", "dbscan": "DBSCAN",
-            "som": f"SOM {map_size[0]}x{map_size[1]} (Kerasom)"}[method]
+            "som": f"SOM {map_size[0]}x{map_size[1]} (Kerasom)", "umap_gmm": "UMAP + GMM"}[method]
 
 
 def cluster_codes(codes, y=None, *, methods=METHODS, n_clusters: int = 10, eps: float | None = None,
@@ -128,6 +130,11 @@ def cluster_codes(codes, y=None, *, methods=METHODS, n_clusters: int = 10, eps: 
                            "min_samples": int(min_samples), "clusters": int(len(np.unique(pred[pred >= 0]))),
                            "noise": noise, "samples": int(len(pick)), "curve": curve}
             score(name, pred, time.perf_counter() - t, pick, noise)
+        elif method == "umap_gmm":
+            from common.clustering import umap_gmm
+
+            pred, _ = umap_gmm(codes, n_clusters, seed)
+            score(name, pred, time.perf_counter() - t, everyone)
         else:
             som, scale = som_on_codes(codes, som_map_size, som_epochs, seed=seed, verbose=verbose)
             pred = som.predict(codes / scale, batch_size=1024, verbose=0)

@@ -111,6 +111,17 @@ def test_eps_from_the_knee_separates_two_blobs_from_scattered_noise():
     assert rows.loc["DBSCAN", "purity"] > 0.95
 
 
+def test_umap_gmm_finds_curved_clusters_that_kmeans_cuts():
+    """Two interleaved half-moons: UMAP's neighbour graph follows each moon,
+    k-means on the codes cuts across them."""
+    from sklearn.datasets import make_moons
+
+    codes, y = make_moons(600, noise=0.05, random_state=0)
+    table = cluster_codes(codes, y, methods=("kmeans", "umap_gmm"), n_clusters=2).table.set_index("method")
+    assert table.loc["UMAP + GMM", "acc"] > 0.97 and table.loc["k-means", "acc"] < 0.9
+    assert table.loc["UMAP + GMM", "samples"] == 600
+
+
 def test_eps_from_the_knee_is_positive_or_a_clear_error():
     rng = np.random.default_rng(5)
     repeated = np.concatenate([np.zeros((150, 2)), rng.normal(0, 1, (50, 2))])  # most codes identical
@@ -160,7 +171,8 @@ def test_generation_needs_clusters_and_a_cvae_needs_a_label():
 @pytest.mark.parametrize("model", ["ae", "semisupervised", "vae", "cvae"])
 def test_bin_ae_writes_every_output_and_the_model_generates_in_a_new_process(model, tmp_path, capsys):
     out = tmp_path / model
-    extra = ["--latent_dim", "2"] if model == "ae" else []  # 2-d: the manifold grid too
+    # ae: 2-d codes (the manifold grid too) and every clustering; the others without UMAP's start-up
+    extra = ["--latent_dim", "2"] if model == "ae" else ["--cluster", "kmeans", "dbscan", "som"]
     with pytest.raises(SystemExit) as stop:
         main(["--model", model, *SHORT, *extra, "--save_dir", str(out)])
     assert stop.value.code == 0
@@ -169,7 +181,8 @@ def test_bin_ae_writes_every_output_and_the_model_generates_in_a_new_process(mod
         assert (out / name).is_file(), name
     assert (out / "manifold.png").is_file() == (model == "ae")
     table = pd.read_csv(out / "clustering.csv")
-    assert table["method"].tolist() == ["k-means", "DBSCAN", "SOM 3x3 (Kerasom)"]
+    assert table["method"].tolist() == ["k-means", "DBSCAN", "SOM 3x3 (Kerasom)"] + ["UMAP + GMM"] * (
+        model == "ae")
     assert table.loc[0, "samples"] == 1797 and table.loc[1, "samples"] == 400
     assert table["acc"].between(0, 1).all() and table["nmi"].between(0, 1).all()
     results = json.loads((out / "results.json").read_text())
