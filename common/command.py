@@ -23,7 +23,8 @@ order, the same for every command:
    :meth:`Run.pretrain` and :meth:`Run.loop_options` do the common parts);
 7. save ``model.keras`` atomically; write ``results.json``: the command's
    :meth:`~TrainingCommand.results` plus timings of every phase and stage,
-   arguments and environment;
+   arguments and environment; and ``predictions.csv``, the cluster of every
+   sample the run scored (:meth:`~TrainingCommand.predictions`);
 8. :meth:`~TrainingCommand.pictures`, then a summary line.
 
 ``results.json`` also records the command line (``command``).
@@ -40,10 +41,42 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from common.cli import ArgumentParser, add_run_arguments, flag_text, given_arguments, resume_args
 from common.errors import UsageError
 from common.results import write_json
+
+
+def prediction_frame(part: str, clusters, *, labels=None, names=None, images=None, map_size=None,
+                     groups=None, **columns) -> pd.DataFrame:
+    """The rows of ``predictions.csv`` for one part of the data.
+
+    Columns: ``part`` (``train`` or ``test``), ``index`` (the sample's row in
+    that part, as the program loaded it), ``image`` (a file's path, for image
+    folders), ``cluster``; for a map (``map_size``), ``unit`` (the
+    best-matching unit, which is the cluster), ``row`` and ``col``, and
+    ``group`` when ``groups`` (one per unit) are given (the
+    k-means group of the unit's prototype, as ``acc_kmeans`` scores it); any
+    other ``columns`` (e.g. one per clustering method); ``label`` when known
+    (``names``: the label values to write instead of their indices).
+    """
+    clusters = np.asarray(clusters).ravel()
+    out = pd.DataFrame({"part": part, "index": np.arange(len(clusters))})
+    if images is not None:
+        out["image"] = [str(i) for i in images]
+    out["cluster"] = clusters
+    if map_size is not None:
+        out["unit"] = clusters
+        out["row"], out["col"] = clusters // map_size[1], clusters % map_size[1]
+    if groups is not None:
+        out["group"] = np.asarray(groups)[clusters]
+    for name, values in columns.items():
+        out[name] = values
+    if labels is not None:
+        labels = np.asarray(labels).ravel()
+        out["label"] = labels if names is None else np.asarray(names, dtype=object)[labels]
+    return out
 
 
 @dataclass
@@ -146,6 +179,11 @@ class TrainingCommand:
         """Metrics and facts of the run for results.json (the skeleton adds
         timings, arguments and environment)."""
         return {}
+
+    def predictions(self, run: Run) -> pd.DataFrame | None:
+        """The run's cluster of every sample it trained on or scored, written as
+        ``predictions.csv`` (see :func:`prediction_frame` for the columns)."""
+        return None
 
     def pictures(self, run: Run, results: dict):
         """Figures written after results.json."""
@@ -262,6 +300,13 @@ class TrainingCommand:
             write_json(save_dir / "results.json", results)
 
         write_results()  # before the pictures: nothing lost if drawing fails
+        t = time.perf_counter()
+        frame = self.predictions(run)
+        if frame is not None:
+            from common.results import write_csv
+
+            write_csv(frame, save_dir / "predictions.csv")
+            run.stages["predictions"] = time.perf_counter() - t
         t = time.perf_counter()
         self.pictures(run, results)
         run.stages["pictures"] = time.perf_counter() - t

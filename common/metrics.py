@@ -80,15 +80,24 @@ def prototype_kmeans_accuracy(y_true, units, prototypes, seed: int = 0) -> float
     k units count: 10 of the 400 of a 20x20 map.)
     ``units`` are the samples' best-matching units (indices of ``prototypes``).
     """
+    y_true, units = _check_pair(y_true, units)
+    k = len(np.unique(y_true))
+    if len(prototypes) <= k:
+        raise ValueError(f"{len(prototypes)} prototypes for {k} classes: use accuracy() when units <= "
+                         "classes")
+    return accuracy(y_true, prototype_groups(prototypes, k, seed)[units])
+
+
+def prototype_groups(prototypes, k: int, seed: int = 0) -> np.ndarray:
+    """The group (0..k-1) of each of a map's prototypes: k-means (scikit-learn,
+    10 starts), as :func:`prototype_kmeans_accuracy` groups them; a map of at
+    most k units keeps one group per unit."""
     from sklearn.cluster import KMeans
 
-    y_true, units = _check_pair(y_true, units)
     p = np.asarray(prototypes, np.float64).reshape(len(prototypes), -1)
-    k = len(np.unique(y_true))
     if len(p) <= k:
-        raise ValueError(f"{len(p)} prototypes for {k} classes: use accuracy() when units <= classes")
-    groups = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(p)
-    return accuracy(y_true, groups[units])
+        return np.arange(len(p))
+    return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(p)
 
 
 def nmi(y_true, y_pred, average_method: str = "arithmetic") -> float:

@@ -36,9 +36,9 @@ class AeCommand(TrainingCommand):
                    "from each cluster and t-SNE/PCA maps of the codes. `ae generate --help` draws new "
                    "images from a saved model.")
     seed_help = "seed of weights, data order, labelled subset, clustering and pictures"
-    outputs = ("model.keras", "log.csv", "clustering.csv", "results.json", "reconstructions.png",
-               "generated_from_clusters.png", "tsne.png", "pca.png", "kdistance.png", "manifold.png",
-               "training.png", "architecture.png", "architecture.txt")
+    outputs = ("model.keras", "log.csv", "clustering.csv", "results.json", "predictions.csv",
+               "reconstructions.png", "generated_from_clusters.png", "tsne.png", "pca.png", "kdistance.png",
+               "manifold.png", "training.png", "architecture.png", "architecture.txt")
 
     def add_arguments(self, p):
         add_data_arguments(p, required=False, what="a data set, values in [0, 1]")
@@ -185,6 +185,27 @@ class AeCommand(TrainingCommand):
             out["classifier"] = {"labelled_samples": int(np.sum(~unlabeled)),
                                  "accuracy_on_unlabelled": float(np.mean(predicted == d.y[unlabeled]))}
         return out
+
+    def predictions(self, run):
+        """``cluster``: the first clustering of ``--cluster``; a column per clustering (``dbscan``: -1 for
+        noise, empty for the samples it did not see; ``som_group``: the k-means group of the unit)."""
+        import pandas as pd
+
+        from common.command import prediction_frame
+        from dcn.twostage import method_name
+
+        a, d, stages = run.args, run.data, run.data.extra["stages"]
+        columns = {}
+        for method in a.cluster:
+            name = method_name(method, a.som_map_size)
+            column = pd.Series(pd.NA, index=range(len(d.x)), dtype="Int64")
+            column.iloc[stages.samples[name]] = stages.assignments[name]
+            columns[method] = column.to_numpy()
+            if name in stages.groups:  # a map: the k-means group of each sample's unit too
+                columns[f"{method}_group"] = stages.groups[name][stages.assignments[name]]
+        first = columns[a.cluster[0]]
+        classes = d.extra["classes"]
+        return prediction_frame("train", first, labels=d.y, names=classes, **columns)
 
     def pictures(self, run, results):
         import pandas as pd

@@ -32,7 +32,7 @@ class DcnCommand(TrainingCommand):
     seed_help = "seed of weights, data order and k-means"
     progress = "progress bars"
     outputs = ("model.keras", "pretrain_log.csv", "log.csv", "class_mappings.json", "results.json",
-               "test_metrics.json", "test_cm.png", "architecture.png", "architecture.txt")
+               "predictions.csv", "test_metrics.json", "test_cm.png", "architecture.png", "architecture.txt")
 
     def resumed_with_changes(self, args, changed):
         if "max_epochs" in changed and "max_iterations" not in changed:
@@ -206,6 +206,34 @@ class DcnCommand(TrainingCommand):
         if folders is not None and folders.test is not None and naming is not None:
             out["test"] = _test_report(run.model, naming, folders.test, run.save_dir)
         return out
+
+    def predictions(self, run):
+        import os
+
+        import pandas as pd
+
+        from common.command import prediction_frame
+
+        model, folders = run.model, run.data.extra["folders"]
+
+        def part(name, x, **kwargs):  # with the cluster's class name, when the clusters were named
+            clusters = model.cluster(x)
+            named = {} if not model.cluster_names else {
+                "name": [model.cluster_names[k] or "" for k in clusters]}
+            return prediction_frame(name, clusters, **kwargs, **named)
+
+        if folders is None:
+            return part("train", run.data.x, labels=run.data.y, names=label_names(run.data.y))
+
+        def relative(paths):  # to the --data folder, as a user finds them there
+            return [os.path.relpath(p, run.args.data) for p in paths]
+
+        frames = [part("train", folders.train.x, images=relative(folders.train.paths))]
+        if folders.test is not None:
+            test = folders.test
+            frames.append(part("test", test.x, images=relative(test.paths), labels=test.labels,
+                               names=test.classes))
+        return pd.concat(frames, ignore_index=True)
 
     def summary(self, run, results):
         train = results["train"]

@@ -75,8 +75,9 @@ class SelfLabelCommand(TrainingCommand):
                    "the labels are stable. Labels, where the data have them, are only used for the "
                    "reports. `selflabel evaluate --help`, `selflabel predict --help` for saved models.")
     seed_help = "seed of weights, data order, augmentation and clustering"
-    outputs = ("model.keras", "history.csv", "test_metrics.json", "results.json", "confusion_matrix.png",
-               "clustering_quality.png", "training_progress.png", "architecture.png", "architecture.txt")
+    outputs = ("model.keras", "history.csv", "test_metrics.json", "results.json", "predictions.csv",
+               "confusion_matrix.png", "clustering_quality.png", "training_progress.png", "architecture.png",
+               "architecture.txt")
 
     def add_arguments(self, p):
         add_data_arguments(p, required=False, what="a data set of images")
@@ -356,6 +357,27 @@ class SelfLabelCommand(TrainingCommand):
             out["test"] = {key: metrics[key] for key in ("accuracy", "nmi", "purity", "ari", "min_f1")}
             d.extra["test_metrics"] = metrics
         return out
+
+    def predictions(self, run):
+        """The kept model's class of every training and test image, with its probability (and the
+        class's name when labels named it)."""
+        import pandas as pd
+
+        from common.command import prediction_frame
+
+        d, model = run.data, run.model
+
+        def part(name, x, y):
+            probs = model.predict_proba(x)
+            pred = probs.argmax(axis=1)
+            named = {} if not model.cluster_names else {"name": np.asarray(model.cluster_names)[pred]}
+            return prediction_frame(name, pred, labels=y, names=d.extra["classes"], **named,
+                                    probability=probs.max(axis=1).round(4))
+
+        frames = [part("train", d.x, d.y)]
+        if d.x_val is not None:
+            frames.append(part("test", d.x_val, d.y_val))
+        return pd.concat(frames, ignore_index=True)
 
     def pictures(self, run, results):
         import pandas as pd

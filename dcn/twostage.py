@@ -11,7 +11,9 @@
   McConville et al. 2020; :func:`common.clustering.umap_gmm`).
 
 Every method is fitted and scored on the same codes (the DESOM and DEC
-protocol: the whole data set), in one table: accuracy (Hungarian), purity,
+protocol: the whole data set), in one table: accuracy (Hungarian; for a map
+of more units than clusters ``acc_kmeans`` instead, its prototypes grouped
+by k-means as in ``bin/desom``), purity,
 NMI, ARI against the labels when known; silhouette of each method's
 assignments in the code space on one fixed-seed subsample; clusters used,
 noise points, seconds.
@@ -26,10 +28,11 @@ import numpy as np
 import pandas as pd
 
 from common.errors import UsageError
-from common.metrics import evaluate_clustering
+from common.metrics import accuracy, evaluate_clustering, prototype_groups
 
 METHODS = ("kmeans", "dbscan", "som", "umap_gmm")
-COLUMNS = ("method", "samples", "clusters", "noise", "acc", "purity", "nmi", "ari", "silhouette", "seconds")
+COLUMNS = ("method", "samples", "clusters", "noise", "acc", "acc_kmeans", "purity", "nmi", "ari",
+           "silhouette", "seconds")
 
 
 def k_distances(codes, k: int) -> np.ndarray:
@@ -79,6 +82,7 @@ class TwoStage:
     assignments: dict                           # method -> cluster of each scored sample (-1: noise)
     samples: dict                               # method -> indices of the scored samples
     dbscan: dict = field(default_factory=dict)  # eps, chosen or given, min_samples, clusters, noise, curve
+    groups: dict = field(default_factory=dict)  # method -> the k-means group of each unit (maps of > k units)
 
 
 def method_name(method: str, map_size=(8, 8)) -> str:
@@ -100,15 +104,20 @@ def cluster_codes(codes, y=None, *, methods=METHODS, n_clusters: int = 10, eps: 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise UsageError(f"unknown clustering '{unknown[0]}'; choose from {', '.join(METHODS)}")
-    rows, assignments, samples, dbscan_info = [], {}, {}, {}
+    rows, assignments, samples, dbscan_info, groups = [], {}, {}, {}, {}
     everyone = np.arange(len(codes))
 
-    def score(name, pred, seconds, pick, noise=0):
+    def score(name, pred, seconds, pick, noise=0, prototypes=None):
+        """``prototypes``: a map's, indexed by ``pred``; it is then scored by acc_kmeans as in bin/desom."""
         pred = np.asarray(pred).ravel()
-        m = evaluate_clustering(pred, None if y is None else y[pick], features=codes[pick],
-                                sample_size=internal_samples, seed=seed)
+        truth = None if y is None else y[pick]
+        m = evaluate_clustering(pred, truth, features=codes[pick], sample_size=internal_samples, seed=seed)
+        if prototypes is not None and len(prototypes) > n_clusters:
+            groups[name] = prototype_groups(prototypes, n_clusters, seed)
+            if truth is not None:
+                m["acc"], m["acc_kmeans"] = None, accuracy(truth, groups[name][pred])
         rows.append({"method": prefix + name, "samples": len(pick), "clusters": m["n_clusters"] - (noise > 0),
-                     "noise": int(noise), **{k: m.get(k) for k in COLUMNS[4:9]},
+                     "noise": int(noise), **{k: m.get(k) for k in COLUMNS[4:10]},
                      "seconds": round(seconds, 1)})
         assignments[name], samples[name] = pred, pick
 
@@ -138,8 +147,8 @@ def cluster_codes(codes, y=None, *, methods=METHODS, n_clusters: int = 10, eps: 
         else:
             som, scale = som_on_codes(codes, som_map_size, som_epochs, seed=seed, verbose=verbose)
             pred = som.predict(codes / scale, batch_size=1024, verbose=0)
-            score(name, pred, time.perf_counter() - t, everyone)
-    return TwoStage(pd.DataFrame(rows, columns=list(COLUMNS)), assignments, samples, dbscan_info)
+            score(name, pred, time.perf_counter() - t, everyone, prototypes=np.asarray(som.prototypes))
+    return TwoStage(pd.DataFrame(rows, columns=list(COLUMNS)), assignments, samples, dbscan_info, groups)
 
 
 def text(table: pd.DataFrame) -> str:

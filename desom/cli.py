@@ -34,8 +34,8 @@ class DesomCommand(TrainingCommand):
     description = ("Train a deep embedded self-organizing map (DESOM), its convolutional variant or a "
                    "plain SOM, and write the model, its log, metrics and pictures to --save_dir. Use "
                    "`desom predict --help` to apply a trained model, `desom explore --help` to look at one.")
-    outputs = ("model.keras", "log.csv", "results.json", "map.png", "umatrix.png", "training.png",
-               "explorer.html", "architecture.png", "architecture.txt")
+    outputs = ("model.keras", "log.csv", "results.json", "predictions.csv", "map.png", "umatrix.png",
+               "training.png", "explorer.html", "architecture.png", "architecture.txt")
 
     resume_may_change = ("iterations",)
 
@@ -178,6 +178,25 @@ class DesomCommand(TrainingCommand):
         if label_names(d.y) is not None:  # a file's own labels, numbered 0..k-1 in the metrics and maps
             out["label_names"] = label_names(d.y)
         return out
+
+    def predictions(self, run):
+        import pandas as pd
+
+        from common.command import prediction_frame
+        from common.metrics import prototype_groups
+
+        d, model = run.data, run.model
+        groups = None  # with labels: the k-means groups of the prototypes that acc_kmeans scores
+        if d.y is not None:
+            groups = prototype_groups(model.prototypes, len(np.unique(d.y)), run.args.seed)
+        names = label_names(d.y)  # a file's own label values
+        frames = [prediction_frame("train", run.kept["assignment"][0], labels=d.y, names=names,
+                                   map_size=model.map_size, groups=groups)]
+        if d.x_val is not None:
+            bmu = model.assign_codes(model.transform(d.x_val))[0]
+            frames.append(prediction_frame("test", bmu, labels=d.y_val, names=names, map_size=model.map_size,
+                                           groups=groups))
+        return pd.concat(frames, ignore_index=True)
 
     def pictures(self, run, results):
         import pandas as pd

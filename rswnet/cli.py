@@ -9,6 +9,7 @@ a SOM head) and compare it honestly with k-means, SOMs and DESOM.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -36,12 +37,13 @@ PROTOCOLS = {
 
 
 def _stratified(x, y, n: int, seed: int, what: str):
-    """``n`` samples of ``x`` (and ``y``), stratified by ``y`` when known."""
+    """``n`` samples of ``x`` (and ``y``), stratified by ``y`` when known, and
+    their indices in ``x``."""
     if n >= len(x):
-        return x, y
+        return x, y, np.arange(len(x))
     if y is None:
         pick = np.sort(np.random.default_rng(seed).choice(len(x), size=n, replace=False))
-        return x[pick], None
+        return x[pick], None, pick
     from sklearn.model_selection import train_test_split
 
     names, counts = np.unique(y, return_counts=True)
@@ -55,10 +57,10 @@ def _stratified(x, y, n: int, seed: int, what: str):
         print(f"warning: class {names[counts.argmin()]} has a single image; {what} is drawn at random, "
               "not class by class", file=sys.stderr)
         pick = np.sort(np.random.default_rng(seed).choice(len(x), size=n, replace=False))
-        return x[pick], y[pick]
+        return x[pick], y[pick], pick
     pick, _ = train_test_split(np.arange(len(x)), train_size=n, stratify=y, random_state=seed)
     pick = np.sort(pick)
-    return x[pick], y[pick]
+    return x[pick], y[pick], pick
 
 
 class RswnetCommand(TrainingCommand):
@@ -69,8 +71,9 @@ class RswnetCommand(TrainingCommand):
                    "on latents, RSWNet, a SOM trained on the latents, an untrained SOM, DESOM) scored on the "
                    "same held-out images. Use `rswnet predict --help` to apply a trained model.")
     seed_help = "seed of weights, data order, subsets, k-means and the compared methods"
-    outputs = ("model.keras", "pretrain_log.csv", "log.csv", "comparison.csv", "results.json", "pca.png",
-               "tsne.png", "explorer.html", "architecture.png", "architecture.txt")
+    outputs = ("model.keras", "pretrain_log.csv", "log.csv", "comparison.csv", "results.json",
+               "predictions.csv", "pca.png", "tsne.png", "explorer.html", "architecture.png",
+               "architecture.txt")
     expand_architecture = False
 
     def add_arguments(self, p):
@@ -178,7 +181,7 @@ class RswnetCommand(TrainingCommand):
         check_map(args.som_map_size, flag="--som_map_size")
 
     def load(self, args) -> RunData:
-        classes = None
+        classes, paths = None, None
         if args.dataset:
             (x, y), (xt, yt) = load_data(args.dataset, validation=True, flatten=False, data_dir=args.data_dir)
             name = args.dataset
@@ -190,6 +193,7 @@ class RswnetCommand(TrainingCommand):
                                         naming=False)  # scored by Hungarian matching, not named
             x, y = folders.train.x, None
             xt, yt = (folders.test.x, folders.test.labels) if folders.test is not None else (None, None)
+            paths = [os.path.relpath(p, args.data) for p in (folders.test or folders.train).paths]
             classes = folders.test.classes if folders.test is not None else (
                 folders.reference.classes if folders.reference is not None else None)
             name = Path(args.data).name
@@ -199,16 +203,19 @@ class RswnetCommand(TrainingCommand):
             if known is None and classes is None:
                 raise UsageError("give --n_clusters (no labels or class folders to count classes from)")
             args.n_clusters = len(classes) if classes is not None else len(np.unique(known))
+        scored = np.arange(len(x) if xt is None else len(xt))  # rows of the scored images in their part
         if args.subset:
-            x, y = _stratified(x, y, args.subset, args.seed, "--subset")
+            x, y, picked = _stratified(x, y, args.subset, args.seed, "--subset")
+            scored = picked if xt is None else scored
         if args.test_subset and xt is not None:
-            xt, yt = _stratified(xt, yt, args.test_subset, args.seed, "--test_subset")
+            xt, yt, scored = _stratified(xt, yt, args.test_subset, args.seed, "--test_subset")
         if args.n_clusters > len(x):
             raise UsageError(f"--n_clusters {args.n_clusters} is more than the {len(x)} training images")
         description = where + (f"; training on {len(x)}" if args.subset else "") + (
             f", scoring on {len(xt)}" if args.test_subset and xt is not None else "")
         return RunData(x, y, xt, yt, name=name, description=description,
-                       extra={"classes": classes if classes is not None else CLASS_NAMES.get(args.dataset)})
+                       extra={"classes": classes if classes is not None else CLASS_NAMES.get(args.dataset),
+                              "scored": scored, "paths": paths})
 
     def default_save_dir(self, args, data):
         return f"results/{data.name}_rswnet_{args.head}"
@@ -280,6 +287,27 @@ class RswnetCommand(TrainingCommand):
                     for k, v in model_row.to_dict().items()}},
                 "internal_space": "RSWNet latents (2048-d) of the scored images",
                 "comparison": comparison.table.to_dict(orient="records")}
+
+    def predictions(self, run):
+        """RSWNet's cluster (SOM head: unit) of every scored image: the test images, or the training
+        images when there is no test split; ``index`` is its row in that part (before subsets)."""
+        from common.command import prediction_frame
+        from common.metrics import prototype_groups
+
+        comparison, _, y_eval = run.data.extra["comparison"]
+        d, model = run.data, run.model
+        scored, paths = d.extra["scored"], d.extra["paths"]
+        options = {}
+        if run.args.head == "som":
+            options["map_size"] = model.map_size
+            if y_eval is not None:
+                options["groups"] = prototype_groups(model.prototypes, len(np.unique(y_eval)), run.args.seed)
+        frame = prediction_frame("test" if d.x_val is not None else "train",
+                                 comparison.assignments[comparison.model_method], labels=y_eval,
+                                 names=d.extra["classes"], images=None if paths is None else
+                                 [paths[i] for i in scored], **options)
+        frame["index"] = scored
+        return frame
 
     def pictures(self, run, results):
         from rswnet import compare

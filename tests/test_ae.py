@@ -122,6 +122,21 @@ def test_umap_gmm_finds_curved_clusters_that_kmeans_cuts():
     assert table.loc["UMAP + GMM", "samples"] == 600
 
 
+def test_a_som_of_more_units_than_clusters_is_scored_by_its_grouped_prototypes():
+    from common.metrics import accuracy, prototype_groups
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 150)
+    codes = rng.normal(0, 0.3, (300, 2)) + 4 * y[:, None]
+    result = cluster_codes(codes, y, methods=("som",), n_clusters=2, som_map_size=(3, 3), som_epochs=5)
+    row = result.table.iloc[0]
+    assert pd.isna(row["acc"]) and row["acc_kmeans"] > 0.95
+    groups = result.groups["SOM 3x3 (Kerasom)"]
+    assert len(groups) == 9 and set(groups) == {0, 1}
+    assert accuracy(y, groups[result.assignments["SOM 3x3 (Kerasom)"]]) == pytest.approx(row["acc_kmeans"])
+    assert prototype_groups(np.eye(2), 2).tolist() == [0, 1]  # a unit per cluster: one group each
+
+
 def test_eps_from_the_knee_is_positive_or_a_clear_error():
     rng = np.random.default_rng(5)
     repeated = np.concatenate([np.zeros((150, 2)), rng.normal(0, 1, (50, 2))])  # most codes identical
@@ -184,10 +199,23 @@ def test_bin_ae_writes_every_output_and_the_model_generates_in_a_new_process(mod
     assert table["method"].tolist() == ["k-means", "DBSCAN", "SOM 3x3 (Kerasom)"] + ["UMAP + GMM"] * (
         model == "ae")
     assert table.loc[0, "samples"] == 1797 and table.loc[1, "samples"] == 400
-    assert table["acc"].between(0, 1).all() and table["nmi"].between(0, 1).all()
+    # the 3x3 SOM has fewer units than the 10 digits: scored one-to-one, as every other method
+    assert table["acc"].between(0, 1).all() and table["acc_kmeans"].isna().all()
+    assert table["nmi"].between(0, 1).all()
     results = json.loads((out / "results.json").read_text())
     assert results["dbscan"]["eps_from"] == "knee of the k-distance curve" and results["dbscan"]["eps"] > 0
     assert (out / "kdistance.png").is_file()
+    written = pd.read_csv(out / "predictions.csv")  # a column per clustering; cluster: the first one's
+    methods = ["kmeans", "dbscan", "som"] + ["umap_gmm"] * (model == "ae")
+    assert written.columns.tolist() == ["part", "index", "cluster", *methods, "label"]
+    assert len(written) == 1797
+    np.testing.assert_array_equal(written["cluster"], written["kmeans"])
+    assert written["dbscan"].notna().sum() == 400  # the codes DBSCAN saw
+    from common.metrics import accuracy
+
+    for method, acc in zip(methods, table["acc"]):
+        seen = written[written[method].notna()]
+        assert accuracy(seen["label"], seen[method]) == pytest.approx(acc)
     if model == "semisupervised":
         from sklearn.datasets import load_digits
 

@@ -3,6 +3,8 @@
 import json
 import os
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from common.command import RunData, TrainingCommand
@@ -43,6 +45,13 @@ class TinySom(TrainingCommand):
     def results(self, run):
         return {"purity": run.model.evaluate_map(run.data.x, run.data.y, internal=False)["purity"]}
 
+    def predictions(self, run):
+        from common.command import prediction_frame
+
+        units = run.model.predict(run.data.x, verbose=0)
+        return prediction_frame("train", units, labels=run.data.y, map_size=run.model.map_size,
+                                groups=[0, 0, 0, 1, 1, 1])
+
     def pictures(self, run, results):
         (run.save_dir / "extra.txt").write_text(f"purity {results['purity']:.3f}")
 
@@ -64,7 +73,12 @@ def test_a_new_command_gets_every_shared_step(tmp_path, capsys):
     timings = results["timings"]
     assert timings["train"]["timed_steps"] + timings["train"]["compile_steps"] == 30
     assert set(timings["stages"]) == {"load_seconds", "build_seconds", "train_seconds", "save_seconds",
-                                      "results_seconds", "pictures_seconds"}
+                                      "results_seconds", "predictions_seconds", "pictures_seconds"}
+    written = pd.read_csv(out / "predictions.csv")  # the command's predictions, written by the skeleton
+    assert written.columns.tolist() == ["part", "index", "cluster", "unit", "row", "col", "group", "label"]
+    assert len(written) == 1797 and (written["part"] == "train").all()
+    np.testing.assert_array_equal(written["unit"], written["row"] * 3 + written["col"])
+    np.testing.assert_array_equal(written["group"], (written["unit"] >= 3).astype(int))
     assert timings["total_seconds"] >= timings["stages"]["train_seconds"] >= timings["train"]["total_seconds"]
     assert results["iterations_per_second"] == timings["train"]["iterations_per_second"]
     env = results["environment"]

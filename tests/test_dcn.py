@@ -261,6 +261,18 @@ def test_folder_run_end_to_end_and_predict_in_a_new_process(image_folder, tmp_pa
     assert {"precision", "recall", "f1-score"} <= set(metrics["per_class"]["one"])
     log = pd.read_csv(out / "log.csv")
     assert log["iteration"].tolist() == [0, 20, 40, 60] and "label_change" in log
+    # predictions.csv: every training and test image by its path in the folder, the test ones labelled
+    written = pd.read_csv(out / "predictions.csv")
+    test = written[written["part"] == "test"]
+    train = load_folders(image_folder, (8, 8)).train
+    assert len(test) == 60 and written["image"][written["part"] == "train"].tolist() == [
+        str(Path(p).relative_to(image_folder)) for p in train.paths]
+    assert test["image"].str.startswith("test/").all() and set(test["label"]) == {"one", "two", "zero"}
+    named = json.loads((out / "class_mappings.json").read_text())["clusters"]
+    assert [named[str(k)]["class"] for k in test["cluster"]] == test["name"].tolist()
+    from common.metrics import nmi
+
+    assert nmi(test["label"], test["cluster"]) == pytest.approx(metrics["nmi"])
 
     res = run_bin("--resume", "--save_dir", out, "--verbose", 0)  # finished: nothing left but the reports
     assert res.returncode == 0, res.stderr[-3000:]

@@ -193,6 +193,15 @@ def test_bin_desom_writes_every_output_and_predicts_in_a_new_process(tmp_path):
     np.testing.assert_array_equal(preds["bmu"], model.predict(x, verbose=0))
     assert results["purity"] == pytest.approx(
         json.loads((out_dir / "results.json").read_text())["train"]["purity"])
+    # the run's own predictions.csv: every sample's unit, its group as acc_kmeans groups them
+    from common.metrics import accuracy
+
+    written = pd.read_csv(out_dir / "predictions.csv")
+    assert written.columns.tolist() == ["part", "index", "cluster", "unit", "row", "col", "group", "label"]
+    assert (written["part"] == "train").all() and written["index"].tolist() == list(range(1797))
+    np.testing.assert_array_equal(written["unit"], preds["bmu"])
+    np.testing.assert_array_equal(written["label"], preds["label"])
+    assert accuracy(written["label"], written["group"]) == pytest.approx(results["acc_kmeans"])
 
 
 @pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "interrupted"),

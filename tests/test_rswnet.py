@@ -135,6 +135,12 @@ def check_run(out: Path, model_row: str, n: int = 60):
     assert table["acc"][larger].isna().all() and table["acc"][~larger].between(0, 1).all()
     assert table["nmi"].between(0, 1).all()
     assert [sum(map(int, s.split())) for s in table["sizes"]] == [n] * len(table)  # the same n test images
+    written = pd.read_csv(out / "predictions.csv")  # RSWNet's cluster of each scored image
+    assert len(written) == n and (written["part"] == "test").all()
+    from common.metrics import nmi
+
+    assert nmi(written["label"], written["cluster"]) == pytest.approx(
+        table.set_index("method").loc[model_row, "nmi"])
     results = json.loads((out / "results.json").read_text())
     assert results["n_train"] == n and results["n_scored"] == n
     assert results["scored_on"] == "the held-out test images"

@@ -509,6 +509,13 @@ def test_bin_selflabel_on_digits_improves_on_its_first_clustering_and_writes_eve
     assert results["train"]["acc"] > history["label_acc"].iloc[0] + 0.02, (results["train"], history)
     metrics = json.loads((out / "test_metrics.json").read_text())
     assert metrics["n_images"] == 450 and set(metrics["per_class"]) == {str(d) for d in range(10)}
+    written = pd.read_csv(out / "predictions.csv")  # the kept model's class of every image, both parts
+    assert written.groupby("part").size().to_dict() == {"test": 450, "train": 1347}
+    test = written[written["part"] == "test"]
+    from common.metrics import accuracy
+
+    assert accuracy(test["label"], test["cluster"]) == pytest.approx(metrics["accuracy"])
+    assert test["probability"].between(0, 1).all() and test["name"].notna().all()
     assert metrics["targets"]["accuracy"]["target"] == 0.72
     assert sorted(metrics["cluster_names"]) == [str(d) for d in range(10)]
     # evaluate in a new process: the same numbers from the saved model
