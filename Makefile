@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(TF)
 
-.PHONY: demo test bench bench-speed bench-schedule bench-deckeras bench-deckeras-reference bench-desom30k clean
+.PHONY: demo test bench bench-robust bench-speed bench-schedule bench-deckeras bench-deckeras-reference bench-desom30k clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ bench: $(STAMP)
 	bin/rswnet-benchmark --heads som --runs 3 --desom_iterations 10000 --out bench/rswnet_som
 	bin/ae-benchmark --runs 3 --out bench/ae
 	bin/selflabel-benchmark --runs 5 --jobs 2 --iterations 3 --out bench/selflabel_full
+
+# every training program with its defaults on data sets nobody tuned for, against k-means and UMAP + GMM on
+# the raw inputs (several hours; cells that finished are read back: stop and run it on at will)
+bench-robust: $(STAMP)
+	bin/robustness-benchmark --out bench/robust
 
 # the end of DESOM's temperature schedule against map organisation (one seed; about an hour)
 bench-schedule: $(STAMP)

@@ -272,16 +272,24 @@ def peak_rss_gb(pid="self") -> float:
     return 0.0  # a process that is exiting has no memory map left
 
 
-def wait_measured(child, interval: float = 0.05) -> float:
+def wait_measured(child, interval: float = 0.05, timeout: float | None = None) -> float:
     """Wait for ``child`` (a ``subprocess.Popen``); return its peak resident
     memory in GiB (:func:`peak_rss_gb`, read every ``interval`` seconds: the
     high-water mark never falls, so only growth in the last interval before
-    the child exits is missed). Its own children are not counted."""
-    peak = 0.0
+    the child exits is missed). Its own children are not counted. After
+    ``timeout`` seconds the child is sent SIGTERM (it saves a checkpoint and
+    exits with 143), and SIGKILL 60 s later."""
+    peak, start, signalled = 0.0, time.monotonic(), None
     while True:
         peak = max(peak, peak_rss_gb(child.pid))
         if child.poll() is not None:
             return peak
+        now = time.monotonic()
+        if timeout is not None and now - start > timeout and signalled is None:
+            child.terminate()
+            signalled = now
+        elif signalled is not None and now - signalled > 60:
+            child.kill()
         time.sleep(interval)
 
 
@@ -313,15 +321,16 @@ class ChildExit(NamedTuple):
         return lines[-1] if lines else "(no message)"
 
 
-def run_measured(argv, stderr_path=None, **popen_args) -> ChildExit:
-    """Run ``argv`` to its end (its stdout discarded); how it ended, with its
-    peak resident memory. Its stderr goes to ``stderr_path`` if given (else a
-    temporary file: never a pipe, which would stall a child that fills it)
-    and comes back in :attr:`ChildExit.stderr`."""
+def run_measured(argv, stderr_path=None, timeout: float | None = None, **popen_args) -> ChildExit:
+    """Run ``argv`` to its end (its stdout discarded), or ``timeout`` seconds
+    (see :func:`wait_measured`); how it ended, with its peak resident memory.
+    Its stderr goes to ``stderr_path`` if given (else a temporary file: never
+    a pipe, which would stall a child that fills it) and comes back in
+    :attr:`ChildExit.stderr`."""
     with open(stderr_path, "w+b") if stderr_path else tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, **popen_args)
-        peak = wait_measured(child)
+        peak = wait_measured(child, timeout=timeout)
         seconds = time.perf_counter() - t0
         err.seek(0)
         return ChildExit(child.returncode, seconds, peak, err.read().decode(errors="replace"))
