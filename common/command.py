@@ -219,6 +219,8 @@ class TrainingCommand:
         if args.verbose == 1 and not sys.stdout.isatty():
             args.verbose = 2  # a progress bar in a log file is noise
         data = self.load(args)
+        if args.batch_size > len(data.x) and "batch_size" not in given_arguments(self.parser(), argv):
+            args.batch_size = len(data.x)  # the default batch is larger than the data: one batch is all of it
         if args.batch_size > len(data.x):
             raise UsageError(f"--batch_size {args.batch_size} is larger than the {len(data.x)} training "
                              f"samples; use --batch_size {min(256, len(data.x))} or less")

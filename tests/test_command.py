@@ -92,6 +92,23 @@ def test_a_new_command_gets_every_shared_step(tmp_path, capsys):
     assert again["args"]["iterations"] == 30 and again["args"]["resume"] is True
 
 
+class TinyData(TinySom):
+    def load(self, args):
+        (x, y), _ = load_data("digits")
+        return RunData(x[:40], y[:40], name="digits", description="40 digits")
+
+
+def test_a_default_batch_larger_than_the_data_becomes_the_whole_data_a_given_one_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert TinyData().main(["--save_dir", str(out), "--iterations", "3", "--verbose", "0"]) == 0
+    assert json.loads((out / "results.json").read_text())["args"]["batch_size"] == 40  # not the default 64
+    from common.cli import run
+
+    assert_one_line_error(lambda a: run(TinyData().main, a, prog="tiny"),
+                          ["--save_dir", str(out), "--batch_size", "64"],
+                          "--batch_size 64 is larger than the 40 training samples", capsys)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--iterations", "0"], "--iterations must be positive, got 0"),
     (["--batch_size", "5000"], "--batch_size 5000 is larger than the 1797 training samples"),
