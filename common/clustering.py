@@ -114,9 +114,22 @@ def umap_embedding(z, n_components: int, n_neighbors: int = 10, seed: int = 0) -
     return reducer.fit_transform(z)
 
 
-def umap_gmm(x, n_clusters: int, seed: int = 0, n_neighbors: int = 10, starts: int = 10):
+def umap_gmm(x, n_clusters: int, seed: int = 0, n_neighbors: int = 10, starts: int = 10, new=None):
     """N2D's clustering (McConville et al. 2020) without its autoencoder when
     ``x`` is raw: UMAP of ``x`` to ``n_clusters`` dimensions (min_dist 0),
     then a Gaussian mixture, the best of ``starts`` by likelihood. Returns
-    (labels, posterior of the chosen component)."""
-    return cluster_features(umap_embedding(x, n_clusters, n_neighbors, seed), n_clusters, "gmm", seed, starts)
+    (labels, posterior of the chosen component); with ``new`` samples, their
+    labels (UMAP's transform, then the mixture's prediction) instead."""
+    if new is None:
+        return cluster_features(umap_embedding(x, n_clusters, n_neighbors, seed), n_clusters, "gmm", seed,
+                                starts)
+    import umap
+    from sklearn.mixture import GaussianMixture
+
+    x = np.asarray(x, np.float32).reshape(len(x), -1)
+    reducer = umap.UMAP(n_components=int(n_clusters), n_neighbors=int(min(n_neighbors, len(x) - 1)),
+                        min_dist=0.0, random_state=seed, n_jobs=1).fit(x)
+    gmm = GaussianMixture(n_clusters, covariance_type="full", n_init=int(starts), random_state=seed)
+    gmm.fit(reducer.embedding_)
+    p = gmm.predict_proba(reducer.transform(np.asarray(new, np.float32).reshape(len(new), -1)))
+    return p.argmax(axis=1), p.max(axis=1)

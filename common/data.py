@@ -367,6 +367,10 @@ SHARD_LABELS = "labels.npy"
 def _load_shards(folder: Path):
     """A folder of float32 ``.npy`` shards (in name order) and optional ``labels.npy``."""
     paths = sorted(p for p in folder.glob("*.npy") if p.name != SHARD_LABELS)
+    if not paths and (folder / "train").is_dir():
+        raise DataError(f"{folder} is an image folder (train/): bin/dcn and bin/rswnet take image folders "
+                        "(--data); this program takes arrays: a .npz file (x: images, y: labels) or .npy "
+                        "shards")
     if not paths:
         raise DataError(f"{folder} has no .npy shards; save the features as float32 .npy files there "
                         f"(e.g. part-000.npy, part-001.npy, ...), the labels (optional) as {SHARD_LABELS}")

@@ -300,22 +300,23 @@ def command(program: Program, data: Prepared, save_dir: Path, seed: int) -> list
 # --------------------------------------------------------------------------- #
 # Scoring
 # --------------------------------------------------------------------------- #
-def evaluation_rows(predictions: pd.DataFrame, data: Prepared) -> pd.DataFrame:
+def evaluation_rows(predictions: pd.DataFrame, data: Prepared) -> tuple[pd.DataFrame, bool]:
     """The rows of a program's ``predictions.csv`` for the evaluation samples,
-    in their order."""
+    in their order, and whether the program held them out of training (its
+    ``test`` part) rather than clustering them with the rest."""
     if data.images is not None:  # a folder: by the image's path
         test = predictions[predictions["part"] == "test"].set_index("image")
         missing = [p for p in data.images if p not in test.index]
         if missing:
             raise UsageError(f"predictions.csv has no row for {len(missing)} of the test images "
                              f"(first: {missing[0]})")
-        return test.loc[data.images].reset_index()
+        return test.loc[data.images].reset_index(), True
     tests = predictions[predictions["part"] == "test"]
     if len(tests):  # the program held the test split out itself
         rows = tests.set_index("index")
-        return rows.loc[np.arange(len(data.eval_rows))].reset_index()
+        return rows.loc[np.arange(len(data.eval_rows))].reset_index(), True
     rows = predictions.set_index("index")  # one part: the evaluation samples by their row in it
-    return rows.loc[data.eval_rows].reset_index()
+    return rows.loc[data.eval_rows].reset_index(), False
 
 
 def scores(assignment, data: Prepared, units=None) -> dict:
@@ -337,16 +338,17 @@ def scores(assignment, data: Prepared, units=None) -> dict:
 
 def program_scores(run_dir: Path, program: Program, data: Prepared) -> list[dict]:
     """One row per clustering a run reports on the evaluation samples (``bin/ae``: one per method)."""
-    rows = evaluation_rows(pd.read_csv(run_dir / "predictions.csv"), data)
+    rows, held_out = evaluation_rows(pd.read_csv(run_dir / "predictions.csv"), data)
+    protocol = {"held_out": held_out}
     if "label" in rows and data.y_eval is not None:  # the program scored the samples we score, in our order
         pairs = set(zip(data.y_eval.tolist(), rows["label"].astype(str)))  # its label names may be its own
         if not len(pairs) == len({a for a, _ in pairs}) == len({b for _, b in pairs}):
             raise UsageError(f"{run_dir}/predictions.csv: its labels are not those of the evaluation samples")
     if program.map:
         if "group" in rows:
-            return [{"method": "", **scores(rows["group"], data, units=rows["unit"])}]
-        return [{"method": "units", **scores(rows["unit"], data)}]
-    out = [{"method": "", **scores(rows["cluster"], data)}]
+            return [{"method": "", **protocol, **scores(rows["group"], data, units=rows["unit"])}]
+        return [{"method": "units", **protocol, **scores(rows["unit"], data)}]
+    out = [{"method": "", **protocol, **scores(rows["cluster"], data)}]
     methods = [c for c in rows.columns if c not in ("part", "index", "image", "cluster", "label", "name",
                                                     "probability", "unit", "row", "col", "group")]
     for method in methods:  # bin/ae: every clustering of the codes
@@ -356,25 +358,38 @@ def program_scores(run_dir: Path, program: Program, data: Prepared) -> list[dict
         if not seen.all():  # DBSCAN ran on a sample: scored where it did
             continue
         group = rows.get(f"{method}_group")
-        out.append({"method": method, **scores(rows[method] if group is None else group, data,
-                                               units=None if group is None else rows[method])})
+        out.append({"method": method, **protocol, **scores(rows[method] if group is None else group, data,
+                                                            units=None if group is None else rows[method])})
     return out
 
 
+BASELINES = ("k-means (raw)", "UMAP + GMM (raw)")
+
+
 def baselines(data: Prepared, seed: int) -> list[dict]:
-    """k-means and UMAP + GMM on the raw inputs of every sample, scored on the evaluation samples."""
+    """k-means and UMAP + GMM on the raw inputs, scored on the evaluation
+    samples: fitted on every sample, and, where the data have a test split,
+    also fitted on the training part alone and applied to the held-out test
+    samples (as a program that trains on the training part is)."""
     from sklearn.cluster import KMeans
 
     from common.clustering import umap_gmm
 
-    rows = []
-    for name, fit in (("k-means (raw)", lambda x: KMeans(data.n_clusters, n_init=10, random_state=seed)
-                       .fit_predict(x)),
-                      ("UMAP + GMM (raw)", lambda x: umap_gmm(x, data.n_clusters, seed)[0])):
-        t = time.perf_counter()
-        labels = fit(data.x_raw)
-        rows.append({"program": name, "method": "", "seconds": round(time.perf_counter() - t, 1),
-                     **scores(labels[data.eval_rows], data)})
+    k, x, rows = data.n_clusters, data.x_raw, []
+    train = np.setdiff1d(np.arange(len(x)), data.eval_rows)
+    for held_out in (False, True) if len(train) else (False,):
+        for name in BASELINES:
+            t = time.perf_counter()
+            fit, new = (x[train], x[data.eval_rows]) if held_out else (x, None)
+            if name.startswith("k-means"):
+                km = KMeans(k, n_init=10, random_state=seed).fit(fit)
+                labels = km.predict(new) if held_out else km.labels_[data.eval_rows]
+            else:
+                labels = umap_gmm(fit, k, seed, new=new)[0]
+                labels = labels if held_out else labels[data.eval_rows]
+            rows.append({"program": name.replace(")", ", held out)") if held_out else name, "method": "",
+                         "held_out": held_out,
+                         "seconds": round(time.perf_counter() - t, 1), **scores(labels, data)})
     return rows
 
 
@@ -393,14 +408,15 @@ def run_cell(program: Program, data: Prepared, out: Path, seed: int, timeout: fl
     argv = command(program, data, cell / "run", seed)
     if argv is None:
         return {"status": "not run", "reason": program.not_run.get(data.spec.kind, "")}
-    record = read_record(cell / "cell.json", argv)
+    key = [f"bin/{program.command}", *argv[1:]]  # the record holds the command as typed in the repository
+    record = read_record(cell / "cell.json", key)
     if record is not None and not rerun:
         return record
     shutil.rmtree(cell / "run", ignore_errors=True)  # a fresh run, not a resumed one
     cell.mkdir(parents=True, exist_ok=True)
     print(f"{data.spec.name} / {program.name}: {shlex.join(argv)}", flush=True)
     ended = run_measured(argv, stderr_path=cell / "stderr.txt", timeout=timeout)
-    record = {"command": argv, "seconds": round(ended.seconds, 1), "peak_rss_gb": round(ended.peak_rss_gb, 2)}
+    record = {"command": key, "seconds": round(ended.seconds, 1), "peak_rss_gb": round(ended.peak_rss_gb, 2)}
     if ended.code == 0:
         try:
             record.update(status="ok", rows=program_scores(cell / "run", program, data))
@@ -416,10 +432,14 @@ def run_cell(program: Program, data: Prepared, out: Path, seed: int, timeout: fl
 
 
 def margins(frame: pd.DataFrame) -> pd.DataFrame:
-    """``margin``: each row's accuracy minus the best baseline's on its data set."""
-    best = frame[frame["program"].str.endswith("(raw)")].groupby("dataset")["acc"].max()
+    """``margin``: each row's accuracy minus the best baseline's on its data
+    set, of the baselines fitted as the row's program was (on every sample,
+    or on the training part with the evaluation samples held out)."""
     frame = frame.copy()
-    frame["margin"] = frame["acc"] - frame["dataset"].map(best)
+    frame["held_out"] = frame["held_out"].fillna(False).astype(bool) if "held_out" in frame else False
+    baseline = frame["program"].str.contains("(raw", regex=False)
+    best = frame[baseline].groupby(["dataset", "held_out"])["acc"].max()
+    frame["margin"] = [row.acc - best.get((row.dataset, row.held_out), np.nan) for row in frame.itertuples()]
     return frame
 
 
@@ -451,8 +471,7 @@ def heat_map(frame: pd.DataFrame, path: Path, datasets, programs):
                 text[i][j] = f"sil {r['silhouette']:.2f}"
     fig, ax = plt.subplots(figsize=(1.3 * len(datasets) + 2, 0.75 * len(programs) + 1.5))
     span = max(0.05, float(np.nanmax(np.abs(grid)))) if np.isfinite(grid).any() else 0.1
-    cmap = matplotlib.colormaps["RdYlGn"].copy()
-    cmap.set_bad("#e8e8e8")  # no accuracy: not run, refused, failed, or no labels
+    cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="#e8e8e8")  # grey: no accuracy (not run, ...)
     image = ax.imshow(grid, cmap=cmap, vmin=-span, vmax=span, aspect="auto")
     for i in range(len(programs)):
         for j in range(len(datasets)):
@@ -545,7 +564,7 @@ def _main(argv=None, datasets=DATASETS, programs=PROGRAMS):
         frame = margins(pd.DataFrame(rows))
         write_csv(frame, out / "matrix.csv")  # after every data set: nothing lost when stopped
     names = [s.name for s in specs]
-    shown = [q.name for q in chosen] + ["k-means (raw)", "UMAP + GMM (raw)"]
+    shown = [q.name for q in chosen] + [*BASELINES, *(b.replace(")", ", held out)") for b in BASELINES)]
     heat_map(frame, out / "margin.png", names, shown)
     table = markdown(frame, names, shown)
     with atomic_path(out / "matrix.md") as tmp:

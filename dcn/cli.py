@@ -18,7 +18,17 @@ from common.errors import UsageError
 from common.results import write_json
 from common.runtime import quiet_tensorflow
 from common.training import proportional_batch_size
-from dcn.models import MAX_EPOCHS, UPDATE_INTERVAL
+from dcn.models import (
+    CENTERS,
+    MAX_EPOCHS,
+    PRETRAIN_EPOCHS,
+    PRETRAIN_STEPS,
+    UPDATE_INTERVAL,
+    pretrain_epochs,
+)
+
+#: the largest side --image_size takes from the images by default
+AUTO_SIDE = 64
 
 
 class DcnCommand(TrainingCommand):
@@ -48,8 +58,10 @@ class DcnCommand(TrainingCommand):
         p.add_argument("--data_dir", help="--dataset: folder searched first for its files")
         p.add_argument("--n_clusters", type=int, bounds="[2, inf)",
                        help="number of clusters (default: reference classes, or the data set's classes)")
-        p.add_argument("--image_size", type=int, nargs="+", default=[160, 160], bounds="[8, inf)",
-                       metavar="PX", help="height and width images are resized to (one value: square)")
+        p.add_argument("--image_size", type=int, nargs="+", bounds="[8, inf)", metavar="PX",
+                       help="height and width images are resized to (one value: square); default: the median "
+                       f"side of the training images, at most {AUTO_SIDE} (the original project: 160, "
+                       "about 6 times slower than 64 on a CPU)")
         p.add_argument("--color", choices=("grayscale", "rgb"), default="grayscale",
                        help="colour mode of images")
         p.add_argument("--architecture", choices=("conv", "mlp"),
@@ -59,8 +71,10 @@ class DcnCommand(TrainingCommand):
                        help="size of the embedding")
         p.add_argument("--alpha", type=float, default=1.0, bounds="(0, inf)",
                        help="degrees of freedom of the Student's t kernel")
-        p.add_argument("--pretrain_epochs", type=int, default=50, bounds="[0, inf)",
-                       help="autoencoder pretraining epochs (DEC-keras: 300 on MNIST/Fashion-MNIST)")
+        p.add_argument("--pretrain_epochs", type=float, bounds="[0, inf)",
+                       help=f"autoencoder pretraining epochs (default: {PRETRAIN_EPOCHS} for vectors; for "
+                       f"images as many as make {PRETRAIN_STEPS} optimizer steps; DEC-keras: 300 on "
+                       "MNIST/Fashion-MNIST)")
         p.add_argument("--pretrain_optimizer", choices=("adam", "sgd"), default="adam",
                        help="pretraining optimizer (DEC-keras: sgd with --pretrain_lr 1, momentum 0.9)")
         p.add_argument("--pretrain_lr", type=float, bounds="(0, inf)",
@@ -69,8 +83,11 @@ class DcnCommand(TrainingCommand):
                        help="dense autoencoder initialisation; dec is DEC-keras' uniform +-sqrt(1/fan_in)")
         p.add_argument("--ae_weights",
                        help="pretrained autoencoder weights (ae.weights.h5) instead of pretraining")
+        p.add_argument("--centers", choices=CENTERS, default="kmeans",
+                       help="initial cluster centres: k-means of the embeddings (DEC) or the means of a "
+                       "UMAP + Gaussian mixture clustering of them (umap_gmm, N2D)")
         p.add_argument("--n_init", type=int, default=20, bounds="[1, inf)",
-                       help="k-means restarts for the initial centres")
+                       help="restarts of the clustering that places the initial centres")
         p.add_argument("--max_epochs", type=float, default=MAX_EPOCHS, bounds="(0, inf)",
                        help="clustering epochs at most (DEC/IDEC/DCEC's 20,000 iterations on 70,000 "
                        "samples)")
@@ -109,6 +126,8 @@ class DcnCommand(TrainingCommand):
         from dcn import folders as fold
 
         if args.data:
+            if args.image_size is None:  # the images' own size, within what a CPU trains in minutes
+                args.image_size = [max(8, fold.typical_side(Path(args.data) / "train", AUTO_SIDE))] * 2
             folders = fold.load_folders(args.data, args.image_size, args.color)
             x = folders.train.x
             if args.n_clusters is None:
@@ -136,6 +155,8 @@ class DcnCommand(TrainingCommand):
             raise UsageError(f"--n_clusters {args.n_clusters} is more than the {len(x)} training samples")
         if args.batch_size is None:
             args.batch_size = proportional_batch_size(len(x))
+        if args.pretrain_epochs is None and not args.ae_weights:
+            args.pretrain_epochs = round(pretrain_epochs(len(x), args.batch_size, x.ndim == 4), 3)
         return data
 
     def describe(self, run):
@@ -166,11 +187,13 @@ class DcnCommand(TrainingCommand):
         augment = _augmenter(a.seed) if a.augment and x.ndim == 4 else None
         options = run.loop_options(map_fn=augment)
         run.pretrain(model, run.optimizers["pretrain"], map_fn=augment)
-        model.init_centers(x, n_init=a.n_init, seed=a.seed)
+        labels = model.init_centers(x, n_init=a.n_init, seed=a.seed, method=a.centers)
+        # N2D's clusters are not convex in the embedding: the network first learns them as its target
+        first = np.eye(model.n_clusters, dtype=np.float32)[labels] if a.centers == "umap_gmm" else None
         run.record("train", model.fit(x, y, max_iterations=a.max_iterations, max_epochs=a.max_epochs,
                                       update_interval=a.update_interval, tol=a.tol,
                                       recon_weight=a.recon_weight, eval_interval=a.eval_interval,
-                                      optimizer=run.optimizers["train"], **options))
+                                      optimizer=run.optimizers["train"], initial_targets=first, **options))
 
         # naming
         folders = run.data.extra["folders"]
@@ -257,9 +280,11 @@ def predict_parser():
 
 # --------------------------------------------------------------------------- #
 def _check(args):
-    if len(args.image_size) == 1:
+    if args.image_size is None:
+        pass  # chosen from the images when they are loaded
+    elif len(args.image_size) == 1:
         args.image_size = args.image_size * 2
-    if len(args.image_size) != 2:
+    if args.image_size is not None and len(args.image_size) != 2:
         raise UsageError(f"--image_size takes one or two sizes, got {len(args.image_size)}: "
                          f"{' '.join(map(str, args.image_size))}")
     if args.lr is None:

@@ -122,6 +122,24 @@ def decode_images(paths: list[Path], image_size, color: str = "grayscale"):
     return x, kept, corrupt
 
 
+def typical_side(folder, largest: int = 64, sample: int = 1000) -> int:
+    """The median of the images' larger sides under ``folder`` (read from
+    the headers of at most ``sample`` of them, evenly spaced in name order),
+    at most ``largest``; ``largest`` when none can be read."""
+    from PIL import Image
+
+    images = [p for p in _list_files(Path(folder)) if p.suffix.lower() in IMAGE_EXTENSIONS]
+    step = max(1, len(images) // sample)
+    sides = []
+    for p in images[::step]:
+        try:
+            with Image.open(p) as image:
+                sides.append(max(image.size))
+        except Exception:  # not readable: the decoder will say so
+            continue
+    return int(min(largest, np.median(sides))) if sides else largest
+
+
 def load_images(folder, image_size, color: str = "grayscale", labelled: bool = False,
                 name: str | None = None) -> ImageSet:
     """Every image under ``folder``; with ``labelled``, one sub-folder per class."""

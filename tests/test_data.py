@@ -380,6 +380,9 @@ def test_npy_shards_with_labels_and_their_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="empty has no .npy shards"):
         load_data(str(tmp_path / "empty"))
+    (tmp_path / "images" / "train").mkdir(parents=True)  # an image folder given where arrays are read
+    with pytest.raises(DataError, match="images is an image folder .train/.: bin/dcn and bin/rswnet take"):
+        load_data(str(tmp_path / "images"))
 
 
 @pytest.mark.skipif(not hasattr(os, "preadv"), reason="POSIX only")

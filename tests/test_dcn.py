@@ -342,6 +342,52 @@ def test_tolerance_stops_training_and_resume_keeps_the_targets(tmp_path, monkeyp
     np.testing.assert_allclose(resumed.centers, reference.centers, rtol=1e-4, atol=1e-5)
 
 
+def test_centres_from_umap_gmm_are_its_cluster_means_and_its_labels_the_first_target():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 60)
+    x = (np.eye(3, 8)[y] * 3 + rng.normal(0, 0.2, (180, 8))).astype(np.float32)
+    keras.utils.set_random_seed(0)
+    m = DCN((8,), 3, hidden=(16,), embedding_dim=4)
+    labels = m.init_centers(x, n_init=2, method="umap_gmm")
+    z = m.transform(x)
+    expected = np.stack([z[labels == k].mean(axis=0) for k in range(3)])
+    np.testing.assert_allclose(m.centers, expected, rtol=1e-5, atol=1e-5)
+    assert max(np.bincount(labels[y == c]).max() for c in range(3)) == 60  # blobs kept whole
+    first = np.eye(3, dtype=np.float32)[(labels + 1) % 3]  # a first target that Q does not give
+    task = dcn_models.ClusteringTask(m, x, recon_weight=1.0, tol=0.0, initial_targets=first)
+    assert task.refresh(0) is None
+    np.testing.assert_array_equal(task.targets.numpy(), first)
+    np.testing.assert_array_equal(task.labels.numpy(), (labels + 1) % 3)
+    task.refresh(20)  # later refreshes are DEC's, from Q
+    np.testing.assert_allclose(task.targets.numpy(), dcn_models.target_distribution(m.soft_assign(x)),
+                               rtol=1e-5)
+    with pytest.raises(UsageError, match="unknown initialisation of the centres 'dbscan'"):
+        m.init_centers(x, method="dbscan")
+
+
+def test_images_pretrain_for_a_number_of_steps_vectors_for_decs_epochs():
+    from dcn.models import PRETRAIN_EPOCHS, PRETRAIN_STEPS, pretrain_epochs
+
+    assert pretrain_epochs(8000, 128, images=True) == PRETRAIN_STEPS / 62  # 62 batches an epoch
+    assert pretrain_epochs(70000, 256, images=False) == PRETRAIN_EPOCHS
+    assert pretrain_epochs(100, 256, images=True) == PRETRAIN_STEPS  # one step an epoch
+
+
+def test_default_image_size_is_the_images_median_side_within_64(tmp_path):
+    from dcn.cli import DcnCommand
+    from dcn.folders import typical_side
+
+    for i, side in enumerate((12, 20, 20, 30, 300)):
+        _save(np.eye(8) * 16, tmp_path / "d" / "train" / f"{i}.png", side)
+    assert typical_side(tmp_path / "d" / "train") == 20 and typical_side(tmp_path / "d" / "train", 16) == 16
+    command = DcnCommand()
+    args = command.parser().parse_args(["--data", str(tmp_path / "d"), "--n_clusters", "2"])
+    command.check(args)
+    data = command.load(args)
+    assert args.image_size == [20, 20] and data.x.shape == (5, 20, 20, 1)  # saved so in args.json
+    assert args.batch_size == 5 and args.pretrain_epochs == dcn_models.PRETRAIN_STEPS  # a step an epoch
+
+
 @pytest.mark.parametrize("argv, message", [
     ([], "give --data DIR"),
     (["--data", "missing_dir"], "data folder missing_dir not found"),
