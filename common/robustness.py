@@ -336,6 +336,19 @@ def scores(assignment, data: Prepared, units=None) -> dict:
     return out
 
 
+def first_labels(run_dir: Path, held_out: bool) -> dict:
+    """bin/selflabel's own baseline, from its history.csv: the accuracy of its
+    first pseudo-labels on the evaluation samples (those of the training
+    images: a run without a test split) or, on held-out samples, of the
+    classifier trained on them (iteration 0); empty for other programs."""
+    path = run_dir / "history.csv"
+    column = "test_acc" if held_out else "label_acc"
+    if not path.is_file():
+        return {}
+    history = pd.read_csv(path)
+    return {"first_labels_acc": float(history[column].iloc[0])} if column in history else {}
+
+
 def program_scores(run_dir: Path, program: Program, data: Prepared) -> list[dict]:
     """One row per clustering a run reports on the evaluation samples (``bin/ae``: one per method)."""
     rows, held_out = evaluation_rows(pd.read_csv(run_dir / "predictions.csv"), data)
@@ -348,7 +361,7 @@ def program_scores(run_dir: Path, program: Program, data: Prepared) -> list[dict
         if "group" in rows:
             return [{"method": "", **protocol, **scores(rows["group"], data, units=rows["unit"])}]
         return [{"method": "units", **protocol, **scores(rows["unit"], data)}]
-    out = [{"method": "", **protocol, **scores(rows["cluster"], data)}]
+    out = [{"method": "", **protocol, **scores(rows["cluster"], data), **first_labels(run_dir, held_out)}]
     methods = [c for c in rows.columns if c not in ("part", "index", "image", "cluster", "label", "name",
                                                     "probability", "unit", "row", "col", "group")]
     for method in methods:  # bin/ae: every clustering of the codes
@@ -411,6 +424,8 @@ def run_cell(program: Program, data: Prepared, out: Path, seed: int, timeout: fl
     key = [f"bin/{program.command}", *argv[1:]]  # the record holds the command as typed in the repository
     record = read_record(cell / "cell.json", key)
     if record is not None and not rerun:
+        if record["status"] == "ok":  # scored again: today's scoring of the run's predictions
+            record["rows"] = program_scores(cell / "run", program, data)
         return record
     shutil.rmtree(cell / "run", ignore_errors=True)  # a fresh run, not a resumed one
     cell.mkdir(parents=True, exist_ok=True)
@@ -512,6 +527,28 @@ def markdown(frame: pd.DataFrame, datasets, programs) -> str:
     return "\n".join(lines)
 
 
+#: the columns of :func:`cell_table`, as named there
+CELL_COLUMNS = {"acc": "accuracy", "nmi": "NMI", "purity": "purity", "ari": "ARI", "margin": "margin",
+                "unit_purity": "unit purity", "unit_nmi": "unit NMI", "first_labels_acc": "first labels",
+                "silhouette": "silhouette", "seconds": "seconds", "peak_rss_gb": "peak GB"}
+
+
+def cell_table(frame: pd.DataFrame, datasets) -> str:
+    """Every scored row (bin/ae's clusterings too) with all its numbers, by data set."""
+    ok = frame[(frame["status"] == "ok") & frame["dataset"].isin(datasets)]
+    shown = [c for c in CELL_COLUMNS if c in ok and ok[c].notna().any()]
+    lines = ["| data set | program | held out | " + " | ".join(CELL_COLUMNS[c] for c in shown) + " |",
+             "|---" * (len(shown) + 3) + "|"]
+    formats = {"margin": "{:+.3f}", "seconds": "{:.0f}", "peak_rss_gb": "{:.2f}"}
+    for dataset in datasets:
+        for _, r in ok[ok["dataset"] == dataset].iterrows():
+            method = r["method"] if isinstance(r["method"], str) else ""
+            cells = ["" if pd.isna(r.get(c)) else formats.get(c, "{:.3f}").format(r[c]) for c in shown]
+            lines.append(f"| {dataset} | {r['program']}{f' ({method})' if method else ''} | "
+                         f"{'yes' if r['held_out'] else 'no'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def parser(datasets=DATASETS, programs=PROGRAMS):
     p = ArgumentParser(prog="robustness-benchmark", description=__doc__.split("\n\n")[0])
     names, rows = [d.name for d in datasets], [q.name for q in programs]
@@ -555,10 +592,10 @@ def _main(argv=None, datasets=DATASETS, programs=PROGRAMS):
             base = {"dataset": spec.name, "program": program.name, "status": record["status"],
                     "reason": record.get("reason", ""), "seconds": record.get("seconds"),
                     "peak_rss_gb": record.get("peak_rss_gb")}
-            for row in record.get("rows") or [{"method": ""}]:
-                rows.append({**base, **row})
-            last = rows[-1]
-            shown = (f"accuracy {last['acc']:.3f}" if pd.notna(last.get("acc")) else record["status"]
+            cell = record.get("rows") or [{"method": ""}]
+            rows += [{**base, **row} for row in cell]
+            first = cell[0]  # the program's own answer (bin/ae: then one row per clustering)
+            shown = (f"accuracy {first['acc']:.3f}" if pd.notna(first.get("acc")) else record["status"]
                      + (f" ({record.get('reason')})" if record.get("reason") else ""))
             print(f"  {program.name}: {shown}", flush=True)
         frame = margins(pd.DataFrame(rows))
@@ -568,7 +605,7 @@ def _main(argv=None, datasets=DATASETS, programs=PROGRAMS):
     heat_map(frame, out / "margin.png", names, shown)
     table = markdown(frame, names, shown)
     with atomic_path(out / "matrix.md") as tmp:
-        tmp.write_text(table + "\n")
+        tmp.write_text(table + "\n\n" + cell_table(frame, names) + "\n")
     print("\n" + table)
     print(f"\nwritten: {out}/matrix.csv, {out}/margin.png, {out}/matrix.md")
     return 0

@@ -74,6 +74,9 @@ TARGET_CALL_SECONDS = 0.1
 MAX_STEPS_PER_EXECUTION = 1000
 #: Seconds between progress-bar refreshes (each one reads the loss sums from the device).
 BAR_SECONDS = 0.5
+#: With one line per log row (verbose 2), the time a phase has to go is printed once its steps have taken
+#: this long (the speed of the first steps, measured).
+ESTIMATE_AFTER_SECONDS = 2.0
 
 
 # --------------------------------------------------------------------------- #
@@ -644,6 +647,7 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: float | None 
     last_checkpoint = time.perf_counter()
     checkpoint_seconds = 60.0 * checkpoint_minutes if checkpoint_minutes else None
     k_steps_traced = False
+    estimated = False  # the phase's time to go was printed
 
     def boundary(i):
         """The next iteration after ``i`` where a call must stop."""
@@ -681,6 +685,11 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: float | None 
                 elapsed.assign_add(dt)
                 per_step = dt / k if per_step is None else 0.7 * per_step + 0.3 * dt / k
                 k_auto = int(min(MAX_STEPS_PER_EXECUTION, max(1, TARGET_CALL_SECONDS / max(per_step, 1e-9))))
+                if verbose == 2 and not estimated and timings.steps >= ESTIMATE_AFTER_SECONDS:
+                    # (with the progress bar, its ETA says it)
+                    print(f"{phase}: about {(total - it) * per_step:.0f} s to go at {1000 * per_step:.1f} ms "
+                          "a step", flush=True)
+                    estimated = True
             is_row = it % eval_interval == 0 or it == total
             now = time.perf_counter()
             if is_row or now - bar_time >= BAR_SECONDS:

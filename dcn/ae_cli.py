@@ -64,8 +64,9 @@ class AeCommand(TrainingCommand):
                        help="semisupervised: share of the labels used in training (stratified, fixed by "
                        "--seed)")
         p.add_argument("--cluster", nargs="+", choices=(*METHODS, "all"), default=["all"],
-                       help="clusterings of the codes to run and score: k-means, DBSCAN, a SOM, UMAP to "
-                       "--n_clusters dimensions + a Gaussian mixture (umap_gmm, N2D); all: every one")
+                       help="clusterings of the codes to run and score: UMAP to --n_clusters dimensions + a "
+                       "Gaussian mixture (umap_gmm, N2D), k-means, DBSCAN, a SOM; all: every one, in that "
+                       "order; the first is the program's answer (predictions.csv's cluster column)")
         p.add_argument("--n_clusters", type=int, bounds="[2, inf)",
                        help="k-means clusters (default: the number of classes)")
         p.add_argument("--eps", type=float, bounds="(0, inf)",
@@ -250,11 +251,11 @@ class AeCommand(TrainingCommand):
                                            "kmeans_acc", "classifier_acc"))
 
     def summary(self, run, results):
-        rows = {r["method"]: r for r in results["clustering"]}
         line = f"{results['iterations']} iterations"
-        k = rows.get("k-means")
-        if k is not None and k.get("acc") is not None:
-            line += f"; k-means on the codes: accuracy {k['acc']:.4f}, NMI {k['nmi']:.4f}"
+        first = results["clustering"][0]  # the program's answer: the first of --cluster
+        acc = first.get("acc") if first.get("acc") is not None else first.get("acc_kmeans")
+        if acc is not None and not (isinstance(acc, float) and math.isnan(acc)):
+            line += f"; {first['method']} of the codes: accuracy {acc:.4f}, NMI {first['nmi']:.4f}"
         if "classifier" in results:
             accuracy = results["classifier"]["accuracy_on_unlabelled"]
             line += f"; classifier on the unlabelled samples: accuracy {accuracy:.4f}"

@@ -82,6 +82,16 @@ def test_evaluation_rows_are_the_test_split_whichever_way_a_program_loaded_it():
         evaluation_rows(rows.iloc[:2], folder)
 
 
+def test_self_labelling_is_compared_with_its_own_first_labels(tmp_path):
+    from common.robustness import first_labels
+
+    pd.DataFrame({"iteration": [0, 1], "label_acc": [0.6, 0.7], "test_acc": [0.55, 0.72]}).to_csv(
+        tmp_path / "history.csv", index=False)
+    assert first_labels(tmp_path, held_out=False) == {"first_labels_acc": 0.6}  # the labels themselves
+    assert first_labels(tmp_path, held_out=True) == {"first_labels_acc": 0.55}  # their classifier's, held out
+    assert first_labels(tmp_path / "other", held_out=True) == {}
+
+
 def test_the_margin_is_over_the_best_baseline_fitted_as_the_program_was_on_the_same_data_set():
     frame = pd.DataFrame({"dataset": ["a", "a", "a", "a", "a", "b", "b"],
                           "program": ["k-means (raw)", "UMAP + GMM (raw)", "UMAP + GMM (raw, held out)",

@@ -526,6 +526,22 @@ def test_the_loop_reports_its_xla_choice_and_plan(digits, capsys):
     assert "train: 14 iterations = 1.0 epochs of 14 batches of 128; XLA off, steps per call auto" in out
 
 
+def test_one_line_per_row_says_how_long_a_phase_has_to_go(digits, capsys, monkeypatch):
+    import re
+
+    from common import training
+
+    monkeypatch.setattr(training, "ESTIMATE_AFTER_SECONDS", 0.0)  # at the first timed call
+    x, _ = digits
+    som = Kerasom(64, (2, 2))
+    som.init_prototypes(x)
+    som.fit(x, iterations=20, batch_size=128, eval_interval=10, verbose=2, steps_per_execution=1)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "to go" in line]
+    assert len(lines) == 1 and re.fullmatch(r"train: about \d+ s to go at \d+\.\d ms a step", lines[0]), lines
+    som.fit(x, iterations=20, batch_size=128, eval_interval=10, verbose=1, steps_per_execution=1)
+    assert "to go" not in capsys.readouterr().out  # the progress bar's ETA says it
+
+
 # ---------------------------------------------------------------- defaults proportioned to the data
 def test_batch_size_default_gives_small_data_enough_batches_per_epoch():
     from common.training import proportional_batch_size
