@@ -83,9 +83,10 @@ class DcnCommand(TrainingCommand):
                        help="dense autoencoder initialisation; dec is DEC-keras' uniform +-sqrt(1/fan_in)")
         p.add_argument("--ae_weights",
                        help="pretrained autoencoder weights (ae.weights.h5) instead of pretraining")
-        p.add_argument("--centers", choices=CENTERS, default="kmeans",
-                       help="initial cluster centres: k-means of the embeddings (DEC) or the means of a "
-                       "UMAP + Gaussian mixture clustering of them (umap_gmm, N2D)")
+        p.add_argument("--centers", choices=CENTERS, default="umap_gmm",
+                       help="initial cluster centres: the means of a UMAP + Gaussian mixture clustering of "
+                       "the embeddings, whose labels are also the first target (umap_gmm, N2D), or "
+                       "k-means of the embeddings (kmeans, DEC's)")
         p.add_argument("--n_init", type=int, default=20, bounds="[1, inf)",
                        help="restarts of the clustering that places the initial centres")
         p.add_argument("--max_epochs", type=float, default=MAX_EPOCHS, bounds="(0, inf)",

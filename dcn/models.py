@@ -41,7 +41,7 @@ from dcn.layers import ClusteringLayer, batch_target_distribution, kl_divergence
 
 ARCHITECTURES = ("conv", "mlp")
 #: initialisations of the cluster centres (``init_centers``)
-CENTERS = ("kmeans", "umap_gmm")
+CENTERS = ("umap_gmm", "kmeans")  # the first is bin/dcn's default
 #: DEC, IDEC and DCEC refresh the target every 140 iterations (MNIST: 70,000 samples, batches of 256) ...
 UPDATE_INTERVAL = 140
 #: ... and stop after 20,000 iterations at most, about 73 epochs of those 70,000 samples.

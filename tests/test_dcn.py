@@ -305,7 +305,8 @@ def test_resume_with_a_new_max_epochs_replaces_the_saved_max_iterations(tmp_path
 
 def test_dec_on_digits_vectors(tmp_path):
     out = tmp_path / "dec"
-    res = run_bin("--dataset", "digits", "--recon_weight", 0, "--optimizer", "sgd", "--pretrain_epochs", 30,
+    res = run_bin("--dataset", "digits", "--recon_weight", 0, "--optimizer", "sgd", "--centers", "kmeans",
+                  "--pretrain_epochs", 30,
                   "--batch_size", 128, "--update_interval", 14, "--max_iterations", 300, "--save_dir", out,
                   "--verbose", 0)
     assert res.returncode == 0, res.stderr[-3000:]
