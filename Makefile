@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(TF)
 
-.PHONY: demo test bench bench-robust bench-speed bench-schedule bench-deckeras bench-deckeras-reference bench-desom30k clean
+.PHONY: demo test test-fast bench bench-robust bench-speed bench-schedule bench-deckeras bench-deckeras-reference bench-desom30k clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check common desom dcn rswnet tests
 	$(PY) -m pytest -q -n 2 --dist worksteal
+
+# the edit-test lane: everything but the tests marked slow (subprocesses, trained scenarios)
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check common desom dcn rswnet tests
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow"
 
 bench: $(STAMP)
 	bin/desom-benchmark --datasets fmnist mnist usps --models desom --runs 5 --out bench/desom --fig_dir fig

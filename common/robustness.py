@@ -423,7 +423,8 @@ def run_cell(program: Program, data: Prepared, out: Path, seed: int, timeout: fl
         return {"status": "not run", "reason": program.not_run.get(data.spec.kind, "")}
     key = [f"bin/{program.command}", *argv[1:]]  # the record holds the command as typed in the repository
     record = read_record(cell / "cell.json", key)
-    if record is not None and not rerun:
+    # read back unless asked to rerun; a failed or stopped run runs again
+    if record is not None and not rerun and record["status"] != "failed":
         if record["status"] == "ok":  # scored again: today's scoring of the run's predictions
             record["rows"] = program_scores(cell / "run", program, data)
         return record

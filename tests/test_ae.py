@@ -111,6 +111,7 @@ def test_eps_from_the_knee_separates_two_blobs_from_scattered_noise():
     assert rows.loc["DBSCAN", "purity"] > 0.95
 
 
+@pytest.mark.slow
 def test_umap_gmm_finds_curved_clusters_that_kmeans_cuts():
     """Two interleaved half-moons: UMAP's neighbour graph follows each moon,
     k-means on the codes cuts across them."""
@@ -183,6 +184,7 @@ def test_generation_needs_clusters_and_a_cvae_needs_a_label():
 
 
 # ----------------------------------------------------------------- command
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["ae", "semisupervised", "vae", "cvae"])
 def test_bin_ae_writes_every_output_and_the_model_generates_in_a_new_process(model, tmp_path, capsys):
     out = tmp_path / model
@@ -245,6 +247,7 @@ def test_bin_ae_writes_every_output_and_the_model_generates_in_a_new_process(mod
                               "is a CVAE: it draws a class, not a cluster; use --label 0..9", capsys)
 
 
+@pytest.mark.slow
 def test_semisupervised_model_on_two_mirrored_cpus_matches_the_default_strategy(tmp_path):
     # the labels are looked up by sample index inside each replica's step
     script = textwrap.dedent("""

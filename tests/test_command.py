@@ -134,6 +134,7 @@ def test_command_line_writes_parsed_arguments_back_as_flags():
     assert vars(parser().parse_args(flags)) == {**vars(args), "jobs": 1}
 
 
+@pytest.mark.slow
 def test_a_childs_peak_memory_is_its_own_not_its_parents(tmp_path):
     """Linux carries a parent's ru_maxrss into its children: a 60 MB child of
     a process holding 1.5 GB must still be measured at about 60 MB."""

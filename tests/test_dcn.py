@@ -175,6 +175,7 @@ def image_folder(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_load_folders_skips_and_reports(image_folder, capsys):
     folders = load_folders(image_folder, (16, 16))
     err = capsys.readouterr().err
@@ -187,6 +188,7 @@ def test_load_folders_skips_and_reports(image_folder, capsys):
     assert load_folders(image_folder, (10, 12), color="rgb").train.x.shape == (240, 10, 12, 3)
 
 
+@pytest.mark.slow
 def test_images_are_turned_upright_and_laid_over_white_as_pil_shows_them(tmp_path):
     """Phone photos carry their turn in EXIF: each of the 8 orientations is
     decoded as PIL's exif_transpose shows it; transparent pixels are white,
@@ -241,6 +243,7 @@ def test_bad_folders(tmp_path, capsys):
     assert "test classes without reference images: cat" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_folder_run_end_to_end_and_predict_in_a_new_process(image_folder, tmp_path):
     out = tmp_path / "report"
     res = run_bin("--data", image_folder, "--image_size", 16, "--pretrain_epochs", 3, "--batch_size", 32,
@@ -303,6 +306,7 @@ def test_resume_with_a_new_max_epochs_replaces_the_saved_max_iterations(tmp_path
     assert iterations == 700  # 100 epochs of 7 batches of 256, not the saved 5,000 iterations
 
 
+@pytest.mark.slow
 def test_dec_on_digits_vectors(tmp_path):
     out = tmp_path / "dec"
     res = run_bin("--dataset", "digits", "--recon_weight", 0, "--optimizer", "sgd", "--centers", "kmeans",
@@ -316,6 +320,7 @@ def test_dec_on_digits_vectors(tmp_path):
     assert "reconstruction" not in pd.read_csv(out / "log.csv")  # DEC: no decoder term
 
 
+@pytest.mark.slow
 def test_tolerance_stops_training_and_resume_keeps_the_targets(tmp_path, monkeypatch):
     (x, y) = load_digits(return_X_y=True)
     x = (x / 16).astype(np.float32)
@@ -429,6 +434,7 @@ def test_predict_reports_missing_images(image_folder, tmp_path, capsys):
     assert_one_line_error(main, argv, "image file not found", capsys)
 
 
+@pytest.mark.slow
 def test_dcn_benchmark_jobs_run_each_seed_in_its_own_process(tmp_path, capsys):
     from dcn.benchmark import main as bench
 
@@ -451,6 +457,7 @@ def test_dcn_benchmark_jobs_run_each_seed_in_its_own_process(tmp_path, capsys):
     assert "dec seed 1: acc" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.fmnist
 def test_dcn_benchmark_writes_tables_and_runs_the_folder_benchmark(require_fmnist, tmp_path, capsys):
     from dcn.benchmark import main as bench
@@ -613,6 +620,7 @@ def test_deckeras_predict_goes_through_predict_on_batch_in_batches_of_32():
     assert Model.sizes == [50, 20]
 
 
+@pytest.mark.slow
 def test_dcn_benchmark_starts_from_pretrained_weights(tmp_path, capsys):
     import shutil
 

@@ -84,6 +84,7 @@ def test_interrupted_fit_resumes_to_the_same_result(digits, tmp_path, monkeypatc
     np.testing.assert_allclose(log["loss"].iloc[2:], ref_log["loss"].iloc[2:], rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_on_two_cpus_matches_the_default_strategy(tmp_path):
     script = textwrap.dedent("""
         import sys
@@ -115,6 +116,7 @@ def test_mirrored_strategy_on_two_cpus_matches_the_default_strategy(tmp_path):
         np.testing.assert_allclose(mirrored[col], default[col], rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_conv_desom_and_kerasom_train_save_and_load(digits, tmp_path):
     x, y = digits
     images = x.reshape(-1, 8, 8, 1)
@@ -148,6 +150,7 @@ def test_autoencoder_weights_round_trip_and_mismatch(digits, tmp_path):
         DESOM(64, (2, 2)).load_autoencoder_weights(tmp_path / "ae.weights.h5")
 
 
+@pytest.mark.slow
 def test_saved_model_predicts_the_same_in_a_new_process(digits, tmp_path):
     x, _ = digits
     model = DESOM(64, (3, 3), **SMALL)
@@ -165,6 +168,7 @@ def test_saved_model_predicts_the_same_in_a_new_process(digits, tmp_path):
 
 
 # ---------------------------------------------------------------- bin/desom
+@pytest.mark.slow
 def test_bin_desom_writes_every_output_and_predicts_in_a_new_process(tmp_path):
     out_dir = tmp_path / "run"
     res = run_bin("--iterations", 60, "--eval_interval", 30, "--map_size", 3, 4, "--save_dir", out_dir,
@@ -204,6 +208,7 @@ def test_bin_desom_writes_every_output_and_predicts_in_a_new_process(tmp_path):
     assert accuracy(written["label"], written["group"]) == pytest.approx(results["acc_kmeans"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code, said", [(signal.SIGINT, 130, "interrupted"),
                                              (signal.SIGTERM, 143, "terminated")])  # Ctrl-C; a scheduler
 def test_bin_desom_resumes_after_ctrl_c_or_sigterm(tmp_path, sig, code, said):
@@ -235,6 +240,7 @@ def test_bin_desom_resumes_after_ctrl_c_or_sigterm(tmp_path, sig, code, said):
     assert json.loads((out_dir / "results.json").read_text())["iterations"] == 600
 
 
+@pytest.mark.slow
 def test_bin_desom_csv_with_scaling_and_predict(tmp_path):
     rng = np.random.default_rng(0)
     frame = pd.DataFrame(rng.normal(size=(300, 3)) * [1, 100, 0.01], columns=["a", "b", "c"])
@@ -289,6 +295,7 @@ def test_bad_arguments_get_one_line_and_exit_2(argv, message, capsys, tmp_path, 
     assert_one_line_error(main, argv, message, capsys)
 
 
+@pytest.mark.slow
 def test_mixed_precision_path_runs_on_cpu(tmp_path):
     # float16 compute is for GPUs; on a CPU it is slow but must still work:
     # loss scaling, and a SOM layer that stays in float32.
@@ -299,6 +306,7 @@ def test_mixed_precision_path_runs_on_cpu(tmp_path):
     assert np.isfinite(log["loss"].iloc[1:]).all()
 
 
+@pytest.mark.slow
 def test_bad_argument_from_the_real_executable():
     res = run_bin("--map_size", 0, 3, timeout=120)
     assert res.returncode == 2
@@ -313,6 +321,7 @@ def test_convdesom_refuses_vector_data(tmp_path, capsys, monkeypatch):
                           "convdesom needs images", capsys)
 
 
+@pytest.mark.slow
 @pytest.mark.fmnist
 def test_fashion_mnist_run_through_the_command(require_fmnist, tmp_path):
     res = run_bin("--dataset", "fmnist", "--iterations", 100, "--eval_interval", 50, "--eval_samples", 2000,
@@ -323,6 +332,7 @@ def test_fashion_mnist_run_through_the_command(require_fmnist, tmp_path):
     assert os.path.getsize(tmp_path / "map.png") > 10000
 
 
+@pytest.mark.slow
 def test_benchmark_writes_runs_summary_table_and_figure(tmp_path, capsys):
     from desom.benchmark import main as bench
 
@@ -366,6 +376,7 @@ def test_benchmark_latent_dim_sets_the_code_size(tmp_path, monkeypatch, capsys):
     assert sizes == [3] and "latent 3" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_benchmark_jobs_run_each_seed_in_its_own_process(tmp_path, capsys):
     from desom.benchmark import main as bench
 
@@ -389,6 +400,7 @@ def test_benchmark_jobs_run_each_seed_in_its_own_process(tmp_path, capsys):
     assert "desom seed 1: purity" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_bin_desom_scales_image_files_for_convdesom_and_predict(tmp_path):
     rng = np.random.default_rng(1)
     np.savez(tmp_path / "img.npz", x=rng.random((40, 8, 8)) * 50, y=rng.integers(0, 2, 40))
@@ -402,6 +414,7 @@ def test_bin_desom_scales_image_files_for_convdesom_and_predict(tmp_path):
     assert len(pd.read_csv(out_dir / "predictions.csv")) == 40
 
 
+@pytest.mark.slow
 def test_memory_benchmark_parts_write_noisy_shards_and_measure_a_child_run(tmp_path):
     from common.data import load_data
     from desom.benchmark import _measured_run, _write_shards

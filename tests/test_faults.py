@@ -86,6 +86,7 @@ def test_resume_with_fewer_iterations_keeps_the_temperature_schedule():
 
 
 # ---------------------------------------------------------------- --deterministic
+@pytest.mark.slow
 def test_two_deterministic_runs_give_identical_results(tmp_path):
     for name in ("a", "b"):  # processes of their own: op determinism, once on, stays on in a process
         subprocess.run([str(BIN), *TINY, "--iterations", "120", "--eval_interval", "40", "--seed", "4",
@@ -98,6 +99,7 @@ def test_two_deterministic_runs_give_identical_results(tmp_path):
 
 
 # ---------------------------------------------------------------- SIGKILL at random points
+@pytest.mark.slow
 def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
     """kill -9 three times at random moments, --resume after each: the run ends
     at the same iteration, with one log row per interval and the same model."""
@@ -163,6 +165,7 @@ def test_bad_data_files_get_one_line_and_exit_2(tmp_path, capsys, name, content,
     assert not (tmp_path / "run" / "model.keras").exists()
 
 
+@pytest.mark.slow
 def test_labels_of_any_values_are_numbered_and_named_in_the_results(tmp_path):
     from sklearn.datasets import load_digits
 
@@ -218,6 +221,7 @@ def test_npy_data_on_disk_trains_exactly_like_the_array_in_memory(tmp_path, monk
     np.testing.assert_allclose(prototypes[1], prototypes[0], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_bin_desom_trains_on_npy_shards_and_refuses_what_would_load_them(tmp_path, capsys, monkeypatch):
     from common.data import load_data
     from common.diskarray import DiskArray
@@ -249,6 +253,7 @@ def test_bin_desom_trains_on_npy_shards_and_refuses_what_would_load_them(tmp_pat
                               message, capsys)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("program", ["dcn", "ae"])
 def test_resume_trains_dcn_and_ae_on_for_a_longer_budget(tmp_path, program, capsys):
     if program == "dcn":

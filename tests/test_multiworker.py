@@ -64,10 +64,13 @@ def _weights(path):
     return [w.numpy() for w in keras.saving.load_model(path).weights]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("program, args, columns", [
     ("desom", ["--map_size", "3", "3", "--latent_dim", "4", "--iterations", "60", "--eval_interval", "20"],
      ["loss", "reconstruction", "som", "quantization_error"]),
-    ("dcn", ["--dataset", "digits", "--pretrain_epochs", "1", "--max_iterations", "40"],
+    # k-means centres: after umap_gmm's one-hot first target the KL is ~0.005, too small for rtol=0.05
+    ("dcn", ["--dataset", "digits", "--pretrain_epochs", "1", "--max_iterations", "40",
+             "--centers", "kmeans"],
      ["loss", "kl", "reconstruction"]),
 ])
 def test_two_workers_train_like_one_process_with_the_same_global_batch(tmp_path, program, args, columns):
@@ -90,6 +93,7 @@ def test_two_workers_train_like_one_process_with_the_same_global_batch(tmp_path,
         ["som_schedule.json", "train"] if program == "desom" else sorted(["pretrain", "train"]))
 
 
+@pytest.mark.slow
 def test_two_workers_run_selflabel_on_the_chiefs_pseudo_labels(tmp_path):
     args = ["--dataset", "digits", "--init", "random", "--manifold", "none", "--clusterer", "kmeans",
             "--iterations", "2", "--epochs_per_iteration", "2", "--knn_epochs", "0.5", "--batch_size", "64",

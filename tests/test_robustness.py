@@ -141,3 +141,9 @@ def test_matrix_runs_scores_refusals_and_reads_back_finished_cells(tmp_path, cap
     assert _main(argv, TINY_DATA, TINY_PROGRAMS) == 0
     assert "digits-array / som: " not in capsys.readouterr().out and record.stat().st_mtime == before
     assert json.loads(record.read_text())["status"] == "ok"
+    # a failed or stopped cell runs again
+    stopped = out / "runs" / "wine" / "som" / "cell.json"
+    saved = json.loads(stopped.read_text())
+    stopped.write_text(json.dumps({**saved, "status": "failed", "reason": "exit 143: terminated"}))
+    assert _main(argv, TINY_DATA, TINY_PROGRAMS) == 0
+    assert "wine / som: " in capsys.readouterr().out and json.loads(stopped.read_text())["status"] == "ok"

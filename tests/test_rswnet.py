@@ -57,6 +57,7 @@ def test_encoder_and_decoder_shapes_for_grey_and_colour_images():
     assert resnet_decoder((30, 26, 1)).output_shape == (None, 30, 26, 1)  # cropped from 32x28
 
 
+@pytest.mark.slow
 def test_weights_from_a_local_file_and_clear_errors(tmp_path):
     encoder = resnet_encoder((8, 8, 1), 32)
     resnet = encoder.get_layer("resnet50")
@@ -98,6 +99,7 @@ def test_imagenet_weights_offline_give_one_line(monkeypatch):
 
 
 # ---------------------------------------------------------------- models
+@pytest.mark.slow
 def test_models_save_and_load_with_their_settings(tmp_path):
     x = np.random.default_rng(1).random((40, 8, 8, 1)).astype(np.float32)
     model = RSWNet((8, 8, 1), 3, input_size=32, freeze_until="conv2_block1_out", bn_momentum=0.9)

@@ -280,6 +280,7 @@ def grid_blobs(seed=0):
     return centres[y] + rng.normal(0, 0.4, (len(y), 2)), y
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, kmeans", [("gmm", "auto"), ("kmeans", "sklearn"), ("kmeans", "faiss")])
 def test_first_clustering_keeps_the_best_of_its_starts(method, kmeans):
     # with ten starts the fit kept (highest likelihood / lowest inertia) finds every blob, for every seed
@@ -333,6 +334,7 @@ def test_best_iteration_is_the_most_stable_and_later_on_ties():
 
 
 # ------------------------------------------------------------------ the loop
+@pytest.mark.slow
 def test_refine_resumes_after_the_last_finished_iteration(tmp_path):
     from sklearn.datasets import load_digits
 
@@ -674,6 +676,7 @@ def test_selflabel_benchmark_needs_first_labels_for_every_run(tmp_path, capsys):
                                   str(tmp_path / "b")], "--first_labels_from: no first labels in", capsys)
 
 
+@pytest.mark.slow
 def test_predict_names_image_files_of_any_size_in_a_new_process(tmp_path, capsys):
     import keras
 

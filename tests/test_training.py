@@ -41,6 +41,7 @@ def _desom(x, seed=3):
 
 
 # ---------------------------------------------------------------- K steps per call
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", ["on", "off"])
 def test_k_steps_per_call_train_exactly_like_one_step_per_call(digits, tmp_path, jit):
     x, y = digits
@@ -59,6 +60,7 @@ def test_k_steps_per_call_train_exactly_like_one_step_per_call(digits, tmp_path,
         assert runs[k][2].iterations == 70
 
 
+@pytest.mark.slow
 def test_refresh_and_stop_points_do_not_depend_on_k(digits, monkeypatch):
     x, y = digits
     original = dcn_models.ClusteringTask.refresh
@@ -91,6 +93,7 @@ def test_refresh_and_stop_points_do_not_depend_on_k(digits, monkeypatch):
                 assert result.iterations == 7 and "labels changed" in result.stopped_early
 
 
+@pytest.mark.slow
 def test_resume_with_another_k_ends_where_an_uninterrupted_run_ends(digits, tmp_path, monkeypatch):
     x, y = digits
     kwargs = dict(iterations=90, batch_size=64, eval_interval=30, verbose=0, checkpoint_minutes=0)
@@ -135,6 +138,7 @@ def test_a_log_row_after_a_resume_averages_its_whole_interval(tmp_path):
     np.testing.assert_allclose(log["loss"], ref_log["loss"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_fit_resumed_with_more_iterations_keeps_the_temperature_schedule(digits, tmp_path):
     """The Python API as the command: resumed with iterations=90 after 60,
     T goes on as before (at Tmin after 60), not along a 90-iteration decay."""
@@ -300,6 +304,7 @@ def test_temperature_computed_in_the_compiled_step_equals_the_schedule(decay, up
         np.testing.assert_allclose(expected, 10.0 * 0.01**frac, rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_the_log_records_the_temperature_the_step_used(digits, tmp_path):
     x, y = digits
     model = _desom(x)
@@ -343,6 +348,7 @@ def test_timings_add_up_and_name_where_the_time_went(digits, monkeypatch):
 
 
 # ---------------------------------------------------------------- checkpoints
+@pytest.mark.slow
 def test_checkpoints_follow_the_wall_clock_not_the_iterations(digits, tmp_path, monkeypatch):
     import tensorflow as tf
 
@@ -438,6 +444,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(dig
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_bin_desom_exits_non_zero_with_one_line_when_training_diverges(tmp_path):
     res = subprocess.run([sys.executable, "-m", "desom.cli", "--lr", "1e6", "--iterations", "300",
                           "--map_size", "3", "3", "--save_dir", str(tmp_path), "--verbose", "0"],
@@ -680,6 +687,7 @@ def test_cli_helpers_and_the_loop_do_not_import_each_other():
         assert out.stdout.strip() == "False", (module, other)
 
 
+@pytest.mark.slow
 def test_batch_statistics_are_the_global_batchs_on_two_mirrored_cpus(tmp_path):
     """DEC's per-batch target and DESOM's normalised SOM loss divide by
     statistics of the batch: on two replicas, each holding half of it, they
