@@ -16,9 +16,11 @@ the *evaluation samples*: the test split where the data have one (digits'
 last 450, Fashion-MNIST's 10,000, a folder's ``test/``), else every sample.
 A program's clusters of them come from its own ``predictions.csv``. The
 baselines cluster the raw inputs (pixels in [0, 1]; a table standardised)
-of every sample, test split included, without labels: k-means (10 starts)
-and UMAP to k dimensions + a Gaussian mixture (N2D without its autoencoder,
-:func:`common.clustering.umap_gmm`); k = the number of classes. Columns:
+without labels: k-means (10 starts) and UMAP to k dimensions + a Gaussian
+mixture (N2D without its autoencoder, :func:`common.clustering.umap_gmm`),
+k = the number of classes, each fitted on every sample (test split
+included) and, where there is a test split, also on the training part alone
+(a program that held the test split out is measured against these). Columns:
 accuracy (Hungarian; for a map, the k-means groups of its prototypes:
 ``acc_kmeans``), NMI, purity, ARI (a map's on those groups too, its units'
 purity and NMI beside them), seconds and peak memory of the run, and the
@@ -26,8 +28,9 @@ margin of the accuracy over the best baseline. A data set without labels
 gets silhouette, Davies-Bouldin and Calinski-Harabasz of every assignment
 in its raw input space instead.
 
-A cell that finished with the same command (its ``cell.json``) is read
-back, so a matrix of several hours can be stopped and run on. Writes
+A cell that ran to the end with the same command (its ``cell.json``:
+scored or refused) is read back and scored again, so a matrix of several
+hours can be stopped and run on; a failed or stopped cell runs again. Writes
 ``matrix.csv`` (a row per cell, and per clustering of ``bin/ae``),
 ``margin.png`` (programs x data sets, coloured by the margin) and
 ``matrix.md`` (the table for RESULTS.md).
