@@ -18,7 +18,9 @@ order, the same for every command:
    the model and the device;
 5. :meth:`~TrainingCommand.build` the model inside the strategy's scope and
    draw its architecture;
-6. :meth:`~TrainingCommand.train` (phases record their
+6. one plan line (the optimizer steps of each phase,
+   :meth:`~TrainingCommand.planned_steps`), then
+   :meth:`~TrainingCommand.train` (phases record their
    :class:`~common.training.TrainResult` with :meth:`Run.record`;
    :meth:`Run.pretrain` and :meth:`Run.loop_options` do the common parts);
 7. save ``model.keras`` atomically; write ``results.json``: the command's
@@ -116,6 +118,19 @@ class Run:
         options.update(overrides)
         return options
 
+    def epoch_steps(self, epochs: float, n_samples: int | None = None) -> int:
+        """Optimizer steps of ``epochs`` epochs over ``n_samples`` (default: the
+        training samples) in batches of ``--batch_size``, as the loop counts them."""
+        n = len(self.data.x) if n_samples is None else n_samples
+        return int(round(epochs * max(1, n // self.args.batch_size)))
+
+    def pretrain_plan(self) -> list:
+        """The ``pretrain`` phase of :meth:`pretrain` for :meth:`TrainingCommand.planned_steps`."""
+        a = self.args
+        if getattr(a, "ae_weights", None) or not getattr(a, "pretrain_epochs", 0):
+            return []
+        return [("pretrain", self.epoch_steps(a.pretrain_epochs))]
+
     def record(self, phase: str, result):
         """Keep a phase's :class:`~common.training.TrainResult` for results.json."""
         self.phases[phase] = result
@@ -174,6 +189,12 @@ class TrainingCommand:
     def train(self, run: Run):
         """Run the training phases, recording each with :meth:`Run.record`."""
         raise NotImplementedError
+
+    def planned_steps(self, run: Run) -> list:
+        """``[(phase, steps), ...]``: the optimizer steps each training phase
+        takes at most, in order (see :class:`common.training.RunPlan`); the
+        plan line and the whole run's time to go come from it."""
+        return []
 
     def results(self, run: Run) -> dict:
         """Metrics and facts of the run for results.json (the skeleton adds
@@ -269,7 +290,13 @@ class TrainingCommand:
         run.stages["build"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        self.train(run)
+        from common.training import ESTIMATE_AFTER_SECONDS, planned_run
+
+        with planned_run(self.planned_steps(run)) as plan:
+            if args.verbose and plan.steps:
+                print(f"plan: {plan.describe()}; the time to go is printed after "
+                      f"{ESTIMATE_AFTER_SECONDS:g} s of steps", flush=True)
+            self.train(run)
         run.stages["train"] = time.perf_counter() - t
         if not chief:
             return 0

@@ -40,7 +40,9 @@ DEC's target distribution, and its evaluation); :func:`train` does the rest:
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import sys
 import time
@@ -64,9 +66,9 @@ from common.runtime import (
     worker_count,
 )
 
-__all__ = ["STRATEGIES", "CSVLog", "StopTraining", "Task", "Timings", "TrainResult", "checkpoint_exists",
-           "layer_seeds", "layers_of", "make_strategy", "plan", "proportional_batch_size", "reseed",
-           "seed_states", "set_mixed_precision", "train"]
+__all__ = ["STRATEGIES", "CSVLog", "RunPlan", "StopTraining", "Task", "Timings", "TrainResult",
+           "checkpoint_exists", "layer_seeds", "layers_of", "make_strategy", "plan", "planned_run",
+           "proportional_batch_size", "reseed", "seed_states", "set_mixed_precision", "train"]
 
 #: Wall-clock length aimed at for one call of the K-step function when K is ``auto``.
 TARGET_CALL_SECONDS = 0.1
@@ -74,8 +76,9 @@ TARGET_CALL_SECONDS = 0.1
 MAX_STEPS_PER_EXECUTION = 1000
 #: Seconds between progress-bar refreshes (each one reads the loss sums from the device).
 BAR_SECONDS = 0.5
-#: With one line per log row (verbose 2), the time a phase has to go is printed once its steps have taken
-#: this long (the speed of the first steps, measured).
+#: The time a phase (with one line per log row, verbose 2) and the whole run (within a
+#: :func:`planned_run`) have to go is printed once the phase's steps have taken this long
+#: (the speed of its first steps, measured).
 ESTIMATE_AFTER_SECONDS = 2.0
 
 
@@ -387,6 +390,72 @@ def plan(n_samples: int, batch_size: int, *, iterations: int | None = None,
     return total, steps_per_epoch
 
 
+class RunPlan:
+    """The optimizer steps a whole run expects, phase by phase, to estimate its
+    time to go while one phase runs.
+
+    ``phases`` is a list of ``(phase, steps)`` in the order the run trains
+    them (as :func:`train` names them with ``phase=``; ``steps`` the most it
+    takes, as phases that stop early or train on a subset take fewer). A phase
+    still to come is costed at the speed measured in the last phase of its
+    kind (:meth:`kind`), or else in the current one, so the estimate sharpens
+    as each kind of phase starts. Time outside the steps
+    (UMAP, k-means, evaluations, pictures) is not counted.
+
+    Args:
+        phases: list of ``(name, steps)``; phases with no steps are left out.
+    """
+
+    def __init__(self, phases):
+        self.steps = {name: int(n) for name, n in phases if n and n > 0}
+        self.started: set = set()
+        self.per_step: dict = {}  # kind of phase -> the speed last measured, seconds a step
+
+    @staticmethod
+    def kind(phase: str) -> str:
+        """Phases that differ only by numbers (``iteration_03_knn``) run the same step."""
+        return re.sub(r"\d+", "#", phase)
+
+    def describe(self) -> str:
+        """One line: the phases and their steps (at most)."""
+        if len(self.steps) <= 3:
+            return " + ".join(f"{name} {n:,}" for name, n in self.steps.items()) + " optimizer steps at most"
+        names = list(self.steps)
+        return (f"{sum(self.steps.values()):,} optimizer steps at most in {len(names)} phases "
+                f"({names[0]} {self.steps[names[0]]:,}, {names[1]} {self.steps[names[1]]:,}, ..., "
+                f"{names[-1]} {self.steps[names[-1]]:,})")
+
+    def start(self, phase: str):
+        """``phase`` begins: it and the planned phases before it (which a
+        resumed run may have skipped) no longer count as to come."""
+        names = list(self.steps)
+        self.started.update(names[:names.index(phase) + 1] if phase in self.steps else [phase])
+
+    def seconds_to_go(self, phase: str, steps_left: int, per_step: float) -> float:
+        """The run's seconds to go while ``phase`` has ``steps_left`` steps
+        left at ``per_step`` seconds a step."""
+        self.per_step[self.kind(phase)] = per_step
+        return steps_left * per_step + sum(n * self.per_step.get(self.kind(name), per_step)
+                                           for name, n in self.steps.items()
+                                           if name not in self.started and name != phase)
+
+
+_RUN_PLAN: RunPlan | None = None
+
+
+@contextlib.contextmanager
+def planned_run(phases):
+    """Within the block, every :func:`train` call counts against the
+    :class:`RunPlan` of ``phases`` and prints the whole run's time to go
+    with its own (see :class:`RunPlan`). Yields the plan."""
+    global _RUN_PLAN
+    previous, _RUN_PLAN = _RUN_PLAN, RunPlan(phases)
+    try:
+        yield _RUN_PLAN
+    finally:
+        _RUN_PLAN = previous
+
+
 # --------------------------------------------------------------------------- #
 # The loop
 # --------------------------------------------------------------------------- #
@@ -622,6 +691,9 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: float | None 
               f"{batch_size}; XLA {'on' if jit else 'off'}, steps per call "
               f"{'auto' if fixed_k == 'auto' else fixed_k}", flush=True)
 
+    if _RUN_PLAN is not None:
+        _RUN_PLAN.start(phase)
+
     def read_sums():
         return {k: float(v.numpy()) for k, v in sums.items()}
 
@@ -685,11 +757,11 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: float | None 
                 elapsed.assign_add(dt)
                 per_step = dt / k if per_step is None else 0.7 * per_step + 0.3 * dt / k
                 k_auto = int(min(MAX_STEPS_PER_EXECUTION, max(1, TARGET_CALL_SECONDS / max(per_step, 1e-9))))
-                if verbose == 2 and not estimated and timings.steps >= ESTIMATE_AFTER_SECONDS:
-                    # (with the progress bar, its ETA says it)
-                    print(f"{phase}: about {(total - it) * per_step:.0f} s to go at {1000 * per_step:.1f} ms "
-                          "a step", flush=True)
+                if verbose and not estimated and timings.steps >= ESTIMATE_AFTER_SECONDS:
                     estimated = True
+                    line = _time_to_go_line(phase, total - it, per_step, verbose)
+                    if line:
+                        print(line, flush=True)
             is_row = it % eval_interval == 0 or it == total
             now = time.perf_counter()
             if is_row or now - bar_time >= BAR_SECONDS:
@@ -729,6 +801,20 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: float | None 
     if manager is not None:
         save_checkpoint(it)
     return finish(it)
+
+
+def _time_to_go_line(phase: str, steps_left: int, per_step: float, verbose: int) -> str:
+    """The line that says how long the phase and, within a :func:`planned_run`
+    with other phases, the whole run have to go ('' when the progress bar
+    already says all of it)."""
+    line = f"{phase}: about {steps_left * per_step:.0f} s to go at {1000 * per_step:.1f} ms a step"
+    plan = _RUN_PLAN
+    if plan is not None and any(name != phase and name not in plan.started for name in plan.steps):
+        whole = plan.seconds_to_go(phase, steps_left, per_step)
+        line += f"; the whole run about {whole:.0f} s of training steps to go"
+    elif verbose == 1:
+        return ""  # the bar's ETA is the phase's, and no phase comes after it
+    return ("\n" if verbose == 1 else "") + line  # (below the bar)
 
 
 def _checkpoint_manager(tf, ckpt, directory: Path):

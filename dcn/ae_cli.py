@@ -135,6 +135,9 @@ class AeCommand(TrainingCommand):
         return build(a.model, run.data.x.shape[1:], n_classes, latent_dim=a.latent_dim, hidden=a.hidden,
                      beta=a.beta, alpha=a.alpha, n_clusters=a.n_clusters, dropout=a.dropout)
 
+    def planned_steps(self, run):
+        return [("train", run.epoch_steps(run.args.epochs))]
+
     def train(self, run):
         from sklearn.cluster import KMeans
 

@@ -180,6 +180,14 @@ class DcnCommand(TrainingCommand):
         return DCN(run.data.x.shape[1:], a.n_clusters, a.embedding_dim, a.architecture, alpha=a.alpha,
                    init=a.init)
 
+    def planned_steps(self, run):
+        from dcn.models import clustering_schedule
+
+        a = run.args
+        _, steps = clustering_schedule(len(run.data.x), a.batch_size, a.update_interval, a.max_iterations,
+                                       a.max_epochs)
+        return [*run.pretrain_plan(), ("train", steps)]
+
     def train(self, run):
         from dcn import folders as fold
         from dcn.naming import name_from_labels, name_from_references

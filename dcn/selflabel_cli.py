@@ -204,6 +204,24 @@ class SelfLabelCommand(TrainingCommand):
 
         return SelfLabelNet(run.data.x.shape[1:], run.args.n_clusters)
 
+    def planned_steps(self, run):
+        from dcn.selflabel import fraction_at, iteration_stretch
+
+        a, n = run.args, len(run.data.x)
+        steps = []
+        if not a.first_labels and a.init in ("ae", "contrastive"):
+            steps.append(("init", run.epoch_steps(a.init_epochs)))
+        elif not a.first_labels and a.init == "desom":
+            steps.append(("init", a.init_iterations))
+        for i in range(a.iterations):  # at most: a run stops when its labels are stable
+            share = fraction_at(i, a.fraction_iterations or a.iterations, *a.confident_fraction)
+            kept = int(round(n * share))
+            stretch = iteration_stretch(kept, a.batch_size, a.epochs_per_iteration, a.min_steps)
+            steps.append((f"iteration_{i:02d}", run.epoch_steps(a.epochs_per_iteration * stretch, kept)))
+            if a.knn_epochs > 0:
+                steps.append((f"iteration_{i:02d}_knn", run.epoch_steps(a.knn_epochs * stretch)))
+        return steps
+
     def train(self, run):
         import time
 

@@ -164,6 +164,9 @@ class DesomCommand(TrainingCommand):
             eval_interval=a.eval_interval, eval_samples=a.eval_samples,
             optimizer=run.optimizers["train"], **run.loop_options()))
 
+    def planned_steps(self, run):
+        return [*run.pretrain_plan(), ("train", run.args.iterations)]
+
     def results(self, run):
         d, model = run.data, run.model
         z = model.transform(d.x)

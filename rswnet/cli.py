@@ -260,6 +260,9 @@ class RswnetCommand(TrainingCommand):
                                           eval_samples=eval_samples, optimizer=run.optimizers["train"],
                                           **options))
 
+    def planned_steps(self, run):
+        return [*run.pretrain_plan(), ("train", run.epoch_steps(run.args.epochs))]
+
     def results(self, run):
         from rswnet import compare
 

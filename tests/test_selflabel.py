@@ -488,6 +488,17 @@ def test_bin_selflabel_on_digits_improves_on_its_first_clustering_and_writes_eve
     assert {"label_acc", "label_nmi", "label_purity", "test_acc", "test_nmi", "stability", "loss",
             "trained_on", "agreement"} <= set(history.columns)
     assert history["stability"].between(0, 1).all()  # the last iteration too: any model can be chosen
+    # the plan the whole run's time to go is costed from: the phases it trained, with their steps
+    from common.command import Run, RunData
+    from dcn.selflabel_cli import SelfLabelCommand
+
+    command = SelfLabelCommand()
+    args = command.parser().parse_args([*SHORT, "--save_dir", str(out)])
+    command.check(args)
+    planned = dict(command.planned_steps(Run(args=args, data=RunData(x=np.zeros((1347, 1))), save_dir=out)))
+    assert list(planned) == [f"iteration_{i:02d}{knn}" for i in range(4) for knn in ("", "_knn")]
+    for phase, steps in planned.items():  # the confident share is rounded per cluster: a batch or so apart
+        assert abs(pd.read_csv(out / "logs" / f"{phase}.csv")["iteration"].iloc[-1] - steps) <= 8, phase
     results = json.loads((out / "results.json").read_text())
     from sklearn.datasets import load_digits
 

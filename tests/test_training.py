@@ -549,6 +549,55 @@ def test_one_line_per_row_says_how_long_a_phase_has_to_go(digits, capsys, monkey
     assert "to go" not in capsys.readouterr().out  # the progress bar's ETA says it
 
 
+def test_a_run_plan_costs_the_phases_still_to_come():
+    from common.training import RunPlan
+
+    plan = RunPlan([("pretrain", 100), ("skipped", 0), ("train", 300), ("last", 50)])
+    assert list(plan.steps) == ["pretrain", "train", "last"]  # phases without steps are left out
+    assert plan.describe() == "pretrain 100 + train 300 + last 50 optimizer steps at most"
+    plan.start("pretrain")
+    assert plan.seconds_to_go("pretrain", 40, 0.01) == pytest.approx((40 + 300 + 50) * 0.01)
+    plan.start("train")  # its own steps left, then the last phase at the speed just measured
+    assert plan.seconds_to_go("train", 100, 0.02) == pytest.approx((100 + 50) * 0.02)
+    plan = RunPlan([("pretrain", 100), ("train", 300), ("last", 50)])
+    plan.start("train")  # a resumed run that skips the pretraining: it no longer counts
+    assert plan.seconds_to_go("train", 300, 0.01) == pytest.approx(3.5)
+    plan.start("train_more1")  # a phase the plan did not foresee counts its own steps
+    assert plan.seconds_to_go("train_more1", 10, 0.01) == pytest.approx(0.6)
+    kinds = RunPlan([(f"iteration_{i:02d}{knn}", 10) for i in range(2) for knn in ("", "_knn")])
+    kinds.start("iteration_00")
+    kinds.seconds_to_go("iteration_00", 0, 0.01)
+    kinds.start("iteration_00_knn")  # the classifier's phase to come at its own kind's speed
+    assert kinds.seconds_to_go("iteration_00_knn", 0, 0.05) == pytest.approx(10 * 0.01 + 10 * 0.05)
+    many = RunPlan([(f"iteration_{i:02d}", 10) for i in range(5)])
+    assert many.describe() == ("50 optimizer steps at most in 5 phases (iteration_00 10, iteration_01 10, "
+                               "..., iteration_04 10)")
+
+
+def test_within_a_planned_run_each_phase_says_how_long_the_whole_run_has_to_go(digits, capsys, monkeypatch):
+    import re
+
+    from common import training
+
+    monkeypatch.setattr(training, "ESTIMATE_AFTER_SECONDS", 0.0)
+    x, _ = digits
+    som = Kerasom(64, (2, 2))
+    som.init_prototypes(x)
+    with training.planned_run([("first", 20), ("second", 1000)]):
+        som.fit(x, iterations=20, batch_size=128, eval_interval=10, verbose=1, steps_per_execution=1,
+                phase="first")
+        line = [line for line in capsys.readouterr().out.splitlines() if "to go" in line]
+        assert len(line) == 1 and re.fullmatch(
+            r"first: about \d+ s to go at (\d+\.\d) ms a step; the whole run about (\d+) s of training "
+            r"steps to go", line[0]), line
+        per_step, whole = re.fullmatch(r".* at (\d+\.\d) ms .* about (\d+) s of .*", line[0]).groups()
+        assert float(whole) >= float(per_step) - 1  # the second phase's 1,000 steps: per_step ms each
+        som.fit(x, iterations=20, batch_size=128, eval_interval=10, verbose=1, steps_per_execution=1,
+                phase="second")
+        assert "to go" not in capsys.readouterr().out  # the last phase: the bar's ETA says it
+    assert training._RUN_PLAN is None  # the plan ends with its block
+
+
 # ---------------------------------------------------------------- defaults proportioned to the data
 def test_batch_size_default_gives_small_data_enough_batches_per_epoch():
     from common.training import proportional_batch_size
