@@ -616,32 +616,3 @@ def load_data(name: str | os.PathLike, validation: bool = False, flatten: bool =
     x_val, y_val = _finish(key, *test, flatten)
     scaler = Scaler(scaling).fit(x)
     return (scaler.transform(x), y), (scaler.transform(x_val), y_val)
-
-
-def _main(argv=None):
-    from common.cli import SEED_BOUNDS, ArgumentParser
-
-    parser = ArgumentParser(prog="python -m common.data", description="Data-set utilities.")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("make-reuters10k", help="build reutersidf10k.npz from RCV1 (needs network)")
-    p.add_argument("out_dir", help="folder to write reutersidf10k.npz to")
-    p.add_argument("--seed", type=int, default=0, bounds=SEED_BOUNDS, help="seed of the 10,000-document draw")
-    p = sub.add_parser("info", help="load a data set and print its shape and classes")
-    p.add_argument("name",
-                   help=f"{', '.join(KNOWN_DATASETS)}, a .npz/.csv/.npy path or a folder of .npy shards")
-    p.add_argument("--data_dir", default=None)
-    args = parser.parse_args(argv)
-    if args.cmd == "make-reuters10k":
-        print(make_reuters10k(args.out_dir, seed=args.seed))
-    else:
-        (x, y), _ = load_data(args.name, data_dir=args.data_dir)
-        classes = "unlabelled" if y is None else f"{len(np.unique(y))} classes"
-        low, high = value_range(x)
-        print(f"{args.name}: {x.shape[0]} samples, {x.shape[1]} features, {classes}, "
-              f"values in [{low:.3g}, {high:.3g}]")
-
-
-if __name__ == "__main__":
-    from common.cli import run
-
-    run(_main)

@@ -371,8 +371,39 @@ def save_keras_model(model, path) -> Path:
     return Path(path)
 
 
-def load_keras_model(path, expected: type, what: str):
-    """``keras.saving.load_model`` with one-line errors and a type check."""
+#: The packages whose layers and models a ``.keras`` file of the toolkit may hold, by the
+#: ``package>`` of their registered names (``desom>DESOM``).
+MODEL_PACKAGES = ("desom", "dcn", "rswnet")
+
+
+def _import_registering_packages(path: Path):
+    """Import the packages that registered the classes a ``.keras`` file
+    names (read from its ``config.json``), so that it loads without its
+    caller importing them: a package never imports a higher one for this."""
+    import importlib
+    import re
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            config = archive.read("config.json").decode()
+    except (KeyError, OSError, zipfile.BadZipFile, UnicodeDecodeError):
+        return  # keras.saving.load_model says what is wrong with it
+    for package in sorted(set(re.findall(r'"registered_name":\s*"(\w+)>', config)) & set(MODEL_PACKAGES)):
+        importlib.import_module(package)
+
+
+def load_model(path):
+    """Load any model the toolkit saved (a ``.keras`` file of ``bin/desom``,
+    ``bin/dcn``, ``bin/ae``, ``bin/selflabel`` or ``bin/rswnet``) in any
+    process: the package that registered its classes is imported first.
+    Errors are one line (:class:`~common.errors.UsageError`)."""
+    return load_keras_model(path)
+
+
+def load_keras_model(path, expected: type | tuple | None = None, what: str = "a model"):
+    """``keras.saving.load_model`` with one-line errors and, given
+    ``expected``, a type check (``what`` names the type in the error)."""
     import zipfile
 
     path = Path(path)
@@ -381,10 +412,11 @@ def load_keras_model(path, expected: type, what: str):
     if path.suffix != ".keras" or not zipfile.is_zipfile(path):
         raise UsageError(f"{path} is not a .keras model (a zip archive written by Keras 3); give the "
                          f"model.keras of a run")
+    _import_registering_packages(path)
     try:
         model = keras.saving.load_model(str(path))
     except (ValueError, OSError, KeyError, TypeError) as e:
         raise UsageError(f"{path} is not a readable .keras model: {str(e).splitlines()[0]}") from None
-    if not isinstance(model, expected):
+    if expected is not None and not isinstance(model, expected):
         raise UsageError(f"{path} holds a {type(model).__name__}, not {what}")
     return model

@@ -418,7 +418,7 @@ def run_cell(program: Program, data: Prepared, out: Path, seed: int, timeout: fl
     command, how it ended, seconds, peak memory, and its rows of scores."""
     import shutil
 
-    from common.runtime import read_record, run_measured
+    from common.processes import read_record, run_measured
 
     cell = out / "runs" / data.spec.name / program.name
     argv = command(program, data, cell / "run", seed)
@@ -581,7 +581,7 @@ def _main(argv=None, datasets=DATASETS, programs=PROGRAMS):
         data = prepare(spec, out / "data")
         print(f"{spec.name}: {spec.description}; {len(data.eval_rows)} evaluation samples "
               f"({time.perf_counter() - t:.0f} s to prepare)", flush=True)
-        from common.runtime import read_record
+        from common.processes import read_record
 
         key = ["baselines", spec.name, args.seed]
         saved = read_record(out / "runs" / spec.name / "baselines.json", key)

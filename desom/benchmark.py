@@ -26,8 +26,9 @@ from common.cli import SEED_BOUNDS, ArgumentParser, command_line, parsed_setting
 from common.data import CLASS_NAMES, IMAGE_SHAPES, KNOWN_DATASETS, load_data
 from common.errors import DataError, UsageError
 from common.metrics import evaluate_clustering, prototype_kmeans_accuracy
+from common.processes import JOBS_HELP, peak_rss_gb, run_measured, run_seeds
 from common.results import write_csv, write_summary
-from common.runtime import JOBS_HELP, peak_rss_gb, quiet_tensorflow, run_measured, run_seeds
+from common.runtime import quiet_tensorflow
 
 MODELS = ("desom", "convdesom", "som", "kmeans")
 COLUMNS = ("purity", "nmi", "nmi_geometric", "ari", "acc", "acc_kmeans", "quantization_error",
@@ -112,7 +113,7 @@ def _write_shards(folder: Path, x, y, copies: int, seed: int, rows_per_shard: in
 
 def _measured_run(argv, save_dir: Path) -> dict:
     """``bin/desom`` in a child process: its peak resident set size
-    (:func:`common.runtime.run_measured`), wall time, results."""
+    (:func:`common.processes.run_measured`), wall time, results."""
     shutil.rmtree(save_dir, ignore_errors=True)
     save_dir.mkdir(parents=True)
     command = [sys.executable, "-m", "desom.cli", *argv, "--save_dir", str(save_dir), "--verbose", "0"]
@@ -283,7 +284,7 @@ def _report(row):
 
 def parallel_runs(args, out: Path) -> list:
     """Each seed in its own ``desom.benchmark`` process, ``args.jobs`` at once
-    (:func:`common.runtime.run_seeds`), writing ``<out>/seed<N>/`` (runs.csv,
+    (:func:`common.processes.run_seeds`), writing ``<out>/seed<N>/`` (runs.csv,
     the runs' logs, log.txt); the rows come back in the order of a run in
     one process (data set, model, seed). Only the first seed draws the
     ``--fig_dir`` maps."""

@@ -312,7 +312,6 @@ def _model_and_data(args):
     quiet_tensorflow()
     from common.networks import load_keras_model
     from desom.models import SOMModel
-    from rswnet.models import RSWNetSOM  # noqa: F401  (registers RSWNet's SOM head for loading)
 
     model_path = Path(args.model)
     model = load_keras_model(model_path, SOMModel, "a map written by desom or rswnet --head som")

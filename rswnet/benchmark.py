@@ -19,8 +19,8 @@ import pandas as pd
 
 from common.cli import SEED_BOUNDS, ArgumentParser, run
 from common.errors import UsageError
+from common.processes import run_measured
 from common.results import write_csv, write_summary
-from common.runtime import run_measured
 
 COLUMNS = ("acc", "acc_kmeans", "purity", "nmi", "ari", "silhouette", "davies_bouldin", "calinski_harabasz",
            "largest_share", "clusters", "run_seconds")

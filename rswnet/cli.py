@@ -187,7 +187,7 @@ class RswnetCommand(TrainingCommand):
             name = args.dataset
             where = f"{args.dataset}: {len(x)} training and {len(xt)} test images of {x.shape[1:]}"
         else:
-            from dcn import folders as fold
+            from common import folders as fold
 
             folders = fold.load_folders(args.data, (args.image_size, args.image_size), args.color,
                                         naming=False)  # scored by Hungarian matching, not named
@@ -391,14 +391,14 @@ def predict_main(argv):
             raise UsageError(f"the model expects images of shape {tuple(model.sample_shape)}, {args.dataset} "
                              f"has {tuple(x.shape[1:])}")
     elif args.data:
-        from dcn.folders import load_images
+        from common.folders import load_images
 
         if not Path(args.data).is_dir():
             raise UsageError(f"folder {args.data} not found")
         found = load_images(args.data, (height, width), color)
         x, names = found.x, found.paths
     else:
-        from dcn.folders import load_image_files
+        from common.folders import load_image_files
 
         x, names = load_image_files(args.images, (height, width), color)
     if len(x) == 0:

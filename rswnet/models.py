@@ -1,7 +1,7 @@
 """RSWNet: a ResNet50 application encoder and a decoder, with a clustering or a SOM head.
 
 * :class:`RSWNet`: the published model, DEC's Student-t clustering layer
-  on the 2048-d latent (a :class:`dcn.models.ClusteringModel`: k-means
+  on the 2048-d latent (a :class:`dcn.dec.models.ClusteringModel`: k-means
   initialisation, KL(P || Q) + reconstruction, target refreshes or
   per-batch targets).
 * :class:`RSWNetSOM`: the SOM layer of DESOM on the same latent (a
@@ -20,7 +20,7 @@ import keras
 
 from common.errors import UsageError
 from common.networks import load_keras_model
-from dcn.models import ClusteringModel
+from dcn.dec.models import ClusteringModel
 from desom.models import SOMModel
 from rswnet.networks import LATENT_DIM, resnet_decoder, resnet_encoder
 
@@ -55,7 +55,7 @@ class RSWNet(ClusteringModel):
             not train.
         bn_momentum: momentum of ResNet50's batch-normalisation statistics
             (None: Keras' 0.99; see :func:`rswnet.networks.resnet_encoder`).
-        alpha, cluster_names: as :class:`dcn.models.DCN`.
+        alpha, cluster_names: as :class:`dcn.dec.models.DCN`.
     """
 
     def __init__(self, input_shape=(28, 28, 1), n_clusters: int = 10, input_size: int = 224, weights=None,

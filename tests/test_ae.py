@@ -13,8 +13,8 @@ import pytest
 import tensorflow as tf
 
 from common.errors import UsageError
-from dcn.ae_cli import main
-from dcn.autoencoders import (
+from dcn.autoencoders.cli import main
+from dcn.autoencoders.models import (
     CVAE,
     VAE,
     Autoencoder,
@@ -23,7 +23,7 @@ from dcn.autoencoders import (
     labeled_subset,
     load_model,
 )
-from dcn.twostage import choose_eps, cluster_codes, k_distances, knee
+from dcn.autoencoders.twostage import choose_eps, cluster_codes, k_distances, knee
 from tests.helpers import assert_one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -258,7 +258,7 @@ def test_semisupervised_model_on_two_mirrored_cpus_matches_the_default_strategy(
         import keras
         from common.data import load_data
         from common.runtime import make_strategy
-        from dcn.autoencoders import SemiSupervisedAutoencoder, labeled_subset
+        from dcn.autoencoders.models import SemiSupervisedAutoencoder, labeled_subset
         (x, y), _ = load_data("digits")
         for name in ("default", "mirrored"):
             strategy = make_strategy(name)
@@ -312,7 +312,7 @@ def test_generate_refuses_a_label_for_an_unconditional_model(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_benchmark_writes_runs_and_summary(tmp_path, capsys):
-    from dcn.ae_benchmark import main as bench
+    from dcn.autoencoders.benchmark import main as bench
 
     with pytest.raises(SystemExit) as stop:
         bench(["--datasets", "digits", "reuters10k", "--configs", "vae", "ae-desom", "--runs", "1",

@@ -142,7 +142,7 @@ def test_a_childs_peak_memory_is_its_own_not_its_parents(tmp_path):
 
     import numpy as np
 
-    from common.runtime import peak_rss_gb, run_measured, run_pinned
+    from common.processes import peak_rss_gb, run_measured, run_pinned
 
     held = np.ones(1536 * 2**20 // 8)  # touched, so resident
     assert peak_rss_gb() > 1.5
@@ -162,7 +162,7 @@ def test_run_pinned_gives_each_child_its_own_cores_and_stops_early(tmp_path):
     import os
     import sys
 
-    from common.runtime import last_line, run_pinned
+    from common.processes import last_line, run_pinned
 
     show = "import os; print(sorted(os.sched_getaffinity(0)), os.environ['TF_NUM_INTRAOP_THREADS'])"
     commands = [([sys.executable, "-c", show], tmp_path / f"{i}.log") for i in range(3)]
@@ -189,7 +189,7 @@ def test_run_pinned_gives_each_child_its_own_cores_and_stops_early(tmp_path):
 def test_run_pinned_reports_a_failure_while_a_run_listed_before_it_still_runs(tmp_path, capsys):
     import sys
 
-    from common.runtime import run_pinned
+    from common.processes import run_pinned
 
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs two cores")
@@ -219,7 +219,7 @@ out.mkdir(parents=True, exist_ok=True)
 
 
 def test_run_seeds_reads_back_seeds_finished_with_the_same_flags(tmp_path, monkeypatch, capsys):
-    from common.runtime import run_seeds
+    from common.processes import run_seeds
 
     (tmp_path / "fakebench.py").write_text(FAKE_BENCHMARK)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
@@ -265,7 +265,7 @@ def test_run_seeds_runs_again_a_seed_that_ran_under_another_default(tmp_path, mo
     from functools import partial
 
     from common.cli import parsed_settings
-    from common.runtime import run_seeds
+    from common.processes import run_seeds
 
     (tmp_path / "fakebench.py").write_text(FAKE_BENCHMARK)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))

@@ -420,3 +420,10 @@ print('read', len(d), 'soft limit', resource.getrlimit(resource.RLIMIT_NOFILE)[0
         out = subprocess.run([sys.executable, "-c", child, limit], cwd=root, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == expected
+
+
+def test_datatool_info_prints_shape_classes_and_range(capsys):
+    from common.datatool import main
+
+    main(["info", "digits"])
+    assert capsys.readouterr().out.strip() == "digits: 1797 samples, 64 features, 10 classes, values in [0, 1]"

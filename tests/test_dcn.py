@@ -12,12 +12,12 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-import dcn.models as dcn_models
+import dcn.dec.models as dcn_models
 from common.errors import DataError, UsageError
+from common.folders import load_folders, reference_class
 from dcn import DCN, ClusteringLayer, kl_divergence, load_model, target_distribution
-from dcn.cli import main
-from dcn.folders import load_folders, reference_class
-from dcn.naming import name_from_labels, name_from_references
+from dcn.dec.cli import main
+from dcn.dec.naming import name_from_labels, name_from_references
 from tests.helpers import assert_one_line_error, interrupt_on_call, resumed_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def test_target_distribution_and_kl_against_numpy():
 def test_per_batch_target_is_decs_target_of_the_batch_in_the_graph():
     import tensorflow as tf
 
-    from dcn.layers import batch_target_distribution
+    from dcn.dec.layers import batch_target_distribution
 
     q = np.random.default_rng(3).dirichlet(np.ones(4), size=7).astype(np.float32)
     graph = tf.function(batch_target_distribution, jit_compile=True)
@@ -195,7 +195,7 @@ def test_images_are_turned_upright_and_laid_over_white_as_pil_shows_them(tmp_pat
     in every colour mode."""
     from PIL import ImageOps
 
-    from dcn.folders import decode_images
+    from common.folders import decode_images
 
     rng = np.random.default_rng(0)
     picture = np.kron(rng.integers(0, 256, (3, 4, 3)), np.ones((8, 8, 1))).astype(np.uint8)  # 24x32 blocks
@@ -296,7 +296,7 @@ def test_folder_run_end_to_end_and_predict_in_a_new_process(image_folder, tmp_pa
 def test_resume_with_a_new_max_epochs_replaces_the_saved_max_iterations(tmp_path, monkeypatch):
     """--max_iterations overrides --max_epochs: a run started with the one and
     resumed with the other must train for the new budget, not the old one."""
-    from dcn.cli import DcnCommand
+    from dcn.dec.cli import DcnCommand
 
     args = resumed_args(monkeypatch, DcnCommand,
                         ["--dataset", "digits", "--max_iterations", "5000", "--save_dir", str(tmp_path)],
@@ -372,7 +372,7 @@ def test_centres_from_umap_gmm_are_its_cluster_means_and_its_labels_the_first_ta
 
 
 def test_images_pretrain_for_a_number_of_steps_vectors_for_decs_epochs():
-    from dcn.models import PRETRAIN_EPOCHS, PRETRAIN_STEPS, pretrain_epochs
+    from dcn.dec.models import PRETRAIN_EPOCHS, PRETRAIN_STEPS, pretrain_epochs
 
     assert pretrain_epochs(8000, 128, images=True) == PRETRAIN_STEPS / 62  # 62 batches an epoch
     assert pretrain_epochs(70000, 256, images=False) == PRETRAIN_EPOCHS
@@ -380,8 +380,8 @@ def test_images_pretrain_for_a_number_of_steps_vectors_for_decs_epochs():
 
 
 def test_default_image_size_is_the_images_median_side_within_64(tmp_path):
-    from dcn.cli import DcnCommand
-    from dcn.folders import typical_side
+    from common.folders import typical_side
+    from dcn.dec.cli import DcnCommand
 
     for i, side in enumerate((12, 20, 20, 30, 300)):
         _save(np.eye(8) * 16, tmp_path / "d" / "train" / f"{i}.png", side)
@@ -436,7 +436,7 @@ def test_predict_reports_missing_images(image_folder, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_dcn_benchmark_jobs_run_each_seed_in_its_own_process(tmp_path, capsys):
-    from dcn.benchmark import main as bench
+    from dcn.dec.benchmark import main as bench
 
     out = tmp_path / "b"
     with pytest.raises(SystemExit) as stop:
@@ -460,7 +460,7 @@ def test_dcn_benchmark_jobs_run_each_seed_in_its_own_process(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.fmnist
 def test_dcn_benchmark_writes_tables_and_runs_the_folder_benchmark(require_fmnist, tmp_path, capsys):
-    from dcn.benchmark import main as bench
+    from dcn.dec.benchmark import main as bench
 
     out = tmp_path / "b"
     with pytest.raises(SystemExit) as stop:
@@ -491,7 +491,7 @@ def test_dcn_benchmark_writes_tables_and_runs_the_folder_benchmark(require_fmnis
 
 # ------------------------------------------------- against DEC-keras' trials
 def test_welch_p_matches_the_closed_form_for_two_degrees_of_freedom():
-    from dcn.published import welch_p
+    from dcn.dec.published import welch_p
 
     # means 0.5 and 2.5, variances 0.5: t = -2 sqrt(2), 2 degrees of freedom, p = 1 - 2 / sqrt(5)
     assert welch_p([0, 1], [2, 3]) == pytest.approx(1 - 2 / np.sqrt(5))
@@ -499,7 +499,7 @@ def test_welch_p_matches_the_closed_form_for_two_degrees_of_freedom():
 
 
 def test_comparison_with_dec_keras_trials_gives_differences_and_gains_by_seed():
-    from dcn.published import DEC_KERAS_FMNIST, GAIN, compare_dec_keras
+    from dcn.dec.published import DEC_KERAS_FMNIST, GAIN, compare_dec_keras
 
     theirs = DEC_KERAS_FMNIST
     rows = []
@@ -528,7 +528,7 @@ def test_comparison_with_dec_keras_trials_gives_differences_and_gains_by_seed():
 
 
 def test_dcn_benchmark_writes_the_comparison_with_dec_keras(tmp_path, capsys):
-    from dcn.benchmark import compare_published
+    from dcn.dec.benchmark import compare_published
 
     rows = [{"method": m, "seed": s, "acc": 0.6 + 0.01 * s, "nmi": 0.63, "nmi_geometric": 0.63 + 0.01 * s}
             for s in range(3) for m in ("ae+kmeans", "dec")]
@@ -556,7 +556,7 @@ def _keras2_weights_file(path, layers):
 
 
 def test_dec_keras_autoencoder_file_gives_our_autoencoder_the_same_function(tmp_path):
-    from dcn.deckeras_reference import read_autoencoder, save_ours
+    from dcn.dec.deckeras_reference import read_autoencoder, save_ours
 
     dims = (6, 5, 4, 3, 2)
     pairs = list(zip(dims[:-1], dims[1:]))  # DEC-keras' layer order: encoder_0..3, then decoder_3..0
@@ -587,7 +587,7 @@ def test_dec_keras_autoencoder_file_gives_our_autoencoder_the_same_function(tmp_
 def test_dcn_deckeras_names_what_it_needs(tmp_path, monkeypatch, capsys):
     import sys
 
-    from dcn.deckeras_reference import main as deckeras
+    from dcn.dec.deckeras_reference import main as deckeras
 
     out = tmp_path / "o"
     assert_one_line_error(deckeras, ["--deckeras", str(tmp_path), "--out", str(out)],
@@ -603,7 +603,7 @@ def test_dcn_deckeras_names_what_it_needs(tmp_path, monkeypatch, capsys):
 
 def test_deckeras_predict_goes_through_predict_on_batch_in_batches_of_32():
     # tf_keras' Model.predict, which leaks memory at every call, is replaced by this during a DEC-keras run
-    from dcn.deckeras_reference import predict_in_batches
+    from dcn.dec.deckeras_reference import predict_in_batches
 
     class Model:
         sizes = []
@@ -624,7 +624,7 @@ def test_deckeras_predict_goes_through_predict_on_batch_in_batches_of_32():
 def test_dcn_benchmark_starts_from_pretrained_weights(tmp_path, capsys):
     import shutil
 
-    from dcn.benchmark import main as bench
+    from dcn.dec.benchmark import main as bench
 
     def run(*argv):
         with pytest.raises(SystemExit) as stop:

@@ -257,13 +257,13 @@ def test_bin_desom_trains_on_npy_shards_and_refuses_what_would_load_them(tmp_pat
 @pytest.mark.parametrize("program", ["dcn", "ae"])
 def test_resume_trains_dcn_and_ae_on_for_a_longer_budget(tmp_path, program, capsys):
     if program == "dcn":
-        from dcn.cli import train_main as command
+        from dcn.dec.cli import train_main as command
 
         first = ["--dataset", "digits", "--pretrain_epochs", "1", "--max_iterations", "20", "--tol", "0",
                  "--eval_interval", "10"]
         more, column, ends = ["--max_iterations", "40"], "iteration", (20, 40)
     else:
-        from dcn.ae_cli import train_main as command
+        from dcn.autoencoders.cli import train_main as command
 
         first = ["--dataset", "digits", "--epochs", "1", "--tsne_samples", "50"]
         more, column, ends = ["--epochs", "2"], "epoch", (1.0, 2.0)

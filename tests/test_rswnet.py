@@ -174,7 +174,7 @@ def test_clustering_head_end_to_end_with_the_comparison_and_predict(tmp_path):
     # image files, named as positional arguments, as in `bin/dcn predict`
     from PIL import Image
 
-    from dcn.folders import load_image_files
+    from common.folders import load_image_files
 
     files = [tmp_path / f"digit{i}.png" for i in range(3)]
     for i, f in enumerate(files):

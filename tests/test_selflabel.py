@@ -34,7 +34,7 @@ from dcn.selflabel import (
     refine,
     select_confident,
 )
-from dcn.selflabel_cli import SCORING, main
+from dcn.selflabel.cli import SCORING, main
 from tests.helpers import assert_one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -396,7 +396,7 @@ def test_a_classifier_that_cannot_learn_its_labels_never_relabels_and_the_first_
     note says why. A classifier that can learn relabels after one round."""
     from sklearn.datasets import load_digits
 
-    from dcn.selflabel_cli import _first_labels_note
+    from dcn.selflabel.cli import _first_labels_note
 
     d = load_digits()
     x = (d.images[:256] / 16.0)[..., None].astype(np.float32)
@@ -490,7 +490,7 @@ def test_bin_selflabel_on_digits_improves_on_its_first_clustering_and_writes_eve
     assert history["stability"].between(0, 1).all()  # the last iteration too: any model can be chosen
     # the plan the whole run's time to go is costed from: the phases it trained, with their steps
     from common.command import Run, RunData
-    from dcn.selflabel_cli import SelfLabelCommand
+    from dcn.selflabel.cli import SelfLabelCommand
 
     command = SelfLabelCommand()
     args = command.parser().parse_args([*SHORT, "--save_dir", str(out)])
@@ -508,7 +508,7 @@ def test_bin_selflabel_on_digits_improves_on_its_first_clustering_and_writes_eve
     assert results["chosen_iteration"] == max(zip(history["stability"], history["iteration"]))[1]
     assert results["kmeans"] == "faiss"  # --clusterer kmeans, faiss installed with the dev extra
     # the saved model predicts the balanced partition of the chosen iteration's predictions
-    from dcn.selflabel_cli import load_images
+    from dcn.selflabel.cli import load_images
 
     x = load_images(argparse.Namespace(data=None, dataset="digits", data_dir=None, label_col=None))[0]
     raw = load_model(out / f"iteration_{results['chosen_iteration']:02d}.keras").predict_proba(x)
@@ -586,7 +586,7 @@ BENCH = ["--dataset", "digits", "--init", "random", "--manifold", "none", "--clu
 
 @pytest.mark.slow
 def test_selflabel_benchmark_reads_back_finished_runs_and_resumes_stopped_ones(tmp_path, capsys):
-    from dcn.selflabel_benchmark import main as bench
+    from dcn.selflabel.benchmark import main as bench
 
     def run(*argv):
         with pytest.raises(SystemExit) as stop:
@@ -666,8 +666,8 @@ def test_selflabel_benchmark_accepts_its_own_run_of_one_confident_fraction(tmp_p
     """bin/selflabel saves --confident_fraction 0.7 as [0.7, 0.7]: the same
     benchmark command must read that run back, not call it another run."""
     from common.results import write_json
-    from dcn.selflabel_benchmark import _check_settings
-    from dcn.selflabel_cli import SelfLabelCommand
+    from dcn.selflabel.benchmark import _check_settings
+    from dcn.selflabel.cli import SelfLabelCommand
 
     cmd = [*BENCH, "--confident_fraction", "0.7", "--save_dir", str(tmp_path)]
     command = SelfLabelCommand()
@@ -681,7 +681,7 @@ def test_selflabel_benchmark_accepts_its_own_run_of_one_confident_fraction(tmp_p
 
 
 def test_selflabel_benchmark_needs_first_labels_for_every_run(tmp_path, capsys):
-    from dcn.selflabel_benchmark import main as bench
+    from dcn.selflabel.benchmark import main as bench
 
     assert_one_line_error(bench, [*BENCH, "--runs", "1", "--first_labels_from", str(tmp_path), "--out",
                                   str(tmp_path / "b")], "--first_labels_from: no first labels in", capsys)
@@ -691,7 +691,7 @@ def test_selflabel_benchmark_needs_first_labels_for_every_run(tmp_path, capsys):
 def test_predict_names_image_files_of_any_size_in_a_new_process(tmp_path, capsys):
     import keras
 
-    from dcn.folders import load_image_files
+    from common.folders import load_image_files
 
     model = SelfLabelNet((8, 8, 1), 3, filters=(4,), dense=(8,), head=(4,), cluster_names=["a", "b", "a"])
     model.save(tmp_path / "m.keras")
@@ -753,7 +753,7 @@ def test_bad_input_gets_one_line(argv, message, capsys, tmp_path, monkeypatch):
 
 
 def test_first_labels_take_the_nearest_knn_of_the_saved_neighbours(tmp_path):
-    from dcn.selflabel_cli import _first_labels
+    from dcn.selflabel.cli import _first_labels
 
     (tmp_path / "pseudo_labels").mkdir()
     np.savez(tmp_path / "pseudo_labels" / "iteration_00.npz", labels=np.arange(30) % 3,

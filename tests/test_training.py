@@ -11,14 +11,14 @@ import pandas as pd
 import pytest
 
 import common.training as training
-import dcn.models as dcn_models
+import dcn.dec.models as dcn_models
 import desom.models as desom_models
 from common.cli import ArgumentParser, add_run_arguments
 from common.data import load_data
 from common.errors import UsageError
 from common.runtime import resolve_jit
 from dcn import DCN
-from dcn.models import clustering_schedule
+from dcn.dec.models import clustering_schedule
 from desom import DESOM, ConvDESOM, Kerasom
 from desom.layers import temperature, temperature_op
 from tests.helpers import interrupt_on_call
@@ -245,7 +245,7 @@ def test_a_checkpoint_without_the_random_state_resumes_with_a_warning(tmp_path, 
 def test_dropout_draws_after_a_resume_are_those_of_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
     import tensorflow as tf
 
-    from dcn.autoencoders import VAE
+    from dcn.autoencoders.models import VAE
 
     (x, _), _ = load_data("digits", flatten=False)
     kwargs = dict(iterations=60, batch_size=64, eval_interval=20, verbose=0, checkpoint_minutes=0)
@@ -495,7 +495,7 @@ def test_auto_compiles_dense_models_and_not_convolutional_ones_on_a_cpu():
     assert resolve_jit("on", conv) and resolve_jit(True, conv)
     assert not resolve_jit("off", dense) and not resolve_jit(False, dense)
     assert not resolve_jit("auto", dense, replicas=2) and not resolve_jit("on", dense, replicas=2)
-    from dcn.autoencoders import VAE, Autoencoder
+    from dcn.autoencoders.models import VAE, Autoencoder
 
     assert resolve_jit("auto", Autoencoder((6,), 2, (4,)))
     assert not resolve_jit("auto", VAE((6,), 2, (4,), dropout=0.0))  # draws its code: slower under XLA

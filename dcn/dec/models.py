@@ -2,7 +2,7 @@
 
 One model, :class:`DCN`, covers the three: a dense autoencoder (DEC/IDEC on
 vectors) or a convolutional one (DCEC on images), a
-:class:`~dcn.layers.ClusteringLayer` on the embedding, and training in
+:class:`~dcn.dec.layers.ClusteringLayer` on the embedding, and training in
 three phases through the shared loop:
 
 1. autoencoder pretraining (:meth:`DCN.pretrain`);
@@ -37,7 +37,7 @@ from common.networks import (
     predict_in_batches,
 )
 from common.training import StopTraining, Task, plan, train
-from dcn.layers import ClusteringLayer, batch_target_distribution, kl_divergence, target_distribution
+from dcn.dec.layers import ClusteringLayer, batch_target_distribution, kl_divergence, target_distribution
 
 ARCHITECTURES = ("conv", "mlp")
 #: initialisations of the cluster centres (``init_centers``)
@@ -165,7 +165,7 @@ class ClusteringTask(Task):
 
 class ClusteringModel(AutoencoderModel):
     """Shared behaviour of the clustering networks: an autoencoder (built by the
-    subclass) and a Student's t :class:`~dcn.layers.ClusteringLayer` on its
+    subclass) and a Student's t :class:`~dcn.dec.layers.ClusteringLayer` on its
     embedding.
 
     Subclasses build ``self.encoder`` and ``self.decoder`` in ``__init__``,

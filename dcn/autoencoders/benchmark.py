@@ -28,8 +28,8 @@ import pandas as pd
 from common.cli import SEED_BOUNDS, ArgumentParser, run
 from common.data import load_data
 from common.errors import DataError, UsageError
+from common.processes import run_measured
 from common.results import write_csv, write_summary
-from common.runtime import run_measured
 
 CONFIGS = {
     "ae": ["--model", "ae", "--cluster", "kmeans"],

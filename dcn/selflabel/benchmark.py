@@ -40,8 +40,8 @@ import pandas as pd
 
 from common.cli import SEED_BOUNDS, ArgumentParser, changed_settings, flag_text, parsed_settings, run
 from common.errors import UsageError
+from common.processes import FINISHED, jobs_at_once, last_line, read_record, run_pinned
 from common.results import write_csv, write_json, write_summary
-from common.runtime import FINISHED, jobs_at_once, last_line, read_record, run_pinned
 
 CONFIGS = {
     "n2d": [],
@@ -90,7 +90,7 @@ def _check_settings(save_dir: Path, cmd):
     """Refuse the run in ``save_dir`` if a setting in its ``args.json`` differs
     from what ``cmd`` gives with today's defaults (a default changed since it
     ran): the same command line, another run."""
-    from dcn.selflabel_cli import SelfLabelCommand
+    from dcn.selflabel.cli import SelfLabelCommand
 
     path = save_dir / "args.json"
     if not path.is_file():
@@ -114,7 +114,7 @@ def _scoring(save_dir: Path) -> int:
 
 
 def _main(argv=None):
-    from dcn.selflabel_cli import SCORING, TARGETS
+    from dcn.selflabel.cli import SCORING, TARGETS
 
     args, passed = parser().parse_known_args(argv)
     out = Path(args.out)

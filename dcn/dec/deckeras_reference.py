@@ -41,8 +41,8 @@ import pandas as pd
 
 from common.cli import SEED_BOUNDS, ArgumentParser, run
 from common.errors import UsageError
+from common.processes import peak_rss_gb
 from common.results import write_csv
-from common.runtime import peak_rss_gb
 
 DIMS = (784, 500, 500, 2000, 10)
 
@@ -207,7 +207,7 @@ def save_ours(weights: list, path: Path, dims=DIMS):
     """DEC-keras' autoencoder weights (:func:`read_autoencoder`) into our
     autoencoder of the same ``dims`` (d-500-500-2000-10), saved as our
     weights file."""
-    from dcn.models import DCN
+    from dcn.dec.models import DCN
 
     model = DCN((dims[0],), 10, embedding_dim=dims[-1], hidden=dims[1:-1], init="dec")
     ours = model._autoencoder()
@@ -220,7 +220,7 @@ def save_ours(weights: list, path: Path, dims=DIMS):
 
 
 def _main(argv=None):
-    from dcn.benchmark import score_labels
+    from dcn.dec.benchmark import score_labels
 
     args = parser().parse_args(argv)
     if not (Path(args.deckeras) / "DEC.py").is_file():

@@ -18,7 +18,7 @@ from common.errors import UsageError
 from common.results import write_json
 from common.runtime import quiet_tensorflow
 from common.training import proportional_batch_size
-from dcn.models import (
+from dcn.dec.models import (
     CENTERS,
     MAX_EPOCHS,
     PRETRAIN_EPOCHS,
@@ -124,7 +124,7 @@ class DcnCommand(TrainingCommand):
         _check(args)
 
     def load(self, args) -> RunData:
-        from dcn import folders as fold
+        from common import folders as fold
 
         if args.data:
             if args.image_size is None:  # the images' own size, within what a CPU trains in minutes
@@ -169,7 +169,7 @@ class DcnCommand(TrainingCommand):
     def build(self, run):
         import keras
 
-        from dcn.models import DCN
+        from dcn.dec.models import DCN
 
         a = run.args
         run.optimizers = {
@@ -181,7 +181,7 @@ class DcnCommand(TrainingCommand):
                    init=a.init)
 
     def planned_steps(self, run):
-        from dcn.models import clustering_schedule
+        from dcn.dec.models import clustering_schedule
 
         a = run.args
         _, steps = clustering_schedule(len(run.data.x), a.batch_size, a.update_interval, a.max_iterations,
@@ -189,8 +189,8 @@ class DcnCommand(TrainingCommand):
         return [*run.pretrain_plan(), ("train", steps)]
 
     def train(self, run):
-        from dcn import folders as fold
-        from dcn.naming import name_from_labels, name_from_references
+        from common import folders as fold
+        from dcn.dec.naming import name_from_labels, name_from_references
 
         a, x, y, model = run.args, run.data.x, run.data.y, run.model
         augment = _augmenter(a.seed) if a.augment and x.ndim == 4 else None
@@ -353,8 +353,8 @@ def train_main(argv):
 def predict_main(argv):
     args = predict_parser().parse_args(argv)
     quiet_tensorflow()
-    from dcn.folders import load_image_files
-    from dcn.models import load_model
+    from common.folders import load_image_files
+    from dcn.dec.models import load_model
 
     model = load_model(args.model)
     if len(model.sample_shape) != 3:

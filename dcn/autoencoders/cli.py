@@ -20,8 +20,8 @@ from common.data import load_data, value_range
 from common.errors import UsageError
 from common.results import write_csv
 from common.runtime import quiet_tensorflow
-from dcn.autoencoders import MODELS
-from dcn.twostage import METHODS
+from dcn.autoencoders.models import MODELS
+from dcn.autoencoders.twostage import METHODS
 
 #: (latent_dim, hidden) of each model when not given
 DEFAULTS = {"ae": (32, (128,)), "semisupervised": (32, (128,)), "vae": (8, (400, 128)),
@@ -127,7 +127,7 @@ class AeCommand(TrainingCommand):
     def build(self, run):
         import keras
 
-        from dcn.autoencoders import build
+        from dcn.autoencoders.models import build
 
         a = run.args
         run.optimizers = {"train": keras.optimizers.Adam(a.lr)}
@@ -141,8 +141,8 @@ class AeCommand(TrainingCommand):
     def train(self, run):
         from sklearn.cluster import KMeans
 
-        from dcn.autoencoders import labeled_subset
-        from dcn.twostage import cluster_codes
+        from dcn.autoencoders.models import labeled_subset
+        from dcn.autoencoders.twostage import cluster_codes
 
         a, x, y, model = run.args, run.data.x, run.data.y, run.model
         labels = None
@@ -165,7 +165,7 @@ class AeCommand(TrainingCommand):
         run.data.extra.update(codes=codes, stages=stages, kmeans=kmeans)
 
     def results(self, run):
-        from dcn.twostage import text
+        from dcn.autoencoders.twostage import text
 
         a, d, model = run.args, run.data, run.model
         stages = d.extra["stages"]
@@ -196,7 +196,7 @@ class AeCommand(TrainingCommand):
         import pandas as pd
 
         from common.command import prediction_frame
-        from dcn.twostage import method_name
+        from dcn.autoencoders.twostage import method_name
 
         a, d, stages = run.args, run.data, run.data.extra["stages"]
         columns = {}
@@ -348,7 +348,7 @@ def generate_main(argv):
         raise UsageError(f"--out must end in .png or .csv, got {out.name}")
     quiet_tensorflow()
     from common import plots
-    from dcn.autoencoders import load_model
+    from dcn.autoencoders.models import load_model
 
     model = load_model(args.model)
     if args.label is not None and not model.needs_labels:

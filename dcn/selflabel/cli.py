@@ -638,7 +638,7 @@ def predict_parser():
 def predict_main(argv):
     args = predict_parser().parse_args(argv)
     quiet_tensorflow()
-    from dcn.folders import load_image_files
+    from common.folders import load_image_files
     from dcn.selflabel import load_model
 
     model = load_model(args.model)

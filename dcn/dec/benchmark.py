@@ -17,7 +17,7 @@ earlier run, or DEC-keras' own (``bin/dcn-deckeras``), instead.
 Targets are refreshed every 140 iterations; training stops when fewer than
 0.1 % of the labels change, or after 20,000 iterations. On Fashion-MNIST
 with ``--protocol dec-keras``, ``published.csv`` sets the runs beside
-DEC-keras' own 10 trials (means, spreads, Welch's test; :mod:`dcn.published`).
+DEC-keras' own 10 trials (means, spreads, Welch's test; :mod:`dcn.dec.published`).
 
 Folders (``--folder``): Fashion-MNIST images written as PNG files into
 ``train/`` (unlabelled), ``test/<class>/`` and ``reference/<class>_N.png``
@@ -45,8 +45,9 @@ from common.cli import SEED_BOUNDS, ArgumentParser, command_line, parsed_setting
 from common.data import KNOWN_DATASETS, load_data
 from common.errors import UsageError
 from common.metrics import evaluate_clustering
+from common.processes import JOBS_HELP, peak_rss_gb, run_measured, run_seeds
 from common.results import write_csv, write_summary
-from common.runtime import JOBS_HELP, peak_rss_gb, quiet_tensorflow, run_measured, run_seeds
+from common.runtime import quiet_tensorflow
 
 METHODS = ("ae+kmeans", "dec", "idec")
 COLUMNS = ("acc", "nmi", "nmi_geometric", "ari", "iterations", "pretrain_seconds", "cluster_seconds",
@@ -113,7 +114,7 @@ def speed_cases():
 
     from common.networks import ReconstructionTask
     from common.speed import SpeedCase, random_data
-    from dcn.models import DCN, ClusteringTask
+    from dcn.dec.models import DCN, ClusteringTask
 
     def case(name, shape, recon_weight, pretrain=False):
         def make():
@@ -134,13 +135,13 @@ def speed_cases():
 
 
 def parallel_vector_runs(args, out: Path, rows: list):
-    """Each seed in its own ``dcn.benchmark`` process, ``args.jobs`` at once
-    (:func:`common.runtime.run_seeds`), writing ``<out>/seed<N>/`` (runs.csv,
+    """Each seed in its own ``dcn.dec.benchmark`` process, ``args.jobs`` at once
+    (:func:`common.processes.run_seeds`), writing ``<out>/seed<N>/`` (runs.csv,
     the autoencoder weights, log.txt); the rows come back in seed order."""
     flags = command_line(parser(), args, skip=("runs", "seed", "out", "jobs", "folder"))
     seeds = range(args.seed, args.seed + args.runs)
     inputs = (lambda seed: [pretrained_weights(args, seed)]) if args.pretrained else None
-    for seed_rows in run_seeds("dcn.benchmark", flags, seeds, out, args.jobs, inputs=inputs,
+    for seed_rows in run_seeds("dcn.dec.benchmark", flags, seeds, out, args.jobs, inputs=inputs,
                                settings=partial(parsed_settings, parser())):
         for row in seed_rows:
             rows.append(row)
@@ -179,7 +180,7 @@ def pretrained_weights(args, seed: int) -> Path:
 def vector_runs(args, out: Path, rows: list):
     import keras
 
-    from dcn.models import DCN
+    from dcn.dec.models import DCN
 
     (x, y), _ = load_data(args.dataset, data_dir=args.data_dir)
     k = len(np.unique(y))
@@ -293,9 +294,9 @@ def folder_run(args, out: Path):
 
 
 def compare_published(rows: list, out: Path, pretrained=None):
-    """Our runs beside DEC-keras' 10 Fashion-MNIST trials (:mod:`dcn.published`):
+    """Our runs beside DEC-keras' 10 Fashion-MNIST trials (:mod:`dcn.dec.published`):
     writes ``<out>/published.csv`` and prints it."""
-    from dcn.published import compare_dec_keras, text
+    from dcn.dec.published import compare_dec_keras, text
 
     table = compare_dec_keras(pd.DataFrame(rows))
     if len(table):
