@@ -108,6 +108,7 @@ class Run:
     stages: dict = field(default_factory=dict)   # stage name -> seconds (load, build, ...)
     chief: bool = True  # False on the other workers of a multi-worker run: they write no files
     kept: dict = field(default_factory=dict)  # what one hook computed for a later one (results -> pictures)
+    results: dict = field(default_factory=dict)  # results.json, once written
 
     def loop_options(self, **overrides) -> dict:
         """Keyword arguments of :func:`common.training.train` from the shared flags."""
@@ -220,7 +221,60 @@ class TrainingCommand:
         add_run_arguments(p, self.seed_help, progress=self.progress)
         return p
 
+    def fit(self, x=None, y=None, **flags) -> Run:
+        """Train from Python: the program's flags as keyword arguments, the
+        same checks, phases and files as on the command line.
+
+        ``x`` (samples on the first axis; images as (N, H, W, C)) and its
+        labels ``y`` (optional, for the reports only) are written to
+        ``<save_dir>/data.npz`` and trained on as ``--data`` (so that
+        ``resume=True`` finds them again); or give ``data=`` (a file or an
+        image folder) or ``dataset=`` (a named data set). Values are written
+        as on the command line: ``map_size=(8, 8)``, ``augment=True`` for a
+        switch. Returns the :class:`Run`: ``run.model`` (trained),
+        ``run.results`` (as ``results.json``), ``run.save_dir``.
+        """
+        import argparse
+
+        parser = self.parser()
+        actions = {a.dest: a for a in parser._actions}
+        if x is not None:
+            if "data" in flags or "dataset" in flags:
+                raise UsageError("give the samples as x, or data= / dataset=, not both")
+            save_dir = Path(flags.get("save_dir") or f"results/{self.prog}_arrays")
+            save_dir.mkdir(parents=True, exist_ok=True)
+            arrays = {"x": np.asarray(x)} | ({} if y is None else {"y": np.asarray(y)})
+            np.savez(save_dir / "data.npz", **arrays)
+            flags.update(data=str(save_dir / "data.npz"), save_dir=str(save_dir))
+        argv = []
+        for name, value in flags.items():
+            action = actions.get(name)
+            if action is None or not action.option_strings:
+                raise UsageError(f"{self.prog} has no flag --{name}; see {self.prog} --help")
+            flag = action.option_strings[0]
+            if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+                argv += [flag] if bool(value) == isinstance(action, argparse._StoreTrueAction) else []
+            elif value is None:
+                continue
+            elif isinstance(value, (list, tuple)):
+                argv += [flag, *map(str, value)]
+            else:
+                argv += [flag, str(value)]
+
+        def refuse(message):  # argparse's errors as the exception, not an exit
+            raise UsageError(f"{message} (see {self.prog} --help)")
+
+        parser.error = refuse
+        parser.parse_args(argv)
+        return self.execute(argv)
+
     def main(self, argv=None) -> int:
+        """The command line: train, write everything, return 0."""
+        self.execute(argv)
+        return 0
+
+    def execute(self, argv=None) -> Run:
+        """Run the skeleton on ``argv`` (the module docstring's steps) and return the :class:`Run`."""
         t0 = time.perf_counter()
         argv = sys.argv[1:] if argv is None else list(argv)
         args = self.parser().parse_args(argv)
@@ -299,7 +353,7 @@ class TrainingCommand:
             self.train(run)
         run.stages["train"] = time.perf_counter() - t
         if not chief:
-            return 0
+            return run
         from common.networks import save_keras_model
 
         t = time.perf_counter()
@@ -346,4 +400,5 @@ class TrainingCommand:
                 print(line)
             written = [f for f in self.outputs if (save_dir / f).exists()]
             print(f"outputs in {save_dir}/: {' '.join(written)}")
-        return 0
+        run.results = results
+        return run

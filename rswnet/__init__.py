@@ -13,4 +13,16 @@ quiet_tensorflow()  # before Keras imports TensorFlow: no C++ start-up chatter
 from rswnet.models import HEADS, RSWNet, RSWNetSOM, load_model  # noqa: E402
 from rswnet.networks import ResNetInput, resnet_decoder, resnet_encoder  # noqa: E402
 
-__all__ = ["HEADS", "RSWNet", "RSWNetSOM", "ResNetInput", "load_model", "resnet_decoder", "resnet_encoder"]
+__all__ = ["HEADS", "RSWNet", "RSWNetSOM", "ResNetInput", "fit", "load_model", "resnet_decoder",
+           "resnet_encoder"]
+
+
+def fit(x=None, y=None, **flags):
+    """Train as ``bin/rswnet`` does, from Python: its flags as keyword
+    arguments, e.g. ``rswnet.fit(data="photos/", weights="none", save_dir="results/r")``.
+    ``x`` (and labels ``y``, for the reports) are samples in memory; or give
+    ``data=`` or ``dataset=``. Returns the run: ``run.model``, ``run.results``,
+    ``run.save_dir`` (see :meth:`common.command.TrainingCommand.fit`)."""
+    from rswnet.cli import RswnetCommand
+
+    return RswnetCommand().fit(x, y, **flags)

@@ -426,4 +426,5 @@ def test_datatool_info_prints_shape_classes_and_range(capsys):
     from common.datatool import main
 
     main(["info", "digits"])
-    assert capsys.readouterr().out.strip() == "digits: 1797 samples, 64 features, 10 classes, values in [0, 1]"
+    printed = capsys.readouterr().out.strip()
+    assert printed == "digits: 1797 samples, 64 features, 10 classes, values in [0, 1]"

@@ -395,7 +395,7 @@ def test_default_image_size_is_the_images_median_side_within_64(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    ([], "give --data DIR"),
+    ([], "give --data PATH"),
     (["--data", "missing_dir"], "data folder missing_dir not found"),
     (["--dataset", "digits", "--n_clusters", "1"], "argument --n_clusters: must be in [2, inf), got 1"),
     (["--dataset", "digits", "--batch_size", "4000"], "larger than the 1797 training samples"),
@@ -660,3 +660,17 @@ def test_dcn_benchmark_starts_from_pretrained_weights(tmp_path, capsys):
     assert "autoencoder from" in capsys.readouterr().out
     assert_one_line_error(bench, [*flags, "--pretrained", str(first), "--pretrain_epochs", "2", "--out",
                                   str(again)], "--pretrain_epochs has no effect with --pretrained", capsys)
+
+
+def test_data_takes_a_file_as_well_as_an_image_folder(tmp_path):
+    from dcn.dec.cli import DcnCommand
+
+    command = DcnCommand()
+    np.savez(tmp_path / "points.npz", x=np.zeros((40, 3), np.float32))
+    args = command.parser().parse_args(["--data", str(tmp_path / "points.npz")])
+    command.check(args)
+    assert args.dataset == str(tmp_path / "points.npz") and args.data is None  # read as a data set
+    (tmp_path / "photos" / "train").mkdir(parents=True)
+    args = command.parser().parse_args(["--data", str(tmp_path / "photos")])
+    command.check(args)
+    assert args.data == str(tmp_path / "photos") and args.dataset is None  # an image folder

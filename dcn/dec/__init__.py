@@ -16,4 +16,16 @@ autoencoder's embedding, trained towards its own sharpened target.
 from dcn.dec.layers import ClusteringLayer, kl_divergence, target_distribution
 from dcn.dec.models import DCN, ClusteringModel, load_model
 
-__all__ = ["DCN", "ClusteringLayer", "ClusteringModel", "kl_divergence", "load_model", "target_distribution"]
+__all__ = ["DCN", "ClusteringLayer", "ClusteringModel", "fit", "kl_divergence", "load_model",
+           "target_distribution"]
+
+
+def fit(x=None, y=None, **flags):
+    """Train as ``bin/dcn`` does, from Python: its flags as keyword
+    arguments, e.g. ``dcn.dec.fit(data="photos/", image_size=64, save_dir="results/photos")``.
+    ``x`` (and labels ``y``, for the reports) are samples in memory; or give
+    ``data=`` or ``dataset=``. Returns the run: ``run.model``, ``run.results``,
+    ``run.save_dir`` (see :meth:`common.command.TrainingCommand.fit`)."""
+    from dcn.dec.cli import DcnCommand
+
+    return DcnCommand().fit(x, y, **flags)

@@ -50,11 +50,12 @@ class DcnCommand(TrainingCommand):
 
     def add_arguments(self, p):
         src = p.add_mutually_exclusive_group()
-        src.add_argument("--data", metavar="DIR",
-                         help="image folder with train/ and optional test/, reference/")
+        src.add_argument("--data", metavar="PATH",
+                         help="your data: an image folder with train/ and optional test/, reference/; or a "
+                         ".npz/.csv/.npy file or a folder of .npy shards (read batch by batch)")
         src.add_argument("--dataset", metavar="NAME|FILE",
-                         help=f"a vector data set (DEC/IDEC protocol): {', '.join(KNOWN_DATASETS)}, "
-                              "a .npz/.csv/.npy file or a folder of .npy shards (read batch by batch)")
+                         help=f"a named data set (DEC/IDEC protocol): {', '.join(KNOWN_DATASETS)} (a file "
+                         "is also taken here, as with --data)")
         p.add_argument("--data_dir", help="--dataset: folder searched first for its files")
         p.add_argument("--n_clusters", type=int, bounds="[2, inf)",
                        help="number of clusters (default: reference classes, or the data set's classes)")
@@ -117,7 +118,9 @@ class DcnCommand(TrainingCommand):
 
     def check(self, args):
         if not (args.data or args.dataset):
-            raise UsageError("give --data DIR (an image folder) or --dataset NAME")
+            raise UsageError("give --data PATH (an image folder or a file) or --dataset NAME")
+        if args.data and _is_array_data(args.data):  # a file or .npy shards: read as a data set
+            args.dataset, args.data = args.data, None
         if args.dataset and not (args.dataset in KNOWN_DATASETS or is_file_name(args.dataset)):
             raise UsageError(f"--dataset {args.dataset}: unknown; give one of {', '.join(KNOWN_DATASETS)}, a "
                              ".npz/.csv/.npy file or a folder of .npy shards")
@@ -288,6 +291,13 @@ def predict_parser():
 
 
 # --------------------------------------------------------------------------- #
+def _is_array_data(path: str) -> bool:
+    """A file, or a folder of .npy shards (not an image folder)."""
+    p = Path(path)
+    return p.is_file() or (p.is_dir() and any(p.glob("*.npy"))) or p.suffix.lower() in (".npz", ".csv",
+                                                                                          ".npy")
+
+
 def _check(args):
     if args.image_size is None:
         pass  # chosen from the images when they are loaded

@@ -87,9 +87,20 @@ from dcn.selflabel.refine import (
     relabel,
 )
 
-__all__ = ["AUGMENT", "AUGMENTATIONS", "CONTRASTIVE_AUGMENT", "ContrastiveTask", "FIT_ROUNDS",
+__all__ = ["fit", "AUGMENT", "AUGMENTATIONS", "CONTRASTIVE_AUGMENT", "ContrastiveTask", "FIT_ROUNDS",
            "FIT_THRESHOLD", "INITS", "INIT_MODEL", "MANIFOLDS", "MIN_STEPS", "NeighbourTask",
            "PseudoLabelTask", "RELABELS", "SELECTIONS", "SelfLabelNet", "align_labels",
            "aligned_stability", "augmenter", "balanced_labels", "best_iteration", "class_offsets",
            "fraction_at", "initial_features", "iteration_stretch", "label_scores", "load_model",
            "nearest_neighbours", "neighbour_agreement", "nt_xent", "refine", "relabel", "select_confident"]
+
+
+def fit(x=None, y=None, **flags):
+    """Train as ``bin/selflabel`` does, from Python: its flags as keyword
+    arguments, e.g. ``dcn.selflabel.fit(images, n_clusters=10, save_dir="results/x")``.
+    ``x`` (and labels ``y``, for the reports) are samples in memory; or give
+    ``data=`` or ``dataset=``. Returns the run: ``run.model``, ``run.results``,
+    ``run.save_dir`` (see :meth:`common.command.TrainingCommand.fit`)."""
+    from dcn.selflabel.cli import SelfLabelCommand
+
+    return SelfLabelCommand().fit(x, y, **flags)

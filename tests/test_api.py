@@ -1,0 +1,58 @@
+"""The library API: each system trains from Python with its program's flags as
+keyword arguments, on arrays in memory or on a named data set."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.datasets import load_digits
+
+from common.errors import UsageError
+
+
+def digits(images: bool = False):
+    d = load_digits()
+    x = (d.data / 16.0).astype("float32")
+    return (x.reshape(-1, 8, 8, 1) if images else x), d.target
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("system", ["desom", "dcn.dec", "dcn.autoencoders", "dcn.selflabel", "rswnet"])
+def test_each_system_fits_from_python_with_the_flags_of_its_program(system, tmp_path):
+    import importlib
+
+    from common.networks import load_model
+
+    package = importlib.import_module(system)
+    flags = {
+        "desom": dict(map_size=(3, 3), iterations=60),
+        "dcn.dec": dict(pretrain_epochs=1, max_iterations=20, centers="kmeans"),
+        "dcn.autoencoders": dict(epochs=1, cluster=["kmeans"], som_map_size=(3, 3), tsne_samples=100),
+        "dcn.selflabel": dict(iterations=1, init="random", manifold="none", clusterer="kmeans", min_steps=0,
+                              epochs_per_iteration=1, knn_epochs=0, augment=[]),
+        "rswnet": dict(dataset="digits", input_size=32, weights="none", subset=60, test_subset=60,
+                       pretrain_epochs=1, epochs=1, batch_size=30, desom_iterations=5, som_epochs=1,
+                       tsne_samples=60, internal_samples=60, n_init=2),
+    }[system]
+    images = system in ("dcn.autoencoders", "dcn.selflabel")
+    x, y = (None, None) if system == "rswnet" else digits(images)
+    run = package.fit(x, y, save_dir=str(tmp_path / "run"), verbose=0, **flags)
+    assert (run.save_dir / "model.keras").is_file() and (run.save_dir / "results.json").is_file()
+    assert run.results["command"].startswith("bin/")  # the same record as a command-line run
+    written = pd.read_csv(run.save_dir / "predictions.csv")
+    assert len(written) >= (60 if system == "rswnet" else 1347)  # selflabel: its training part at least
+    if x is not None:  # the samples are kept beside the run, for --resume
+        np.testing.assert_array_equal(np.load(run.save_dir / "data.npz")["x"], x)
+    again = load_model(run.save_dir / "model.keras")
+    assert type(again) is type(run.model)
+
+
+def test_a_flag_the_program_does_not_have_or_a_bad_value_is_one_usage_error(tmp_path):
+    import desom
+
+    x, _ = digits()
+    with pytest.raises(UsageError, match="desom has no flag --nonsense"):
+        desom.fit(x, nonsense=3, save_dir=str(tmp_path / "a"))
+    with pytest.raises(UsageError, match=r"argument --iterations: must be in \[1, inf\), got -3"):
+        desom.fit(x, iterations=-3, save_dir=str(tmp_path / "b"))
+    with pytest.raises(UsageError, match="not both"):
+        desom.fit(x, dataset="digits")
