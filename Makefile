@@ -1,7 +1,8 @@
 # Two set-up commands for a fresh machine: `make demo` and `make test`.
 # Each creates .venv on first use and installs the package (editable) with its
 # dev extra and TensorFlow. TF=gpu installs tensorflow[and-cuda] instead of
-# tensorflow-cpu: `make test TF=gpu`.
+# tensorflow-cpu: `make test TF=gpu`; switching removes the other flavour first
+# and checks that exactly one is installed.
 PYTHON ?= python3
 TF ?= cpu
 VENV := .venv
@@ -10,10 +11,16 @@ STAMP := $(VENV)/.installed-$(TF)
 
 .PHONY: demo test test-fast bench bench-robust bench-speed bench-schedule bench-deckeras bench-deckeras-reference bench-desom30k clean
 
+# the other flavour's distribution: both install the module `tensorflow`, so it goes first
+OTHER_TF := $(if $(filter gpu,$(TF)),tensorflow-cpu,tensorflow)
+
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip uninstall --quiet --yes $(OTHER_TF) 2>/dev/null || true
 	$(PY) -m pip install --quiet -e '.[dev,$(TF)]'
+	@n=$$($(PY) -m pip list 2>/dev/null | grep -ciE '^tensorflow([-_]cpu)? '); test "$$n" = 1 || \
+	  { echo "expected one TensorFlow flavour in $(VENV), found $$n:"; $(PY) -m pip list | grep -iE '^tensorflow'; exit 1; }
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -164,7 +164,7 @@ SEED_BOUNDS = "[0, 4294967295]"
 def add_run_arguments(p, seed_help: str, progress: str = "progress bar"):
     """The flags every training command shares: --seed, --strategy,
     --mixed_precision, --jit (and its alias --no_jit), --steps_per_execution,
-    --checkpoint_minutes, --resume, --deterministic and --verbose."""
+    --checkpoint_minutes, --resume, --overwrite, --deterministic and --verbose."""
     from common.runtime import JIT_MODES, STRATEGIES
 
     p.add_argument("--seed", type=int, default=0, bounds=SEED_BOUNDS, help=seed_help)
@@ -183,6 +183,9 @@ def add_run_arguments(p, seed_help: str, progress: str = "progress bar"):
                    "Ctrl-C and errors save one too")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --save_dir from its last checkpoint, with its arguments")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a --save_dir that holds an earlier run (its files are replaced); "
+                   "without it, or --resume, such a folder is refused")
     p.add_argument("--deterministic", action="store_true",
                    help="TensorFlow's op determinism: with the same --seed, two runs on the same machine "
                    "give identical results (slower; no XLA)")
@@ -193,7 +196,7 @@ def add_run_arguments(p, seed_help: str, progress: str = "progress bar"):
 #: Flags that change how a run computes or what it draws, not what it computes: a resumed run takes them
 #: from its command line.
 RUNTIME_FLAGS = ("verbose", "strategy", "save_dir", "jit", "steps_per_execution", "checkpoint_minutes",
-                 "resume", "no_explorer")
+                 "resume", "overwrite", "no_explorer")
 
 
 def given_arguments(parser: argparse.ArgumentParser, argv) -> dict:

@@ -12,7 +12,8 @@ order, the same for every command:
 2. :meth:`~TrainingCommand.check` the arguments, then
    :meth:`~TrainingCommand.load` the data (before TensorFlow is set up, so bad
    input fails fast) and check the batch size against it;
-3. create ``--save_dir`` and write ``args.json``;
+3. create ``--save_dir`` (refused when it holds an earlier run, unless
+   ``--resume`` or ``--overwrite``) and write ``args.json``;
 4. seed (with ``--deterministic``, TensorFlow's op determinism), precision
    policy, ``tf.distribute`` strategy; one start-up line naming the data,
    the model and the device;
@@ -290,6 +291,8 @@ class TrainingCommand:
             args, changed = resume_args(args, given, self.resume_may_change)
             if changed:
                 self.resumed_with_changes(args, changed)
+        if args.resume and args.overwrite:
+            raise UsageError("--resume continues the run in --save_dir and --overwrite replaces it; give one")
         self.check(args)
         if args.verbose == 1 and not sys.stdout.isatty():
             args.verbose = 2  # a progress bar in a log file is noise
@@ -300,6 +303,10 @@ class TrainingCommand:
             raise UsageError(f"--batch_size {args.batch_size} is larger than the {len(data.x)} training "
                              f"samples; use --batch_size {min(256, len(data.x))} or less")
         save_dir = Path(args.save_dir or self.default_save_dir(args, data))
+        if (save_dir / "args.json").is_file() and not (args.resume or args.overwrite):
+            state = "a finished run" if (save_dir / "results.json").is_file() else "an unfinished run"
+            raise UsageError(f"{save_dir} holds {state}; give --resume to continue it, --overwrite to "
+                             f"replace it, or another --save_dir")
         save_dir.mkdir(parents=True, exist_ok=True)
         args.save_dir = str(save_dir)
         run = Run(args=args, data=data, save_dir=save_dir)

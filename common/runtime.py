@@ -29,25 +29,58 @@ JIT_MODES = ("auto", "on", "off")
 
 @contextlib.contextmanager
 def _stderr_silenced():
-    """Silence file descriptor 2 (C++ logging bypasses sys.stderr)."""
+    """Send file descriptor 2 to a temporary file (C++ logging bypasses
+    sys.stderr); yields a list that holds what was written there afterwards."""
+    import tempfile
+
+    kept: list = []
     try:
         fd = sys.stderr.fileno()
     except (AttributeError, OSError, ValueError):  # pytest capture, notebooks
-        yield
+        yield kept
         return
     sys.stderr.flush()
     saved = os.dup(fd)
     try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), fd)
-            yield
+        with tempfile.TemporaryFile("w+", errors="replace") as caught:
+            os.dup2(caught.fileno(), fd)
+            try:
+                yield kept
+            finally:
+                os.dup2(saved, fd)
+                caught.seek(0)
+                kept.append(caught.read(200_000))
     finally:
-        os.dup2(saved, fd)
         os.close(saved)
 
 
+#: Signs that a machine has an NVIDIA GPU, whatever TensorFlow makes of it.
+NVIDIA_SIGNS = ("/proc/driver/nvidia/version", "/dev/nvidia0")
+
+
+def gpu_problem(startup_messages: str, built_with_cuda: bool, gpus_seen: int,
+                has_nvidia: bool | None = None) -> str | None:
+    """Why TensorFlow uses no GPU on a machine that has one (None when it
+    uses one, or the machine has none): the first start-up message about a
+    CUDA library it could not load, or the CPU-only build."""
+    if has_nvidia is None:
+        has_nvidia = any(os.path.exists(p) for p in NVIDIA_SIGNS)
+    if gpus_seen or not has_nvidia:
+        return None
+    if not built_with_cuda:
+        return ("this TensorFlow is built without CUDA (tensorflow-cpu); install the GPU flavour: "
+                "make ... TF=gpu, or pip install -e '.[gpu]'")
+    for line in startup_messages.splitlines():
+        if any(sign in line for sign in ("Could not load dynamic library", "Cannot dlopen", "cuInit",
+                                         "Could not find cuda drivers", "libcuda", "libcudnn")):
+            return line.strip()[-300:]
+    return "TensorFlow found no usable GPU (run with TF_CPP_MIN_LOG_LEVEL=0 to see its start-up messages)"
+
+
 def quiet_tensorflow():
-    """Import TensorFlow once, hiding its C++ start-up messages.
+    """Import TensorFlow once, hiding its C++ start-up messages; on a machine
+    with an NVIDIA GPU that TensorFlow cannot use, one warning line says why
+    (:func:`gpu_problem`).
 
     Keeps the user's own ``TF_CPP_MIN_LOG_LEVEL`` when set. Errors raised by
     the import itself still propagate (they are Python exceptions). With
@@ -57,11 +90,17 @@ def quiet_tensorflow():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
-    with _stderr_silenced():
+    with _stderr_silenced() as messages:
         import tensorflow as tf
 
         if "TF_CONFIG" not in os.environ:
             tf.constant(0)  # the first op triggers the remaining one-time messages
+    # (not before a multi-worker strategy has configured the runtime: TF_CONFIG)
+    problem = None if "TF_CONFIG" in os.environ else gpu_problem(
+        "".join(messages), tf.test.is_built_with_cuda(), len(tf.config.list_physical_devices("GPU")))
+    if problem:  # the one start-up message a user needs
+        print(f"warning: this machine has an NVIDIA GPU but TensorFlow cannot use it: {problem}",
+              file=sys.stderr, flush=True)
     # Each model's predict function counts as a retrace of Keras' one shared
     # function, so a process that builds several models gets told off for it.
     tf.get_logger().addFilter(lambda record: "triggered tf.function retracing" not in record.getMessage())
@@ -153,9 +192,17 @@ def worker_count(strategy) -> int:
 
 
 def set_mixed_precision(enabled: bool):
-    """Use float16 compute with float32 variables (GPU); the loop scales losses."""
+    """Use float16 compute with float32 variables (GPU); the loop scales losses.
+
+    On a machine without a GPU the policy is set all the same (the path can
+    be tested there), with one warning line on stderr: CPUs emulate float16,
+    so it is slower than float32, not faster.
+    """
     import keras
 
+    if enabled and not gpu_names():
+        print("warning: --mixed_precision is a GPU option; this machine has no GPU, so float16 is emulated "
+              "and slower than float32 (running with it anyway)", file=sys.stderr, flush=True)
     keras.mixed_precision.set_global_policy("mixed_float16" if enabled else "float32")
 
 

@@ -55,7 +55,7 @@ def _main(argv=None):
             save_dir = out / f"{head}_seed{seed}"
             cmd = [str(rswnet), "--dataset", args.dataset, "--head", head, "--input_size",
                    str(args.input_size), "--weights", args.weights, "--subset", str(args.subset), "--seed",
-                   str(seed), "--save_dir", str(save_dir), "--verbose", "0", *passed]
+                   str(seed), "--save_dir", str(save_dir), "--overwrite", "--verbose", "0", *passed]
             ended = run_measured(cmd)
             seconds = ended.seconds
             if ended.code:

@@ -1,5 +1,6 @@
 """The library API: each system trains from Python with its program's flags as
-keyword arguments, on arrays in memory or on a named data set."""
+keyword arguments, on arrays in memory (rswnet.fit is the same two lines over
+bin/rswnet's command; its ResNet50 makes it the slow one to test here)."""
 
 import numpy as np
 import pandas as pd
@@ -16,7 +17,7 @@ def digits(images: bool = False):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("system", ["desom", "dcn.dec", "dcn.autoencoders", "dcn.selflabel", "rswnet"])
+@pytest.mark.parametrize("system", ["desom", "dcn.dec", "dcn.autoencoders", "dcn.selflabel"])
 def test_each_system_fits_from_python_with_the_flags_of_its_program(system, tmp_path):
     import importlib
 
@@ -29,19 +30,15 @@ def test_each_system_fits_from_python_with_the_flags_of_its_program(system, tmp_
         "dcn.autoencoders": dict(epochs=1, cluster=["kmeans"], som_map_size=(3, 3), tsne_samples=100),
         "dcn.selflabel": dict(iterations=1, init="random", manifold="none", clusterer="kmeans", min_steps=0,
                               epochs_per_iteration=1, knn_epochs=0, augment=[]),
-        "rswnet": dict(dataset="digits", input_size=32, weights="none", subset=60, test_subset=60,
-                       pretrain_epochs=1, epochs=1, batch_size=30, desom_iterations=5, som_epochs=1,
-                       tsne_samples=60, internal_samples=60, n_init=2),
     }[system]
     images = system in ("dcn.autoencoders", "dcn.selflabel")
-    x, y = (None, None) if system == "rswnet" else digits(images)
+    x, y = digits(images)
     run = package.fit(x, y, save_dir=str(tmp_path / "run"), verbose=0, **flags)
     assert (run.save_dir / "model.keras").is_file() and (run.save_dir / "results.json").is_file()
     assert run.results["command"].startswith("bin/")  # the same record as a command-line run
     written = pd.read_csv(run.save_dir / "predictions.csv")
-    assert len(written) >= (60 if system == "rswnet" else 1347)  # selflabel: its training part at least
-    if x is not None:  # the samples are kept beside the run, for --resume
-        np.testing.assert_array_equal(np.load(run.save_dir / "data.npz")["x"], x)
+    assert len(written) >= 1347  # every sample (selflabel: its training part at least)
+    np.testing.assert_array_equal(np.load(run.save_dir / "data.npz")["x"], x)  # kept, for --resume
     again = load_model(run.save_dir / "model.keras")
     assert type(again) is type(run.model)
 

@@ -63,7 +63,10 @@ def test_a_new_command_gets_every_shared_step(tmp_path, capsys):
     out = tmp_path / "run"
     assert TinySom().main(["--save_dir", str(out), "--steps_per_execution", "4", "--verbose", "1"]) == 0
     printed = capsys.readouterr().out
-    assert "digits: 1797 samples; Kerasom; CPU (" in printed  # data, model and device on one line
+    from common.runtime import describe_devices
+
+    device = describe_devices()  # "CPU (2 cores)" here, the GPUs where there are some
+    assert f"digits: 1797 samples; Kerasom; {device}" in printed  # data, model and device on one line
     assert "train: 30 iterations = 1.1 epochs of 28 batches of 64; XLA on, steps per call 4" in printed
     assert "outputs in" in printed and "extra.txt" in printed and "purity" in printed
     for name in ("args.json", "model.keras", "log.csv", "results.json", "extra.txt"):
@@ -82,7 +85,7 @@ def test_a_new_command_gets_every_shared_step(tmp_path, capsys):
     assert timings["total_seconds"] >= timings["stages"]["train_seconds"] >= timings["train"]["total_seconds"]
     assert results["iterations_per_second"] == timings["train"]["iterations_per_second"]
     env = results["environment"]
-    assert env["device"].startswith("CPU") and env["jit"] == {"train": True}
+    assert env["device"] == device and env["jit"] == {"train": True}
     assert env["steps_per_execution"] == {"train": 4}
     assert results["args"]["iterations"] == 30 and 0 < results["purity"] <= 1
 
@@ -107,6 +110,26 @@ def test_a_default_batch_larger_than_the_data_becomes_the_whole_data_a_given_one
     assert_one_line_error(lambda a: run(TinyData().main, a, prog="tiny"),
                           ["--save_dir", str(out), "--batch_size", "64"],
                           "--batch_size 64 is larger than the 40 training samples", capsys)
+
+
+def test_a_folder_holding_a_run_is_refused_without_resume_or_overwrite(tmp_path, capsys):
+    from common.cli import run
+
+    out = tmp_path / "run"
+    argv = ["--save_dir", str(out), "--iterations", "3", "--verbose", "0"]
+    assert TinyData().main(argv) == 0
+    first = (out / "results.json").read_text()
+    assert_one_line_error(lambda a: run(TinyData().main, a, prog="tiny"), argv,
+                          f"{out} holds a finished run; give --resume to continue it, --overwrite to replace "
+                          "it, or another --save_dir", capsys)
+    assert (out / "results.json").read_text() == first  # nothing touched
+    (out / "results.json").unlink()  # as a run stopped before its end leaves it
+    assert_one_line_error(lambda a: run(TinyData().main, a, prog="tiny"), argv, "holds an unfinished run",
+                          capsys)
+    assert_one_line_error(lambda a: run(TinyData().main, a, prog="tiny"), [*argv, "--resume", "--overwrite"],
+                          "give one", capsys)
+    assert TinyData().main([*argv, "--overwrite"]) == 0
+    assert (out / "results.json").is_file()
 
 
 @pytest.mark.parametrize("argv, message", [

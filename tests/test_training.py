@@ -488,10 +488,14 @@ def test_resume_falls_back_to_the_previous_checkpoint_when_the_newest_is_damaged
 
 
 # ---------------------------------------------------------------- XLA where it pays
-def test_auto_compiles_dense_models_and_not_convolutional_ones_on_a_cpu():
+def test_auto_compiles_dense_models_and_not_convolutional_ones_on_a_cpu(monkeypatch):
+    import common.runtime as runtime
+
     dense, conv, som = DESOM(64, (2, 2), **SMALL), ConvDESOM((8, 8, 1), (2, 2), filters=(4,)), Kerasom(5)
+    assert resolve_jit("auto", conv) == bool(runtime.gpu_names())  # on this machine, whatever it has
+    monkeypatch.setattr(runtime, "gpu_names", lambda: [])  # then as on a CPU-only machine
     assert resolve_jit("auto", dense) and resolve_jit("auto", som)
-    assert not resolve_jit("auto", conv)  # this machine has no GPU (CI neither)
+    assert not resolve_jit("auto", conv)
     assert resolve_jit("on", conv) and resolve_jit(True, conv)
     assert not resolve_jit("off", dense) and not resolve_jit(False, dense)
     assert not resolve_jit("auto", dense, replicas=2) and not resolve_jit("on", dense, replicas=2)
@@ -504,6 +508,39 @@ def test_auto_compiles_dense_models_and_not_convolutional_ones_on_a_cpu():
     assert not resolve_jit("auto", dense)
     with pytest.raises(UsageError, match="unknown XLA mode 'maybe'"):
         resolve_jit("maybe", dense)
+
+
+def test_mixed_precision_without_a_gpu_says_so_in_one_line_and_runs(monkeypatch, capsys):
+    import keras
+
+    import common.runtime as runtime
+
+    monkeypatch.setattr(runtime, "gpu_names", lambda: [])
+    try:
+        runtime.set_mixed_precision(True)
+        assert keras.mixed_precision.global_policy().name == "mixed_float16"
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("warning: --mixed_precision is a GPU option"), err
+        monkeypatch.setattr(runtime, "gpu_names", lambda: ["a GPU"])
+        runtime.set_mixed_precision(True)
+        assert capsys.readouterr().err == ""  # on a GPU, nothing to say
+    finally:
+        runtime.set_mixed_precision(False)
+
+
+def test_a_gpu_tensorflow_cannot_use_is_explained_by_the_library_it_could_not_load():
+    from common.runtime import gpu_problem
+
+    startup = ("2026-12-03 I tensorflow/core/util/port.cc:153] oneDNN custom operations are on.\n"
+               "2026-12-03 W tensorflow/core/common_runtime/gpu/gpu_device.cc:2256] Cannot dlopen some GPU "
+               "libraries. Please make sure the missing libraries mentioned above are installed properly\n")
+    assert gpu_problem(startup, True, 0, has_nvidia=True).endswith(
+        "Cannot dlopen some GPU libraries. Please make sure the missing libraries mentioned above are "
+        "installed properly")
+    assert "built without CUDA (tensorflow-cpu)" in gpu_problem("", False, 0, has_nvidia=True)
+    assert "found no usable GPU" in gpu_problem("nothing useful", True, 0, has_nvidia=True)
+    assert gpu_problem(startup, True, 1, has_nvidia=True) is None  # it uses the GPU
+    assert gpu_problem(startup, False, 0, has_nvidia=False) is None  # no GPU to use: nothing to say
 
 
 def test_auto_leaves_out_steps_whose_augmentation_xla_cannot_compile_on_a_gpu(monkeypatch):
@@ -523,14 +560,18 @@ def test_auto_leaves_out_steps_whose_augmentation_xla_cannot_compile_on_a_gpu(mo
 
 
 def test_the_loop_reports_its_xla_choice_and_plan(digits, capsys):
+    from common.runtime import gpu_names
+
     x, _ = digits
     images = x.reshape(-1, 8, 8, 1)
     conv = ConvDESOM((8, 8, 1), (2, 2), filters=(4,))
     conv.init_prototypes(images)
     result = conv.fit(images, iterations=14, batch_size=128, eval_interval=7, verbose=2)
-    assert result.jit_compile is False
+    on_gpu = bool(gpu_names())  # convolutions compile on a GPU only
+    assert result.jit_compile is on_gpu
     out = capsys.readouterr().out
-    assert "train: 14 iterations = 1.0 epochs of 14 batches of 128; XLA off, steps per call auto" in out
+    assert (f"train: 14 iterations = 1.0 epochs of 14 batches of 128; XLA {'on' if on_gpu else 'off'}, "
+            "steps per call auto") in out
 
 
 def test_one_line_per_row_says_how_long_a_phase_has_to_go(digits, capsys, monkeypatch):

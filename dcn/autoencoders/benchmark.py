@@ -86,7 +86,7 @@ def _main(argv=None):
                 seed = args.seed + r
                 save_dir = out / f"{dataset}_{config}_seed{seed}"
                 cmd = [str(ae), "--dataset", dataset, *CONFIGS[config], "--seed", str(seed), "--save_dir",
-                       str(save_dir), "--verbose", "0", *passed]
+                       str(save_dir), "--overwrite", "--verbose", "0", *passed]
                 ended = run_measured(cmd)
                 seconds = ended.seconds
                 if ended.code:

@@ -269,7 +269,7 @@ def folder_run(args, out: Path):
         report = out / f"folder_report_seed{seed}"
         cmd = [str(dcn), "--data", str(root), "--image_size", str(args.folder_image_size),
                "--pretrain_epochs", str(args.folder_epochs), "--save_dir", str(report), "--seed", str(seed),
-               "--verbose", "0"]
+               "--overwrite", "--verbose", "0"]
         if args.folder_max_iterations:
             cmd += ["--max_iterations", str(args.folder_max_iterations)]
         ended = run_measured(cmd)

@@ -2,7 +2,7 @@
 
     bin/dcn --data datasets/                    # train/, test/, reference/
     bin/dcn --dataset fmnist --recon_weight 0   # DEC on Fashion-MNIST vectors
-    bin/dcn predict --model reports/model.keras photo1.jpg photo2.png
+    bin/dcn predict --model results/datasets_dcn/model.keras photo1.jpg photo2.png
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ class DcnCommand(TrainingCommand):
                        help="images: random flips, small rotations, brightness and noise while training")
         p.add_argument("--eval_interval", type=int, bounds="[1, inf)",
                        help="iterations between log rows (default: --update_interval)")
-        p.add_argument("--save_dir", default="reports", help="output folder")
+        p.add_argument("--save_dir", help="output folder (default: results/<data>_dcn)")
 
     def check(self, args):
         if not (args.data or args.dataset):
@@ -162,6 +162,9 @@ class DcnCommand(TrainingCommand):
         if args.pretrain_epochs is None and not args.ae_weights:
             args.pretrain_epochs = round(pretrain_epochs(len(x), args.batch_size, x.ndim == 4), 3)
         return data
+
+    def default_save_dir(self, args, data):
+        return f"results/{data.name}_dcn"
 
     def describe(self, run):
         m = run.model
