@@ -576,7 +576,7 @@ def test_bin_selflabel_init_contrastive_starts_the_loop_from_the_pretrained_cnn(
     assert not (other / "init_log.csv").exists()
     # a fresh run of another --init in that folder does not start from the CNN left there
     with pytest.raises(SystemExit) as stop:
-        main([*short, "--save_dir", str(out)])
+        main([*short, "--save_dir", str(out), "--overwrite"])
     assert stop.value.code == 0 and not (out / INIT_MODEL).exists()
 
 

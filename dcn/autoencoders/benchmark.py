@@ -68,7 +68,7 @@ def _main(argv=None):
     args, passed = parser().parse_known_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ae = Path(__file__).resolve().parents[1] / "bin" / "ae"
+    ae = Path(__file__).resolve().parents[2] / "bin" / "ae"
     datasets = []
     for name in args.datasets:
         if _available(name):

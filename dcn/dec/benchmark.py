@@ -258,7 +258,7 @@ def folder_run(args, out: Path):
     if not (root / "train").is_dir():
         write_fmnist_folder(root, args.folder_classes, args.folder_train, args.folder_references,
                             data_dir=args.data_dir)
-    dcn = Path(__file__).resolve().parents[1] / "bin" / "dcn"
+    dcn = Path(__file__).resolve().parents[2] / "bin" / "dcn"
     print(f"\nfolder benchmark ({len(args.folder_classes)} Fashion-MNIST classes: "
           f"{', '.join(FMNIST_CLASSES[c] for c in args.folder_classes)}; {args.folder_train} training "
           f"images and {args.folder_references} references per class, {args.folder_image_size}x"

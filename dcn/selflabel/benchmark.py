@@ -122,7 +122,7 @@ def _main(argv=None):
         raise UsageError("--first_labels_from names the --out folder itself; give the earlier benchmark's "
                          "folder, and a new --out")
     out.mkdir(parents=True, exist_ok=True)
-    program = str(Path(__file__).resolve().parents[1] / "bin" / "selflabel")
+    program = str(Path(__file__).resolve().parents[2] / "bin" / "selflabel")
     cores = f"{len(os.sched_getaffinity(0))} of {os.cpu_count()} CPU cores"
     seeds = f"{args.runs} seed{'s' * (args.runs != 1)}"
     print(f"{cores}; bin/selflabel on {args.dataset}, {seeds} {' '.join(passed)}".rstrip())

@@ -20,9 +20,8 @@ from common.errors import DataError, UsageError
 from common.networks import save_keras_model
 from common.results import atomic_path, write_json
 from common.runtime import from_chief, quiet_tensorflow, worker_count
-from dcn.selflabel import (
-    AUGMENT,
-    AUGMENTATIONS,
+from dcn.selflabel.network import AUGMENT, AUGMENTATIONS
+from dcn.selflabel.refine import (
     FIT_ROUNDS,
     FIT_THRESHOLD,
     INIT_MODEL,
@@ -200,12 +199,13 @@ class SelfLabelCommand(TrainingCommand):
                 f"head {dashed(m.head_units)}-{m.n_clusters})")
 
     def build(self, run):
-        from dcn.selflabel import SelfLabelNet
+        from dcn.selflabel.network import SelfLabelNet
 
         return SelfLabelNet(run.data.x.shape[1:], run.args.n_clusters)
 
     def planned_steps(self, run):
-        from dcn.selflabel import fraction_at, iteration_stretch
+        from dcn.selflabel.labels import fraction_at
+        from dcn.selflabel.refine import iteration_stretch
 
         a, n = run.args, len(run.data.x)
         steps = []
@@ -225,8 +225,10 @@ class SelfLabelCommand(TrainingCommand):
     def train(self, run):
         import time
 
-        import dcn.selflabel as sl
         from common.results import write_csv
+        from dcn.selflabel.labels import nearest_neighbours
+        from dcn.selflabel.network import augmenter, load_model
+        from dcn.selflabel.refine import initial_features, refine
 
         a, d, model = run.args, run.data, run.model
         save, k = run.save_dir, a.n_clusters
@@ -251,7 +253,7 @@ class SelfLabelCommand(TrainingCommand):
                                      "--save_dir")
                 neighbours = np.load(knn_file)
             if pretrained.is_file():
-                model.set_weights(sl.load_model(pretrained).get_weights())
+                model.set_weights(load_model(pretrained).get_weights())
         elif a.first_labels:
             source = Path(a.first_labels)
             labels, confidence, neighbours = _first_labels(source, len(d.x), k, a.knn if with_knn else 0)
@@ -259,19 +261,19 @@ class SelfLabelCommand(TrainingCommand):
                 with atomic_path(knn_file) as tmp:
                     np.save(tmp, neighbours)
             if (source / INIT_MODEL).is_file():
-                model.set_weights(sl.load_model(source / INIT_MODEL).get_weights())
+                model.set_weights(load_model(source / INIT_MODEL).get_weights())
                 if run.chief:
                     save_keras_model(model, pretrained)
         else:
             t = time.perf_counter()
-            z = sl.initial_features(a.init, d.x, model, epochs=a.init_epochs, iterations=a.init_iterations,
+            z = initial_features(a.init, d.x, model, epochs=a.init_epochs, iterations=a.init_iterations,
                                  seed=a.seed, save_dir=save, resume=resume, **loop)
             if a.init == "contrastive" and run.chief:
                 save_keras_model(model, pretrained)
             run.stages["init_features"] = time.perf_counter() - t
             if with_knn:
                 t = time.perf_counter()
-                neighbours = from_chief(run.strategy, sl.nearest_neighbours(z, a.knn))
+                neighbours = from_chief(run.strategy, nearest_neighbours(z, a.knn))
                 if run.chief:
                     with atomic_path(knn_file) as tmp:
                         np.save(tmp, neighbours)
@@ -295,12 +297,12 @@ class SelfLabelCommand(TrainingCommand):
         if neighbours is not None and d.y is not None:  # reporting: how often a neighbour shares the class
             d.extra["neighbours_same_class"] = float(np.mean(d.y[neighbours] == d.y[:, None]))
         t = time.perf_counter()
-        rows = sl.refine(model, d.x, labels, confidence, iterations=a.iterations,
+        rows = refine(model, d.x, labels, confidence, iterations=a.iterations,
                       epochs_per_iteration=a.epochs_per_iteration, recluster_interval=a.recluster_interval,
                       relabelling=a.relabel, kmeans=a.kmeans, balance=a.balance == "sinkhorn",
                       confident_fraction=a.confident_fraction, fraction_iterations=a.fraction_iterations,
                       smoothing=a.label_smoothing, threshold=a.convergence_threshold, lr=a.lr,
-                      augment=sl.augmenter(a.augment, a.seed), neighbours=neighbours, knn_epochs=a.knn_epochs,
+                      augment=augmenter(a.augment, a.seed), neighbours=neighbours, knn_epochs=a.knn_epochs,
                       entropy_weight=a.entropy_weight, select=a.select, min_steps=a.min_steps,
                       fit_threshold=a.fit_threshold,
                       save_dir=save, resume=resume, seed=a.seed, y=d.y, x_test=d.x_val, y_test=d.y_val,
@@ -312,7 +314,8 @@ class SelfLabelCommand(TrainingCommand):
         """Weights of the iteration chosen without labels, shifted to predict the
         balanced labelling (``--balance sinkhorn``); cluster names from the
         training labels (reporting), kept in the model for ``predict``."""
-        from dcn.selflabel import best_iteration, load_model
+        from dcn.selflabel.network import load_model
+        from dcn.selflabel.refine import best_iteration
 
         if not run.chief:  # the chief writes and chooses the model
             return
@@ -332,7 +335,7 @@ class SelfLabelCommand(TrainingCommand):
         probs = model.predict_proba(d.x)  # once: the shifted predictions follow from it
         pred = probs.argmax(axis=1)
         if shift:  # the model predicts the balanced labelling its relabelling makes (a prior correction)
-            from dcn.selflabel import class_offsets
+            from dcn.selflabel.labels import class_offsets
 
             offsets = class_offsets(probs)
             model.shift_classes(offsets)
@@ -363,7 +366,7 @@ class SelfLabelCommand(TrainingCommand):
         if "neighbours_same_class" in d.extra:
             out["neighbours_same_class"] = round(d.extra["neighbours_same_class"], 4)
         if d.y is not None:
-            from dcn.selflabel import label_scores
+            from dcn.selflabel.labels import label_scores
 
             out["train"] = label_scores(d.extra["train_pred"], d.y)  # predicted once, in _choose
         if d.x_val is not None and d.y_val is not None:
@@ -520,7 +523,7 @@ def test_metrics(model, x, y, classes) -> dict:
     per-class precision / recall / F1 under the model's cluster names."""
     from sklearn.metrics import classification_report, confusion_matrix
 
-    from dcn.selflabel import label_scores
+    from dcn.selflabel.labels import label_scores
 
     pred = model.predict_proba(x).argmax(axis=1)
     scores = label_scores(pred, y)
@@ -608,7 +611,7 @@ def evaluate_main(argv):
     if y_test is None:
         raise UsageError("evaluation needs labels; the data have none (give --label_col for a CSV)")
     quiet_tensorflow()
-    from dcn.selflabel import load_model
+    from dcn.selflabel.network import load_model
 
     model = load_model(args.model)
     if tuple(x_test.shape[1:]) != model.sample_shape:
@@ -639,7 +642,7 @@ def predict_main(argv):
     args = predict_parser().parse_args(argv)
     quiet_tensorflow()
     from common.folders import load_image_files
-    from dcn.selflabel import load_model
+    from dcn.selflabel.network import load_model
 
     model = load_model(args.model)
     height, width, channels = model.sample_shape
