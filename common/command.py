@@ -243,6 +243,9 @@ class TrainingCommand:
             if "data" in flags or "dataset" in flags:
                 raise UsageError("give the samples as x, or data= / dataset=, not both")
             save_dir = Path(flags.get("save_dir") or f"results/{self.prog}_arrays")
+            if (save_dir / "args.json").is_file() and not (flags.get("resume") or flags.get("overwrite")):
+                raise UsageError(f"{save_dir} holds an earlier run; give resume=True to continue it, "
+                                 "overwrite=True to replace it, or another save_dir")
             save_dir.mkdir(parents=True, exist_ok=True)
             arrays = {"x": np.asarray(x)} | ({} if y is None else {"y": np.asarray(y)})
             np.savez(save_dir / "data.npz", **arrays)

@@ -53,3 +53,9 @@ def test_a_flag_the_program_does_not_have_or_a_bad_value_is_one_usage_error(tmp_
         desom.fit(x, iterations=-3, save_dir=str(tmp_path / "b"))
     with pytest.raises(UsageError, match="not both"):
         desom.fit(x, dataset="digits")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "args.json").write_text("{}")  # an earlier run's folder: its data are not written over
+    with pytest.raises(UsageError, match="holds an earlier run; give resume=True to continue it"):
+        desom.fit(x, save_dir=str(run))
+    assert not (run / "data.npz").exists()
