@@ -29,6 +29,7 @@ from common.metrics import evaluate_clustering, prototype_kmeans_accuracy
 from common.processes import JOBS_HELP, peak_rss_gb, run_measured, run_seeds
 from common.results import write_csv, write_summary
 from common.runtime import quiet_tensorflow
+from desom.cli import add_temperature_arguments
 
 MODELS = ("desom", "convdesom", "som", "kmeans")
 COLUMNS = ("purity", "nmi", "nmi_geometric", "ari", "acc", "acc_kmeans", "quantization_error",
@@ -55,11 +56,7 @@ def parser():
                    help="size of the autoencoder's code (DESOM and ConvDESOM; paper: 10)")
     p.add_argument("--batch_size", type=int, default=256, bounds="[1, inf)")
     p.add_argument("--gamma", type=float, default=0.001, bounds="[0, inf)")
-    p.add_argument("--Tmax", type=float, default=None, bounds="(0, inf)",
-                   help="default: 10 for maps up to 20x20, half the larger side beyond")
-    p.add_argument("--Tmin", type=float, default=None, bounds="(0, inf)", help="default: the --schedule's")
-    p.add_argument("--schedule", choices=("paper", "topology"), default="paper",
-                   help="named temperature schedule, as in bin/desom")
+    add_temperature_arguments(p)
     p.add_argument("--pretrain_epochs", type=int, default=0, bounds="[0, inf)",
                    help="autoencoder pretraining (paper: 0)")
     p.add_argument("--som_init", choices=("random", "som"), default="random")

@@ -29,6 +29,23 @@ def _data_arguments(p, required: bool):
     add_data_arguments(p, required, what="a data set of the DESOM papers")
 
 
+def add_temperature_arguments(p, what: str = ""):
+    """``--Tmax``, ``--Tmin`` and ``--schedule``, declared here once for every
+    program with a SOM (``bin/desom``, ``bin/desom-benchmark``, ``bin/rswnet
+    --head som``); :func:`desom.layers.temperatures` resolves their defaults."""
+    p.add_argument("--Tmax", type=float, default=None, bounds="(0, inf)",
+                   help=f"{what}initial neighbourhood radius (default: 10, the paper's, for maps up to "
+                   "20x20; half the larger side beyond)")
+    p.add_argument("--Tmin", type=float, default=None, bounds="(0, inf)",
+                   help=f"{what}final neighbourhood radius (default: the --schedule's)")
+    # the names of desom.layers.SCHEDULES (not imported here: it loads Keras)
+    p.add_argument("--schedule", choices=("paper", "topology"), default="paper",
+                   help=f"{what}paper: T decays to --Tmin 0.1 (DESOM's); topology: to 0.7, a better "
+                   "organised map (Fashion-MNIST 8x8, 5 seeds: topographic error 0.24 instead of 0.52; "
+                   "purity 0.744 instead of 0.758 at 10,000 iterations, 0.759 with --iterations 30000; see "
+                   "RESULTS.md). --Tmin overrides it")
+
+
 class DesomCommand(TrainingCommand):
     prog = "desom"
     description = ("Train a deep embedded self-organizing map (DESOM), its convolutional variant or a "
@@ -83,17 +100,7 @@ class DesomCommand(TrainingCommand):
                        help="fixed random samples on which each log row measures map quality")
         p.add_argument("--batch_size", type=int, default=256, bounds="[1, inf)", help="global batch size")
         p.add_argument("--lr", type=float, default=0.001, bounds="(0, inf)", help="Adam learning rate")
-        p.add_argument("--Tmax", type=float, default=None, bounds="(0, inf)",
-                       help="initial neighbourhood radius (default: 10, the paper's, for maps up to 20x20; "
-                       "half the larger side beyond)")
-        p.add_argument("--Tmin", type=float, default=None, bounds="(0, inf)",
-                       help="final neighbourhood radius (default: the --schedule's)")
-        # the names of desom.layers.SCHEDULES (not imported here: it loads Keras)
-        p.add_argument("--schedule", choices=("paper", "topology"), default="paper",
-                       help="paper: T decays to --Tmin 0.1 (DESOM's); topology: to 0.7, a better organised "
-                       "map (Fashion-MNIST 8x8, 5 seeds: topographic error 0.24 instead of 0.52; purity "
-                       "0.744 instead of 0.758 at 10,000 iterations, 0.759 with --iterations 30000; see the "
-                       "README). --Tmin overrides it")
+        add_temperature_arguments(p)
         p.add_argument("--decay", choices=("exponential", "linear", "constant"), default="exponential",
                        help="how T goes from Tmax to Tmin")
         p.add_argument("--neighborhood", choices=("gaussian", "window"), default="gaussian",

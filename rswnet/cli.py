@@ -21,6 +21,7 @@ from common.data import CLASS_NAMES, IMAGE_SHAPES, load_data
 from common.errors import UsageError
 from common.results import write_csv
 from common.runtime import quiet_tensorflow
+from desom.cli import add_temperature_arguments
 
 IMAGE_DATASETS = tuple(IMAGE_SHAPES)
 #: What each protocol sets when the flag is not given on the command line.
@@ -133,11 +134,7 @@ class RswnetCommand(TrainingCommand):
         p.add_argument("--som_init", choices=("som", "random"), default="som",
                        help="SOM head: prototypes from a short batch SOM on the pretrained codes (an ordered "
                        "map from the start) or the codes of random samples (DESOM's benchmark)")
-        p.add_argument("--Tmax", type=float, default=None, bounds="(0, inf)",
-                       help="SOM head: initial neighbourhood radius (default: 10 for maps up to 20x20, half "
-                       "the larger side beyond)")
-        p.add_argument("--Tmin", type=float, default=0.1, bounds="(0, inf)",
-                       help="SOM head: final neighbourhood radius")
+        add_temperature_arguments(p, what="SOM head: ")
         p.add_argument("--batch_size", type=int, bounds="[1, inf)", help="global batch size (128)")
         p.add_argument("--lr", type=float, bounds="(0, inf)",
                        help="Adam learning rate of both phases (0.001)")
@@ -177,7 +174,7 @@ class RswnetCommand(TrainingCommand):
         from desom.layers import check_map, temperatures
 
         check_map(args.map_size, flag="--map_size")
-        args.Tmax, args.Tmin = temperatures(args.map_size, args.Tmax, args.Tmin)
+        args.Tmax, args.Tmin = temperatures(args.map_size, args.Tmax, args.Tmin, args.schedule)
         check_map(args.som_map_size, flag="--som_map_size")
 
     def load(self, args) -> RunData:
