@@ -457,7 +457,7 @@ def planned_run(phases):
 
 
 # --------------------------------------------------------------------------- #
-# The loop
+# The loop: train() and its four parts (set-up, step, progress, checkpoints)
 # --------------------------------------------------------------------------- #
 def train(task: Task, x, *, iterations: int | None = None, epochs: float | None = None,
           batch_size: int = 256, optimizer=None, strategy=None, save_dir=None, phase: str = "train",
@@ -496,311 +496,431 @@ def train(task: Task, x, *, iterations: int | None = None, epochs: float | None 
         shuffle: draw each epoch's batches in a new seeded order (default);
             False: consecutive rows in data order, wrapping around at the
             end (DEC-keras' clustering phase, without its partial batch).
+
+    The work is done by :class:`_Run` in four parts a reader can take one at a
+    time: set-up (:meth:`_Run.__init__`), the compiled step (:class:`_Step`),
+    progress and the log (:class:`_Progress`) and checkpoints
+    (:class:`_Checkpoints`); :meth:`_Run.run` is the loop that ties them.
     """
-    import keras
+    return _Run(task, x, iterations=iterations, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
+                strategy=strategy, save_dir=save_dir, phase=phase, log_name=log_name,
+                eval_interval=eval_interval, refresh_interval=refresh_interval,
+                checkpoint_minutes=checkpoint_minutes, resume=resume, seed=seed, jit_compile=jit_compile,
+                steps_per_execution=steps_per_execution, verbose=verbose, map_fn=map_fn,
+                shuffle=shuffle).run()
 
-    t_start = time.perf_counter()
-    timings = Timings()
-    tf = quiet_tensorflow()
-    x = np.asarray(x) if not hasattr(x, "shape") else x
-    total, steps_per_epoch = plan(len(x), batch_size, iterations=iterations, epochs=epochs)
-    eval_interval = int(eval_interval or steps_per_epoch)
-    if eval_interval < 1 or (refresh_interval is not None and refresh_interval < 1):
-        raise UsageError("eval_interval and refresh_interval must be positive")
-    if checkpoint_minutes is not None and not checkpoint_minutes >= 0:
-        raise UsageError(f"checkpoint_minutes must be 0 or more, got {checkpoint_minutes}")
-    fixed_k = check_steps_per_execution(steps_per_execution)
-    strategy = strategy or tf.distribute.get_strategy()
-    replicas = strategy.num_replicas_in_sync
-    multi, chief = worker_count(strategy) > 1, is_chief(strategy)
-    if batch_size % replicas:
-        raise UsageError(f"batch size {batch_size} does not split evenly over {replicas} replicas")
-    jit = resolve_jit(jit_compile, task.model, replicas, task.step_layers())
 
-    variables = task.variables()
-    if replicas > 1:
-        stray = [v.path for v in variables
-                 if not strategy.extended.variable_created_in_scope(getattr(v, "value", v))]
-        if stray:
-            raise ValueError(f"create the model inside strategy.scope(); {stray[0]} was not")
-    with strategy.scope():
-        if optimizer is None:
-            optimizer = keras.optimizers.Adam()
-        if keras.mixed_precision.global_policy().name == "mixed_float16" and not isinstance(
-                optimizer, keras.optimizers.LossScaleOptimizer):
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        optimizer.build(variables)
-        iteration = tf.Variable(0, dtype=tf.int64, trainable=False, name="iteration")
-        elapsed = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="elapsed")  # step seconds
-        finished = tf.Variable(False, trainable=False, name="finished")  # stopped early
-    scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+class _Run:
+    """One :func:`train` call. ``__init__`` is the set-up: the arguments
+    checked, the strategy, XLA choice, optimizer and counters, the random
+    states, the checkpoints (restored when resuming) and the log;
+    :meth:`run` is the loop."""
 
-    # --- checkpoints and log -------------------------------------------------
-    save_dir = Path(save_dir) if save_dir is not None else None
-    manager = None
-    # Keras leaves seed generators out of a layer's checkpoint; both kinds below are
-    # checkpointed. The augmentation's start from (seed, phase): the draws of a
-    # phase, like its batches, depend neither on interruptions nor on what the
-    # same layers drew in earlier phases. The models' own (dropout, a VAE's
-    # sampled code) are not reseeded: they go on across phases, as before.
-    augmentation = [*layers_of(map_fn), *task.step_layers()]
-    random_state = seed_states(augmentation)
-    reseed(random_state, seed, phase)
-    models = [o for o in task.trackables().values() if isinstance(o, keras.layers.Layer)]
-    model_random_state = seed_states([*augmentation, *models])[len(random_state):]  # the others, each once
-    if save_dir is not None:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        ckpt_dir = save_dir / "checkpoints" / phase
-        if not resume and ckpt_dir.exists() and chief:
-            shutil.rmtree(ckpt_dir)
-        parts = dict(optimizer=optimizer, iteration=iteration, elapsed=elapsed, finished=finished,
-                     **task.trackables())
-        random_states = {name: v for name, v in (("random_state", random_state),
-                                                 ("model_random_state", model_random_state)) if v}
-        ckpt = tf.train.Checkpoint(**parts, **random_states)
-        if resume:  # every worker restores the chief's checkpoints (a shared folder)
-            found = _checkpoint_manager(tf, ckpt, ckpt_dir) if chief or ckpt_dir.is_dir() else None
-            if found is not None and found.checkpoints:
-                _restore(tf, ckpt, found, parts, random_states)
-        # TensorFlow's multi-worker convention: every worker saves (the variables are
-        # synchronised), the chief into the run's folder, the others into a folder of
-        # their own that is deleted after each save.
-        own = ckpt_dir
-        if not chief:
-            own = save_dir / "checkpoints" / f".{phase}_worker{strategy.cluster_resolver.task_id}"
-        manager = _checkpoint_manager(tf, ckpt, own)
-    start = int(iteration.numpy())
-    log_path = save_dir / log_name if save_dir is not None and chief else None
-    log = CSVLog(log_path, keep_until=start if start > 0 else None)
+    def __init__(self, task, x, *, iterations, epochs, batch_size, optimizer, strategy, save_dir, phase,
+                 log_name, eval_interval, refresh_interval, checkpoint_minutes, resume, seed, jit_compile,
+                 steps_per_execution, verbose, map_fn, shuffle):
+        import keras
 
-    # --- the step --------------------------------------------------------------
-    def mean(per_sample):
-        # Sum over this replica's samples / the global batch: summed over the
-        # replicas, the mean of the global batch. (tf.nn.compute_average_loss
-        # computes the same, with an Assert that XLA complains about.)
-        return tf.reduce_sum(tf.cast(per_sample, tf.float32)) / batch_size
+        self.t_start = time.perf_counter()
+        self.timings = Timings()
+        self.tf = tf = quiet_tensorflow()
+        self.task, self.phase, self.seed, self.verbose = task, phase, seed, verbose
+        self.map_fn, self.shuffle, self.batch_size, self.resume = map_fn, shuffle, batch_size, resume
+        self.refresh_interval, self.epochs_logged = refresh_interval, epochs is not None
+        self.x = np.asarray(x) if not hasattr(x, "shape") else x
+        self.total, self.steps_per_epoch = plan(len(self.x), batch_size, iterations=iterations, epochs=epochs)
+        self.eval_interval = int(eval_interval or self.steps_per_epoch)
+        if self.eval_interval < 1 or (refresh_interval is not None and refresh_interval < 1):
+            raise UsageError("eval_interval and refresh_interval must be positive")
+        if checkpoint_minutes is not None and not checkpoint_minutes >= 0:
+            raise UsageError(f"checkpoint_minutes must be 0 or more, got {checkpoint_minutes}")
+        self.checkpoint_seconds = 60.0 * checkpoint_minutes if checkpoint_minutes else None
+        self.fixed_k = check_steps_per_execution(steps_per_execution)
+        self.strategy = strategy = strategy or tf.distribute.get_strategy()
+        replicas = strategy.num_replicas_in_sync
+        self.multi, chief = worker_count(strategy) > 1, is_chief(strategy)
+        if batch_size % replicas:
+            raise UsageError(f"batch size {batch_size} does not split evenly over {replicas} replicas")
+        self.jit = resolve_jit(jit_compile, task.model, replicas, task.step_layers())
 
-    per_replica = batch_size // replicas
+        variables = task.variables()
+        if replicas > 1:
+            stray = [v.path for v in variables
+                     if not strategy.extended.variable_created_in_scope(getattr(v, "value", v))]
+            if stray:
+                raise ValueError(f"create the model inside strategy.scope(); {stray[0]} was not")
+        with strategy.scope():
+            if optimizer is None:
+                optimizer = keras.optimizers.Adam()
+            if keras.mixed_precision.global_policy().name == "mixed_float16" and not isinstance(
+                    optimizer, keras.optimizers.LossScaleOptimizer):
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+            optimizer.build(variables)
+            self.iteration = tf.Variable(0, dtype=tf.int64, trainable=False, name="iteration")
+            self.elapsed = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="elapsed")  # step seconds
+            self.finished = tf.Variable(False, trainable=False, name="finished")  # stopped early
+        self.step = _Step(tf, task, strategy, optimizer, variables, self.iteration, batch_size, self.jit)
 
-    def replica_step(xb, idx, scalars):
-        if replicas > 1:  # this replica's share of the global batch
-            first = tf.distribute.get_replica_context().replica_id_in_sync_group * per_replica
-            xb, idx = xb[first:first + per_replica], idx[first:first + per_replica]
-        with tf.GradientTape() as tape:
-            terms = task.loss_terms(xb, idx, scalars)
-            loss = mean(terms["loss"])
-            if task.model.losses:
-                loss += tf.nn.scale_regularization_loss(tf.add_n(task.model.losses))
-            target = optimizer.scale_loss(loss) if scaled else loss
-        grads = tape.gradient(target, variables)
-        optimizer.apply_gradients(zip(grads, variables))
-        return {k: mean(v) for k, v in terms.items()}
+        # Keras leaves seed generators out of a layer's checkpoint; both kinds below are
+        # checkpointed. The augmentation's start from (seed, phase): the draws of a
+        # phase, like its batches, depend neither on interruptions nor on what the
+        # same layers drew in earlier phases. The models' own (dropout, a VAE's
+        # sampled code) are not reseeded: they go on across phases, as before.
+        augmentation = [*layers_of(map_fn), *task.step_layers()]
+        random_state = seed_states(augmentation)
+        reseed(random_state, seed, phase)
+        models = [o for o in task.trackables().values() if isinstance(o, keras.layers.Layer)]
+        # the models' own, each once
+        model_random_state = seed_states([*augmentation, *models])[len(random_state):]
 
-    def one_step(xb, idx):
-        scalars = task.scalars(iteration.read_value())
-        out = strategy.run(replica_step, args=(xb, idx, scalars))
-        iteration.assign_add(1)  # in the same compiled step as the update it counts
-        return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in out.items()}
+        self.checkpoints = None
+        if save_dir is not None:
+            save_dir = Path(save_dir)
+            parts = dict(optimizer=optimizer, iteration=self.iteration, elapsed=self.elapsed,
+                         finished=self.finished, **task.trackables())
+            random_states = {name: v for name, v in (("random_state", random_state),
+                                                     ("model_random_state", model_random_state)) if v}
+            self.checkpoints = _Checkpoints(tf, save_dir, phase, strategy, resume, parts, random_states,
+                                            self.timings)
+        self.start = int(self.iteration.numpy())
+        log_path = save_dir / log_name if save_dir is not None and chief else None
+        self.log = CSVLog(log_path, keep_until=self.start if self.start > 0 else None)
+        self.result = TrainResult(iterations=self.start, trained=0, seconds=0.0, stopped_early=None,
+                                  log_path=log_path, timings=self.timings, jit_compile=self.jit)
 
-    one_step = tf.function(one_step, jit_compile=jit, reduce_retracing=True)
-    sums: dict = {}  # loss term -> float64 variable on the device
-    bad_terms: dict = {}  # loss term -> its value at the first non-finite step
-
-    def k_steps(k):
-        bad = tf.constant(False)
-        for _ in tf.range(k):
-            out = one_step(*batches(iteration.read_value()))
-            bad = tf.logical_not(tf.reduce_all(tf.stack([tf.math.is_finite(v) for v in out.values()])))
-            if bad:  # stop at once: this step's update has already spoiled the weights
-                for name, value in out.items():
-                    bad_terms[name].assign(value)
-                break
-            for name, total_ in sums.items():
-                total_.assign_add(tf.cast(out[name], tf.float64))
-        return iteration.read_value(), bad
-
-    k_steps = tf.function(k_steps)
-
-    # --- run -------------------------------------------------------------------
-    def row(it, means):
-        t = time.perf_counter()
-        values = {"iteration": it}
-        if epochs is not None:
-            values["epoch"] = round(it / steps_per_epoch, 3)
-        scalars = task.scalars(tf.constant(min(it, total - 1), tf.int64))
-        values.update({k: float(f"{float(v):.7g}") for k, v in scalars.items()})  # float32's digits
-        values.update(means)
-        values.update(task.evaluate())
-        values["time"] = round(float(elapsed.numpy()), 2)
-        log.append(values)
-        if verbose == 2:
-            print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                            for k, v in values.items()), flush=True)
-        timings.evaluation += time.perf_counter() - t
-
-    def save_checkpoint(it):
-        t = time.perf_counter()
-        manager.save(checkpoint_number=it)
-        if chief:  # so that the row after a resume averages the whole interval's steps
-            from common.results import write_json
-
-            write_json(Path(manager.directory) / LOSS_SUMS,
-                       {"iteration": it, "row_iteration": row_it, "sums": read_sums()})
-        if not chief:
-            shutil.rmtree(manager.directory, ignore_errors=True)
-        timings.checkpoint += time.perf_counter() - t
-
-    def agree(value: int, pick=min) -> int:
+    def agree(self, value: int, pick=min) -> int:
         """The same number on every worker (``pick`` of theirs): each worker's
         own clock decides K and checkpoints, and all must run the same
         collective steps."""
-        if not multi:
+        if not self.multi:
             return value
+        strategy, tf = self.strategy, self.tf
         every = strategy.gather(strategy.run(lambda: tf.constant([value], tf.int64)), axis=0)
         return int(pick(every.numpy()))
 
-    result = TrainResult(iterations=start, trained=0, seconds=0.0, stopped_early=None, log_path=log_path,
-                         timings=timings, jit_compile=jit)
-
-    def finish(it):
-        result.iterations, result.trained = it, it - start
-        timings.total = time.perf_counter() - t_start
+    def finish(self, it: int) -> TrainResult:
+        result, timings = self.result, self.timings
+        result.iterations, result.trained = it, it - self.start
+        timings.total = time.perf_counter() - self.t_start
         parts = ("setup", "compile", "steps", "evaluation", "refresh", "checkpoint")
         timings.other = max(0.0, timings.total - sum(getattr(timings, k) for k in parts))
         result.seconds = timings.total
         return result
 
-    if start >= total or bool(finished.numpy()):
-        return finish(start)
-    with strategy.scope():
-        batches = _Batches(tf, x, batch_size, seed, map_fn, shuffle)
-    timings.setup = time.perf_counter() - t_start
-    t = time.perf_counter()
-    # Tracing (not running) the step names the loss terms to sum.
-    spec = tf.TensorSpec(batches.shape, batches.dtype)
-    terms = one_step.get_concrete_function(spec, tf.TensorSpec((batch_size,), tf.int64)).structured_outputs
-    with strategy.scope():
-        for name in terms:
-            sums[name] = tf.Variable(0.0, dtype=tf.float64, trainable=False, name=f"sum_{name}")
-            bad_terms[name] = tf.Variable(0.0, dtype=tf.float32, trainable=False, name=f"bad_{name}")
-    timings.compile = time.perf_counter() - t
-    if verbose:
-        left = total - start
-        where = f"iterations {start + 1}-{total} of {total} (resumed)" if start else f"{total} iterations"
-        print(f"{phase}: {where} = {left / steps_per_epoch:.1f} epochs of {steps_per_epoch} batches of "
-              f"{batch_size}; XLA {'on' if jit else 'off'}, steps per call "
-              f"{'auto' if fixed_k == 'auto' else fixed_k}", flush=True)
-
-    if _RUN_PLAN is not None:
-        _RUN_PLAN.start(phase)
-
-    def read_sums():
-        return {k: float(v.numpy()) for k, v in sums.items()}
-
-    it, row_it = start, start             # iteration reached; iteration of the last log row
-    kept = _read_loss_sums(ckpt_dir, start) if resume and save_dir is not None else None
-    if kept is not None:  # the loss sums of the steps since the last row, saved with the checkpoint
-        row_it = kept["row_iteration"]
-        for name, value in kept["sums"].items():
-            if name in sums:
-                sums[name].assign(value)
-    if start == 0 or (start % eval_interval == 0 and start not in set(log.frame.get("iteration", []))):
-        # the map before training (or the row an interruption left unwritten)
-        row(start, {k: v / (start - row_it) for k, v in read_sums().items()} if start > row_it else {})
-        for v in sums.values():
-            v.assign(0.0)
-        row_it = start
-    bar = keras.utils.Progbar(total, verbose=1 if verbose == 1 else 0, unit_name="it")
-    bar.update(start)
-
-    host_sums: dict = {}                  # sums read at the last bar update
-    bar_it, bar_time = start, time.perf_counter()
-    k_auto, per_step = 1, None
-    last_checkpoint = time.perf_counter()
-    checkpoint_seconds = 60.0 * checkpoint_minutes if checkpoint_minutes else None
-    k_steps_traced = False
-    estimated = False  # the phase's time to go was printed
-
-    def boundary(i):
-        """The next iteration after ``i`` where a call must stop."""
-        nxt = min(total, (i // eval_interval + 1) * eval_interval)
-        if refresh_interval:
-            nxt = min(nxt, (i // refresh_interval + 1) * refresh_interval)
+    def boundary(self, i: int) -> int:
+        """The next iteration after ``i`` where a call must stop (a log row, a
+        refresh or the end)."""
+        nxt = min(self.total, (i // self.eval_interval + 1) * self.eval_interval)
+        if self.refresh_interval:
+            nxt = min(nxt, (i // self.refresh_interval + 1) * self.refresh_interval)
         return nxt
 
-    try:
-        while it < total:
-            if refresh_interval and it % refresh_interval == 0:
+    def run(self) -> TrainResult:
+        tf, timings, total, start, step = self.tf, self.timings, self.total, self.start, self.step
+        if start >= total or bool(self.finished.numpy()):
+            return self.finish(start)
+        with self.strategy.scope():
+            batches = _Batches(tf, self.x, self.batch_size, self.seed, self.map_fn, self.shuffle)
+        timings.setup = time.perf_counter() - self.t_start
+        t = time.perf_counter()
+        step.trace(batches)
+        timings.compile = time.perf_counter() - t
+        if self.verbose:
+            left = total - start
+            where = f"iterations {start + 1}-{total} of {total} (resumed)" if start else f"{total} iterations"
+            per_epoch = self.steps_per_epoch
+            print(f"{self.phase}: {where} = {left / per_epoch:.1f} epochs of {per_epoch} "
+                  f"batches of {self.batch_size}; XLA {'on' if self.jit else 'off'}, steps per call "
+                  f"{'auto' if self.fixed_k == 'auto' else self.fixed_k}", flush=True)
+        if _RUN_PLAN is not None:
+            _RUN_PLAN.start(self.phase)
+
+        progress = _Progress(self, start)
+        kept = self.checkpoints.kept_sums(start) if self.resume and self.checkpoints else None
+        if kept is not None:  # the loss sums of the steps since the last row, saved with the checkpoint
+            progress.row_it = kept["row_iteration"]
+            step.set_sums(kept["sums"])
+        if start == 0 or (start % self.eval_interval == 0
+                          and start not in set(self.log.frame.get("iteration", []))):
+            progress.first_row(start)  # the map before training (or the row an interruption left unwritten)
+
+        it = start                         # the iteration reached
+        k_auto, per_step = 1, None
+        last_checkpoint = time.perf_counter()
+        try:
+            while it < total:
+                if self.refresh_interval and it % self.refresh_interval == 0:
+                    self.refresh(it)
                 t = time.perf_counter()
-                refreshed = task.refresh(it)
-                timings.refresh += time.perf_counter() - t
-                if refreshed and verbose == 2:
-                    print(f"refresh at {it}: " + ", ".join(f"{k}={v:.4g}" for k, v in refreshed.items()),
-                          flush=True)
-            t = time.perf_counter()
-            compiling = not k_steps_traced  # the first call traces and compiles: one step only
-            k = 1 if compiling else min(k_auto if fixed_k == "auto" else fixed_k, boundary(it) - it)
-            if fixed_k == "auto" and not compiling:
-                k = agree(k, min)
-            reached, bad = k_steps(tf.constant(k, tf.int64))
-            it = int(reached)
-            k_steps_traced = True
-            if bool(bad):
-                raise TrainingDiverged(_divergence_message(phase, it, bad_terms, manager))
-            dt = time.perf_counter() - t
-            if compiling:
-                timings.compile += dt
-                timings.compile_steps += k
-            else:
-                timings.steps += dt
-                timings.timed_steps += k
-                elapsed.assign_add(dt)
-                per_step = dt / k if per_step is None else 0.7 * per_step + 0.3 * dt / k
-                k_auto = int(min(MAX_STEPS_PER_EXECUTION, max(1, TARGET_CALL_SECONDS / max(per_step, 1e-9))))
-                if verbose and not estimated and timings.steps >= ESTIMATE_AFTER_SECONDS:
-                    estimated = True
-                    line = _time_to_go_line(phase, total - it, per_step, verbose)
-                    if line:
-                        print(line, flush=True)
-            is_row = it % eval_interval == 0 or it == total
-            now = time.perf_counter()
-            if is_row or now - bar_time >= BAR_SECONDS:
-                current = read_sums()
-                if verbose == 1 and it > bar_it:
-                    bar.update(it, [(name, (current[name] - host_sums.get(name, 0.0)) / (it - bar_it))
-                                    for name in current])
-                host_sums, bar_it, bar_time = current, it, now
-            if is_row:
-                row(it, {k: v / (it - row_it) for k, v in host_sums.items()})
-                for v in sums.values():
-                    v.assign(0.0)
-                host_sums, row_it = {}, it
-            if manager is not None and checkpoint_seconds and agree(
-                    int(now - last_checkpoint >= checkpoint_seconds), max):
-                save_checkpoint(it)
-                last_checkpoint = time.perf_counter()
-    except StopTraining as stop:
-        result.stopped_early = str(stop)
-        finished.assign(True)
-        if it > row_it:
-            row(it, {k: v / (it - row_it) for k, v in read_sums().items()})
-        if verbose:
-            print(f"\nStopped at iteration {it}: {stop}", flush=True)
-    except TrainingDiverged:
-        raise  # the weights are spoiled: keep the last checkpoint as it is
-    except BaseException:
-        # Ctrl-C, SIGTERM or an error: keep what was trained so far, then re-raise.
-        it = int(iteration.numpy())
-        if manager is not None and it > start:
-            save_checkpoint(it)
-            if verbose:
-                print(f"\nSaved a checkpoint at iteration {it} in {manager.directory}; "
-                      "continue with --resume", flush=True)
-        raise
-    result.steps_per_execution = fixed_k if fixed_k != "auto" else k_auto
-    if manager is not None:
-        save_checkpoint(it)
-    return finish(it)
+                compiling = not step.compiled  # the first call traces and compiles: one step only
+                k = 1 if compiling else min(k_auto if self.fixed_k == "auto" else self.fixed_k,
+                                            self.boundary(it) - it)
+                if self.fixed_k == "auto" and not compiling:
+                    k = self.agree(k, min)
+                it, bad = step(k)
+                if bad:
+                    raise TrainingDiverged(_divergence_message(
+                        self.phase, it, step.bad_terms, self.checkpoints and self.checkpoints.manager))
+                dt = time.perf_counter() - t
+                if compiling:
+                    timings.compile += dt
+                    timings.compile_steps += k
+                else:
+                    timings.steps += dt
+                    timings.timed_steps += k
+                    self.elapsed.assign_add(dt)
+                    per_step = dt / k if per_step is None else 0.7 * per_step + 0.3 * dt / k
+                    k_auto = int(min(MAX_STEPS_PER_EXECUTION,
+                                     max(1, TARGET_CALL_SECONDS / max(per_step, 1e-9))))
+                    progress.time_to_go(it, per_step)
+                now = time.perf_counter()
+                progress.after_call(it, now, is_row=it % self.eval_interval == 0 or it == total)
+                if self.checkpoints is not None and self.checkpoint_seconds and self.agree(
+                        int(now - last_checkpoint >= self.checkpoint_seconds), max):
+                    self.checkpoints.save(it, progress.row_it, step.read_sums())
+                    last_checkpoint = time.perf_counter()
+        except StopTraining as stop:
+            self.result.stopped_early = str(stop)
+            self.finished.assign(True)
+            progress.last_row(it)
+            if self.verbose:
+                print(f"\nStopped at iteration {it}: {stop}", flush=True)
+        except TrainingDiverged:
+            raise  # the weights are spoiled: keep the last checkpoint as it is
+        except BaseException:
+            # Ctrl-C, SIGTERM or an error: keep what was trained so far, then re-raise.
+            it = int(self.iteration.numpy())
+            if self.checkpoints is not None and it > start:
+                self.checkpoints.save(it, progress.row_it, step.read_sums())
+                if self.verbose:
+                    print(f"\nSaved a checkpoint at iteration {it} in {self.checkpoints.manager.directory}; "
+                          "continue with --resume", flush=True)
+            raise
+        self.result.steps_per_execution = self.fixed_k if self.fixed_k != "auto" else k_auto
+        if self.checkpoints is not None:
+            self.checkpoints.save(it, progress.row_it, step.read_sums())
+        return self.finish(it)
+
+    def refresh(self, it: int):
+        t = time.perf_counter()
+        refreshed = self.task.refresh(it)
+        self.timings.refresh += time.perf_counter() - t
+        if refreshed and self.verbose == 2:
+            print(f"refresh at {it}: " + ", ".join(f"{k}={v:.4g}" for k, v in refreshed.items()), flush=True)
+
+
+class _Step:
+    """The compiled training step, and the function that runs K of them per
+    call, summing the loss terms on the device and stopping at the first step
+    whose terms are not all finite."""
+
+    def __init__(self, tf, task, strategy, optimizer, variables, iteration, batch_size: int, jit: bool):
+        self.tf, self.task, self.strategy, self.optimizer = tf, task, strategy, optimizer
+        self.variables, self.iteration, self.batch_size = variables, iteration, batch_size
+        self.replicas = strategy.num_replicas_in_sync
+        import keras
+
+        self.scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        self.sums: dict = {}        # loss term -> float64 variable on the device
+        self.bad_terms: dict = {}   # loss term -> its value at the first non-finite step
+        self.batches = None
+        self.compiled = False       # the K-step function has run once (traced and compiled)
+        self.one_step = tf.function(self._one_step, jit_compile=jit, reduce_retracing=True)
+        self.k_steps = tf.function(self._k_steps)
+
+    def _mean(self, per_sample):
+        # Sum over this replica's samples / the global batch: summed over the
+        # replicas, the mean of the global batch. (tf.nn.compute_average_loss
+        # computes the same, with an Assert that XLA complains about.)
+        tf = self.tf
+        return tf.reduce_sum(tf.cast(per_sample, tf.float32)) / self.batch_size
+
+    def _replica_step(self, xb, idx, scalars):
+        tf, task, optimizer = self.tf, self.task, self.optimizer
+        if self.replicas > 1:  # this replica's share of the global batch
+            per_replica = self.batch_size // self.replicas
+            first = tf.distribute.get_replica_context().replica_id_in_sync_group * per_replica
+            xb, idx = xb[first:first + per_replica], idx[first:first + per_replica]
+        with tf.GradientTape() as tape:
+            terms = task.loss_terms(xb, idx, scalars)
+            loss = self._mean(terms["loss"])
+            if task.model.losses:
+                loss += tf.nn.scale_regularization_loss(tf.add_n(task.model.losses))
+            target = optimizer.scale_loss(loss) if self.scaled else loss
+        grads = tape.gradient(target, self.variables)
+        optimizer.apply_gradients(zip(grads, self.variables))
+        return {k: self._mean(v) for k, v in terms.items()}
+
+    def _one_step(self, xb, idx):
+        tf, strategy = self.tf, self.strategy
+        scalars = self.task.scalars(self.iteration.read_value())
+        out = strategy.run(self._replica_step, args=(xb, idx, scalars))
+        self.iteration.assign_add(1)  # in the same compiled step as the update it counts
+        return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in out.items()}
+
+    def _k_steps(self, k):
+        tf = self.tf
+        bad = tf.constant(False)
+        for _ in tf.range(k):
+            out = self.one_step(*self.batches(self.iteration.read_value()))
+            bad = tf.logical_not(tf.reduce_all(tf.stack([tf.math.is_finite(v) for v in out.values()])))
+            if bad:  # stop at once: this step's update has already spoiled the weights
+                for name, value in out.items():
+                    self.bad_terms[name].assign(value)
+                break
+            for name, total_ in self.sums.items():
+                total_.assign_add(tf.cast(out[name], tf.float64))
+        return self.iteration.read_value(), bad
+
+    def trace(self, batches):
+        """Trace (not run) the step on ``batches`` to name the loss terms, and
+        create their sums."""
+        tf = self.tf
+        self.batches = batches
+        spec = tf.TensorSpec(batches.shape, batches.dtype)
+        terms = self.one_step.get_concrete_function(
+            spec, tf.TensorSpec((self.batch_size,), tf.int64)).structured_outputs
+        with self.strategy.scope():
+            for name in terms:
+                self.sums[name] = tf.Variable(0.0, dtype=tf.float64, trainable=False, name=f"sum_{name}")
+                self.bad_terms[name] = tf.Variable(0.0, dtype=tf.float32, trainable=False, name=f"bad_{name}")
+
+    def __call__(self, k: int) -> tuple[int, bool]:
+        """Run ``k`` steps: (the iteration reached, whether a step diverged)."""
+        reached, bad = self.k_steps(self.tf.constant(k, self.tf.int64))
+        self.compiled = True
+        return int(reached), bool(bad)
+
+    def read_sums(self) -> dict:
+        return {k: float(v.numpy()) for k, v in self.sums.items()}
+
+    def set_sums(self, values: dict):
+        for name, value in values.items():
+            if name in self.sums:
+                self.sums[name].assign(value)
+
+    def reset_sums(self):
+        for v in self.sums.values():
+            v.assign(0.0)
+
+
+class _Progress:
+    """What the user and the log see: the CSV log rows (the means of the
+    loss terms since the last row, the task's scalars and evaluation), the
+    progress bar (read from the device sums every ``BAR_SECONDS``) and the
+    line with the time to go."""
+
+    def __init__(self, run: _Run, start: int):
+        import keras
+
+        self.run, self.step = run, run.step
+        self.row_it = start                # iteration of the last log row
+        self.bar = keras.utils.Progbar(run.total, verbose=1 if run.verbose == 1 else 0, unit_name="it")
+        self.bar.update(start)
+        self.host_sums: dict = {}          # sums read at the last bar update
+        self.bar_it, self.bar_time = start, time.perf_counter()
+        self.estimated = False             # the time to go was printed
+
+    def row(self, it: int, means: dict):
+        run, tf = self.run, self.run.tf
+        t = time.perf_counter()
+        values = {"iteration": it}
+        if run.epochs_logged:
+            values["epoch"] = round(it / run.steps_per_epoch, 3)
+        scalars = run.task.scalars(tf.constant(min(it, run.total - 1), tf.int64))
+        values.update({k: float(f"{float(v):.7g}") for k, v in scalars.items()})  # float32's digits
+        values.update(means)
+        values.update(run.task.evaluate())
+        values["time"] = round(float(run.elapsed.numpy()), 2)
+        run.log.append(values)
+        if run.verbose == 2:
+            print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in values.items()), flush=True)
+        run.timings.evaluation += time.perf_counter() - t
+
+    def _means(self, it: int, sums: dict) -> dict:
+        return {k: v / (it - self.row_it) for k, v in sums.items()} if it > self.row_it else {}
+
+    def first_row(self, start: int):
+        """The row before training (or the one an interruption left unwritten)."""
+        self.row(start, self._means(start, self.step.read_sums()))
+        self.step.reset_sums()
+        self.row_it = start
+
+    def last_row(self, it: int):
+        """The row of an early stop between two rows."""
+        if it > self.row_it:
+            self.row(it, self._means(it, self.step.read_sums()))
+
+    def after_call(self, it: int, now: float, is_row: bool):
+        """After each call: the bar (every ``BAR_SECONDS``) and the log row."""
+        if is_row or now - self.bar_time >= BAR_SECONDS:
+            current = self.step.read_sums()
+            if self.run.verbose == 1 and it > self.bar_it:
+                steps = it - self.bar_it
+                self.bar.update(it, [(name, (current[name] - self.host_sums.get(name, 0.0)) / steps)
+                                     for name in current])
+            self.host_sums, self.bar_it, self.bar_time = current, it, now
+        if is_row:
+            self.row(it, self._means(it, self.host_sums))
+            self.step.reset_sums()
+            self.host_sums, self.row_it = {}, it
+
+    def time_to_go(self, it: int, per_step: float):
+        """Once the phase's steps have run ``ESTIMATE_AFTER_SECONDS``, print its
+        (and the planned run's) time to go, once."""
+        run = self.run
+        if run.verbose and not self.estimated and run.timings.steps >= ESTIMATE_AFTER_SECONDS:
+            self.estimated = True
+            line = _time_to_go_line(run.phase, run.total - it, per_step, run.verbose)
+            if line:
+                print(line, flush=True)
+
+
+class _Checkpoints:
+    """The checkpoints of one phase in ``save_dir/checkpoints/<phase>``:
+    cleared at a fresh start, restored when resuming, saved with the loss
+    sums since the last log row (so that the row after a resume averages
+    the whole interval's steps).
+
+    TensorFlow's multi-worker convention: every worker saves (the variables
+    are synchronised), the chief into the run's folder, the others into a
+    folder of their own that is deleted after each save; every worker
+    restores the chief's checkpoints (a shared folder)."""
+
+    def __init__(self, tf, save_dir: Path, phase: str, strategy, resume: bool, parts: dict,
+                 random_states: dict, timings: Timings):
+        self.timings, self.chief = timings, is_chief(strategy)
+        save_dir.mkdir(parents=True, exist_ok=True)
+        self.directory = save_dir / "checkpoints" / phase
+        if not resume and self.directory.exists() and self.chief:
+            shutil.rmtree(self.directory)
+        ckpt = tf.train.Checkpoint(**parts, **random_states)
+        if resume:
+            found = (_checkpoint_manager(tf, ckpt, self.directory)
+                     if self.chief or self.directory.is_dir() else None)
+            if found is not None and found.checkpoints:
+                _restore(tf, ckpt, found, parts, random_states)
+        own = self.directory
+        if not self.chief:
+            own = save_dir / "checkpoints" / f".{phase}_worker{strategy.cluster_resolver.task_id}"
+        self.manager = _checkpoint_manager(tf, ckpt, own)
+
+    def save(self, it: int, row_it: int, sums: dict):
+        t = time.perf_counter()
+        self.manager.save(checkpoint_number=it)
+        if self.chief:
+            from common.results import write_json
+
+            write_json(Path(self.manager.directory) / LOSS_SUMS,
+                       {"iteration": it, "row_iteration": row_it, "sums": sums})
+        else:
+            shutil.rmtree(self.manager.directory, ignore_errors=True)
+        self.timings.checkpoint += time.perf_counter() - t
+
+    def kept_sums(self, start: int) -> dict | None:
+        """The loss sums saved with the checkpoint the run resumed from."""
+        return _read_loss_sums(self.directory, start)
 
 
 def _time_to_go_line(phase: str, steps_left: int, per_step: float, verbose: int) -> str:
