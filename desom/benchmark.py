@@ -29,7 +29,7 @@ from common.metrics import evaluate_clustering, prototype_kmeans_accuracy
 from common.processes import JOBS_HELP, peak_rss_gb, run_measured, run_seeds
 from common.results import write_csv, write_summary
 from common.runtime import quiet_tensorflow
-from desom.cli import add_temperature_arguments
+from desom.cli import add_map_arguments
 
 MODELS = ("desom", "convdesom", "som", "kmeans")
 COLUMNS = ("purity", "nmi", "nmi_geometric", "ari", "acc", "acc_kmeans", "quantization_error",
@@ -49,17 +49,7 @@ def parser():
     p.add_argument("--seed", type=int, default=0, bounds=SEED_BOUNDS, help="first seed")
     p.add_argument("--jobs", type=int, default=1, bounds="[1, inf)",
                    help=JOBS_HELP)
-    p.add_argument("--map_size", nargs=2, type=int, default=[8, 8], bounds="[1, inf)",
-                   metavar=("ROWS", "COLS"))
-    p.add_argument("--iterations", type=int, default=10000, bounds="[1, inf)")
-    p.add_argument("--latent_dim", type=int, default=10, bounds="[1, inf)",
-                   help="size of the autoencoder's code (DESOM and ConvDESOM; paper: 10)")
-    p.add_argument("--batch_size", type=int, default=256, bounds="[1, inf)")
-    p.add_argument("--gamma", type=float, default=0.001, bounds="[0, inf)")
-    add_temperature_arguments(p)
-    p.add_argument("--pretrain_epochs", type=int, default=0, bounds="[0, inf)",
-                   help="autoencoder pretraining (paper: 0)")
-    p.add_argument("--som_init", choices=("random", "som"), default="random")
+    add_map_arguments(p)
     p.add_argument("--data_dir", help="folder searched first for the data files")
     p.add_argument("--out", default="bench/desom", help="folder for runs.csv, summary.csv and run logs")
     p.add_argument("--fig_dir", help="also write the first run's decoded map of each image data set here "

@@ -46,6 +46,27 @@ def add_temperature_arguments(p, what: str = ""):
                    "RESULTS.md). --Tmin overrides it")
 
 
+def add_map_arguments(p):
+    """The flags of a map and its training that ``bin/desom`` and
+    ``bin/desom-benchmark`` share, declared here once with their defaults
+    (the DESOM paper's): --map_size, --latent_dim, --gamma, --pretrain_epochs,
+    --iterations, --batch_size, --som_init and the temperature's
+    (:func:`add_temperature_arguments`)."""
+    p.add_argument("--map_size", nargs=2, type=int, default=[8, 8], bounds="[1, inf)",
+                   metavar=("ROWS", "COLS"), help="number of rows and columns of the map")
+    p.add_argument("--latent_dim", type=int, default=10, bounds="[1, inf)",
+                   help="size of the autoencoder's code (DESOM and ConvDESOM; paper: 10)")
+    p.add_argument("--gamma", type=float, default=0.001, bounds="[0, inf)", help="weight of the SOM loss")
+    p.add_argument("--pretrain_epochs", type=int, default=0, bounds="[0, inf)",
+                   help="epochs of autoencoder pretraining before DESOM training (0: none, as in the paper)")
+    p.add_argument("--iterations", type=int, default=10000, bounds="[1, inf)",
+                   help="training iterations (batches)")
+    p.add_argument("--batch_size", type=int, default=256, bounds="[1, inf)", help="global batch size")
+    add_temperature_arguments(p)
+    p.add_argument("--som_init", choices=("random", "som"), default="random",
+                   help="prototypes from encoded random samples, or a short batch-SOM fit on the codes")
+
+
 class DesomCommand(TrainingCommand):
     prog = "desom"
     description = ("Train a deep embedded self-organizing map (DESOM), its convolutional variant or a "
@@ -73,22 +94,13 @@ class DesomCommand(TrainingCommand):
                        help="train on the canonical training split and also evaluate on the test split")
         p.add_argument("--ae_weights",
                        help="pretrained autoencoder weights (ae.weights.h5 from an earlier run)")
-        p.add_argument("--map_size", nargs=2, type=int, default=[8, 8], bounds="[1, inf)",
-                       metavar=("ROWS", "COLS"), help="number of rows and columns of the map")
+        add_map_arguments(p)
         p.add_argument("--topology", choices=("rectangular", "hexagonal"), default="rectangular",
                        help="grid of the map")
         p.add_argument("--toroidal", action="store_true", help="wrap the map around its edges")
-        p.add_argument("--latent_dim", type=int, default=10, bounds="[1, inf)",
-                       help="size of the latent code")
-        p.add_argument("--gamma", type=float, default=0.001, bounds="[0, inf)", help="weight of the SOM loss")
         p.add_argument("--som_loss", choices=("desom", "normalized"), default="desom",
                        help="desom: the papers' SOM loss; normalized: divided by the batch's latent spread, "
                        "so the encoder cannot lower it by shrinking the codes (for wide latents)")
-        p.add_argument("--pretrain_epochs", type=int, default=0, bounds="[0, inf)",
-                       help="epochs of autoencoder pretraining before DESOM training (0: none, as in the "
-                       "paper)")
-        p.add_argument("--iterations", type=int, default=10000, bounds="[1, inf)",
-                       help="training iterations (batches)")
         p.add_argument("--som_iterations", type=int, default=None, bounds="[1, inf)",
                        help="iterations over which T decays from Tmax to Tmin, then holds (default: "
                        "--iterations)")
@@ -98,15 +110,11 @@ class DesomCommand(TrainingCommand):
                        help="iterations between rows of log.csv (losses and map quality)")
         p.add_argument("--eval_samples", type=int, default=10000, bounds="[1, inf)",
                        help="fixed random samples on which each log row measures map quality")
-        p.add_argument("--batch_size", type=int, default=256, bounds="[1, inf)", help="global batch size")
         p.add_argument("--lr", type=float, default=0.001, bounds="(0, inf)", help="Adam learning rate")
-        add_temperature_arguments(p)
         p.add_argument("--decay", choices=("exponential", "linear", "constant"), default="exponential",
                        help="how T goes from Tmax to Tmin")
         p.add_argument("--neighborhood", choices=("gaussian", "window"), default="gaussian",
                        help="neighbourhood kernel: exp(-d^2/T^2) or d <= T")
-        p.add_argument("--som_init", choices=("random", "som"), default="random",
-                       help="prototypes from encoded random samples, or a short batch-SOM fit on the codes")
         p.add_argument("--batchnorm", action="store_true", help="batch normalisation in the autoencoder")
         p.add_argument("--save_dir", help="output folder (default: results/<data>_<model>_<rows>x<cols>)")
         p.add_argument("--no_explorer", action="store_true",
