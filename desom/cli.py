@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ from common.cli import ArgumentParser, add_data_arguments, dispatch, run
 from common.command import RunData, TrainingCommand
 from common.data import CLASS_NAMES, SCALINGS, Scaler, feature_names, label_names, load_data
 from common.errors import UsageError
-from common.results import write_csv, write_json
+from common.predict import add_predict_arguments, check_samples_given, read_samples, write_predictions
+from common.results import write_json
 from common.runtime import quiet_tensorflow
 
 MODELS = ("desom", "convdesom", "som")
@@ -245,11 +247,10 @@ class DesomCommand(TrainingCommand):
 
 def predict_parser():
     p = ArgumentParser(prog="desom predict",
-                       description="Best-matching units of samples under a trained model; writes one "
-                       "CSV row per sample: bmu, row, col, distance (latent) and the label when known.")
-    p.add_argument("--model", required=True, metavar="MODEL.keras", help="a model written by desom")
-    _data_arguments(p, required=True)
-    p.add_argument("--out", metavar="CSV", help="output file (default: predictions.csv beside the model)")
+                       description="Best-matching units of samples under a trained map; one CSV row per "
+                       "sample: bmu, row, col, distance (latent) and the label when known. Samples are "
+                       "scaled as in training (preprocessing.json beside the model).")
+    add_predict_arguments(p, "desom (or rswnet --head som)")
     return p
 
 
@@ -349,24 +350,24 @@ def _model_and_data(args):
 
 def predict_main(argv):
     args = predict_parser().parse_args(argv)
-    model, x, y, source, _, _ = _model_and_data(args)
-    import pandas as pd
+    check_samples_given(args)
+    quiet_tensorflow()
+    from common.networks import load_keras_model
+    from desom.models import SOMModel
 
-    bmu, sq, _, _ = model.assign_codes(model.transform(x))
+    model = load_keras_model(args.model, SOMModel, "a map written by desom or rswnet --head som")
+    prep = Path(args.model).parent / "preprocessing.json"
+    scaler = Scaler.from_dict(json.loads(prep.read_text())) if prep.is_file() else None
+    samples = read_samples(args, model.sample_shape,
+                           transform=None if scaler is None else partial(_scaled, scaler))
+    bmu, sq, _, _ = model.assign_codes(model.transform(samples.x))
     rows, cols = model.unit_coordinates(bmu)
-    out = pd.DataFrame({"bmu": bmu, "row": rows, "col": cols, "distance": np.sqrt(sq)})
-    if y is not None:
-        names = label_names(y)  # a file's own label values, not their indices
-        out["label"] = y if names is None else np.asarray(names)[np.asarray(y)]
-    path = Path(args.out) if args.out else Path(args.model).parent / "predictions.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_csv(out, path)
-    msg = f"{len(out)} predictions written to {path}"
-    if y is not None:
+    note = ""
+    if samples.labels is not None:
         from common.metrics import nmi, purity
 
-        msg += f" (purity {purity(y, bmu):.4f}, NMI {nmi(y, bmu):.4f})"
-    print(msg)
+        note = f" (purity {purity(samples.labels, bmu):.4f}, NMI {nmi(samples.labels, bmu):.4f})"
+    write_predictions(samples, {"bmu": bmu, "row": rows, "col": cols, "distance": np.sqrt(sq)}, args, note)
     return 0
 
 

@@ -19,6 +19,7 @@ from common.cli import ArgumentParser, dispatch, run
 from common.command import RunData, TrainingCommand
 from common.data import CLASS_NAMES, IMAGE_SHAPES, load_data
 from common.errors import UsageError
+from common.predict import add_predict_arguments, check_samples_given, read_samples, write_predictions
 from common.results import write_csv
 from common.runtime import quiet_tensorflow
 from desom.cli import add_temperature_arguments
@@ -356,66 +357,31 @@ def predict_parser():
                        description="Clusters (clustering head: cluster and probability) or map units (SOM "
                        "head: bmu, row, col, latent distance) of images under a trained RSWNet; one CSV row "
                        "per image.")
-    p.add_argument("--model", required=True, metavar="MODEL.keras", help="a model written by rswnet")
-    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (or --dataset, or --data)")
-    p.add_argument("--dataset", choices=IMAGE_DATASETS, help="every image of a data set (train and test)")
-    p.add_argument("--data", metavar="DIR", help="every image under a folder")
-    p.add_argument("--data_dir", help="--dataset: folder searched first for its files")
-    p.add_argument("--out", metavar="CSV", help="output file (default: predictions.csv beside the model)")
+    add_predict_arguments(p, "rswnet", datasets=IMAGE_DATASETS)
     return p
 
 
 def predict_main(argv):
     args = predict_parser().parse_args(argv)
-    given = [name for name, value in (("IMAGE files", args.images), ("--dataset", args.dataset),
-                                      ("--data", args.data)) if value]
-    if len(given) != 1:
-        raise UsageError("give exactly one of IMAGE files, --dataset or --data"
-                         + (f" (got {' and '.join(given)})" if given else ""))
+    check_samples_given(args)
     quiet_tensorflow()
-    import pandas as pd
-
     from desom.layers import pairwise_sq_distances
     from rswnet.models import RSWNetSOM, load_model
 
     model = load_model(args.model)
-    height, width, channels = model.sample_shape
-    color = "grayscale" if channels == 1 else "rgb"
-    names, labels = None, None
-    if args.dataset:
-        (x, labels), _ = load_data(args.dataset, flatten=False, data_dir=args.data_dir)
-        if tuple(x.shape[1:]) != tuple(model.sample_shape):
-            raise UsageError(f"the model expects images of shape {tuple(model.sample_shape)}, {args.dataset} "
-                             f"has {tuple(x.shape[1:])}")
-    elif args.data:
-        from common.folders import load_images
-
-        if not Path(args.data).is_dir():
-            raise UsageError(f"folder {args.data} not found")
-        found = load_images(args.data, (height, width), color)
-        x, names = found.x, found.paths
-    else:
-        from common.folders import load_image_files
-
-        x, names = load_image_files(args.images, (height, width), color)
-    if len(x) == 0:
-        raise UsageError("no image could be read")
-    out = pd.DataFrame({"image": names} if names is not None else {"index": np.arange(len(x))})
+    samples = read_samples(args, model.sample_shape)
+    x = samples.x
     if isinstance(model, RSWNetSOM):
         d = pairwise_sq_distances(model.transform(x), model.prototypes)
         bmu = d.argmin(axis=1)
         rows, cols = model.unit_coordinates(bmu)
-        out = out.assign(bmu=bmu, row=rows, col=cols, distance=np.sqrt(d[np.arange(len(d)), bmu]))
+        columns = {"bmu": bmu, "row": rows, "col": cols, "distance": np.sqrt(d[np.arange(len(d)), bmu])}
     else:
         q = model.soft_assign(x)
-        out = out.assign(cluster=q.argmax(axis=1), probability=q.max(axis=1).round(6))
+        columns = {"cluster": q.argmax(axis=1), "probability": q.max(axis=1).round(6)}
         if model.cluster_names:
-            out["class"] = [model.cluster_names[k] for k in out["cluster"]]
-    if labels is not None:
-        out["label"] = labels
-    path = Path(args.out) if args.out else Path(args.model).parent / "predictions.csv"
-    write_csv(out, path)
-    print(f"{len(out)} predictions written to {path}")
+            columns["class"] = [model.cluster_names[k] for k in columns["cluster"]]
+    write_predictions(samples, columns, args)
     return 0
 
 

@@ -711,7 +711,7 @@ def test_predict_names_image_files_of_any_size_in_a_new_process(tmp_path, capsys
     names = np.array(["a", "b"])
     assert table["class_1"].tolist() == names[expected.argmax(axis=1)].tolist()
     np.testing.assert_allclose(table["probability_1"], expected.max(axis=1), atol=1e-4)
-    assert len(res.stdout.strip().splitlines()) == 2
+    assert len(res.stdout.strip().splitlines()) == 3  # a line per image, and where the CSV went
 
 
 @pytest.mark.parametrize("argv, message", [

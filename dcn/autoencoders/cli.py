@@ -3,6 +3,7 @@
 
     bin/ae --model vae --dataset fmnist                  # train, cluster, draw
     bin/ae --model ae --hidden 500 500 2000 --latent_dim 10 --cluster kmeans som
+    bin/ae predict --model results/fmnist_vae/model.keras --dataset fmnist   # codes and clusters, CSV
     bin/ae generate --model results/fmnist_vae/model.keras --cluster 3 --out cluster3.png
     bin/ae generate --model results/fmnist_cvae/model.keras --label 7 --out sevens.png
 """
@@ -18,6 +19,7 @@ from common.cli import SEED_BOUNDS, ArgumentParser, add_data_arguments, dispatch
 from common.command import RunData, TrainingCommand
 from common.data import load_data, value_range
 from common.errors import UsageError
+from common.predict import add_predict_arguments, check_samples_given, read_samples, write_predictions
 from common.results import write_csv
 from common.runtime import quiet_tensorflow
 from dcn.autoencoders.models import MODELS
@@ -379,12 +381,56 @@ def generate_main(argv):
     return 0
 
 
+def predict_parser():
+    p = ArgumentParser(prog="ae predict",
+                       description="Codes of samples under a model written by bin/ae; one CSV row per "
+                       "sample: cluster (the k-means cluster of the code that `ae generate --cluster` draws "
+                       "from: the nearest cluster mean), distance (to that mean), reconstruction_error (mean "
+                       "squared), class (semi-supervised models: the classifier's), code_1..code_d. The "
+                       "run's own predictions.csv holds its clusterings of the training samples (UMAP + GMM "
+                       "first), which are not kept in the model.")
+    add_predict_arguments(p, "bin/ae")
+    return p
+
+
+def predict_main(argv):
+    args = predict_parser().parse_args(argv)
+    check_samples_given(args)
+    quiet_tensorflow()
+    from dcn.autoencoders.models import load_model
+
+    model = load_model(args.model)
+    samples = read_samples(args, model.sample_shape)
+    y = None
+    if model.needs_labels:
+        if samples.labels is None:
+            raise UsageError(f"{args.model} is a {type(model).__name__}: it encodes a sample with its label; "
+                             "give data with labels")
+        y = np.asarray(samples.labels)
+    x = np.asarray(samples.x, np.float32)
+    codes = model.embed(x, y)
+    columns = {}
+    if model.has_clusters:
+        means = np.asarray(model.cluster_means.numpy(), np.float64)
+        d2 = ((codes[:, None, :] - means[None]) ** 2).sum(axis=2)
+        columns["cluster"] = d2.argmin(axis=1)
+        columns["distance"] = np.sqrt(d2.min(axis=1)).round(6)
+    error = (model.decode(codes, y).reshape(len(x), -1) - x.reshape(len(x), -1)) ** 2
+    columns["reconstruction_error"] = error.mean(axis=1).round(6)
+    if hasattr(model, "predict_classes") and not model.needs_labels:
+        columns["class"] = model.predict_classes(x)
+    columns.update({f"code_{j + 1}": codes[:, j] for j in range(codes.shape[1])})
+    write_predictions(samples, columns, args)
+    return 0
+
+
 def train_main(argv):
     return AeCommand().main(argv)
 
 
 def main(argv=None):
-    run(dispatch({"train": train_main, "generate": generate_main}, "train"), argv, prog="ae")
+    run(dispatch({"train": train_main, "predict": predict_main, "generate": generate_main}, "train"), argv,
+        prog="ae")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from common.cli import ArgumentParser, dispatch, run
 from common.command import RunData, TrainingCommand
 from common.data import KNOWN_DATASETS, is_file_name, label_names, load_data
 from common.errors import UsageError
+from common.predict import add_predict_arguments, check_samples_given, read_samples, write_predictions
 from common.results import write_json
 from common.runtime import quiet_tensorflow
 from common.training import proportional_batch_size
@@ -285,11 +286,10 @@ class DcnCommand(TrainingCommand):
 
 def predict_parser():
     p = ArgumentParser(prog="dcn predict",
-                       description="Name images with a trained model: prints the class, cluster and its "
-                       "probability for each image.")
-    p.add_argument("--model", required=True, metavar="MODEL.keras", help="a model written by dcn")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    p.add_argument("--out", metavar="CSV", help="also write the predictions to this CSV file")
+                       description="Clusters of samples under a trained DEC/IDEC/DCEC model: one CSV row per "
+                       "sample with its cluster, the probability q of that cluster and the cluster's class "
+                       "name when the run named them.")
+    add_predict_arguments(p, "dcn")
     return p
 
 
@@ -365,29 +365,21 @@ def train_main(argv):
 
 def predict_main(argv):
     args = predict_parser().parse_args(argv)
+    check_samples_given(args)
     quiet_tensorflow()
-    from common.folders import load_image_files
     from dcn.dec.models import load_model
 
     model = load_model(args.model)
-    if len(model.sample_shape) != 3:
-        raise UsageError(f"{args.model} was trained on vectors, not images")
-    height, width, channels = model.sample_shape
-    x, paths = load_image_files(args.images, (height, width), "grayscale" if channels == 1 else "rgb")
-    q = model.soft_assign(x)
+    samples = read_samples(args, model.sample_shape)
+    q = model.soft_assign(samples.x)
     clusters = q.argmax(axis=1)
-    names = model.cluster_names or [None] * model.n_clusters
-    rows = []
-    for path, k, prob in zip(paths, clusters, q.max(axis=1)):
-        name = names[k] if names[k] is not None else "(unnamed)"
-        rows.append({"image": path, "class": name, "cluster": int(k), "probability": round(float(prob), 4)})
-        print(f"{path}\t{name}\tcluster {k}\tp={prob:.3f}")
-    if args.out:
-        import pandas as pd
-
-        from common.results import write_csv
-
-        write_csv(pd.DataFrame(rows), args.out)
+    columns = {"cluster": clusters, "probability": q.max(axis=1).round(6)}
+    if model.cluster_names:
+        columns["class"] = [model.cluster_names[k] or "(unnamed)" for k in clusters]
+    if args.images:  # a few files named on the command line: also on the screen
+        for path, row in zip(samples.frame["image"], zip(*columns.values())):
+            print(f"{path}\t" + "\t".join(map(str, row)))
+    write_predictions(samples, columns, args)
     return 0
 
 

@@ -18,6 +18,7 @@ from common.command import RunData, TrainingCommand
 from common.data import CLASS_NAMES, label_names, load_data
 from common.errors import DataError, UsageError
 from common.networks import save_keras_model
+from common.predict import add_predict_arguments, check_samples_given, read_samples, write_predictions
 from common.results import atomic_path, write_json
 from common.runtime import from_chief, quiet_tensorflow, worker_count
 from dcn.selflabel.network import AUGMENT, AUGMENTATIONS
@@ -629,41 +630,36 @@ def evaluate_main(argv):
 
 def predict_parser():
     p = ArgumentParser(prog="selflabel predict",
-                       description="Name image files with a saved model (any size or colour: converted to "
-                       "the model's size and channels): the top-k classes and their probabilities.")
-    p.add_argument("--model", required=True, metavar="MODEL.keras", help="a model written by bin/selflabel")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (png, jpeg, bmp, gif)")
+                       description="Classes of images under a saved model (any size or colour: converted to "
+                       "the model's size and channels): one CSV row per image with its top-k classes and "
+                       "their probabilities (clusters sharing a class name add up).")
+    add_predict_arguments(p, "bin/selflabel")
     p.add_argument("--top_k", type=int, default=3, bounds="[1, inf)", help="classes listed per image")
-    p.add_argument("--out", metavar="CSV", help="also write the predictions to this CSV file")
     return p
 
 
 def predict_main(argv):
     args = predict_parser().parse_args(argv)
+    check_samples_given(args)
     quiet_tensorflow()
-    from common.folders import load_image_files
     from dcn.selflabel.network import load_model
 
     model = load_model(args.model)
-    height, width, channels = model.sample_shape
-    x, paths = load_image_files(args.images, (height, width), "grayscale" if channels == 1 else "rgb")
-    probs = model.predict_proba(x.astype(np.float32))
+    samples = read_samples(args, model.sample_shape)
+    probs = model.predict_proba(np.asarray(samples.x, np.float32))
     names = model.cluster_names or [f"cluster {k}" for k in range(model.n_clusters)]
     labels = list(dict.fromkeys(names))  # clusters sharing a name add up
     per_name = np.stack([probs[:, [k for k, n in enumerate(names) if n == name]].sum(axis=1)
                          for name in labels], axis=1)
-    rows = []
-    for path, p in zip(paths, per_name):
-        order = np.argsort(-p, kind="stable")[: args.top_k]
-        print(f"{path}\t" + "\t".join(f"{labels[j]} {p[j]:.3f}" for j in order))
-        rows.append({"image": str(path), **{f"class_{r + 1}": labels[j] for r, j in enumerate(order)},
-                     **{f"probability_{r + 1}": round(float(p[j]), 4) for r, j in enumerate(order)}})
-    if args.out:
-        import pandas as pd
-
-        from common.results import write_csv
-
-        write_csv(pd.DataFrame(rows), args.out)
+    top = np.argsort(-per_name, axis=1, kind="stable")[:, :args.top_k]
+    columns = {}
+    for r in range(top.shape[1]):
+        columns[f"class_{r + 1}"] = np.asarray(labels, dtype=object)[top[:, r]]
+        columns[f"probability_{r + 1}"] = np.take_along_axis(per_name, top[:, [r]], axis=1)[:, 0].round(4)
+    if args.images:  # a few files named on the command line: also on the screen
+        for path, order, p in zip(samples.frame["image"], top, per_name):
+            print(f"{path}\t" + "\t".join(f"{labels[j]} {p[j]:.3f}" for j in order))
+    write_predictions(samples, columns, args)
     return 0
 
 
