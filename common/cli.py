@@ -78,6 +78,31 @@ class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
+        self.renamed: dict = {}  # old flag -> (new flags, note)
+
+    def rename(self, old: str, *new: str, note: str = ""):
+        """``old`` is no longer a flag of this program: giving it is a one-line
+        error naming ``new`` (and ``note``, e.g. which new flag for which
+        model); a run saved under the old name resumes with the new one."""
+        self.renamed[old] = (new, note)
+
+    def renamed_dests(self) -> dict:
+        """``{old dest: (new dests)}``, to read an ``args.json`` written before a rename."""
+        return {old.lstrip("-"): tuple(n.lstrip("-") for n in new) for old, (new, _) in self.renamed.items()}
+
+    def renamed_message(self, old: str) -> str | None:
+        """The one line for an old flag name (None for a current one)."""
+        if old not in self.renamed:
+            return None
+        new, note = self.renamed[old]
+        return f"{old} is now {' or '.join(new)}{f' ({note})' if note else ''}"
+
+    def parse_known_args(self, args=None, namespace=None):
+        for token in sys.argv[1:] if args is None else args:
+            message = self.renamed_message(str(token).split("=", 1)[0])
+            if message:
+                self.error(message)
+        return super().parse_known_args(args, namespace)
 
     def add_argument(self, *args, bounds: str | None = None, **kwargs):
         """``argparse``'s, plus ``bounds`` (see :class:`Number`) for ``type=int``
@@ -208,7 +233,7 @@ def given_arguments(parser: argparse.ArgumentParser, argv) -> dict:
     return vars(parser.parse_args(argv))
 
 
-def resume_args(args, given: dict, may_change=(), keep=RUNTIME_FLAGS) -> tuple[object, dict]:
+def resume_args(args, given: dict, may_change=(), keep=RUNTIME_FLAGS, renamed=None) -> tuple[object, dict]:
     """For ``--resume``: the arguments saved in ``<save_dir>/args.json`` by the
     run to continue, and the changes applied to them.
 
@@ -216,6 +241,8 @@ def resume_args(args, given: dict, may_change=(), keep=RUNTIME_FLAGS) -> tuple[o
     Those named in ``keep`` are taken from ``args``; those in ``may_change``
     (e.g. more iterations) replace the saved value; any other flag that differs
     from the saved run is refused with a :class:`UsageError`, never ignored.
+    ``renamed`` (:meth:`ArgumentParser.renamed_dests`) reads the saved
+    arguments of a run written before a flag was renamed.
     Returns ``(args, {flag: (saved value, new value)})``.
     """
     import json
@@ -227,6 +254,10 @@ def resume_args(args, given: dict, may_change=(), keep=RUNTIME_FLAGS) -> tuple[o
     if not path.is_file():
         raise UsageError(f"nothing to resume in {args.save_dir} (no args.json); start a run there first")
     saved = json.loads(path.read_text())
+    for old, new in (renamed or {}).items():
+        if old in saved:
+            value = saved.pop(old)
+            saved.update({n: value for n in new if n not in saved})
     changed = {k: (saved.get(k), v) for k, v in given.items() if k not in keep and saved.get(k) != v}
     refused = [k for k in changed if k not in may_change]
     if refused:

@@ -254,7 +254,8 @@ class TrainingCommand:
         for name, value in flags.items():
             action = actions.get(name)
             if action is None or not action.option_strings:
-                raise UsageError(f"{self.prog} has no flag --{name}; see {self.prog} --help")
+                moved = parser.renamed_message(f"--{name}")
+                raise UsageError(f"{moved or f'{self.prog} has no flag --{name}'}; see {self.prog} --help")
             flag = action.option_strings[0]
             if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
                 argv += [flag] if bool(value) == isinstance(action, argparse._StoreTrueAction) else []
@@ -291,7 +292,8 @@ class TrainingCommand:
                 given = {k: getattr(typed, k) for k in given}
             except UsageError:
                 pass
-            args, changed = resume_args(args, given, self.resume_may_change)
+            args, changed = resume_args(args, given, self.resume_may_change,
+                                        renamed=self.parser().renamed_dests())
             if changed:
                 self.resumed_with_changes(args, changed)
         if args.resume and args.overwrite:

@@ -120,7 +120,7 @@ class Size:
     timeout: float = 900
 
 
-_SELFLABEL = ("--init", "random", "--manifold", "none", "--clusterer", "kmeans", "--cluster_starts", "1",
+_SELFLABEL = ("--first_features", "random", "--manifold", "none", "--clusterer", "kmeans", "--n_init", "1",
               "--iterations", "1", "--epochs_per_iteration", "1", "--knn_epochs", "0", "--min_steps", "0")
 SIZES = {
     "gpu": Size(

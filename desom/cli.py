@@ -106,8 +106,9 @@ class DesomCommand(TrainingCommand):
         p.add_argument("--som_iterations", type=int, default=None, bounds="[1, inf)",
                        help="iterations over which T decays from Tmax to Tmin, then holds (default: "
                        "--iterations)")
-        p.add_argument("--update_interval", type=int, default=1, bounds="[1, inf)",
-                       help="iterations between updates of the temperature T")
+        p.add_argument("--T_update_interval", type=int, default=1, bounds="[1, inf)",
+                       help="iterations between updates of the temperature T (DESOM's code: update_interval)")
+        p.rename("--update_interval", "--T_update_interval")
         p.add_argument("--eval_interval", type=int, default=500, bounds="[1, inf)",
                        help="iterations between rows of log.csv (losses and map quality)")
         p.add_argument("--eval_samples", type=int, default=10000, bounds="[1, inf)",
@@ -177,7 +178,7 @@ class DesomCommand(TrainingCommand):
         run.record("train", run.model.fit(
             x, run.data.y, iterations=a.iterations, gamma=a.gamma, Tmax=a.Tmax, Tmin=a.Tmin,
             decay=a.decay, neighborhood=a.neighborhood, som_iterations=a.som_iterations,
-            update_interval=a.update_interval, normalize=a.som_loss == "normalized",
+            update_interval=a.T_update_interval, normalize=a.som_loss == "normalized",
             eval_interval=a.eval_interval, eval_samples=a.eval_samples,
             optimizer=run.optimizers["train"], **run.loop_options()))
 

@@ -95,10 +95,10 @@ def test_two_workers_train_like_one_process_with_the_same_global_batch(tmp_path,
 
 @pytest.mark.slow
 def test_two_workers_run_selflabel_on_the_chiefs_pseudo_labels(tmp_path):
-    args = ["--dataset", "digits", "--init", "random", "--manifold", "none", "--clusterer", "kmeans",
-            "--iterations", "2", "--epochs_per_iteration", "2", "--knn_epochs", "0.5", "--batch_size", "64",
-            "--augment", "translate", "--convergence_threshold", "1", "--min_steps", "0",
-            "--fit_threshold", "0", "--verbose", "2"]
+    args = ["--dataset", "digits", "--first_features", "random", "--manifold", "none", "--clusterer",
+            "kmeans", "--iterations", "2", "--epochs_per_iteration", "2", "--knn_epochs", "0.5",
+            "--batch_size", "64", "--augmentations", "translate", "--convergence_threshold", "1",
+            "--min_steps", "0", "--fit_threshold", "0", "--verbose", "2"]
     _two_workers("selflabel", [*args, "--save_dir", str(tmp_path / "workers")])
     _one_process("selflabel", [*args, "--save_dir", str(tmp_path / "single")])
     runs = {d: tmp_path / d for d in ("workers", "single")}

@@ -41,9 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / "bin" / "selflabel"
 #: digits, DeepCluster's start (k-means of the untrained CNN's features; neighbours of those features for
 #: the default neighbour phase), a short run
-SHORT = ["--dataset", "digits", "--init", "random", "--manifold", "none", "--clusterer", "kmeans",
-         "--iterations", "4", "--epochs_per_iteration", "8", "--batch_size", "64", "--augment", "translate",
-         "--min_steps", "0", "--verbose", "0"]
+SHORT = ["--dataset", "digits", "--first_features", "random", "--manifold", "none", "--clusterer", "kmeans",
+         "--iterations", "4", "--epochs_per_iteration", "8", "--batch_size", "64", "--augmentations",
+         "translate", "--min_steps", "0", "--verbose", "0"]
 
 
 def run_bin(*args, timeout=300):
@@ -539,7 +539,7 @@ def test_bin_selflabel_on_digits_improves_on_its_first_clustering_and_writes_eve
     assert again["accuracy"] == pytest.approx(metrics["accuracy"])
     assert again["nmi"] == pytest.approx(metrics["nmi"])
     assert f"accuracy {metrics['accuracy']:.4f}" in res.stdout
-    # another loop setting from the same first labels and neighbours, without the --init phase
+    # another loop setting from the same first labels and neighbours, without the init phase
     other = tmp_path / "other"
     with pytest.raises(SystemExit) as stop:
         main([*SHORT, "--iterations", "1", "--select", "neighbours", "--first_labels", str(out),
@@ -563,7 +563,7 @@ def test_bin_selflabel_init_contrastive_starts_the_loop_from_the_pretrained_cnn(
     out, other = tmp_path / "contrastive", tmp_path / "other"
     short = [*SHORT, "--iterations", "1", "--epochs_per_iteration", "1", "--knn_epochs", "0"]
     with pytest.raises(SystemExit) as stop:
-        main([*short, "--init", "contrastive", "--init_epochs", "3", "--save_dir", str(out)])
+        main([*short, "--first_features", "contrastive", "--init_epochs", "3", "--save_dir", str(out)])
     assert stop.value.code == 0
     assert "nt_xent" in pd.read_csv(out / "init_log.csv")
     pretrained = load_model(out / INIT_MODEL)
@@ -574,13 +574,13 @@ def test_bin_selflabel_init_contrastive_starts_the_loop_from_the_pretrained_cnn(
     for a, b in zip(pretrained.get_weights(), load_model(other / INIT_MODEL).get_weights()):
         np.testing.assert_array_equal(a, b)
     assert not (other / "init_log.csv").exists()
-    # a fresh run of another --init in that folder does not start from the CNN left there
+    # a fresh run of another --first_features in that folder does not start from the CNN left there
     with pytest.raises(SystemExit) as stop:
         main([*short, "--save_dir", str(out), "--overwrite"])
     assert stop.value.code == 0 and not (out / INIT_MODEL).exists()
 
 
-BENCH = ["--dataset", "digits", "--init", "random", "--manifold", "none", "--clusterer", "kmeans",
+BENCH = ["--dataset", "digits", "--first_features", "random", "--manifold", "none", "--clusterer", "kmeans",
          "--iterations", "1", "--epochs_per_iteration", "1", "--batch_size", "64", "--knn_epochs", "0"]
 
 
@@ -608,7 +608,7 @@ def test_selflabel_benchmark_reads_back_finished_runs_and_resumes_stopped_ones(t
     assert "read back: digits_n2d_seed0, digits_n2d_seed1" in printed and not list(out.glob("*.log"))
     pd.testing.assert_frame_equal(pd.read_csv(out / "runs.csv"), runs)
     # a run stopped half-way (its model and results not yet written) goes on with --resume, without the
-    # --init phase it had finished; the other is read back
+    # init phase it had finished; the other is read back
     first_stages = json.loads((out / "digits_n2d_seed1" / "results.json").read_text())["timings"]["stages"]
     for name in ("finished.json", "test_metrics.json", "results.json", "model.keras", "iteration_00.keras"):
         (out / "digits_n2d_seed1" / name).unlink()
@@ -729,7 +729,9 @@ def test_predict_names_image_files_of_any_size_in_a_new_process(tmp_path, capsys
     (["--knn", "0"], "argument --knn: must be in [1, inf), got 0"),
     (["--knn_epochs", "-1"], "argument --knn_epochs: must be in [0, inf), got -1"),
     (["--neighbors", "1"], "argument --neighbors: must be in [2, inf), got 1"),
-    (["--cluster_starts", "0"], "argument --cluster_starts: must be in [1, inf), got 0"),
+    (["--n_init", "0"], "argument --n_init: must be in [1, inf), got 0"),
+    (["--cluster_starts", "3"], "--cluster_starts is now --n_init"),
+    (["--init", "ae"], "--init is now --first_features"),
     (["predict", "--model", "m.keras", "broken.png", "--top_k", "0"],
      "argument --top_k: must be in [1, inf), got 0"),
     (["--data", "vectors.npz"], "bin/selflabel classifies images"),

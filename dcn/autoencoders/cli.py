@@ -56,10 +56,15 @@ class AeCommand(TrainingCommand):
         p.add_argument("--epochs", type=float, default=20, bounds="(0, inf)", help="training epochs")
         p.add_argument("--batch_size", type=int, default=128, bounds="[1, inf)", help="global batch size")
         p.add_argument("--lr", type=float, default=0.001, bounds="(0, inf)", help="Adam learning rate")
-        p.add_argument("--beta", type=float, default=1.0, bounds="[0, inf)",
-                       help="vae/cvae: weight of the KL term; semisupervised: weight of the cross-entropy")
-        p.add_argument("--alpha", type=float, default=1.0, bounds="[0, inf)",
-                       help="semisupervised: weight of the reconstruction")
+        p.add_argument("--kl_weight", type=float, default=1.0, bounds="[0, inf)",
+                       help="vae/cvae: weight of the KL term (beta of a beta-VAE)")
+        p.add_argument("--recon_weight", type=float, default=1.0, bounds="[0, inf)",
+                       help="semisupervised: weight of the reconstruction error")
+        p.add_argument("--class_weight", type=float, default=1.0, bounds="[0, inf)",
+                       help="semisupervised: weight of the classifier's cross-entropy")
+        p.rename("--alpha", "--recon_weight")
+        p.rename("--beta", "--kl_weight", "--class_weight", note="vae/cvae: --kl_weight; semisupervised: "
+                 "--class_weight")
         p.add_argument("--dropout", type=float, default=0.2, bounds="[0, 1)",
                        help="vae/cvae: dropout after each encoder layer")
         p.add_argument("--labeled_fraction", type=float, default=0.01, bounds="(0, 1]",
@@ -135,7 +140,8 @@ class AeCommand(TrainingCommand):
         run.optimizers = {"train": keras.optimizers.Adam(a.lr)}
         n_classes = len(run.data.extra["classes"] or [])
         return build(a.model, run.data.x.shape[1:], n_classes, latent_dim=a.latent_dim, hidden=a.hidden,
-                     beta=a.beta, alpha=a.alpha, n_clusters=a.n_clusters, dropout=a.dropout)
+                     beta=a.class_weight if a.model == "semisupervised" else a.kl_weight,
+                     alpha=a.recon_weight, n_clusters=a.n_clusters, dropout=a.dropout)
 
     def planned_steps(self, run):
         return [("train", run.epoch_steps(run.args.epochs))]

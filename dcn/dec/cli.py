@@ -69,8 +69,9 @@ class DcnCommand(TrainingCommand):
         p.add_argument("--architecture", choices=("conv", "mlp"),
                        help="autoencoder: conv (DCEC, default for images) or mlp (d-500-500-2000-d', "
                        "default for vectors)")
-        p.add_argument("--embedding_dim", type=int, default=10, bounds="[1, inf)",
-                       help="size of the embedding")
+        p.add_argument("--latent_dim", type=int, default=10, bounds="[1, inf)",
+                       help="size of the embedding (DEC's embedded space)")
+        p.rename("--embedding_dim", "--latent_dim")
         p.add_argument("--alpha", type=float, default=1.0, bounds="(0, inf)",
                        help="degrees of freedom of the Student's t kernel")
         p.add_argument("--pretrain_epochs", type=float, bounds="[0, inf)",
@@ -81,8 +82,10 @@ class DcnCommand(TrainingCommand):
                        help="pretraining optimizer (DEC-keras: sgd with --pretrain_lr 1, momentum 0.9)")
         p.add_argument("--pretrain_lr", type=float, bounds="(0, inf)",
                        help="pretraining learning rate (default: 0.001 adam, 1 sgd)")
-        p.add_argument("--init", choices=("glorot_uniform", "dec"), default="glorot_uniform",
-                       help="dense autoencoder initialisation; dec is DEC-keras' uniform +-sqrt(1/fan_in)")
+        p.add_argument("--weight_init", choices=("glorot_uniform", "dec"), default="glorot_uniform",
+                       help="dense autoencoder weight initialisation; dec is DEC-keras' uniform "
+                       "+-sqrt(1/fan_in)")
+        p.rename("--init", "--weight_init")
         p.add_argument("--ae_weights",
                        help="pretrained autoencoder weights (ae.weights.h5) instead of pretraining")
         p.add_argument("--centers", choices=CENTERS, default="umap_gmm",
@@ -184,8 +187,8 @@ class DcnCommand(TrainingCommand):
                          else keras.optimizers.Adam(a.pretrain_lr)),
             "train": (keras.optimizers.SGD(a.lr, momentum=0.9) if a.optimizer == "sgd"
                       else keras.optimizers.Adam(a.lr))}
-        return DCN(run.data.x.shape[1:], a.n_clusters, a.embedding_dim, a.architecture, alpha=a.alpha,
-                   init=a.init)
+        return DCN(run.data.x.shape[1:], a.n_clusters, a.latent_dim, a.architecture, alpha=a.alpha,
+                   init=a.weight_init)
 
     def planned_steps(self, run):
         from dcn.dec.models import clustering_schedule

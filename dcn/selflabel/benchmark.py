@@ -45,7 +45,7 @@ from common.results import write_csv, write_json, write_summary
 
 CONFIGS = {
     "n2d": [],
-    "deepcluster": ["--init", "random", "--manifold", "none", "--clusterer", "kmeans",
+    "deepcluster": ["--first_features", "random", "--manifold", "none", "--clusterer", "kmeans",
                     "--relabel", "cluster", "--knn_epochs", "0"],
 }
 STARTED = "started.json"  # {"command": ...} of a run, written when it starts (finished.json when it ends)

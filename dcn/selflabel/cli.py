@@ -98,14 +98,15 @@ class SelfLabelCommand(TrainingCommand):
                        help="stop when the aligned stability of a relabelling reaches this")
         p.add_argument("--n_clusters", type=int, bounds="[2, inf)",
                        help="pseudo-classes (default: the number of classes)")
-        p.add_argument("--init", choices=INITS, default="ae",
+        p.add_argument("--first_features", choices=INITS, default="ae",
                        help="features of the first pseudo-labels: ae (autoencoder codes), desom (codes of "
                        "an 8x8 DESOM), random (the untrained CNN's features), contrastive (the CNN's "
                        "convolutional features after SimCLR pretraining; the classifier trains on from it)")
         p.add_argument("--first_labels", metavar="RUN_DIR",
                        help="start from the first pseudo-labels (and neighbours, and the pretrained CNN of "
-                       "--init contrastive) of an earlier bin/selflabel run on the same data instead of "
-                       "computing them (no --init phase): to try loop settings from one start")
+                       "--first_features contrastive) of an earlier bin/selflabel run on the same data "
+                       "instead of computing them (no init phase): to try loop settings from one start")
+        p.rename("--init", "--first_features")
         p.add_argument("--init_epochs", type=float, default=50, bounds="(0, inf)",
                        help="ae: autoencoder training epochs; contrastive: pretraining epochs")
         p.add_argument("--init_iterations", type=int, default=10000, bounds="[1, inf)",
@@ -116,9 +117,10 @@ class SelfLabelCommand(TrainingCommand):
         p.add_argument("--neighbors", type=int, default=10, bounds="[2, inf)", help="UMAP neighbours")
         p.add_argument("--clusterer", choices=CLUSTERERS, default="gmm",
                        help="clustering of the initial features")
-        p.add_argument("--cluster_starts", type=int, default=10, bounds="[1, inf)",
+        p.add_argument("--n_init", type=int, default=10, bounds="[1, inf)",
                        help="initialisations of that clustering; the fit with the highest likelihood (the "
                        "lowest inertia for k-means) is kept")
+        p.rename("--cluster_starts", "--n_init")
         p.add_argument("--kmeans", choices=KMEANS, default="auto",
                        help="k-means of --clusterer kmeans and --relabel cluster: faiss' (the faiss-cpu "
                        "package) or scikit-learn's; auto: faiss when installed")
@@ -150,11 +152,12 @@ class SelfLabelCommand(TrainingCommand):
                        "neighbours with the same label, ties by probability)")
         p.add_argument("--label_smoothing", type=float, default=0.1, bounds="[0, 1)",
                        help="label smoothing of the targets")
-        p.add_argument("--augment", nargs="*", choices=AUGMENTATIONS, default=list(AUGMENT),
+        p.add_argument("--augmentations", nargs="*", choices=AUGMENTATIONS, default=list(AUGMENT),
                        help="augmentations of the training batches, applied in the order given: translate "
                        "(shifts of 10 %%), flip (horizontal), rotate (5 %%), zoom (10 %%), noise (Gaussian), "
                        "crop (zooms in by up to 60 %%), contrast (0.5-1.5), brightness (+-0.3); none: give "
                        "the flag alone")
+        p.rename("--augment", "--augmentations", note="bin/dcn's --augment is a switch")
         p.add_argument("--batch_size", type=int, default=256, bounds="[1, inf)", help="global batch size")
         p.add_argument("--lr", type=float, default=0.001, bounds="(0, inf)",
                        help="Adam learning rate (fresh each iteration)")
@@ -210,9 +213,9 @@ class SelfLabelCommand(TrainingCommand):
 
         a, n = run.args, len(run.data.x)
         steps = []
-        if not a.first_labels and a.init in ("ae", "contrastive"):
+        if not a.first_labels and a.first_features in ("ae", "contrastive"):
             steps.append(("init", run.epoch_steps(a.init_epochs)))
-        elif not a.first_labels and a.init == "desom":
+        elif not a.first_labels and a.first_features == "desom":
             steps.append(("init", a.init_iterations))
         for i in range(a.iterations):  # at most: a run stops when its labels are stable
             share = fraction_at(i, a.fraction_iterations or a.iterations, *a.confident_fraction)
@@ -239,7 +242,7 @@ class SelfLabelCommand(TrainingCommand):
         loop.pop("save_dir")
         first = save / "pseudo_labels" / "iteration_00.npz"
         knn_file = save / "neighbours.npy"
-        pretrained = save / INIT_MODEL  # the CNN after --init contrastive, where the loop starts
+        pretrained = save / INIT_MODEL  # the CNN after --first_features contrastive, where the loop starts
         neighbours = None
         with_knn = a.knn_epochs > 0 or a.select == "neighbours"
         fresh = not (resume and first.is_file())
@@ -267,9 +270,10 @@ class SelfLabelCommand(TrainingCommand):
                     save_keras_model(model, pretrained)
         else:
             t = time.perf_counter()
-            z = initial_features(a.init, d.x, model, epochs=a.init_epochs, iterations=a.init_iterations,
-                                 seed=a.seed, save_dir=save, resume=resume, **loop)
-            if a.init == "contrastive" and run.chief:
+            z = initial_features(a.first_features, d.x, model, epochs=a.init_epochs,
+                                 iterations=a.init_iterations, seed=a.seed, save_dir=save, resume=resume,
+                                 **loop)
+            if a.first_features == "contrastive" and run.chief:
                 save_keras_model(model, pretrained)
             run.stages["init_features"] = time.perf_counter() - t
             if with_knn:
@@ -284,7 +288,7 @@ class SelfLabelCommand(TrainingCommand):
                 if a.verbose:
                     print(f"UMAP of the {z.shape[1]}-d features to {k} dimensions ...", flush=True)
                 z = umap_embedding(z, k, a.neighbors, a.seed)
-            labels, confidence = cluster_features(z, k, a.clusterer, a.seed, a.cluster_starts, a.kmeans)
+            labels, confidence = cluster_features(z, k, a.clusterer, a.seed, a.n_init, a.kmeans)
             run.stages["init_clustering"] = time.perf_counter() - t
         def on_rows(rows):
             import pandas as pd
@@ -303,7 +307,8 @@ class SelfLabelCommand(TrainingCommand):
                       relabelling=a.relabel, kmeans=a.kmeans, balance=a.balance == "sinkhorn",
                       confident_fraction=a.confident_fraction, fraction_iterations=a.fraction_iterations,
                       smoothing=a.label_smoothing, threshold=a.convergence_threshold, lr=a.lr,
-                      augment=augmenter(a.augment, a.seed), neighbours=neighbours, knn_epochs=a.knn_epochs,
+                      augment=augmenter(a.augmentations, a.seed), neighbours=neighbours,
+                      knn_epochs=a.knn_epochs,
                       entropy_weight=a.entropy_weight, select=a.select, min_steps=a.min_steps,
                       fit_threshold=a.fit_threshold,
                       save_dir=save, resume=resume, seed=a.seed, y=d.y, x_test=d.x_val, y_test=d.y_val,

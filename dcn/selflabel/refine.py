@@ -97,7 +97,7 @@ def initial_features(kind: str, x, model: SelfLabelNet | None = None, *, epochs:
     """
     x = np.asarray(x, np.float32)
     if kind in ("random", "contrastive") and model is None:
-        raise UsageError(f"--init {kind} needs the classifier")
+        raise UsageError(f"--first_features {kind} needs the classifier")
     if kind == "random":
         return model.embed(x)
     if kind == "contrastive":
