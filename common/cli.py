@@ -27,13 +27,18 @@ import sys
 from common.errors import TrainingDiverged, UsageError
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default in --help, unless it is None or False (no news)."""
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows a flag's default in --help, one way: ``(default: VALUE)`` with
+    the value as typed on a command line (``8 8`` for a list); not for None
+    or False (a default that depends on other flags is written the same way
+    in the flag's own help)."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+        default = action.default
+        if (default is None or default is False or default == argparse.SUPPRESS or not action.option_strings
+                or action.help is None or "(default:" in action.help):
             return action.help
-        return super()._get_help_string(action)
+        return f"{action.help} (default: {flag_text(default).replace('%', '%%')})"
 
 
 class Number:

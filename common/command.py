@@ -82,6 +82,39 @@ def prediction_frame(part: str, clusters, *, labels=None, names=None, images=Non
     return out
 
 
+#: the --help groups of every training program, in order
+HELP_GROUPS = {"data": "data", "model": "model", "training": "training",
+               "output": "evaluation and output", "run-time": "run-time (the same in every program)"}
+#: the group of each flag (by dest); a flag not named here is the model's
+HELP_GROUP_OF = {
+    **dict.fromkeys(("data", "dataset", "data_dir", "label_col", "scaling", "validation", "image_size",
+                     "color", "subset", "test_subset"), "data"),
+    **dict.fromkeys(("iterations", "epochs", "batch_size", "lr", "optimizer", "pretrain_epochs",
+                     "pretrain_optimizer", "pretrain_lr", "max_epochs", "max_iterations", "update_interval",
+                     "T_update_interval", "tol", "som_iterations", "decay", "Tmax", "Tmin", "schedule",
+                     "epochs_per_iteration", "min_steps", "fit_threshold", "init_epochs", "init_iterations",
+                     "knn_epochs", "fraction_iterations", "label_smoothing", "augment", "augmentations",
+                     "recluster_interval", "convergence_threshold", "confident_fraction", "select", "relabel",
+                     "balance", "first_labels", "ae_weights", "labeled_fraction", "freeze_until",
+                     "bn_momentum"), "training"),
+    **dict.fromkeys(("save_dir", "no_explorer", "tsne_samples", "internal_samples", "eval_interval",
+                     "eval_samples"), "output"),
+    **dict.fromkeys(("seed", "strategy", "mixed_precision", "jit", "steps_per_execution",
+                     "checkpoint_minutes", "resume", "overwrite", "deterministic", "verbose"), "run-time"),
+}
+
+
+def group_help(parser: ArgumentParser, group_of: dict):
+    """Show ``parser``'s flags in --help under :data:`HELP_GROUPS` (data,
+    model, training, output, run-time), each by ``group_of`` (default: model)."""
+    groups = {name: parser.add_argument_group(title) for name, title in HELP_GROUPS.items()}
+    options = parser._optionals._group_actions  # argparse keeps no public way to move a flag
+    for action in list(options):
+        if action.dest != "help":
+            options.remove(action)
+            groups[group_of.get(action.dest, "model")]._group_actions.append(action)
+
+
 @dataclass
 class RunData:
     """What a command trains on. ``extra`` holds anything else it needs later."""
@@ -215,11 +248,15 @@ class TrainingCommand:
         """The closing line printed after training."""
         return ""
 
+    #: flags (dests) this program shows in another --help group than :data:`HELP_GROUP_OF` says
+    help_groups: dict = {}
+
     # ------------------------------------------------------------- skeleton
     def parser(self) -> ArgumentParser:
         p = ArgumentParser(prog=self.prog, description=self.description)
         self.add_arguments(p)
         add_run_arguments(p, self.seed_help, progress=self.progress)
+        group_help(p, {**HELP_GROUP_OF, **self.help_groups})
         return p
 
     def fit(self, x=None, y=None, **flags) -> Run:

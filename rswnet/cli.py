@@ -73,6 +73,8 @@ class RswnetCommand(TrainingCommand):
                    "on latents, RSWNet, a SOM trained on the latents, an untrained SOM, DESOM) scored on the "
                    "same held-out images. Use `rswnet predict --help` to apply a trained model.")
     seed_help = "seed of weights, data order, subsets, k-means and the compared methods"
+    help_groups = dict.fromkeys(("som_map_size", "som_epochs", "desom_iterations", "desom_model"),
+                                "output")  # the comparison
     outputs = ("model.keras", "pretrain_log.csv", "log.csv", "comparison.csv", "results.json",
                "predictions.csv", "pca.png", "tsne.png", "explorer.html", "architecture.png",
                "architecture.txt")
@@ -100,12 +102,12 @@ class RswnetCommand(TrainingCommand):
                        "epochs) or published (the notebook: per-batch target, KL only, frozen decoder, "
                        "22 + 22 epochs); flags given explicitly win")
         p.add_argument("--input_size", type=int, bounds="[32, inf)",
-                       help="side images are resized to for ResNet50 (224; 32 at least)")
+                       help="side images are resized to for ResNet50, 32 at least (default: 224)")
         p.add_argument("--weights", help="ResNet50 weights: imagenet (Keras' download, cached in "
                        "~/.keras/models), none (random) or a local weights file (default: imagenet)")
         p.add_argument("--bn_momentum", type=float, bounds="[0, 1)",
-                       help="momentum of ResNet50's batch-normalisation statistics (0.9; published: Keras' "
-                       "0.99, slow for short runs from random weights)")
+                       help="momentum of ResNet50's batch-normalisation statistics (default: 0.9; "
+                       "--protocol published: Keras' 0.99, slow for short runs from random weights)")
         p.add_argument("--freeze_until", metavar="LAYER",
                        help="freeze ResNet50 up to and including this layer (e.g. conv4_block6_out)")
         p.add_argument("--n_clusters", type=int, bounds="[2, inf)",
@@ -113,12 +115,13 @@ class RswnetCommand(TrainingCommand):
         p.add_argument("--map_size", nargs=2, type=int, default=[8, 8], bounds="[1, inf)",
                        metavar=("ROWS", "COLS"), help="map of the SOM head")
         p.add_argument("--pretrain_epochs", type=int, bounds="[0, inf)",
-                       help="epochs of reconstruction pretraining (10; published 22; 0: none)")
+                       help="epochs of reconstruction pretraining, 0: none (default: 10; --protocol "
+                       "published: 22)")
         p.add_argument("--epochs", type=int, bounds="[1, inf)",
-                       help="epochs of the joint phase (10; published 22)")
+                       help="epochs of the joint phase (default: 10; --protocol published: 22)")
         p.add_argument("--recon_weight", type=float, bounds="[0, inf)",
-                       help="clustering head: weight of the reconstruction error beside KL(P||Q) (10; "
-                       "published 0: KL alone, decoder frozen)")
+                       help="clustering head: weight of the reconstruction error beside KL(P||Q) (default: "
+                       "10; --protocol published: 0, KL alone, decoder frozen)")
         p.add_argument("--update_interval", type=int, bounds="[1, inf)",
                        help="clustering head: iterations between target refreshes (default: 140, or one "
                        "epoch when shorter); with the per-batch target (--protocol published) there are "
@@ -136,9 +139,9 @@ class RswnetCommand(TrainingCommand):
                        help="SOM head: prototypes from a short batch SOM on the pretrained codes (an ordered "
                        "map from the start) or the codes of random samples (DESOM's benchmark)")
         add_temperature_arguments(p, what="SOM head: ")
-        p.add_argument("--batch_size", type=int, bounds="[1, inf)", help="global batch size (128)")
+        p.add_argument("--batch_size", type=int, bounds="[1, inf)", help="global batch size (default: 128)")
         p.add_argument("--lr", type=float, bounds="(0, inf)",
-                       help="Adam learning rate of both phases (0.001)")
+                       help="Adam learning rate of both phases (default: 0.001)")
         p.add_argument("--n_init", type=int, default=20, bounds="[1, inf)",
                        help="clustering head: k-means restarts for the initial centres")
         p.add_argument("--som_map_size", nargs=2, type=int, default=[2, 5], bounds="[1, inf)",

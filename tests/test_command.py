@@ -399,3 +399,18 @@ def test_a_run_saved_under_an_old_flag_name_resumes_under_the_new_one(tmp_path):
     args = SimpleNamespace(save_dir=str(tmp_path), latent_dim=10, verbose=1)
     args, changed = resume_args(args, {}, renamed=_five_parsers()["dcn"].renamed_dests())
     assert args.latent_dim == 4 and not hasattr(args, "embedding_dim") and changed == {}
+
+
+def test_help_shows_the_flags_in_groups_and_defaults_one_way():
+    from common.command import HELP_GROUPS
+
+    for prog, parser in _five_parsers().items():
+        text = parser.format_help()
+        titles = [t for t in HELP_GROUPS.values() if f"\n{t}:\n" in text]
+        assert titles[0] == "data" and titles[-1] == HELP_GROUPS["run-time"], prog
+        positions = [text.index(f"\n{t}:\n") for t in titles]
+        assert positions == sorted(positions), prog  # data, model, training, output, run-time
+        assert "--seed" in text.split(f"\n{HELP_GROUPS['run-time']}:\n")[1], prog
+        assert "(default: [" not in text and "(default: (" not in text, prog  # lists as typed: 8 8
+    text = _five_parsers()["desom"].format_help()
+    assert "number of rows and columns of the map (default: 8 8)" in " ".join(text.split())

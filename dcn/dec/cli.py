@@ -35,11 +35,11 @@ AUTO_SIDE = 64
 class DcnCommand(TrainingCommand):
     prog = "dcn"
     resume_may_change = ("max_iterations", "max_epochs")  # a longer clustering phase; no schedule
-    description = ("Deep clustering network: pretrain an autoencoder, initialise cluster centres with "
-                   "k-means, then train with DEC's self-training target (KL(P||Q)) plus, with --recon_weight "
-                   "> 0, the reconstruction error (IDEC/DCEC). On an image folder it names the clusters "
-                   "from reference/ images and evaluates on test/. See `dcn predict --help` to name new "
-                   "images.")
+    description = ("Deep clustering network: pretrain an autoencoder, initialise cluster centres "
+                   "(--centers: UMAP + GMM of the embeddings, or DEC's k-means), then train with DEC's "
+                   "self-training target (KL(P||Q)) plus, with --recon_weight > 0, the reconstruction "
+                   "error (IDEC/DCEC). On an image folder it names the clusters from reference/ images and "
+                   "evaluates on test/. See `dcn predict --help` to apply a trained model.")
     seed_help = "seed of weights, data order and k-means"
     progress = "progress bars"
     outputs = ("model.keras", "pretrain_log.csv", "log.csv", "class_mappings.json", "results.json",
