@@ -171,9 +171,11 @@ def steps_per_execution(text: str):
     return "auto" if text == "auto" else positive_int(text)
 
 
-def add_data_arguments(p, required: bool, default: str | None = "digits", what: str = "a data set"):
+def add_data_arguments(p, required: bool, default: str | None = "digits", what: str = "a data set",
+                       scaling: bool = False):
     """``--dataset NAME`` or ``--data FILE`` (one of them; with neither, the
-    command uses ``default``), ``--data_dir`` and ``--label_col``."""
+    command uses ``default``), ``--data_dir``, ``--label_col`` and, with
+    ``scaling``, ``--scaling`` (:func:`add_scaling_argument`)."""
     from common.data import KNOWN_DATASETS
 
     src = p.add_mutually_exclusive_group(required=required)
@@ -184,6 +186,19 @@ def add_data_arguments(p, required: bool, default: str | None = "digits", what: 
                      "batch by batch: data larger than memory)")
     p.add_argument("--data_dir", help="folder searched first for the data set's files")
     p.add_argument("--label_col", help="CSV: the column holding labels (used for evaluation only)")
+    if scaling:
+        add_scaling_argument(p)
+
+
+def add_scaling_argument(p):
+    """``--scaling``: per-feature scaling of the user's files, saved beside the
+    model (``preprocessing.json``, written by the run skeleton from
+    ``RunData.extra["scaler"]``) and applied again by ``predict``."""
+    from common.data import SCALINGS
+
+    p.add_argument("--scaling", choices=SCALINGS, default="none",
+                   help="per-feature scaling of --data files: minmax to [0, 1] or standard (statistics of "
+                   "the training data, saved beside the model as preprocessing.json and applied by predict)")
 
 
 #: ``bounds`` of every seed flag: what ``keras.utils.set_random_seed`` (numpy's

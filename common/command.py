@@ -336,6 +336,9 @@ class TrainingCommand:
         if args.resume and args.overwrite:
             raise UsageError("--resume continues the run in --save_dir and --overwrite replaces it; give one")
         self.check(args)
+        if getattr(args, "scaling", "none") != "none" and not args.data:
+            raise UsageError(f"--scaling applies to --data files; the named data sets come scaled (drop "
+                             f"--scaling {args.scaling})")
         if args.verbose == 1 and not sys.stdout.isatty():
             args.verbose = 2  # a progress bar in a log file is noise
         data = self.load(args)
@@ -379,6 +382,9 @@ class TrainingCommand:
         chief = run.chief = is_chief(run.strategy)  # only the chief writes files (others: checkpoints)
         if chief and (not args.resume or changed):
             write_json(save_dir / "args.json", vars(args))
+        scaler = data.extra.get("scaler")
+        if chief and scaler is not None and scaler.method != "none":  # predict scales new samples alike
+            write_json(save_dir / "preprocessing.json", scaler.to_dict())
         if changed and args.verbose and chief:
             print("resuming with " + ", ".join(f"--{k} {flag_text(new)} (was {flag_text(old)})"
                                                for k, (old, new) in changed.items()), flush=True)

@@ -446,6 +446,15 @@ def _load_file(path: Path, label_col: str | None):
 # --------------------------------------------------------------------------- #
 # Public API
 # --------------------------------------------------------------------------- #
+def is_array_source(path: str | os.PathLike) -> bool:
+    """True for the data ``load_data`` reads from a path (a ``.npz``, ``.csv``
+    or ``.npy`` file, or a folder of ``.npy`` shards), False for anything else
+    (an image folder)."""
+    p = Path(path)
+    return (p.is_file() or (p.is_dir() and any(p.glob("*.npy")))
+            or p.suffix.lower() in (".npz", ".csv", ".npy"))
+
+
 def is_file_name(name: str | os.PathLike) -> bool:
     """True when ``name`` designates a user's file rather than a known data set."""
     s = str(name)
@@ -493,6 +502,13 @@ class Scaler:
             raise DataError(f"data have feature shape {x.shape[1:]}, the scaling was fitted on "
                             f"{self.shift.shape}")
         return ((x - self.shift) / self.span).astype(np.float32)
+
+    def apply(self, x):
+        """:meth:`transform` of samples of any shape (images: each pixel a
+        feature), keeping the shape; None stays None."""
+        if x is None or self.method == "none":
+            return x
+        return self.transform(x.reshape(len(x), -1)).reshape(x.shape)
 
     def inverse_transform(self, x: np.ndarray) -> np.ndarray:
         """Scaled values back in the units of the training data."""

@@ -103,9 +103,9 @@ def read_samples(args, sample_shape, transform=None) -> Samples:
 
     Image files and image folders are resized and converted to the model's
     size and channels; arrays and tables are reshaped to ``sample_shape``
-    when they hold as many values per sample. ``transform``: applied to the
-    arrays of ``--dataset``/``--data`` files before shaping (e.g. the
-    scaling saved with a run)."""
+    when they hold as many values per sample, after the scaling the run
+    saved beside the model (``preprocessing.json``, ``--scaling``) and
+    ``transform`` (if given)."""
     sample_shape = tuple(int(v) for v in sample_shape)
     check_samples_given(args)
     if args.images or (args.data and _is_image_folder(Path(args.data))):
@@ -127,6 +127,11 @@ def read_samples(args, sample_shape, transform=None) -> Samples:
         return Samples(x, pd.DataFrame({"image": [str(n) for n in names]}), None, source)
     name = args.dataset or args.data
     (x, labels), _ = load_data(name, flatten=False, data_dir=args.data_dir, label_col=args.label_col)
+    prep = Path(args.model).parent / "preprocessing.json"
+    if prep.is_file():  # the run's --scaling
+        from common.data import Scaler
+
+        x = Scaler.from_dict(json.loads(prep.read_text())).apply(x)
     if transform is not None:
         x = transform(x)
     source = Path(name).stem if args.data else name

@@ -8,17 +8,15 @@
 from __future__ import annotations
 
 import json
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from common.cli import ArgumentParser, add_data_arguments, dispatch, run
 from common.command import RunData, TrainingCommand
-from common.data import CLASS_NAMES, SCALINGS, Scaler, feature_names, label_names, load_data
+from common.data import CLASS_NAMES, Scaler, feature_names, label_names, load_data
 from common.errors import UsageError
 from common.predict import add_predict_arguments, check_samples_given, read_samples, write_predictions
-from common.results import write_json
 from common.runtime import quiet_tensorflow
 
 MODELS = ("desom", "convdesom", "som")
@@ -27,8 +25,8 @@ MODELS = ("desom", "convdesom", "som")
 RESULT_KEYS = ("purity", "nmi", "ari", "acc", "acc_kmeans", "quantization_error", "topographic_error")
 
 
-def _data_arguments(p, required: bool):
-    add_data_arguments(p, required, what="a data set of the DESOM papers")
+def _data_arguments(p, required: bool, scaling: bool = False):
+    add_data_arguments(p, required, what="a data set of the DESOM papers", scaling=scaling)
 
 
 def add_temperature_arguments(p, what: str = ""):
@@ -86,9 +84,7 @@ class DesomCommand(TrainingCommand):
             args.som_iterations = changed["iterations"][0]
 
     def add_arguments(self, p):
-        _data_arguments(p, required=False)
-        p.add_argument("--scaling", choices=SCALINGS, default="none",
-                       help="per-feature scaling of --data files (statistics saved for predict)")
+        _data_arguments(p, required=False, scaling=True)
         p.add_argument("--model", choices=MODELS, default="desom",
                        help="desom: dense autoencoder + SOM; convdesom: convolutional autoencoder + SOM "
                        "(images); som: a plain SOM on the inputs (Kerasom)")
@@ -137,16 +133,14 @@ class DesomCommand(TrainingCommand):
         elif args.ae_weights and args.pretrain_epochs:
             raise UsageError(f"--ae_weights {args.ae_weights} is an autoencoder pretrained already, and "
                              f"--pretrain_epochs {args.pretrain_epochs} would not run: drop one of the two")
-        if args.data is None and args.scaling != "none":
-            raise UsageError("--scaling applies to --data files; the named data sets come scaled as in DESOM")
 
     def load(self, args) -> RunData:
         source, (x, y), (xv, yv) = _load(args, args.validation)
         image_shape = x.shape[1:] if x.ndim == 4 else None
         scaler = Scaler(args.scaling).fit(x.reshape(len(x), -1))
-        x = _shape_for(args.model, _scaled(scaler, x), source)
+        x = _shape_for(args.model, scaler.apply(x), source)
         if xv is not None:
-            xv = _shape_for(args.model, _scaled(scaler, xv), source)
+            xv = _shape_for(args.model, scaler.apply(xv), source)
         args.dataset = None if args.data else source
         name = Path(source).stem if args.data else source
         description = f"{source}: {len(x)} samples of shape {x.shape[1:]}" + (
@@ -171,8 +165,6 @@ class DesomCommand(TrainingCommand):
 
     def train(self, run):
         a, x = run.args, run.data.x
-        if a.scaling != "none" and run.chief:
-            write_json(run.save_dir / "preprocessing.json", run.data.extra["scaler"].to_dict())
         run.pretrain(run.model, run.optimizers["pretrain"])
         run.model.init_prototypes(x, method=a.som_init, seed=a.seed)
         run.record("train", run.model.fit(
@@ -274,11 +266,6 @@ def _shape_for(model_name: str, x: np.ndarray, source: str) -> np.ndarray:
     return x.reshape(len(x), -1)
 
 
-def _scaled(scaler: Scaler, a):
-    """Apply a per-feature scaler to flat vectors or images, keeping the shape."""
-    return None if a is None else scaler.transform(a.reshape(len(a), -1)).reshape(a.shape)
-
-
 def _majority(y, bmu, n_units):
     major = np.full(n_units, np.nan)
     for k in np.unique(bmu):
@@ -339,7 +326,7 @@ def _model_and_data(args):
     prep = model_path.parent / "preprocessing.json"
     scaler = Scaler.from_dict(json.loads(prep.read_text())) if prep.is_file() else None
     if scaler is not None:
-        x = _scaled(scaler, x)
+        x = scaler.apply(x)
     expected = tuple(model.sample_shape)
     if tuple(x.shape[1:]) != expected:
         found = model_path.parent / "results.json"
@@ -357,10 +344,7 @@ def predict_main(argv):
     from desom.models import SOMModel
 
     model = load_keras_model(args.model, SOMModel, "a map written by desom or rswnet --head som")
-    prep = Path(args.model).parent / "preprocessing.json"
-    scaler = Scaler.from_dict(json.loads(prep.read_text())) if prep.is_file() else None
-    samples = read_samples(args, model.sample_shape,
-                           transform=None if scaler is None else partial(_scaled, scaler))
+    samples = read_samples(args, model.sample_shape)  # scaled as in training
     bmu, sq, _, _ = model.assign_codes(model.transform(samples.x))
     rows, cols = model.unit_coordinates(bmu)
     note = ""

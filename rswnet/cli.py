@@ -17,7 +17,7 @@ import numpy as np
 
 from common.cli import ArgumentParser, dispatch, run
 from common.command import RunData, TrainingCommand
-from common.data import CLASS_NAMES, IMAGE_SHAPES, load_data
+from common.data import CLASS_NAMES, IMAGE_SHAPES, is_array_source, load_data
 from common.errors import UsageError
 from common.predict import add_predict_arguments, check_samples_given, read_samples, write_predictions
 from common.results import write_csv
@@ -166,6 +166,10 @@ class RswnetCommand(TrainingCommand):
                        "images (see `desom explore --help`)")
 
     def check(self, args):
+        if args.data and is_array_source(args.data):
+            raise UsageError(f"{args.data} holds arrays or a table; bin/rswnet reads image folders (--data "
+                             "DIR, as bin/dcn) and the named image sets (--dataset): bin/dcn and bin/desom "
+                             "take such files")
         protocol = PROTOCOLS[args.protocol]
         for name, value in protocol.items():
             if getattr(args, name, None) is None:

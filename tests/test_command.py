@@ -334,7 +334,8 @@ SHARED_FLAGS = {
     "--som_map_size": "the compared SOM's map", "--som_epochs": "epochs of the compared SOM",
     "--tsne_samples": "samples drawn in tsne.png", "--iterations": "see above",
     "--data": "your data", "--dataset": "a named data set", "--data_dir": "where named sets are looked for",
-    "--label_col": "CSV label column", "--save_dir": "output folder", "--seed": "seed",
+    "--label_col": "CSV label column", "--scaling": "scaling of --data files",
+    "--save_dir": "output folder", "--seed": "seed",
     **{f: "run-time flag (common.cli.add_run_arguments)" for f in (
         "--strategy", "--mixed_precision", "--jit", "--no_jit", "--steps_per_execution",
         "--checkpoint_minutes", "--resume", "--overwrite", "--deterministic", "--verbose")},

@@ -411,8 +411,11 @@ def test_default_image_size_is_the_images_median_side_within_64(tmp_path):
     (["--dataset", "digits", "--image_size", "8", "8", "8"], "--image_size takes one or two sizes, got 3"),
     (["--dataset", "digits", "--checkpoint_minutes", "-2"], "must be a finite number of at least 0, got -2"),
     (["--dataset", "digitz"], "--dataset digitz: unknown; give one of digits, mnist"),
-    (["--dataset", "shards"], "give --n_clusters (shards has no labels to count classes from)"),
-    (["--dataset", "nothing.npy"], "data file nothing.npy not found"),
+    (["--data", "shards"], "give --n_clusters (shards has no labels to count classes from)"),
+    (["--data", "nothing.npy"], "data file nothing.npy not found"),
+    (["--dataset", "shards"], "--dataset shards: give your own files with --data"),
+    (["--data", "shards", "--scaling", "zscore"], "argument --scaling: invalid choice"),
+    (["--dataset", "digits", "--scaling", "minmax"], "--scaling applies to --data files"),
 ])
 def test_bad_arguments(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -668,10 +671,11 @@ def test_data_takes_a_file_as_well_as_an_image_folder(tmp_path):
 
     command = DcnCommand()
     np.savez(tmp_path / "points.npz", x=np.zeros((40, 3), np.float32))
-    args = command.parser().parse_args(["--data", str(tmp_path / "points.npz")])
+    args = command.parser().parse_args(["--data", str(tmp_path / "points.npz"), "--n_clusters", "2"])
     command.check(args)
-    assert args.dataset == str(tmp_path / "points.npz") and args.data is None  # read as a data set
+    data = command.load(args)  # read as arrays, not as a folder
+    assert data.x.shape == (40, 3) and data.extra["folders"] is None and data.name == "points"
     (tmp_path / "photos" / "train").mkdir(parents=True)
-    args = command.parser().parse_args(["--data", str(tmp_path / "photos")])
-    command.check(args)
-    assert args.data == str(tmp_path / "photos") and args.dataset is None  # an image folder
+    args = command.parser().parse_args(["--data", str(tmp_path / "photos"), "--label_col", "kind"])
+    with pytest.raises(UsageError, match="--label_col and --scaling apply to tables and arrays"):
+        command.check(args)

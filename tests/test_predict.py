@@ -1,5 +1,6 @@
 """`X predict` for every program and every model type it saves (common/predict.py)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -136,3 +137,30 @@ def test_bad_samples_get_one_clear_error(given, shape, message, tmp_path, monkey
     with pytest.raises(UsageError) as caught:
         read_samples(_args(**given), shape)
     assert message in str(caught.value)
+
+
+def test_a_table_scaled_in_training_is_scaled_alike_by_predict(tmp_path):
+    """bin/ae on a CSV with --label_col and --scaling minmax (its values outside [0, 1] are refused
+    without it): preprocessing.json beside the model, and predict scales new rows the same way."""
+    from dcn.autoencoders.cli import AeCommand, predict_main
+    from dcn.autoencoders.models import load_model
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.normal(size=(64, 4)) * [1, 50, 0.1, 5] + [0, 100, 0, -3], columns=list("abcd"))
+    frame["kind"] = np.where(frame["a"] > 0, "up", "down")
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    base = ["--data", str(tmp_path / "t.csv"), "--label_col", "kind", "--epochs", "1", "--batch_size", "16",
+            "--cluster", "kmeans", "--tsne_samples", "20", "--verbose", "0"]
+    with pytest.raises(UsageError, match="give --scaling minmax"):
+        AeCommand().main([*base, "--save_dir", str(tmp_path / "refused")])
+    run = tmp_path / "run"
+    AeCommand().main([*base, "--scaling", "minmax", "--save_dir", str(run)])
+    assert json.loads((run / "preprocessing.json").read_text())["scaling"] == "minmax"
+    predict_main(["--model", str(run / "model.keras"), "--data", str(tmp_path / "t.csv"), "--label_col",
+                  "kind"])
+    table = pd.read_csv(run / "predictions_t.csv")
+    x = frame[list("abcd")].to_numpy()
+    scaled = ((x - x.min(axis=0)) / (x.max(axis=0) - x.min(axis=0))).astype(np.float32)
+    codes = load_model(run / "model.keras").embed(scaled)
+    np.testing.assert_allclose(table[["code_1", "code_2"]], codes[:, :2], rtol=1e-4, atol=1e-5)
+    assert table["label"].tolist() == frame["kind"].tolist()

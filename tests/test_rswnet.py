@@ -301,6 +301,7 @@ def test_resume_keeps_random_resnet_weights(tmp_path, monkeypatch):
     (["--dataset", "digits", "--subset", "1342", "--weights", "none"],  # of 1,347 training images
      "--subset 1342 leaves out 5 of the 1347 images, fewer than the 10 classes; give at most 1337"),
     (["--dataset", "reuters10k"], "invalid choice: 'reuters10k'"),
+    (["--data", "points.npz"], "points.npz holds arrays or a table; bin/rswnet reads image folders"),
     (["predict", "--model", "none.keras", "--dataset", "digits"], "model file none.keras not found"),
     (["predict", "--model", "none.keras"], "give exactly one of IMAGE files, --dataset or --data"),
     (["predict", "--model", "m.keras", "a.png", "--dataset", "digits"],

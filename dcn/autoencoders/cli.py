@@ -17,7 +17,7 @@ import numpy as np
 
 from common.cli import SEED_BOUNDS, ArgumentParser, add_data_arguments, dispatch, run
 from common.command import RunData, TrainingCommand
-from common.data import load_data, value_range
+from common.data import Scaler, load_data, value_range
 from common.errors import UsageError
 from common.predict import add_predict_arguments, check_samples_given, read_samples, write_predictions
 from common.results import write_csv
@@ -43,7 +43,7 @@ class AeCommand(TrainingCommand):
                "manifold.png", "training.png", "architecture.png", "architecture.txt")
 
     def add_arguments(self, p):
-        add_data_arguments(p, required=False, what="a data set, values in [0, 1]")
+        add_data_arguments(p, required=False, what="a data set, values in [0, 1]", scaling=True)
         p.add_argument("--model", choices=MODELS, default="ae",
                        help="ae: dense autoencoder; semisupervised: + a classifier trained on "
                        "--labeled_fraction of the labels; vae: variational; cvae: conditional VAE (uses "
@@ -102,10 +102,13 @@ class AeCommand(TrainingCommand):
     def load(self, args) -> RunData:
         source = args.data or args.dataset or "digits"
         (x, y), _ = load_data(source, flatten=False, data_dir=args.data_dir, label_col=args.label_col)
+        scaler = Scaler(args.scaling).fit(x.reshape(len(x), -1))
+        x = scaler.apply(x)
         low, high = value_range(x)
         if low < 0 or high > 1:
             raise UsageError(f"bin/ae models values in [0, 1] (sigmoid and Bernoulli outputs); {source} "
-                             f"holds {low:.3g}..{high:.3g}: rescale it to [0, 1] first")
+                             f"holds {low:.3g}..{high:.3g}: give --scaling minmax, or rescale it to [0, 1] "
+                             "first")
         classes = None
         if y is not None:
             classes, y = np.unique(y, return_inverse=True)
@@ -121,7 +124,8 @@ class AeCommand(TrainingCommand):
         name = Path(source).stem if args.data else source
         return RunData(x, y, name=name, description=f"{source}: {len(x)} samples of shape {x.shape[1:]}"
                        + (f", {len(classes)} classes" if classes is not None else ""),
-                       extra={"classes": None if classes is None else [str(c) for c in classes]})
+                       extra={"classes": None if classes is None else [str(c) for c in classes],
+                              "scaler": scaler})
 
     def default_save_dir(self, args, data):
         return f"results/{data.name}_{args.model}"

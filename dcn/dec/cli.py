@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cli import ArgumentParser, dispatch, run
+from common.cli import ArgumentParser, add_scaling_argument, dispatch, run
 from common.command import RunData, TrainingCommand
-from common.data import KNOWN_DATASETS, is_file_name, label_names, load_data
+from common.data import KNOWN_DATASETS, Scaler, is_array_source, is_file_name, label_names, load_data
 from common.errors import UsageError
 from common.predict import add_predict_arguments, check_samples_given, read_samples, write_predictions
 from common.results import write_json
@@ -54,10 +54,11 @@ class DcnCommand(TrainingCommand):
         src.add_argument("--data", metavar="PATH",
                          help="your data: an image folder with train/ and optional test/, reference/; or a "
                          ".npz/.csv/.npy file or a folder of .npy shards (read batch by batch)")
-        src.add_argument("--dataset", metavar="NAME|FILE",
-                         help=f"a named data set (DEC/IDEC protocol): {', '.join(KNOWN_DATASETS)} (a file "
-                         "is also taken here, as with --data)")
+        src.add_argument("--dataset", metavar="NAME",
+                         help=f"a named data set (DEC/IDEC protocol): {', '.join(KNOWN_DATASETS)}")
         p.add_argument("--data_dir", help="--dataset: folder searched first for its files")
+        p.add_argument("--label_col", help="--data CSV: the column holding labels (used for evaluation only)")
+        add_scaling_argument(p)
         p.add_argument("--n_clusters", type=int, bounds="[2, inf)",
                        help="number of clusters (default: reference classes, or the data set's classes)")
         p.add_argument("--image_size", type=int, nargs="+", bounds="[8, inf)", metavar="PX",
@@ -123,17 +124,20 @@ class DcnCommand(TrainingCommand):
     def check(self, args):
         if not (args.data or args.dataset):
             raise UsageError("give --data PATH (an image folder or a file) or --dataset NAME")
-        if args.data and _is_array_data(args.data):  # a file or .npy shards: read as a data set
-            args.dataset, args.data = args.data, None
-        if args.dataset and not (args.dataset in KNOWN_DATASETS or is_file_name(args.dataset)):
-            raise UsageError(f"--dataset {args.dataset}: unknown; give one of {', '.join(KNOWN_DATASETS)}, a "
-                             ".npz/.csv/.npy file or a folder of .npy shards")
+        if args.dataset and args.dataset not in KNOWN_DATASETS:
+            file = is_file_name(args.dataset) or Path(args.dataset).exists()
+            raise UsageError(f"--dataset {args.dataset}: " + (
+                "give your own files with --data" if file else
+                f"unknown; give one of {', '.join(KNOWN_DATASETS)}, or your own data with --data"))
+        if args.data and not is_array_source(args.data) and (args.label_col or args.scaling != "none"):
+            raise UsageError(f"--label_col and --scaling apply to tables and arrays; {args.data} is an image "
+                             "folder (its classes come from reference/ and test/)")
         _check(args)
 
     def load(self, args) -> RunData:
         from common import folders as fold
 
-        if args.data:
+        if args.data and not is_array_source(args.data):  # an image folder
             if args.image_size is None:  # the images' own size, within what a CPU trains in minutes
                 args.image_size = [max(8, fold.typical_side(Path(args.data) / "train", AUTO_SIDE))] * 2
             folders = fold.load_folders(args.data, args.image_size, args.color)
@@ -146,19 +150,22 @@ class DcnCommand(TrainingCommand):
             data = RunData(x, name=Path(args.data).name, description=f"{args.data}: {fold.describe(folders)}",
                            extra={"folders": folders, "class_names": None})
         else:
-            (x, y), _ = load_data(args.dataset, data_dir=args.data_dir, flatten=args.architecture != "conv")
+            source = args.data or args.dataset  # a file or .npy shards, or a named set
+            (x, y), _ = load_data(source, data_dir=args.data_dir, flatten=args.architecture != "conv",
+                                  label_col=args.label_col)
+            scaler = Scaler(args.scaling).fit(x.reshape(len(x), -1))
+            x = scaler.apply(x)
             if args.architecture == "conv" and x.ndim != 4:
-                raise UsageError(f"--architecture conv needs images; {args.dataset} holds vectors")
+                raise UsageError(f"--architecture conv needs images; {source} holds vectors")
             class_names = None if y is None else label_names(y) or [str(c) for c in np.unique(y)]
             if args.n_clusters is None:
                 if y is None:
-                    raise UsageError(f"give --n_clusters ({args.dataset} has no labels to count classes "
-                                     "from)")
+                    raise UsageError(f"give --n_clusters ({source} has no labels to count classes from)")
                 args.n_clusters = len(class_names)
             classes = "unlabelled" if y is None else f"{len(class_names)} classes"
-            data = RunData(x, y, name=Path(args.dataset).stem if is_file_name(args.dataset) else args.dataset,
-                           description=f"{args.dataset}: {len(x)} samples of shape {x.shape[1:]}, {classes}",
-                           extra={"folders": None, "class_names": class_names})
+            data = RunData(x, y, name=Path(source).stem if args.data else source,
+                           description=f"{source}: {len(x)} samples of shape {x.shape[1:]}, {classes}",
+                           extra={"folders": None, "class_names": class_names, "scaler": scaler})
         if args.n_clusters > len(x):
             raise UsageError(f"--n_clusters {args.n_clusters} is more than the {len(x)} training samples")
         if args.batch_size is None:
@@ -297,13 +304,6 @@ def predict_parser():
 
 
 # --------------------------------------------------------------------------- #
-def _is_array_data(path: str) -> bool:
-    """A file, or a folder of .npy shards (not an image folder)."""
-    p = Path(path)
-    return p.is_file() or (p.is_dir() and any(p.glob("*.npy"))) or p.suffix.lower() in (".npz", ".csv",
-                                                                                          ".npy")
-
-
 def _check(args):
     if args.image_size is None:
         pass  # chosen from the images when they are loaded
