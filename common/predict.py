@@ -26,7 +26,8 @@ from common.data import KNOWN_DATASETS, label_names, load_data
 from common.errors import DataError, UsageError
 from common.results import write_csv
 
-__all__ = ["Samples", "add_predict_arguments", "check_samples_given", "read_samples", "write_predictions"]
+__all__ = ["Samples", "add_predict_arguments", "check_samples_given", "model_and_samples", "read_samples",
+           "write_predictions"]
 
 
 def add_predict_arguments(p, program: str, datasets=KNOWN_DATASETS):
@@ -137,6 +138,22 @@ def read_samples(args, sample_shape, transform=None) -> Samples:
     source = Path(name).stem if args.data else name
     x = _shaped(x, sample_shape, name, args.model)
     return Samples(x, pd.DataFrame({"index": np.arange(len(x))}), labels, source)
+
+
+def model_and_samples(args, models: str, transform=None):
+    """The checks and loading every ``predict`` starts with: the samples
+    named (one kind), TensorFlow started quietly, the model of ``--model``
+    loaded by ``<models>.load_model`` (``models``: a module path, imported
+    only now) and its samples read (:func:`read_samples`). Returns
+    ``(model, samples)``."""
+    from importlib import import_module
+
+    from common.runtime import quiet_tensorflow
+
+    check_samples_given(args)
+    quiet_tensorflow()
+    model = import_module(models).load_model(args.model)
+    return model, read_samples(args, model.sample_shape, transform)
 
 
 def write_predictions(samples: Samples, columns: dict, args, note: str = "") -> Path:

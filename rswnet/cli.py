@@ -19,9 +19,8 @@ from common.cli import ArgumentParser, dispatch, run
 from common.command import RunData, TrainingCommand
 from common.data import CLASS_NAMES, IMAGE_SHAPES, is_array_source, load_data
 from common.errors import UsageError
-from common.predict import add_predict_arguments, check_samples_given, read_samples, write_predictions
+from common.predict import add_predict_arguments, model_and_samples, write_predictions
 from common.results import write_csv
-from common.runtime import quiet_tensorflow
 from desom.cli import add_temperature_arguments
 
 IMAGE_DATASETS = tuple(IMAGE_SHAPES)
@@ -370,13 +369,9 @@ def predict_parser():
 
 def predict_main(argv):
     args = predict_parser().parse_args(argv)
-    check_samples_given(args)
-    quiet_tensorflow()
+    model, samples = model_and_samples(args, "rswnet.models")
     from desom.layers import pairwise_sq_distances
-    from rswnet.models import RSWNetSOM, load_model
-
-    model = load_model(args.model)
-    samples = read_samples(args, model.sample_shape)
+    from rswnet.models import RSWNetSOM
     x = samples.x
     if isinstance(model, RSWNetSOM):
         d = pairwise_sq_distances(model.transform(x), model.prototypes)

@@ -19,7 +19,7 @@ from common.cli import SEED_BOUNDS, ArgumentParser, add_data_arguments, dispatch
 from common.command import RunData, TrainingCommand
 from common.data import Scaler, load_data, value_range
 from common.errors import UsageError
-from common.predict import add_predict_arguments, check_samples_given, read_samples, write_predictions
+from common.predict import add_predict_arguments, model_and_samples, write_predictions
 from common.results import write_csv
 from common.runtime import quiet_tensorflow
 from dcn.autoencoders.models import MODELS
@@ -405,12 +405,7 @@ def predict_parser():
 
 def predict_main(argv):
     args = predict_parser().parse_args(argv)
-    check_samples_given(args)
-    quiet_tensorflow()
-    from dcn.autoencoders.models import load_model
-
-    model = load_model(args.model)
-    samples = read_samples(args, model.sample_shape)
+    model, samples = model_and_samples(args, "dcn.autoencoders.models")
     y = None
     if model.needs_labels:
         if samples.labels is None:

@@ -15,9 +15,8 @@ from common.cli import ArgumentParser, add_scaling_argument, dispatch, run
 from common.command import RunData, TrainingCommand
 from common.data import KNOWN_DATASETS, Scaler, is_array_source, is_file_name, label_names, load_data
 from common.errors import UsageError
-from common.predict import add_predict_arguments, check_samples_given, read_samples, write_predictions
+from common.predict import add_predict_arguments, model_and_samples, write_predictions
 from common.results import write_json
-from common.runtime import quiet_tensorflow
 from common.training import proportional_batch_size
 from dcn.dec.models import (
     CENTERS,
@@ -368,12 +367,7 @@ def train_main(argv):
 
 def predict_main(argv):
     args = predict_parser().parse_args(argv)
-    check_samples_given(args)
-    quiet_tensorflow()
-    from dcn.dec.models import load_model
-
-    model = load_model(args.model)
-    samples = read_samples(args, model.sample_shape)
+    model, samples = model_and_samples(args, "dcn.dec.models")
     q = model.soft_assign(samples.x)
     clusters = q.argmax(axis=1)
     columns = {"cluster": clusters, "probability": q.max(axis=1).round(6)}

@@ -18,7 +18,7 @@ from common.command import RunData, TrainingCommand
 from common.data import CLASS_NAMES, label_names, load_data
 from common.errors import DataError, UsageError
 from common.networks import save_keras_model
-from common.predict import add_predict_arguments, check_samples_given, read_samples, write_predictions
+from common.predict import add_predict_arguments, model_and_samples, write_predictions
 from common.results import atomic_path, write_json
 from common.runtime import from_chief, quiet_tensorflow, worker_count
 from dcn.selflabel.network import AUGMENT, AUGMENTATIONS
@@ -645,12 +645,7 @@ def predict_parser():
 
 def predict_main(argv):
     args = predict_parser().parse_args(argv)
-    check_samples_given(args)
-    quiet_tensorflow()
-    from dcn.selflabel.network import load_model
-
-    model = load_model(args.model)
-    samples = read_samples(args, model.sample_shape)
+    model, samples = model_and_samples(args, "dcn.selflabel.network")
     probs = model.predict_proba(np.asarray(samples.x, np.float32))
     names = model.cluster_names or [f"cluster {k}" for k in range(model.n_clusters)]
     labels = list(dict.fromkeys(names))  # clusters sharing a name add up
