@@ -19,7 +19,7 @@ so it holds no GPU memory), with one progress line per step:
    --dataset fmnist``, its defaults: 8x8 map, 10,000 iterations, batch 256;
    seed 0): time, purity and NMI from its ``results.json``. At CPU sizes, 500
    iterations on 2,000 Fashion-MNIST images (``--size smallest``: 150 on
-   digits, and the programs but rswnet).
+   digits, and only desom and ae of the programs).
 4. **Programs**: ``bin/desom``, ``bin/dcn``, ``bin/ae``, ``bin/selflabel`` and
    ``bin/rswnet`` (224x224, ``--weights none``: nothing is downloaded) for a
    short fixed number of steps under ``--strategy default`` and ``mirrored``
@@ -161,9 +161,10 @@ SIZES = {
                        "--n_init", "1")},
         speed_cases=("Kerasom (784)", "DEC (dense, 784)"), speed_seconds=0.2, desom_data="digits",
         desom_iterations=150, source="digits", jobs=2, mirrored=("desom",), timeout=300,
-        # rswnet's ResNet50 takes ~35 s to trace on 2 cores: tests/test_rswnet.py runs it end to end,
-        # predict in a new process included
-        programs=("desom", "dcn", "ae", "selflabel")),
+        # the suite's size: one program of each kind of predict (bin/desom predict under both strategies,
+        # bin/ae predict); the others' runs and fresh-process predictions are in their own tests
+        # (tests/test_dcn.py, test_selflabel.py, test_rswnet.py, test_predict.py)
+        programs=("desom", "ae")),
 }
 #: the most samples and (training, test) folder images digits give where Fashion-MNIST is missing: of its
 #: 1,797 images, 1,347 form the training part and 450 the test part (which also lends the reference images)
