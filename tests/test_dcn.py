@@ -470,8 +470,9 @@ def test_dcn_benchmark_writes_tables_and_runs_the_folder_benchmark(require_fmnis
     with pytest.raises(SystemExit) as stop:
         bench(["--dataset", "digits", "--methods", "ae+kmeans", "dec", "--runs", "2",
                "--pretrain_epochs", "2", "--max_iterations", "30", "--batch_size", "128", "--folder",
-               "--folder_train", "40", "--folder_references", "2", "--folder_epochs", "1",
-               "--folder_image_size", "16", "--folder_max_iterations", "30", "--out", str(out)])
+               "--folder_train", "40", "--folder_test", "50", "--folder_references", "2",
+               "--folder_epochs", "1", "--folder_image_size", "16", "--folder_max_iterations", "30",
+               "--out", str(out)])
     assert stop.value.code == 0
     printed = capsys.readouterr().out
     runs = pd.read_csv(out / "runs.csv")
@@ -486,7 +487,7 @@ def test_dcn_benchmark_writes_tables_and_runs_the_folder_benchmark(require_fmnis
     assert len(list((root / "train").glob("*.png"))) == 4 * 40
     assert len(list((root / "reference").glob("*.png"))) == 4 * 2
     folder = pd.read_csv(out / "folder_runs.csv")
-    assert folder["seed"].tolist() == [0, 1] and (folder["n_test"] == 4000).all()
+    assert folder["seed"].tolist() == [0, 1] and (folder["n_test"] == 4 * 50).all()
     assert folder["test_accuracy"].between(0, 1).all() and (folder["iterations"] <= 30).all()
     assert pd.read_csv(out / "folder_summary.csv")["runs"].tolist() == [2]
     mapping = json.loads((out / "folder_report_seed1" / "class_mappings.json").read_text())

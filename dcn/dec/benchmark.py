@@ -88,6 +88,8 @@ def parser():
                    help="Fashion-MNIST classes of the folder benchmark")
     p.add_argument("--folder_train", type=int, default=1000, bounds="[1, inf)",
                    help="training images per class")
+    p.add_argument("--folder_test", type=int, bounds="[1, 1000]",
+                   help="test images per class (default: all 1,000 of the Fashion-MNIST test split)")
     p.add_argument("--folder_references", type=int, default=3, bounds="[1, inf)",
                    help="reference images per class")
     p.add_argument("--folder_epochs", type=int, default=5, bounds="[0, inf)",
@@ -227,8 +229,11 @@ def vector_runs(args, out: Path, rows: list):
             _report(row)
 
 
-def write_fmnist_folder(root: Path, classes, n_train: int, n_refs: int, seed: int = 0, data_dir=None):
-    """Fashion-MNIST as PNG files: train/ (unlabelled), test/<class>/, reference/<class>_N.png."""
+def write_fmnist_folder(root: Path, classes, n_train: int, n_refs: int, seed: int = 0, data_dir=None,
+                       n_test: int | None = None):
+    """Fashion-MNIST as PNG files: train/ (unlabelled), test/<class>/ (the
+    first ``n_test`` test images of each class; None: all 1,000),
+    reference/<class>_N.png."""
     from PIL import Image
 
     (xt, yt), (xv, yv) = load_data("fmnist", validation=True, flatten=False, data_dir=data_dir)
@@ -245,7 +250,7 @@ def write_fmnist_folder(root: Path, classes, n_train: int, n_refs: int, seed: in
             save(xt[j], root / "train" / f"{name}_{i:05d}.png")
         for i, j in enumerate(pick[n_train:]):
             save(xt[j], root / "reference" / f"{name}_{i + 1}.png")
-        for i, j in enumerate(np.flatnonzero(yv == c)):
+        for i, j in enumerate(np.flatnonzero(yv == c)[:n_test]):
             save(xv[j], root / "test" / name / f"{i:05d}.png")
 
 
@@ -257,7 +262,7 @@ def folder_run(args, out: Path):
     root = out / "fmnist_folders"
     if not (root / "train").is_dir():
         write_fmnist_folder(root, args.folder_classes, args.folder_train, args.folder_references,
-                            data_dir=args.data_dir)
+                            data_dir=args.data_dir, n_test=args.folder_test)
     dcn = Path(__file__).resolve().parents[2] / "bin" / "dcn"
     print(f"\nfolder benchmark ({len(args.folder_classes)} Fashion-MNIST classes: "
           f"{', '.join(FMNIST_CLASSES[c] for c in args.folder_classes)}; {args.folder_train} training "
