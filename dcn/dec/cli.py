@@ -123,6 +123,8 @@ class DcnCommand(TrainingCommand):
     def check(self, args):
         if not (args.data or args.dataset):
             raise UsageError("give --data PATH (an image folder or a file) or --dataset NAME")
+        if args.resume and args.dataset and args.dataset not in KNOWN_DATASETS and is_file_name(args.dataset):
+            args.data, args.dataset = args.dataset, None  # saved before --dataset took names only
         if args.dataset and args.dataset not in KNOWN_DATASETS:
             file = is_file_name(args.dataset) or Path(args.dataset).exists()
             raise UsageError(f"--dataset {args.dataset}: " + (
