@@ -253,7 +253,8 @@ def given_arguments(parser: argparse.ArgumentParser, argv) -> dict:
     return vars(parser.parse_args(argv))
 
 
-def resume_args(args, given: dict, may_change=(), keep=RUNTIME_FLAGS, renamed=None) -> tuple[object, dict]:
+def resume_args(args, given: dict, may_change=(), keep=RUNTIME_FLAGS, renamed=None,
+                upgrade=None) -> tuple[object, dict]:
     """For ``--resume``: the arguments saved in ``<save_dir>/args.json`` by the
     run to continue, and the changes applied to them.
 
@@ -262,7 +263,9 @@ def resume_args(args, given: dict, may_change=(), keep=RUNTIME_FLAGS, renamed=No
     (e.g. more iterations) replace the saved value; any other flag that differs
     from the saved run is refused with a :class:`UsageError`, never ignored.
     ``renamed`` (:meth:`ArgumentParser.renamed_dests`) reads the saved
-    arguments of a run written before a flag was renamed.
+    arguments of a run written before a flag was renamed; ``upgrade(saved)``
+    may rewrite them in place (a flag whose meaning narrowed) before they are
+    compared.
     Returns ``(args, {flag: (saved value, new value)})``.
     """
     import json
@@ -278,6 +281,8 @@ def resume_args(args, given: dict, may_change=(), keep=RUNTIME_FLAGS, renamed=No
         if old in saved:
             value = saved.pop(old)
             saved.update({n: value for n in new if n not in saved})
+    if upgrade is not None:
+        upgrade(saved)
     changed = {k: (saved.get(k), v) for k, v in given.items() if k not in keep and saved.get(k) != v}
     refused = [k for k in changed if k not in may_change]
     if refused:

@@ -196,6 +196,10 @@ class TrainingCommand:
     resume_may_change: tuple = ()
 
     # ------------------------------------------------------------------ hooks
+    def upgrade_saved_args(self, saved: dict):
+        """``--resume``: rewrite the arguments an older version saved (a dict,
+        in place) into what this version's flags mean."""
+
     def resumed_with_changes(self, args, changed: dict):
         """Called when ``--resume`` changes flags of ``resume_may_change``
         (``{flag: (saved, new)}``); may adjust other arguments so that the
@@ -330,7 +334,8 @@ class TrainingCommand:
             except UsageError:
                 pass
             args, changed = resume_args(args, given, self.resume_may_change,
-                                        renamed=self.parser().renamed_dests())
+                                        renamed=self.parser().renamed_dests(),
+                                        upgrade=self.upgrade_saved_args)
             if changed:
                 self.resumed_with_changes(args, changed)
         if args.resume and args.overwrite:
@@ -385,6 +390,8 @@ class TrainingCommand:
         scaler = data.extra.get("scaler")
         if chief and scaler is not None and scaler.method != "none":  # predict scales new samples alike
             write_json(save_dir / "preprocessing.json", scaler.to_dict())
+        elif chief:  # an earlier run's scaling (--overwrite) must not be applied to this model's samples
+            (save_dir / "preprocessing.json").unlink(missing_ok=True)
         if changed and args.verbose and chief:
             print("resuming with " + ", ".join(f"--{k} {flag_text(new)} (was {flag_text(old)})"
                                                for k, (old, new) in changed.items()), flush=True)

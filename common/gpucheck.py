@@ -584,6 +584,10 @@ def programs(chosen, strategies, size: Size, data: CheckData, out: Path, jobs: i
     rows in the order of ``chosen`` and ``strategies``."""
     cells = [(p, s) for p in chosen for s in strategies
              if s != "mirrored" or not size.mirrored or p.name in size.mirrored]
+    if not cells:
+        raise UsageError(f"no program run is left at --size {size.name} (its programs: "
+                         f"{', '.join(size.programs) or 'all'}; mirrored only for "
+                         f"{', '.join(size.mirrored) or 'all'}): give other --programs or --strategies")
     jobs = jobs_at_once(jobs, len(cells))
     threads = None if jobs == 1 else max(1, len(os.sched_getaffinity(0)) // jobs)
     env = child_env(threads, shared_gpu=gpu and jobs > 1)

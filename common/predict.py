@@ -104,11 +104,17 @@ def read_samples(args, sample_shape, transform=None) -> Samples:
 
     Image files and image folders are resized and converted to the model's
     size and channels; arrays and tables are reshaped to ``sample_shape``
-    when they hold as many values per sample, after the scaling the run
-    saved beside the model (``preprocessing.json``, ``--scaling``) and
-    ``transform`` (if given)."""
+    when they hold as many values per sample. Every kind is scaled as the
+    run saved beside the model (``preprocessing.json``, ``--scaling``);
+    arrays then go through ``transform`` (if given)."""
     sample_shape = tuple(int(v) for v in sample_shape)
     check_samples_given(args)
+    prep = Path(args.model).parent / "preprocessing.json"
+    scaler = None
+    if prep.is_file():  # the run's --scaling, for every kind of sample
+        from common.data import Scaler
+
+        scaler = Scaler.from_dict(json.loads(prep.read_text()))
     if args.images or (args.data and _is_image_folder(Path(args.data))):
         if len(sample_shape) != 3:
             raise UsageError(f"{args.model} was trained on vectors of {sample_shape[0]} values, not images; "
@@ -125,14 +131,13 @@ def read_samples(args, sample_shape, transform=None) -> Samples:
             x, names, source = found.x, found.paths, Path(args.data).name
             if len(x) == 0:
                 raise DataError(f"no image could be read under {args.data}")
+        if scaler is not None:
+            x = scaler.apply(x)
         return Samples(x, pd.DataFrame({"image": [str(n) for n in names]}), None, source)
     name = args.dataset or args.data
     (x, labels), _ = load_data(name, flatten=False, data_dir=args.data_dir, label_col=args.label_col)
-    prep = Path(args.model).parent / "preprocessing.json"
-    if prep.is_file():  # the run's --scaling
-        from common.data import Scaler
-
-        x = Scaler.from_dict(json.loads(prep.read_text())).apply(x)
+    if scaler is not None:
+        x = scaler.apply(x)
     if transform is not None:
         x = transform(x)
     source = Path(name).stem if args.data else name

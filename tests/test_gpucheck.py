@@ -83,3 +83,13 @@ def test_the_smallest_check_runs_every_step_and_every_program_passes(tmp_path):
         assert f"| {name} | {strategy} | ok |" in table
     assert table.strip() in res.stdout  # printed as written
     assert (out / "runs" / "ae_default" / "run" / "model.keras").is_file()
+
+
+def test_a_selection_that_leaves_no_program_run_is_refused(tmp_path):
+    from common.errors import UsageError
+    from common.gpucheck import programs
+
+    # --programs dcn (not a program of this size); ae under mirrored (only desom's at this size)
+    for chosen, strategies in (([], ["default"]), ([PROGRAM["ae"]], ["mirrored"])):
+        with pytest.raises(UsageError, match="no program run is left at --size smallest"):
+            programs(chosen, strategies, SIZES["smallest"], None, tmp_path, 1, False)

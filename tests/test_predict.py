@@ -164,3 +164,37 @@ def test_a_table_scaled_in_training_is_scaled_alike_by_predict(tmp_path):
     codes = load_model(run / "model.keras").embed(scaled)
     np.testing.assert_allclose(table[["code_1", "code_2"]], codes[:, :2], rtol=1e-4, atol=1e-5)
     assert table["label"].tolist() == frame["kind"].tolist()
+
+
+def test_an_overwritten_run_without_scaling_leaves_no_scaling_for_predict(tmp_path):
+    from desom.cli import DesomCommand
+
+    rng = np.random.default_rng(2)
+    pd.DataFrame(rng.normal(size=(40, 3)) * [1, 100, 5], columns=list("abc")).to_csv(tmp_path / "t.csv",
+                                                                                  index=False)
+    base = ["--data", str(tmp_path / "t.csv"), "--model", "som", "--map_size", "2", "2", "--iterations", "4",
+            "--batch_size", "8", "--save_dir", str(tmp_path / "run"), "--verbose", "0", "--no_explorer"]
+    DesomCommand().main([*base, "--scaling", "standard"])
+    assert (tmp_path / "run" / "preprocessing.json").is_file()
+    DesomCommand().main([*base, "--overwrite"])
+    assert not (tmp_path / "run" / "preprocessing.json").exists()  # predict must not scale this model's input
+
+
+def test_ae_predict_numbers_labels_as_training_did():
+    from dcn.autoencoders.cli import _class_indices
+
+    assert _class_indices(np.array([3, 1, 3]), ["1", "3"], "m.keras").tolist() == [1, 0, 1]
+    assert _class_indices(np.array([5, 7]), None, "m.keras").tolist() == [0, 1]  # no record: as training
+    with pytest.raises(UsageError, match="labels 9 were not among the classes m.keras was trained with"):
+        _class_indices(np.array([1, 9]), ["1", "3"], "m.keras")
+
+
+def test_a_dcn_run_saved_when_dataset_took_files_resumes_with_data():
+    from dcn.dec.cli import DcnCommand
+
+    saved = {"dataset": "points.npz", "data": None}
+    DcnCommand().upgrade_saved_args(saved)
+    assert saved == {"dataset": None, "data": "points.npz"}
+    named = {"dataset": "digits", "data": None}
+    DcnCommand().upgrade_saved_args(named)
+    assert named == {"dataset": "digits", "data": None}

@@ -190,6 +190,7 @@ class AeCommand(TrainingCommand):
                 print(f"DBSCAN: eps {db['eps']:.4g} ({db['eps_from']}), min_samples {db['min_samples']}: "
                       f"{db['clusters']} clusters, {db['noise']} of {db['samples']} samples noise")
         out = {"n_samples": len(d.x), "model": a.model, "latent_dim": model.latent_dim,
+               "classes": d.extra["classes"],  # the label of class index i (predict maps labels by it)
                "iterations": run.phases["train"].iterations,
                "clustering": stages.table.to_dict(orient="records")}
         if stages.dbscan:
@@ -406,12 +407,13 @@ def predict_parser():
 def predict_main(argv):
     args = predict_parser().parse_args(argv)
     model, samples = model_and_samples(args, "dcn.autoencoders.models")
+    classes = _trained_classes(args.model)
     y = None
     if model.needs_labels:
         if samples.labels is None:
             raise UsageError(f"{args.model} is a {type(model).__name__}: it encodes a sample with its label; "
                              "give data with labels")
-        y = np.asarray(samples.labels)
+        y = _class_indices(samples.labels, classes, args.model)
     x = np.asarray(samples.x, np.float32)
     codes = model.embed(x, y)
     columns = {}
@@ -423,10 +425,38 @@ def predict_main(argv):
     error = (model.decode(codes, y).reshape(len(x), -1) - x.reshape(len(x), -1)) ** 2
     columns["reconstruction_error"] = error.mean(axis=1).round(6)
     if hasattr(model, "predict_classes") and not model.needs_labels:
-        columns["class"] = model.predict_classes(x)
+        predicted = model.predict_classes(x)
+        columns["class"] = predicted if classes is None else np.asarray(classes, dtype=object)[predicted]
     columns.update({f"code_{j + 1}": codes[:, j] for j in range(codes.shape[1])})
     write_predictions(samples, columns, args)
     return 0
+
+
+def _trained_classes(model_path) -> list | None:
+    """The labels of the class indices the model was trained with (its
+    run's results.json; None when not recorded)."""
+    import json
+
+    found = Path(model_path).parent / "results.json"
+    try:
+        return json.loads(found.read_text()).get("classes") if found.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _class_indices(labels, classes, model_path) -> np.ndarray:
+    """``labels`` as the class indices training used (``np.unique`` of its
+    labels, recorded as ``classes``); without the record, numbered as
+    training numbered its own."""
+    values = np.asarray(labels)
+    if classes is None:
+        return np.unique(values, return_inverse=True)[1]
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({str(v) for v in values} - set(index))
+    if unknown:
+        raise UsageError(f"labels {', '.join(unknown[:5])} were not among the classes {model_path} was "
+                         f"trained with ({', '.join(classes[:10])})")
+    return np.array([index[str(v)] for v in values])
 
 
 def train_main(argv):

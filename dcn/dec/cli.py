@@ -44,6 +44,11 @@ class DcnCommand(TrainingCommand):
     outputs = ("model.keras", "pretrain_log.csv", "log.csv", "class_mappings.json", "results.json",
                "predictions.csv", "test_metrics.json", "test_cm.png", "architecture.png", "architecture.txt")
 
+    def upgrade_saved_args(self, saved):
+        dataset = saved.get("dataset")
+        if dataset and dataset not in KNOWN_DATASETS and is_file_name(dataset) and not saved.get("data"):
+            saved["data"], saved["dataset"] = dataset, None  # saved when --dataset also took files
+
     def resumed_with_changes(self, args, changed):
         if "max_epochs" in changed and "max_iterations" not in changed:
             args.max_iterations = None  # the saved --max_iterations would override the new budget
@@ -123,8 +128,6 @@ class DcnCommand(TrainingCommand):
     def check(self, args):
         if not (args.data or args.dataset):
             raise UsageError("give --data PATH (an image folder or a file) or --dataset NAME")
-        if args.resume and args.dataset and args.dataset not in KNOWN_DATASETS and is_file_name(args.dataset):
-            args.data, args.dataset = args.dataset, None  # saved before --dataset took names only
         if args.dataset and args.dataset not in KNOWN_DATASETS:
             file = is_file_name(args.dataset) or Path(args.dataset).exists()
             raise UsageError(f"--dataset {args.dataset}: " + (
