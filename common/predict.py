@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.data import KNOWN_DATASETS, label_names, load_data
+from common.data import KNOWN_DATASETS, Scaler, is_array_source, label_names, load_data
 from common.errors import DataError, UsageError
 from common.results import write_csv
 
 __all__ = ["Samples", "add_predict_arguments", "check_samples_given", "model_and_samples", "read_samples",
-           "write_predictions"]
+           "saved_scaler", "trained_on", "write_predictions"]
 
 
 def add_predict_arguments(p, program: str, datasets=KNOWN_DATASETS):
@@ -62,11 +62,14 @@ class Samples:
     source: str
 
 
-def _is_image_folder(path: Path) -> bool:
-    return path.is_dir() and not any(path.glob("*.npy"))
+def saved_scaler(model_path):
+    """The scaling the run saved beside the model (``preprocessing.json``,
+    ``--scaling``), or None."""
+    prep = Path(model_path).parent / "preprocessing.json"
+    return Scaler.from_dict(json.loads(prep.read_text())) if prep.is_file() else None
 
 
-def _trained_on(model_path: Path) -> str:
+def trained_on(model_path) -> str:
     """'the model was trained on NAME and expects' (from the run's results.json), or 'the model expects'."""
     found = Path(model_path).parent / "results.json"
     try:
@@ -83,7 +86,7 @@ def _shaped(x, sample_shape: tuple, source: str, model_path) -> np.ndarray:
     if x.shape[1:] != sample_shape and int(np.prod(x.shape[1:])) == size:
         x = x.reshape(len(x), *sample_shape)
     if tuple(x.shape[1:]) != sample_shape:
-        raise UsageError(f"{_trained_on(model_path)} samples of shape {sample_shape}; {source} has "
+        raise UsageError(f"{trained_on(model_path)} samples of shape {sample_shape}; {source} has "
                          f"{tuple(x.shape[1:])}")
     return x
 
@@ -98,24 +101,18 @@ def check_samples_given(args):
                          + (f" (got {' and '.join(given)})" if given else ""))
 
 
-def read_samples(args, sample_shape, transform=None) -> Samples:
+def read_samples(args, sample_shape) -> Samples:
     """The samples named by the flags of :func:`add_predict_arguments`, shaped
     as a model whose samples have ``sample_shape`` takes them.
 
     Image files and image folders are resized and converted to the model's
     size and channels; arrays and tables are reshaped to ``sample_shape``
     when they hold as many values per sample. Every kind is scaled as the
-    run saved beside the model (``preprocessing.json``, ``--scaling``);
-    arrays then go through ``transform`` (if given)."""
+    run saved beside the model (:func:`saved_scaler`)."""
     sample_shape = tuple(int(v) for v in sample_shape)
     check_samples_given(args)
-    prep = Path(args.model).parent / "preprocessing.json"
-    scaler = None
-    if prep.is_file():  # the run's --scaling, for every kind of sample
-        from common.data import Scaler
-
-        scaler = Scaler.from_dict(json.loads(prep.read_text()))
-    if args.images or (args.data and _is_image_folder(Path(args.data))):
+    scaler = saved_scaler(args.model)  # the run's --scaling, for every kind of sample
+    if args.images or (args.data and Path(args.data).is_dir() and not is_array_source(args.data)):
         if len(sample_shape) != 3:
             raise UsageError(f"{args.model} was trained on vectors of {sample_shape[0]} values, not images; "
                              "give them with --dataset or --data")
@@ -138,14 +135,12 @@ def read_samples(args, sample_shape, transform=None) -> Samples:
     (x, labels), _ = load_data(name, flatten=False, data_dir=args.data_dir, label_col=args.label_col)
     if scaler is not None:
         x = scaler.apply(x)
-    if transform is not None:
-        x = transform(x)
     source = Path(name).stem if args.data else name
     x = _shaped(x, sample_shape, name, args.model)
     return Samples(x, pd.DataFrame({"index": np.arange(len(x))}), labels, source)
 
 
-def model_and_samples(args, models: str, transform=None):
+def model_and_samples(args, models: str):
     """The checks and loading every ``predict`` starts with: the samples
     named (one kind), TensorFlow started quietly, the model of ``--model``
     loaded by ``<models>.load_model`` (``models``: a module path, imported
@@ -158,7 +153,7 @@ def model_and_samples(args, models: str, transform=None):
     check_samples_given(args)
     quiet_tensorflow()
     model = import_module(models).load_model(args.model)
-    return model, read_samples(args, model.sample_shape, transform)
+    return model, read_samples(args, model.sample_shape)
 
 
 def write_predictions(samples: Samples, columns: dict, args, note: str = "") -> Path:

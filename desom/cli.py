@@ -16,7 +16,13 @@ from common.cli import ArgumentParser, add_data_arguments, dispatch, run
 from common.command import RunData, TrainingCommand
 from common.data import CLASS_NAMES, Scaler, feature_names, label_names, load_data
 from common.errors import UsageError
-from common.predict import add_predict_arguments, check_samples_given, read_samples, write_predictions
+from common.predict import (
+    add_predict_arguments,
+    model_and_samples,
+    saved_scaler,
+    trained_on,
+    write_predictions,
+)
 from common.runtime import quiet_tensorflow
 
 MODELS = ("desom", "convdesom", "som")
@@ -323,28 +329,19 @@ def _model_and_data(args):
     image_shape = x.shape[1:] if x.ndim == 4 else None
     if len(model.sample_shape) == 1:  # dense models take flat samples, ConvDESOM and RSWNet images
         x = x.reshape(len(x), -1)
-    prep = model_path.parent / "preprocessing.json"
-    scaler = Scaler.from_dict(json.loads(prep.read_text())) if prep.is_file() else None
+    scaler = saved_scaler(model_path)
     if scaler is not None:
         x = scaler.apply(x)
     expected = tuple(model.sample_shape)
     if tuple(x.shape[1:]) != expected:
-        found = model_path.parent / "results.json"
-        trained = json.loads(found.read_text()).get("data") if found.is_file() else None
-        model_was = f"the model was trained on {trained} and expects" if trained else "the model expects"
-        raise UsageError(f"{model_was} samples of shape {expected}; {source} has {tuple(x.shape[1:])}")
+        raise UsageError(f"{trained_on(model_path)} samples of shape {expected}; {source} has "
+                         f"{tuple(x.shape[1:])}")
     return model, x, y, source, image_shape, scaler
 
 
 def predict_main(argv):
     args = predict_parser().parse_args(argv)
-    check_samples_given(args)
-    quiet_tensorflow()
-    from common.networks import load_keras_model
-    from desom.models import SOMModel
-
-    model = load_keras_model(args.model, SOMModel, "a map written by desom or rswnet --head som")
-    samples = read_samples(args, model.sample_shape)  # scaled as in training
+    model, samples = model_and_samples(args, "desom.models")  # scaled as in training
     bmu, sq, _, _ = model.assign_codes(model.transform(samples.x))
     rows, cols = model.unit_coordinates(bmu)
     note = ""

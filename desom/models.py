@@ -408,4 +408,4 @@ def som_on_codes(z, map_size=(8, 8), epochs: float = 20, batch_size: int = 256, 
 
 def load_model(path) -> SOMModel:
     """Load a model saved with ``model.save(path)`` (a ``.keras`` file)."""
-    return load_keras_model(path, SOMModel, "a DESOM/ConvDESOM/Kerasom model")
+    return load_keras_model(path, SOMModel, "a map written by desom or rswnet --head som")
