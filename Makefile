@@ -37,19 +37,19 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow"
 
 bench: $(STAMP)
-	bin/desom-benchmark --datasets fmnist mnist usps --models desom --runs 5 --out bench/desom --fig_dir fig
-	bin/desom-benchmark --memory --iterations 2000 --out bench/memory
-	bin/desom-benchmark --explorer --out bench/explorer
-	bin/dcn-benchmark --dataset fmnist --runs 3 --folder --out bench/dcn
-	bin/rswnet-benchmark --runs 3 --desom_iterations 10000 --out bench/rswnet
-	bin/rswnet-benchmark --heads som --runs 3 --desom_iterations 10000 --out bench/rswnet_som
-	bin/ae-benchmark --runs 3 --out bench/ae
-	bin/selflabel-benchmark --runs 5 --jobs 2 --iterations 3 --out bench/selflabel_full
+	bin/desom-benchmark --datasets fmnist mnist usps --models desom --runs 5 --save_dir bench/desom --fig_dir fig
+	bin/desom-benchmark --memory --iterations 2000 --save_dir bench/memory
+	bin/desom-benchmark --explorer --save_dir bench/explorer
+	bin/dcn-benchmark --dataset fmnist --runs 3 --folder --save_dir bench/dcn
+	bin/rswnet-benchmark --runs 3 --desom_iterations 10000 --save_dir bench/rswnet
+	bin/rswnet-benchmark --heads som --runs 3 --desom_iterations 10000 --save_dir bench/rswnet_som
+	bin/ae-benchmark --runs 3 --save_dir bench/ae
+	bin/selflabel-benchmark --runs 5 --jobs 2 --rounds 3 --save_dir bench/selflabel_full
 
 # every training program with its defaults on data sets nobody tuned for, against k-means and UMAP + GMM on
 # the raw inputs (several hours; cells that finished are read back: stop and run it on at will)
 bench-robust: $(STAMP)
-	bin/robustness-benchmark --out bench/robust
+	bin/robustness-benchmark --save_dir bench/robust
 
 # the end of DESOM's temperature schedule against map organisation (one seed; about an hour)
 bench-schedule: $(STAMP)
@@ -64,7 +64,7 @@ bench-schedule: $(STAMP)
 # each on one core (1.8-2.0 hours a seed here, so about 6 hours; seeds already finished in bench/deckeras
 # are read back, not run again)
 bench-deckeras: $(STAMP)
-	bin/dcn-benchmark --dataset fmnist --protocol dec-keras --runs 5 --jobs 2 --out bench/deckeras
+	bin/dcn-benchmark --dataset fmnist --protocol dec-keras --runs 5 --jobs 2 --save_dir bench/deckeras
 
 # DEC-keras itself (its DEC.py on tf_keras, installed beside the venv, not into it), seeds 0 and 1 on cores
 # 0 and 1 (77 minutes of pretraining, then up to 20,000 iterations; each process grew to 8.9 GB here), then
@@ -78,27 +78,27 @@ bench-deckeras-reference: $(STAMP)
 	mkdir -p bench/deckeras_reference
 	pids=; for s in 0 1; do PYTHONPATH=$(TF_KERAS) TF_NUM_INTRAOP_THREADS=1 TF_NUM_INTEROP_THREADS=1 \
 	  OMP_NUM_THREADS=1 taskset -c $$s bin/dcn-deckeras --deckeras $(DECKERAS) --seed $$s \
-	  --out bench/deckeras_reference > bench/deckeras_reference/log_seed$$s.txt 2>&1 & pids="$$pids $$!"; done; \
+	  --save_dir bench/deckeras_reference > bench/deckeras_reference/log_seed$$s.txt 2>&1 & pids="$$pids $$!"; done; \
 	  for p in $$pids; do wait $$p || { kill $$pids 2>/dev/null; tail -3 bench/deckeras_reference/log_seed*.txt; \
 	  exit 1; }; done
 	bin/dcn-benchmark --dataset fmnist --protocol dec-keras --methods ae+kmeans dec --runs 2 --jobs 2 \
-	  --pretrained bench/deckeras_reference --out bench/deckeras_reference/ours
+	  --pretrained bench/deckeras_reference --save_dir bench/deckeras_reference/ours
 
 # DESOM on Fashion-MNIST 8x8 with 30,000 iterations of the paper's schedule (our best purity), 5 seeds two at
 # a time, each on one core (about 30 minutes a seed here; seeds finished in bench/it30k are read back)
 bench-desom30k: $(STAMP)
-	bin/desom-benchmark --datasets fmnist --models desom --iterations 30000 --runs 5 --jobs 2 --out bench/it30k
+	bin/desom-benchmark --datasets fmnist --models desom --iterations 30000 --runs 5 --jobs 2 --save_dir bench/it30k
 
 # ms per training step of every model in our loop and in a bare Keras step (a few minutes)
 bench-speed: $(STAMP)
-	bin/desom-benchmark --speed --out bench/speed
-	bin/dcn-benchmark --speed --out bench/speed
+	bin/desom-benchmark --speed --save_dir bench/speed
+	bin/dcn-benchmark --speed --save_dir bench/speed
 
 # a GPU machine in one run (make gpu-check TF=gpu): devices and versions, every model's step in float32 and
 # mixed precision, DESOM on Fashion-MNIST (the paper's 10,000 iterations) and every program under the
 # default and mirrored strategies (under 8 minutes on a GPU; without one, CPU sizes in a few minutes)
 gpu-check: $(STAMP)
-	bin/gpu-check --out bench/gpu-check
+	bin/gpu-check --save_dir bench/gpu-check
 
 clean:
 	rm -rf $(VENV) results bench .pytest_cache

@@ -104,10 +104,20 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def parse_known_args(self, args=None, namespace=None):
         for token in sys.argv[1:] if args is None else args:
-            message = self.renamed_message(str(token).split("=", 1)[0])
+            message = self.renamed_message(self._old_name(str(token).split("=", 1)[0]))
             if message:
                 self.error(message)
         return super().parse_known_args(args, namespace)
+
+    def _old_name(self, name: str) -> str:
+        """``name``, or the old flag it abbreviates when no current flag
+        starts with it (argparse takes unambiguous abbreviations)."""
+        if name in self.renamed or not name.startswith("--") or name == "--" or not self.allow_abbrev:
+            return name
+        if any(flag.startswith(name) for flag in self._option_string_actions):
+            return name
+        old = [flag for flag in self.renamed if flag.startswith(name)]
+        return old[0] if len(old) == 1 else name
 
     def add_argument(self, *args, bounds: str | None = None, **kwargs):
         """``argparse``'s, plus ``bounds`` (see :class:`Number`) for ``type=int``

@@ -121,7 +121,7 @@ class Size:
 
 
 _SELFLABEL = ("--first_features", "random", "--manifold", "none", "--clusterer", "kmeans", "--n_init", "1",
-              "--iterations", "1", "--epochs_per_iteration", "1", "--knn_epochs", "0", "--min_steps", "0")
+              "--rounds", "1", "--epochs_per_round", "1", "--knn_epochs", "0", "--min_steps", "0")
 SIZES = {
     "gpu": Size(
         "gpu", "GPU sizes", samples=10000, folder=(5000, 1000), side=28, flags={
@@ -354,7 +354,7 @@ def speed_child(precision: str, out, runs, seconds, *cases) -> int:
     speed.measure = chosen
     for module in SPEED_MODULES:
         state["path"] = Path(out) / f"speed_{module.split('.')[0]}.csv"
-        sys.argv = [module, "--speed", "--speed_runs", str(runs), "--out", str(out)]
+        sys.argv = [module, "--speed", "--speed_runs", str(runs), "--save_dir", str(out)]
         try:
             runpy.run_module(module, run_name="__main__", alter_sys=True)
         except SystemExit as e:
@@ -687,8 +687,9 @@ def parser():
         "the paper's protocol; and each program under --strategy default and mirrored, its files and its "
         "saved model's predictions in a fresh process. Writes <out>/gpu_check.csv and gpu_check.md; exits 1 "
         "when a check failed."))
-    p.add_argument("--out", default="bench/gpu-check",
-                   help="folder for gpu_check.csv, gpu_check.md, the data and every run")
+    p.add_argument("--save_dir", default="bench/gpu-check",
+                   help="output folder for gpu_check.csv, gpu_check.md, the data and every run")
+    p.rename("--out", "--save_dir")
     p.add_argument("--size", choices=("auto", *SIZES), default="auto",
                    help="auto: gpu where TensorFlow sees a GPU (under 8 minutes on one), else cpu (a few "
                    "minutes on 2 cores); smallest: digits, the fewest steps (a test)")
@@ -708,7 +709,7 @@ def _main(argv=None):
     args = parser().parse_args(argv)
     skip = set(args.skip or ())
     t0 = time.perf_counter()
-    out = Path(args.out)
+    out = Path(args.save_dir)
     out.mkdir(parents=True, exist_ok=True)
     info = devices(out)
     gpu = bool(info["gpus"])

@@ -197,7 +197,7 @@ JOBS_HELP = ("seeds trained at once (at most one per core), each in its own proc
 
 
 def run_seeds(module: str, flags: list, seeds, out, jobs: int, first_only=(), inputs=None, settings=None):
-    """``python -m module *flags --runs 1 --seed N --out <out>/seed<N>`` for
+    """``python -m module *flags --runs 1 --seed N --save_dir <out>/seed<N>`` for
     each seed, ``jobs`` at once (:func:`run_pinned`; each log in
     ``<out>/seed<N>/log.txt``); yields each seed's ``runs.csv`` rows (a list
     of dicts) in seed order. ``first_only`` flags go to the first seed alone.
@@ -216,7 +216,7 @@ def run_seeds(module: str, flags: list, seeds, out, jobs: int, first_only=(), in
 
     seeds, out = list(seeds), Path(out)
     argvs = {seed: ["-m", module, *flags, *(first_only if i == 0 else ()), "--runs", "1", "--seed", str(seed),
-                    "--out", str(out / f"seed{seed}")] for i, seed in enumerate(seeds)}
+                    "--save_dir", str(out / f"seed{seed}")] for i, seed in enumerate(seeds)}
 
     def finished(seed) -> bool:
         folder = out / f"seed{seed}"

@@ -564,13 +564,15 @@ def parser(datasets=DATASETS, programs=PROGRAMS):
                    "change of their code or defaults)")
     p.add_argument("--timeout", type=float, default=7200, bounds="(0, inf)",
                    help="seconds after which a run is stopped (and its cell marked failed)")
-    p.add_argument("--out", default="bench/robust", help="folder for the data, the runs and the tables")
+    p.add_argument("--save_dir", default="bench/robust",
+                   help="output folder for the data, the runs and the tables")
+    p.rename("--out", "--save_dir")
     return p
 
 
 def _main(argv=None, datasets=DATASETS, programs=PROGRAMS):
     args = parser(datasets, programs).parse_args(argv)
-    out = Path(args.out)
+    out = Path(args.save_dir)
     specs = [d for d in datasets if d.name in args.datasets]
     chosen = [q for q in programs if q.name in args.programs]
     rows = []

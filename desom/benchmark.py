@@ -51,7 +51,9 @@ def parser():
                    help=JOBS_HELP)
     add_map_arguments(p)
     p.add_argument("--data_dir", help="folder searched first for the data files")
-    p.add_argument("--out", default="bench/desom", help="folder for runs.csv, summary.csv and run logs")
+    p.add_argument("--save_dir", default="bench/desom",
+                   help="output folder for runs.csv, summary.csv and run logs")
+    p.rename("--out", "--save_dir")
     p.add_argument("--fig_dir", help="also write the first run's decoded map of each image data set here "
                    "as desom_map_<dataset>.png")
     p.add_argument("--strategy", choices=("auto", "default", "mirrored"), default="auto")
@@ -294,7 +296,7 @@ def _main(argv=None):
 
     check_map(args.map_size, flag="--map_size")
     args.Tmax, args.Tmin = temperatures(args.map_size, args.Tmax, args.Tmin, args.schedule)
-    out = Path(args.out)
+    out = Path(args.save_dir)
     out.mkdir(parents=True, exist_ok=True)
     tf = quiet_tensorflow()
     if args.memory:

@@ -37,13 +37,15 @@ def parser():
     p.add_argument("--subset", type=int, default=5000, bounds="[1, inf)", help="stratified training subset")
     p.add_argument("--input_size", type=int, default=32, bounds="[32, inf)", help="ResNet50 input side")
     p.add_argument("--weights", default="none", help="ResNet50 weights (none: random)")
-    p.add_argument("--out", default="bench/rswnet", help="folder for the runs and the tables")
+    p.add_argument("--save_dir", default="bench/rswnet",
+                   help="output folder for the runs and the tables")
+    p.rename("--out", "--save_dir")
     return p
 
 
 def _main(argv=None):
     args, passed = parser().parse_known_args(argv)
-    out = Path(args.out)
+    out = Path(args.save_dir)
     out.mkdir(parents=True, exist_ok=True)
     rswnet = Path(__file__).resolve().parents[1] / "bin" / "rswnet"
     print(f"{os.cpu_count()} CPU cores; bin/rswnet --dataset {args.dataset} --input_size {args.input_size} "

@@ -316,7 +316,7 @@ def test_benchmark_writes_runs_and_summary(tmp_path, capsys):
 
     with pytest.raises(SystemExit) as stop:
         bench(["--datasets", "digits", "reuters10k", "--configs", "vae", "ae-desom", "--runs", "1",
-               "--out", str(tmp_path / "b"), "--epochs", "1", "--batch_size", "128", "--som_epochs", "1",
+               "--save_dir", str(tmp_path / "b"), "--epochs", "1", "--batch_size", "128", "--som_epochs", "1",
                "--tsne_samples", "100"])
     assert stop.value.code == 0
     printed = capsys.readouterr().out

@@ -28,8 +28,8 @@ def test_each_system_fits_from_python_with_the_flags_of_its_program(system, tmp_
         "desom": dict(map_size=(3, 3), iterations=60),
         "dcn.dec": dict(pretrain_epochs=1, max_iterations=20, centers="kmeans"),
         "dcn.autoencoders": dict(epochs=1, cluster=["kmeans"], som_map_size=(3, 3), tsne_samples=100),
-        "dcn.selflabel": dict(iterations=1, first_features="random", manifold="none", clusterer="kmeans",
-                              min_steps=0, epochs_per_iteration=1, knn_epochs=0, augmentations=[]),
+        "dcn.selflabel": dict(rounds=1, first_features="random", manifold="none", clusterer="kmeans",
+                              min_steps=0, epochs_per_round=1, knn_epochs=0, augmentations=[]),
     }[system]
     images = system in ("dcn.autoencoders", "dcn.selflabel")
     x, y = digits(images)

@@ -228,14 +228,14 @@ def test_run_pinned_reports_a_failure_while_a_run_listed_before_it_still_runs(tm
 FAKE_BENCHMARK = """
 import argparse, pathlib, sys
 p = argparse.ArgumentParser()
-for flag in ("--value", "--seed", "--runs", "--out", "--fail_seed"):
+for flag in ("--value", "--seed", "--runs", "--save_dir", "--fail_seed"):
     p.add_argument(flag)
 a = p.parse_args()
 with open(pathlib.Path(__file__).parent / "calls.txt", "a") as calls:
     calls.write(a.seed + "\\n")
 if a.seed == a.fail_seed:
     sys.exit("seed " + a.seed + " went wrong")
-out = pathlib.Path(a.out)
+out = pathlib.Path(a.save_dir)
 out.mkdir(parents=True, exist_ok=True)
 (out / "runs.csv").write_text("seed,value\\n" + a.seed + "," + a.value + "\\n")
 """
@@ -296,7 +296,7 @@ def test_run_seeds_runs_again_a_seed_that_ran_under_another_default(tmp_path, mo
 
     def ran(depth):  # the benchmark's parser as it would be with --depth's default at depth
         p = argparse.ArgumentParser()
-        for flag in ("--value", "--seed", "--runs", "--out", "--fail_seed"):
+        for flag in ("--value", "--seed", "--runs", "--save_dir", "--fail_seed"):
             p.add_argument(flag)
         p.add_argument("--depth", type=int, default=depth)
         calls.unlink(missing_ok=True)
@@ -317,8 +317,7 @@ def test_run_seeds_runs_again_a_seed_that_ran_under_another_default(tmp_path, mo
 
 #: The flags that more than one of the five programs declares, each with the one meaning it has in all of
 #: them (reviewed). A flag newly shared by two programs fails the test below until it is listed here, so
-#: that a name never gets a second meaning unnoticed. --iterations: optimizer steps in bin/desom, rounds of
-#: training and relabelling in bin/selflabel (the self-labelling papers' "iterations") is the one exception.
+#: that a name never gets a second meaning unnoticed.
 SHARED_FLAGS = {
     "--Tmax": "initial neighbourhood radius", "--Tmin": "final neighbourhood radius",
     "--schedule": "temperature schedule", "--gamma": "weight of the SOM loss", "--map_size": "map rows, cols",
@@ -332,7 +331,7 @@ SHARED_FLAGS = {
     "--n_init": "restarts of a clustering", "--n_clusters": "number of clusters", "--model": "model kind",
     "--color": "colour mode of images", "--image_size": "side images are resized to",
     "--som_map_size": "the compared SOM's map", "--som_epochs": "epochs of the compared SOM",
-    "--tsne_samples": "samples drawn in tsne.png", "--iterations": "see above",
+    "--tsne_samples": "samples drawn in tsne.png",
     "--data": "your data", "--dataset": "a named data set", "--data_dir": "where named sets are looked for",
     "--label_col": "CSV label column", "--scaling": "scaling of --data files",
     "--save_dir": "output folder", "--seed": "seed",
@@ -348,7 +347,12 @@ RENAMED = [("ae", "--alpha", "--alpha is now --recon_weight"),
            ("desom", "--update_interval", "--update_interval is now --T_update_interval"),
            ("selflabel", "--init", "--init is now --first_features"),
            ("selflabel", "--cluster_starts", "--cluster_starts is now --n_init"),
-           ("selflabel", "--augment", "--augment is now --augmentations")]
+           ("selflabel", "--augment", "--augment is now --augmentations"),
+           ("selflabel", "--iterations", "--iterations is now --rounds (bin/desom's --iterations are"),
+           ("selflabel", "--epochs_per_iteration", "--epochs_per_iteration is now --epochs_per_round"),
+           ("selflabel", "--fraction_iterations", "--fraction_iterations is now --fraction_rounds"),
+           ("dcn", "--embedding", "--embedding_dim is now --latent_dim"),  # argparse's abbreviations too
+           ("selflabel", "--cluster_s", "--cluster_starts is now --n_init")]
 
 
 def _five_parsers():
@@ -372,10 +376,10 @@ def test_a_flag_name_means_one_thing_across_the_five_programs():
     shared = {flag for flag, progs in flags.items() if len(progs) > 1}
     unreviewed = sorted(shared - set(SHARED_FLAGS))
     assert not unreviewed, f"flags shared by several programs, not in SHARED_FLAGS: {unreviewed}"
-    assert flags["--iterations"] == {"desom", "selflabel"}
+    assert flags["--iterations"] == {"desom"}  # optimizer steps (selflabel: --rounds)
     assert flags["--alpha"] == {"dcn"} and flags["--augment"] == {"dcn"}  # the Student-t's; dcn's switch
     assert flags["--update_interval"] == {"dcn", "rswnet"}  # DEC's refresh (desom: --T_update_interval)
-    for gone in ("--init", "--embedding_dim", "--cluster_starts", "--beta"):
+    for gone in ("--init", "--embedding_dim", "--cluster_starts", "--beta", "--epochs_per_iteration"):
         assert gone not in flags
 
 
@@ -388,7 +392,24 @@ def test_an_old_flag_name_gets_one_line_naming_the_new_one(prog, old, message, c
               "selflabel": "dcn.selflabel.cli"}[prog]
     assert_one_line_error(import_module(module).main, [old, "1"], message, capsys)
     parser = _five_parsers()[prog]
-    assert parser.renamed_message(old).startswith(message)
+    assert parser.renamed_message(parser._old_name(old)).startswith(message)
+
+
+BENCHMARKS = ["desom.benchmark", "dcn.dec.benchmark", "dcn.dec.deckeras_reference",
+              "dcn.autoencoders.benchmark", "dcn.selflabel.benchmark", "rswnet.benchmark",
+              "common.robustness", "common.gpucheck"]
+
+
+@pytest.mark.parametrize("module", BENCHMARKS)
+def test_every_benchmark_writes_to_save_dir_as_the_programs_do(module, capsys, tmp_path, monkeypatch):
+    from importlib import import_module
+
+    monkeypatch.chdir(tmp_path)
+    main = import_module(module).main
+    assert_one_line_error(main, ["--out", "bench/x"], "--out is now --save_dir", capsys)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "--save_dir" in capsys.readouterr().out
 
 
 def test_a_run_saved_under_an_old_flag_name_resumes_under_the_new_one(tmp_path):

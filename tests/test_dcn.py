@@ -445,7 +445,8 @@ def test_dcn_benchmark_jobs_run_each_seed_in_its_own_process(tmp_path, capsys):
     out = tmp_path / "b"
     with pytest.raises(SystemExit) as stop:
         bench(["--dataset", "digits", "--methods", "ae+kmeans", "dec", "--runs", "2", "--jobs", "2",
-               "--pretrain_epochs", "1", "--max_iterations", "20", "--batch_size", "128", "--out", str(out)])
+               "--pretrain_epochs", "1", "--max_iterations", "20", "--batch_size", "128",
+               "--save_dir", str(out)])
     assert stop.value.code == 0
     runs = pd.read_csv(out / "runs.csv")
     assert runs["method"].tolist() == ["ae+kmeans", "dec"] * 2 and runs["seed"].tolist() == [0, 0, 1, 1]
@@ -472,7 +473,7 @@ def test_dcn_benchmark_writes_tables_and_runs_the_folder_benchmark(require_fmnis
                "--pretrain_epochs", "2", "--max_iterations", "30", "--batch_size", "128", "--folder",
                "--folder_train", "40", "--folder_test", "50", "--folder_references", "2",
                "--folder_epochs", "1", "--folder_image_size", "16", "--folder_max_iterations", "30",
-               "--out", str(out)])
+               "--save_dir", str(out)])
     assert stop.value.code == 0
     printed = capsys.readouterr().out
     runs = pd.read_csv(out / "runs.csv")
@@ -595,14 +596,15 @@ def test_dcn_deckeras_names_what_it_needs(tmp_path, monkeypatch, capsys):
     from dcn.dec.deckeras_reference import main as deckeras
 
     out = tmp_path / "o"
-    assert_one_line_error(deckeras, ["--deckeras", str(tmp_path), "--out", str(out)],
+    assert_one_line_error(deckeras, ["--deckeras", str(tmp_path), "--save_dir", str(out)],
                           "--deckeras must name a DEC-keras checkout", capsys)
     assert not out.exists()
     (tmp_path / "DEC.py").write_text("raise SystemExit('must not run')\n")
     monkeypatch.setitem(sys.modules, "tf_keras", None)  # not installed
-    assert_one_line_error(deckeras, ["--deckeras", str(tmp_path), "--out", str(out)],
+    assert_one_line_error(deckeras, ["--deckeras", str(tmp_path), "--save_dir", str(out)],
                           "install tf_keras for this TensorFlow (pip install tf_keras~=", capsys)
-    assert_one_line_error(deckeras, ["--deckeras", str(tmp_path), "--out", str(out), "--ae_weights", "no.h5"],
+    assert_one_line_error(deckeras, ["--deckeras", str(tmp_path), "--save_dir", str(out),
+                                     "--ae_weights", "no.h5"],
                           "--ae_weights no.h5 not found: give the ae_weights.h5 of an earlier run", capsys)
 
 
@@ -640,30 +642,30 @@ def test_dcn_benchmark_starts_from_pretrained_weights(tmp_path, capsys):
     first, again, swapped = tmp_path / "first", tmp_path / "again", tmp_path / "swapped"
     flags = ["--dataset", "digits", "--methods", "ae+kmeans", "dec", "--max_iterations", "20",
              "--batch_size", "128"]
-    assert_one_line_error(bench, [*flags, "--pretrained", str(first), "--out", str(again)],
+    assert_one_line_error(bench, [*flags, "--pretrained", str(first), "--save_dir", str(again)],
                           "--pretrained: no ae_digits_seed0.weights.h5 in", capsys)
     assert not again.exists()  # refused before any run
-    ran = run("--pretrain_epochs", "1", "--runs", "2", "--jobs", "2", "--out", first)  # seed<N>/ folders
-    rerun = run("--runs", "2", "--jobs", "2", "--pretrained", first, "--out", again)
+    ran = run("--pretrain_epochs", "1", "--runs", "2", "--jobs", "2", "--save_dir", first)  # seed<N>/ folders
+    rerun = run("--runs", "2", "--jobs", "2", "--pretrained", first, "--save_dir", again)
     assert not list(again.rglob("*.weights.h5"))  # nothing pretrained
     table = pd.read_csv(again / "runs.csv")
     assert table["pretrain_seconds"].isna().all() and table["pretrained"].str.startswith(str(first)).all()
     # the same weights and seeds: the same k-means start and the same clustering phase
     pd.testing.assert_frame_equal(ran, rerun)
     capsys.readouterr()
-    run("--runs", "2", "--jobs", "2", "--pretrained", first, "--out", again)
+    run("--runs", "2", "--jobs", "2", "--pretrained", first, "--save_dir", again)
     assert "seeds 0, 1 finished earlier with the same flags" in capsys.readouterr().out
     later = (again / "seed1" / "finished.json").stat().st_mtime + 10
     os.utime(first / "seed1" / "ae_digits_seed1.weights.h5", (later, later))  # new weights for seed 1
-    run("--runs", "2", "--jobs", "2", "--pretrained", first, "--out", again)
+    run("--runs", "2", "--jobs", "2", "--pretrained", first, "--save_dir", again)
     assert "seeds 0 finished earlier" in capsys.readouterr().out  # seed 1 runs again
     # seed 1's autoencoder given as seed 0's: seed 0 then clusters other codes
     (swapped / "in").mkdir(parents=True)
     shutil.copy(first / "seed1" / "ae_digits_seed1.weights.h5", swapped / "in" / "ae_digits_seed0.weights.h5")
-    other = run("--runs", "1", "--pretrained", swapped / "in", "--out", swapped)
+    other = run("--runs", "1", "--pretrained", swapped / "in", "--save_dir", swapped)
     assert other.loc[0, "acc"] != ran.loc[0, "acc"] or other.loc[0, "nmi"] != ran.loc[0, "nmi"]
     assert "autoencoder from" in capsys.readouterr().out
-    assert_one_line_error(bench, [*flags, "--pretrained", str(first), "--pretrain_epochs", "2", "--out",
+    assert_one_line_error(bench, [*flags, "--pretrained", str(first), "--pretrain_epochs", "2", "--save_dir",
                                   str(again)], "--pretrain_epochs has no effect with --pretrained", capsys)
 
 

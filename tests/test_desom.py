@@ -344,7 +344,7 @@ def test_benchmark_writes_runs_summary_table_and_figure(tmp_path, capsys):
 
     with pytest.raises(SystemExit) as stop:
         bench(["--datasets", "digits", "mnist", "--models", "desom", "som", "kmeans", "--runs", "2",
-               "--iterations", "40", "--batch_size", "128", "--map_size", "4", "4", "--out",
+               "--iterations", "40", "--batch_size", "128", "--map_size", "4", "4", "--save_dir",
                str(tmp_path / "b"), "--fig_dir", str(tmp_path / "fig")])
     assert stop.value.code == 0
     printed = capsys.readouterr().out
@@ -377,7 +377,7 @@ def test_benchmark_latent_dim_sets_the_code_size(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(DESOM, "init_prototypes", spy)
     with pytest.raises(SystemExit) as stop:
         bench(["--datasets", "digits", "--runs", "1", "--iterations", "2", "--batch_size", "64",
-               "--map_size", "2", "2", "--latent_dim", "3", "--out", str(tmp_path)])
+               "--map_size", "2", "2", "--latent_dim", "3", "--save_dir", str(tmp_path)])
     assert stop.value.code == 0
     assert sizes == [3] and "latent 3" in capsys.readouterr().out
 
@@ -389,7 +389,7 @@ def test_benchmark_jobs_run_each_seed_in_its_own_process(tmp_path, capsys):
     out = tmp_path / "b"
     with pytest.raises(SystemExit) as stop:
         bench(["--datasets", "digits", "--models", "desom", "kmeans", "--runs", "2", "--jobs", "2",
-               "--iterations", "20", "--batch_size", "128", "--map_size", "3", "3", "--out", str(out),
+               "--iterations", "20", "--batch_size", "128", "--map_size", "3", "3", "--save_dir", str(out),
                "--fig_dir", str(tmp_path / "fig")])
     assert stop.value.code == 0
     runs = pd.read_csv(out / "runs.csv")  # in the order of a one-process run

@@ -55,8 +55,8 @@ def test_the_markdown_has_a_table_per_step_and_says_why_a_row_has_no_numbers():
 @pytest.mark.slow
 def test_the_smallest_check_runs_every_step_and_every_program_passes(tmp_path):
     out = tmp_path / "check"
-    res = subprocess.run([str(BIN), "--size", "smallest", "--out", str(out)], capture_output=True, text=True,
-                         timeout=900)
+    res = subprocess.run([str(BIN), "--size", "smallest", "--save_dir", str(out)], capture_output=True,
+                         text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     lines = res.stdout.splitlines()
     frame = pd.read_csv(out / "gpu_check.csv")

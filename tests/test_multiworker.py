@@ -96,24 +96,24 @@ def test_two_workers_train_like_one_process_with_the_same_global_batch(tmp_path,
 @pytest.mark.slow
 def test_two_workers_run_selflabel_on_the_chiefs_pseudo_labels(tmp_path):
     args = ["--dataset", "digits", "--first_features", "random", "--manifold", "none", "--clusterer",
-            "kmeans", "--iterations", "2", "--epochs_per_iteration", "2", "--knn_epochs", "0.5",
+            "kmeans", "--rounds", "2", "--epochs_per_round", "2", "--knn_epochs", "0.5",
             "--batch_size", "64", "--augmentations", "translate", "--convergence_threshold", "1",
             "--min_steps", "0", "--fit_threshold", "0", "--verbose", "2"]
     _two_workers("selflabel", [*args, "--save_dir", str(tmp_path / "workers")])
     _one_process("selflabel", [*args, "--save_dir", str(tmp_path / "single")])
     runs = {d: tmp_path / d for d in ("workers", "single")}
     history = {d: pd.read_csv(path / "history.csv") for d, path in runs.items()}
-    assert history["workers"]["iteration"].tolist() == history["single"]["iteration"].tolist() == [0, 1]
+    assert history["workers"]["round"].tolist() == history["single"]["round"].tolist() == [0, 1]
     # the same first clustering (same weights, features and k-means); then each worker's batch
     # normalisation sees its half of each batch (and sums round off in another order): the next
     # labels mostly agree
-    labels = {d: [np.load(path / "pseudo_labels" / f"iteration_{i:02d}.npz")["labels"] for i in range(3)]
+    labels = {d: [np.load(path / "pseudo_labels" / f"round_{i:02d}.npz")["labels"] for i in range(3)]
               for d, path in runs.items()}
     np.testing.assert_array_equal(labels["workers"][0], labels["single"][0])
     for i in (1, 2):
         assert np.mean(labels["workers"][i] == labels["single"][i]) > 0.7  # measured 0.86, 0.91
     results = {d: json.loads((path / "results.json").read_text()) for d, path in runs.items()}
-    assert results["workers"]["environment"]["replicas"] == 2 and results["workers"]["iterations_run"] == 2
+    assert results["workers"]["environment"]["replicas"] == 2 and results["workers"]["rounds_run"] == 2
     assert abs(results["workers"]["train"]["acc"] - results["single"]["train"]["acc"]) < 0.1
     assert not list((runs["workers"] / "checkpoints").rglob("*worker*"))  # the other worker kept nothing
 

@@ -104,7 +104,8 @@ def test_the_margin_is_over_the_best_baseline_fitted_as_the_program_was_on_the_s
 @pytest.mark.slow
 def test_matrix_runs_scores_refusals_and_reads_back_finished_cells(tmp_path, capsys):
     out = tmp_path / "robust"
-    argv = ["--out", str(out), "--datasets", *[d.name for d in TINY_DATA], "--programs", "som", "selflabel"]
+    argv = ["--save_dir", str(out), "--datasets", *[d.name for d in TINY_DATA], "--programs", "som",
+            "selflabel"]
     assert _main(argv, TINY_DATA, TINY_PROGRAMS) == 0
     printed = capsys.readouterr().out
     frame = pd.read_csv(out / "matrix.csv").fillna({"method": "", "reason": ""})

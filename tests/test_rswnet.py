@@ -200,8 +200,8 @@ def test_benchmark_with_the_som_head_end_to_end(tmp_path, capsys):
     from rswnet.benchmark import main as bench
 
     with pytest.raises(SystemExit) as stop:
-        bench([*TINY_OWN, "--heads", "som", "--runs", "1", "--out", str(tmp_path / "b"), "--map_size", "2",
-               "3", *TINY_REST])
+        bench([*TINY_OWN, "--heads", "som", "--runs", "1", "--save_dir", str(tmp_path / "b"),
+               "--map_size", "2", "3", *TINY_REST])
     assert stop.value.code == 0
     printed = capsys.readouterr().out
     assert "som seed 0: RSWNet, SOM head 2x3" in printed and "±" in printed

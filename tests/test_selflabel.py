@@ -13,7 +13,7 @@ import pytest
 from common.clustering import cluster_features, kmeans_backend, kmeans_labels
 from common.errors import UsageError
 from dcn.selflabel import (
-    FIT_ROUNDS,
+    FIT_ATTEMPTS,
     FIT_THRESHOLD,
     INIT_MODEL,
     NeighbourTask,
@@ -22,16 +22,16 @@ from dcn.selflabel import (
     align_labels,
     aligned_stability,
     balanced_labels,
-    best_iteration,
+    best_round,
     class_offsets,
     fraction_at,
     initial_features,
-    iteration_stretch,
     load_model,
     nearest_neighbours,
     neighbour_agreement,
     nt_xent,
     refine,
+    round_stretch,
     select_confident,
 )
 from dcn.selflabel.cli import SCORING, main
@@ -42,7 +42,7 @@ BIN = ROOT / "bin" / "selflabel"
 #: digits, DeepCluster's start (k-means of the untrained CNN's features; neighbours of those features for
 #: the default neighbour phase), a short run
 SHORT = ["--dataset", "digits", "--first_features", "random", "--manifold", "none", "--clusterer", "kmeans",
-         "--iterations", "4", "--epochs_per_iteration", "8", "--batch_size", "64", "--augmentations",
+         "--rounds", "4", "--epochs_per_round", "8", "--batch_size", "64", "--augmentations",
          "translate", "--min_steps", "0", "--verbose", "0"]
 
 
@@ -133,7 +133,7 @@ def test_select_confident_keeps_the_top_share_of_every_cluster():
     assert select_confident(labels, confidence, 0.01, 2).sum() == 2  # at least one per cluster
     assert fraction_at(0, 5, 0.5, 1.0) == 0.5 and fraction_at(4, 5, 0.5, 1.0) == 1.0
     assert fraction_at(2, 5, 0.5, 1.0) == pytest.approx(0.75)
-    # --fraction_iterations 3 with more iterations: 0.5, 0.75, 1.0, then 1.0
+    # --fraction_rounds 3 with more rounds: 0.5, 0.75, 1.0, then 1.0
     assert [fraction_at(i, 3, 0.5, 1.0) for i in range(5)] == [0.5, 0.75, 1.0, 1.0, 1.0]
 
 
@@ -163,7 +163,7 @@ def test_refine_trains_on_the_labels_their_neighbours_agree_with():
     y = d.target[:400]
     rng = np.random.default_rng(0)
     noisy = np.where(rng.random(400) < 0.3, rng.integers(0, 10, 400), y)  # 30 % of the labels redrawn
-    kwargs = dict(iterations=1, epochs_per_iteration=1, batch_size=64, verbose=0, jit_compile=False,
+    kwargs = dict(rounds=1, epochs_per_round=1, batch_size=64, verbose=0, jit_compile=False,
                   confident_fraction=(0.5, 0.5), neighbours=nearest_neighbours(x.reshape(400, -1), 10), y=y)
     trained_right = {}
     for select in ("probability", "neighbours"):
@@ -326,73 +326,92 @@ def test_nearest_neighbours_leave_out_the_sample_itself():
     assert nearest_neighbours(z, 50).shape == (5, 4)  # at most the other samples
 
 
-def test_best_iteration_is_the_most_stable_and_later_on_ties():
-    rows = [{"iteration": 0, "stability": 0.8}, {"iteration": 1, "stability": 0.9},
-            {"iteration": 2, "stability": 0.9}, {"iteration": 3}]
-    assert best_iteration(rows) == 2
-    assert best_iteration([{"iteration": 0}, {"iteration": 1}]) == 1
+def test_best_round_is_the_most_stable_and_later_on_ties():
+    rows = [{"round": 0, "stability": 0.8}, {"round": 1, "stability": 0.9},
+            {"round": 2, "stability": 0.9}, {"round": 3}]
+    assert best_round(rows) == 2
+    assert best_round([{"round": 0}, {"round": 1}]) == 1
 
 
 # ------------------------------------------------------------------ the loop
 @pytest.mark.slow
-def test_refine_resumes_after_the_last_finished_iteration(tmp_path):
+def test_a_run_folder_from_before_rounds_had_that_name_is_upgraded_to_resume(tmp_path):
+    from dcn.selflabel.refine import first_labels_file, upgrade_names
+
+    for name in ("iteration_00.keras", "pseudo_labels/iteration_00.npz", "pseudo_labels/iteration_01.npz",
+                 "logs/iteration_00_knn.csv", "checkpoints/iteration_01/ckpt", "init_model.keras"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(name)
+    pd.DataFrame({"iteration": [0], "rounds": [1], "fit": [0.9]}).to_csv(tmp_path / "history.csv", index=False)
+    assert first_labels_file(tmp_path) == tmp_path / "pseudo_labels" / "iteration_00.npz"  # read as it is
+    upgrade_names(tmp_path)
+    for name in ("round_00.keras", "pseudo_labels/round_00.npz", "pseudo_labels/round_01.npz",
+                 "logs/round_00_knn.csv", "checkpoints/round_01/ckpt", "init_model.keras"):
+        assert (tmp_path / name).is_file(), name
+    assert (tmp_path / "round_00.keras").read_text() == "iteration_00.keras"
+    assert not list(tmp_path.rglob("iteration_*"))
+    assert pd.read_csv(tmp_path / "history.csv").columns.tolist() == ["round", "attempts", "fit"]
+    assert first_labels_file(tmp_path) == tmp_path / "pseudo_labels" / "round_00.npz"
+
+
+def test_refine_resumes_after_the_last_finished_round(tmp_path):
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x = (d.images[:256] / 16.0)[..., None].astype(np.float32)
     labels = d.target[:256] % 4
-    kwargs = dict(epochs_per_iteration=1, batch_size=64, verbose=0, jit_compile=False, save_dir=tmp_path,
+    kwargs = dict(epochs_per_round=1, batch_size=64, verbose=0, jit_compile=False, save_dir=tmp_path,
                   threshold=1.0, neighbours=nearest_neighbours(x, 5), knn_epochs=1, min_steps=0,
                   fit_threshold=0.0)
     model = SelfLabelNet((8, 8, 1), 4, filters=(8,), dense=(16,), head=(8,))
     def on_rows(rows):
         pd.DataFrame(rows).to_csv(tmp_path / "history.csv", index=False)
 
-    rows = refine(model, x, labels, np.ones(256), iterations=2, on_rows=on_rows, **kwargs)
-    assert [r["iteration"] for r in rows] == [0, 1]
-    assert (tmp_path / "iteration_01.keras").is_file()
-    for phase in ("iteration_01", "iteration_01_knn"):  # removed once the model is saved
+    rows = refine(model, x, labels, np.ones(256), rounds=2, on_rows=on_rows, **kwargs)
+    assert [r["round"] for r in rows] == [0, 1]
+    assert (tmp_path / "round_01.keras").is_file()
+    for phase in ("round_01", "round_01_knn"):  # removed once the model is saved
         assert not (tmp_path / "checkpoints" / phase).exists()
-    assert (tmp_path / "logs" / "iteration_01_knn.csv").is_file() and rows[1]["agreement"] > 0
-    assert 0 <= rows[1]["stability"] <= 1  # the last iteration is relabelled too, for its stability
-    saved = np.load(tmp_path / "pseudo_labels" / "iteration_01.npz")["labels"]
-    next_labels = np.load(tmp_path / "pseudo_labels" / "iteration_02.npz")["labels"]
+    assert (tmp_path / "logs" / "round_01_knn.csv").is_file() and rows[1]["agreement"] > 0
+    assert 0 <= rows[1]["stability"] <= 1  # the last round is relabelled too, for its stability
+    saved = np.load(tmp_path / "pseudo_labels" / "round_01.npz")["labels"]
+    next_labels = np.load(tmp_path / "pseudo_labels" / "round_02.npz")["labels"]
     stability = rows[1]["stability"]
-    before = load_model(tmp_path / "iteration_01.keras").get_weights()
-    # as if the last iteration had not been relabelled (an interval, or an earlier version)
-    (tmp_path / "pseudo_labels" / "iteration_02.npz").unlink()
+    before = load_model(tmp_path / "round_01.keras").get_weights()
+    # as if the last round had not been relabelled (an interval, or an earlier version)
+    (tmp_path / "pseudo_labels" / "round_02.npz").unlink()
     pd.DataFrame(rows).drop(columns="stability").to_csv(tmp_path / "history.csv", index=False)
-    # a longer run resumed: iterations 0 and 1 are kept, 1 is relabelled from its saved model, 2 starts
+    # a longer run resumed: rounds 0 and 1 are kept, 1 is relabelled from its saved model, 2 starts
     # from the weights of 1 and those labels
     fresh = SelfLabelNet((8, 8, 1), 4, filters=(8,), dense=(16,), head=(8,))
-    rows = refine(fresh, x, np.zeros(256, int), np.ones(256), iterations=3, resume=True, on_rows=on_rows,
+    rows = refine(fresh, x, np.zeros(256, int), np.ones(256), rounds=3, resume=True, on_rows=on_rows,
                   **kwargs)
-    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert [r["round"] for r in rows] == [0, 1, 2]
     history = pd.read_csv(tmp_path / "history.csv")
-    assert history["iteration"].tolist() == [0, 1, 2]
+    assert history["round"].tolist() == [0, 1, 2]
     assert history["stability"].iloc[1] == pytest.approx(stability)
-    np.testing.assert_array_equal(np.load(tmp_path / "pseudo_labels" / "iteration_02.npz")["labels"],
+    np.testing.assert_array_equal(np.load(tmp_path / "pseudo_labels" / "round_02.npz")["labels"],
                                   next_labels)
-    after = load_model(tmp_path / "iteration_01.keras").get_weights()
-    for a, b in zip(before, after):  # iteration 1 was not trained again
+    after = load_model(tmp_path / "round_01.keras").get_weights()
+    for a, b in zip(before, after):  # round 1 was not trained again
         np.testing.assert_array_equal(a, b)
-    assert np.array_equal(np.load(tmp_path / "pseudo_labels" / "iteration_01.npz")["labels"], saved)
-    assert (tmp_path / "pseudo_labels" / "iteration_03.npz").is_file()
-    assert (tmp_path / "iteration_02.keras").is_file()
+    assert np.array_equal(np.load(tmp_path / "pseudo_labels" / "round_01.npz")["labels"], saved)
+    assert (tmp_path / "pseudo_labels" / "round_03.npz").is_file()
+    assert (tmp_path / "round_02.keras").is_file()
 
 
-def test_an_iteration_on_few_samples_is_stretched_to_the_floor_of_steps():
-    assert iteration_stretch(672, 256, 2, 300) == 75  # 2 batches an epoch: 150 epochs make 300 steps
-    assert iteration_stretch(30000, 256, 2, 200) == 1.0  # 234 steps already
-    assert iteration_stretch(672, 256, 2, 0) == 1.0
-    assert iteration_stretch(100, 256, 1, 10) == 10  # fewer samples than a batch: one step an epoch
+def test_a_round_on_few_samples_is_stretched_to_the_floor_of_steps():
+    assert round_stretch(672, 256, 2, 300) == 75  # 2 batches an epoch: 150 epochs make 300 steps
+    assert round_stretch(30000, 256, 2, 200) == 1.0  # 234 steps already
+    assert round_stretch(672, 256, 2, 0) == 1.0
+    assert round_stretch(100, 256, 1, 10) == 10  # fewer samples than a batch: one step an epoch
 
 
 def test_a_classifier_that_cannot_learn_its_labels_never_relabels_and_the_first_labels_model_is_kept(
         tmp_path):
     """The guard: with a learning rate too small to learn anything, the
-    iteration trains FIT_ROUNDS rounds, does not relabel from its chance-level
-    predictions, and the run stops; iteration 0 is the model kept and the
+    round trains FIT_ATTEMPTS times, does not relabel from its chance-level
+    predictions, and the run stops; round 0 is the model kept and the
     note says why. A classifier that can learn relabels after one round."""
     from sklearn.datasets import load_digits
 
@@ -401,45 +420,45 @@ def test_a_classifier_that_cannot_learn_its_labels_never_relabels_and_the_first_
     d = load_digits()
     x = (d.images[:256] / 16.0)[..., None].astype(np.float32)
     labels = d.target[:256] % 4
-    kwargs = dict(epochs_per_iteration=1, batch_size=64, verbose=0, jit_compile=False, min_steps=12,
-                  threshold=1.1, iterations=3)
+    kwargs = dict(epochs_per_round=1, batch_size=64, verbose=0, jit_compile=False, min_steps=12,
+                  threshold=1.1, rounds=3)
 
     def net():
         return SelfLabelNet((8, 8, 1), 4, filters=(8,), dense=(16,), head=(8,))
 
     rows = refine(net(), x, labels, np.ones(256), lr=1e-9, save_dir=tmp_path / "stuck", **kwargs)
     assert len(rows) == 1 and "stability" not in rows[0]
-    assert rows[0]["rounds"] == FIT_ROUNDS and rows[0]["fit"] < FIT_THRESHOLD
+    assert rows[0]["attempts"] == FIT_ATTEMPTS and rows[0]["fit"] < FIT_THRESHOLD
     assert rows[0]["epochs"] == 6  # the confident half, 2 batches an epoch: stretched to the 12 steps
     assert "the classifier fits only" in rows[0]["stopped"]
-    for r in range(FIT_ROUNDS):  # every round logged, its checkpoints removed with the iteration's
-        assert (tmp_path / "stuck" / "logs" / f"iteration_00{f'_more{r}' if r else ''}.csv").is_file()
-    assert not list((tmp_path / "stuck" / "checkpoints").glob("iteration_00*"))
-    kept = np.load(tmp_path / "stuck" / "pseudo_labels" / "iteration_01.npz")["labels"]
+    for r in range(FIT_ATTEMPTS):  # every attempt logged, its checkpoints removed with the round's
+        assert (tmp_path / "stuck" / "logs" / f"round_00{f'_more{r}' if r else ''}.csv").is_file()
+    assert not list((tmp_path / "stuck" / "checkpoints").glob("round_00*"))
+    kept = np.load(tmp_path / "stuck" / "pseudo_labels" / "round_01.npz")["labels"]
     np.testing.assert_array_equal(kept, labels)  # not replaced
-    assert best_iteration(rows) == 0
+    assert best_round(rows) == 0
     note = _first_labels_note(rows, 0)
-    assert note.startswith("refinement stopped: the classifier fits only") and "iteration 0" in note
+    assert note.startswith("refinement stopped: the classifier fits only") and "round 0" in note
 
     learnt = refine(net(), x, labels, np.ones(256), lr=0.01, fit_threshold=0.5, save_dir=tmp_path / "ok",
                     **kwargs)
-    assert [r["rounds"] for r in learnt] == [1, 1, 1] and all(r["fit"] >= 0.5 for r in learnt)
+    assert [r["attempts"] for r in learnt] == [1, 1, 1] and all(r["fit"] >= 0.5 for r in learnt)
     assert all(0 <= r["stability"] <= 1 for r in learnt)
-    rows = [{"iteration": 0, "stability": 0.9}, {"iteration": 1, "stability": 0.8}]
+    rows = [{"round": 0, "stability": 0.9}, {"round": 1, "stability": 0.8}]
     assert _first_labels_note(rows, 0).startswith("refinement did not improve on the first pseudo-labels: "
-                                                   "aligned stability 0.9000 at iteration 0, at most 0.8000")
+                                                   "aligned stability 0.9000 at round 0, at most 0.8000")
     assert _first_labels_note(rows, 1) is None
-    assert _first_labels_note(rows[:1], 0) is None  # one iteration: nothing to improve with
+    assert _first_labels_note(rows[:1], 0) is None  # one round: nothing to improve with
 
 
-def test_refine_stopped_between_iterations_keeps_the_labels_of_a_non_relabelling_one(tmp_path):
-    """With --recluster_interval 2, iteration 1 trains on iteration 0's labels;
-    a run stopped right after iteration 0 must do the same when resumed."""
+def test_refine_stopped_between_rounds_keeps_the_labels_of_a_non_relabelling_one(tmp_path):
+    """With --recluster_interval 2, round 1 trains on round 0's labels;
+    a run stopped right after round 0 must do the same when resumed."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x = (d.images[:256] / 16.0)[..., None].astype(np.float32)
-    kwargs = dict(iterations=3, recluster_interval=2, epochs_per_iteration=1, batch_size=64, verbose=0,
+    kwargs = dict(rounds=3, recluster_interval=2, epochs_per_round=1, batch_size=64, verbose=0,
                   jit_compile=False, save_dir=tmp_path, threshold=1.1, min_steps=0, fit_threshold=0.0)
 
     def stop_after_first(rows):
@@ -454,21 +473,21 @@ def test_refine_stopped_between_iterations_keeps_the_labels_of_a_non_relabelling
 
     with pytest.raises(KeyboardInterrupt):
         refine(net(), x, d.target[:256] % 4, np.ones(256), on_rows=stop_after_first, **kwargs)
-    first = np.load(tmp_path / "pseudo_labels" / "iteration_00.npz")["labels"]
-    np.testing.assert_array_equal(np.load(tmp_path / "pseudo_labels" / "iteration_01.npz")["labels"], first)
+    first = np.load(tmp_path / "pseudo_labels" / "round_00.npz")["labels"]
+    np.testing.assert_array_equal(np.load(tmp_path / "pseudo_labels" / "round_01.npz")["labels"], first)
     for written_before in (True, False):  # this version's files, and an earlier one's (labels of 1 missing)
         if not written_before:
-            (tmp_path / "pseudo_labels" / "iteration_01.npz").unlink()
-            for name in ("iteration_01.keras", "iteration_02.keras", "pseudo_labels/iteration_02.npz",
-                         "pseudo_labels/iteration_03.npz"):
+            (tmp_path / "pseudo_labels" / "round_01.npz").unlink()
+            for name in ("round_01.keras", "round_02.keras", "pseudo_labels/round_02.npz",
+                         "pseudo_labels/round_03.npz"):
                 (tmp_path / name).unlink()
             pd.read_csv(tmp_path / "history.csv").iloc[:1].drop(columns="stability").to_csv(
                 tmp_path / "history.csv", index=False)
         rows = refine(net(), x, np.zeros(256, int), np.ones(256), resume=True, on_rows=on_rows, **kwargs)
-        assert [r["iteration"] for r in rows] == [0, 1, 2]
-        assert "stability" not in rows[0]  # iteration 0 kept its labels
+        assert [r["round"] for r in rows] == [0, 1, 2]
+        assert "stability" not in rows[0]  # round 0 kept its labels
         assert 0 <= rows[1]["stability"] <= 1  # 1 relabelled
-        np.testing.assert_array_equal(np.load(tmp_path / "pseudo_labels" / "iteration_01.npz")["labels"],
+        np.testing.assert_array_equal(np.load(tmp_path / "pseudo_labels" / "round_01.npz")["labels"],
                                       first)
 
 
@@ -479,15 +498,15 @@ def test_bin_selflabel_on_digits_improves_on_its_first_clustering_and_writes_eve
         main([*SHORT, "--save_dir", str(out)])
     assert stop.value.code == 0
     for name in ("model.keras", "history.csv", "test_metrics.json", "results.json", "confusion_matrix.png",
-                 "clustering_quality.png", "training_progress.png", "iteration_00.keras",
-                 "iteration_03.keras", "pseudo_labels/iteration_00.npz", "logs/iteration_00.csv",
-                 "logs/iteration_00_knn.csv", "neighbours.npy"):
+                 "clustering_quality.png", "training_progress.png", "round_00.keras",
+                 "round_03.keras", "pseudo_labels/round_00.npz", "logs/round_00.csv",
+                 "logs/round_00_knn.csv", "neighbours.npy"):
         assert (out / name).is_file(), name
     history = pd.read_csv(out / "history.csv")
-    assert history["iteration"].tolist() == [0, 1, 2, 3]
+    assert history["round"].tolist() == [0, 1, 2, 3]
     assert {"label_acc", "label_nmi", "label_purity", "test_acc", "test_nmi", "stability", "loss",
             "trained_on", "agreement"} <= set(history.columns)
-    assert history["stability"].between(0, 1).all()  # the last iteration too: any model can be chosen
+    assert history["stability"].between(0, 1).all()  # the last round too: any model can be chosen
     # the plan the whole run's time to go is costed from: the phases it trained, with their steps
     from common.command import Run, RunData
     from dcn.selflabel.cli import SelfLabelCommand
@@ -496,7 +515,7 @@ def test_bin_selflabel_on_digits_improves_on_its_first_clustering_and_writes_eve
     args = command.parser().parse_args([*SHORT, "--save_dir", str(out)])
     command.check(args)
     planned = dict(command.planned_steps(Run(args=args, data=RunData(x=np.zeros((1347, 1))), save_dir=out)))
-    assert list(planned) == [f"iteration_{i:02d}{knn}" for i in range(4) for knn in ("", "_knn")]
+    assert list(planned) == [f"round_{i:02d}{knn}" for i in range(4) for knn in ("", "_knn")]
     for phase, steps in planned.items():  # the confident share is rounded per cluster: a batch or so apart
         assert abs(pd.read_csv(out / "logs" / f"{phase}.csv")["iteration"].iloc[-1] - steps) <= 8, phase
     results = json.loads((out / "results.json").read_text())
@@ -505,13 +524,13 @@ def test_bin_selflabel_on_digits_improves_on_its_first_clustering_and_writes_eve
     neighbours, y = np.load(out / "neighbours.npy"), load_digits().target
     y = y[:len(neighbours)]  # the training part of digits' split comes first
     assert results["neighbours_same_class"] == pytest.approx(np.mean(y[neighbours] == y[:, None]), abs=1e-4)
-    assert results["chosen_iteration"] == max(zip(history["stability"], history["iteration"]))[1]
+    assert results["chosen_round"] == max(zip(history["stability"], history["round"]))[1]
     assert results["kmeans"] == "faiss"  # --clusterer kmeans, faiss installed with the dev extra
-    # the saved model predicts the balanced partition of the chosen iteration's predictions
+    # the saved model predicts the balanced partition of the chosen round's predictions
     from dcn.selflabel.cli import load_images
 
     x = load_images(argparse.Namespace(data=None, dataset="digits", data_dir=None, label_col=None))[0]
-    raw = load_model(out / f"iteration_{results['chosen_iteration']:02d}.keras").predict_proba(x)
+    raw = load_model(out / f"round_{results['chosen_round']:02d}.keras").predict_proba(x)
     final = load_model(out / "model.keras").predict_proba(x).argmax(axis=1)
     assert np.mean(final == balanced_labels(raw)) > 0.995
     assert len(results["class_offsets"]) == 10 and 0 <= results["shift_changed"] <= 1
@@ -542,10 +561,10 @@ def test_bin_selflabel_on_digits_improves_on_its_first_clustering_and_writes_eve
     # another loop setting from the same first labels and neighbours, without the init phase
     other = tmp_path / "other"
     with pytest.raises(SystemExit) as stop:
-        main([*SHORT, "--iterations", "1", "--select", "neighbours", "--first_labels", str(out),
+        main([*SHORT, "--rounds", "1", "--select", "neighbours", "--first_labels", str(out),
               "--save_dir", str(other)])
     assert stop.value.code == 0
-    for name in ("pseudo_labels/iteration_00.npz", "neighbours.npy"):
+    for name in ("pseudo_labels/round_00.npz", "neighbours.npy"):
         np.testing.assert_array_equal(*(np.load(run / name)["labels"] if name.endswith("npz")
                                         else np.load(run / name) for run in (out, other)))
     assert "init_features_seconds" in results["timings"]["stages"]
@@ -561,7 +580,7 @@ def test_bin_selflabel_on_digits_improves_on_its_first_clustering_and_writes_eve
 @pytest.mark.slow
 def test_bin_selflabel_init_contrastive_starts_the_loop_from_the_pretrained_cnn(tmp_path):
     out, other = tmp_path / "contrastive", tmp_path / "other"
-    short = [*SHORT, "--iterations", "1", "--epochs_per_iteration", "1", "--knn_epochs", "0"]
+    short = [*SHORT, "--rounds", "1", "--epochs_per_round", "1", "--knn_epochs", "0"]
     with pytest.raises(SystemExit) as stop:
         main([*short, "--first_features", "contrastive", "--init_epochs", "3", "--save_dir", str(out)])
     assert stop.value.code == 0
@@ -581,7 +600,7 @@ def test_bin_selflabel_init_contrastive_starts_the_loop_from_the_pretrained_cnn(
 
 
 BENCH = ["--dataset", "digits", "--first_features", "random", "--manifold", "none", "--clusterer", "kmeans",
-         "--iterations", "1", "--epochs_per_iteration", "1", "--batch_size", "64", "--knn_epochs", "0"]
+         "--rounds", "1", "--epochs_per_round", "1", "--batch_size", "64", "--knn_epochs", "0"]
 
 
 @pytest.mark.slow
@@ -595,7 +614,7 @@ def test_selflabel_benchmark_reads_back_finished_runs_and_resumes_stopped_ones(t
         return capsys.readouterr().out
 
     out = tmp_path / "b"
-    run("--runs", "2", "--jobs", "2", "--out", str(out))
+    run("--runs", "2", "--jobs", "2", "--save_dir", str(out))
     runs = pd.read_csv(out / "runs.csv")
     assert runs["seed"].tolist() == [0, 1] and not runs["resumed"].any()
     assert (runs["accuracy"] == [json.loads((out / f"digits_n2d_seed{s}" / "test_metrics.json").read_text())
@@ -604,31 +623,31 @@ def test_selflabel_benchmark_reads_back_finished_runs_and_resumes_stopped_ones(t
     # the same command again: both read back, nothing run
     for log in out.glob("*.log"):
         log.unlink()
-    printed = run("--runs", "2", "--jobs", "2", "--out", str(out))
+    printed = run("--runs", "2", "--jobs", "2", "--save_dir", str(out))
     assert "read back: digits_n2d_seed0, digits_n2d_seed1" in printed and not list(out.glob("*.log"))
     pd.testing.assert_frame_equal(pd.read_csv(out / "runs.csv"), runs)
     # a run stopped half-way (its model and results not yet written) goes on with --resume, without the
     # init phase it had finished; the other is read back
     first_stages = json.loads((out / "digits_n2d_seed1" / "results.json").read_text())["timings"]["stages"]
-    for name in ("finished.json", "test_metrics.json", "results.json", "model.keras", "iteration_00.keras"):
+    for name in ("finished.json", "test_metrics.json", "results.json", "model.keras", "round_00.keras"):
         (out / "digits_n2d_seed1" / name).unlink()
-    printed = run("--runs", "2", "--jobs", "2", "--out", str(out))
+    printed = run("--runs", "2", "--jobs", "2", "--save_dir", str(out))
     assert "running digits_n2d_seed1 (" in printed and not (out / "digits_n2d_seed0.log").exists()
     assert pd.read_csv(out / "runs.csv")["resumed"].tolist() == [False, True]
     stages = json.loads((out / "digits_n2d_seed1" / "results.json").read_text())["timings"]["stages"]
     assert "init_features_seconds" in first_stages and "init_features_seconds" not in stages
-    assert (out / "digits_n2d_seed1" / "iteration_00.keras").is_file()
+    assert (out / "digits_n2d_seed1" / "round_00.keras").is_file()
     # another command in the same folders is refused before anything runs
-    assert_one_line_error(bench, [*BENCH, "--runs", "1", "--lr", "0.002", "--out", str(out)],
+    assert_one_line_error(bench, [*BENCH, "--runs", "1", "--lr", "0.002", "--save_dir", str(out)],
                           "digits_n2d_seed0 holds a run of another command", capsys)
-    assert_one_line_error(bench, [*BENCH, "--first_labels_from", str(out), "--out", str(out)],
-                          "--first_labels_from names the --out folder itself", capsys)
+    assert_one_line_error(bench, [*BENCH, "--first_labels_from", str(out), "--save_dir", str(out)],
+                          "--first_labels_from names the --save_dir folder itself", capsys)
     # so is a run made when a default was another: the same command now means another run
     saved = json.loads((out / "digits_n2d_seed0" / "args.json").read_text())
     (out / "digits_n2d_seed0" / "args.json").write_text(json.dumps({**saved, "label_smoothing": 0.2}))
-    assert_one_line_error(bench, [*BENCH, "--runs", "2", "--jobs", "2", "--out", str(out)],
+    assert_one_line_error(bench, [*BENCH, "--runs", "2", "--jobs", "2", "--save_dir", str(out)],
                           "digits_n2d_seed0 was run with --label_smoothing 0.2, the default when it ran; the "
-                          "same command now means --label_smoothing 0.1: give another --out", capsys)
+                          "same command now means --label_smoothing 0.1: give another --save_dir", capsys)
     (out / "digits_n2d_seed0" / "args.json").write_text(json.dumps(saved))
     # a run scored by an earlier bin/selflabel (no "scoring" in results.json) is scored again, not retrained,
     # and keeps its own wall time
@@ -638,7 +657,7 @@ def test_selflabel_benchmark_reads_back_finished_runs_and_resumes_stopped_ones(t
     (seed0 / "test_metrics.json").write_text(json.dumps({**metrics, "accuracy": -1.0}))
     before = pd.read_csv(out / "runs.csv")
     history = (seed0 / "history.csv").read_text()
-    printed = run("--runs", "2", "--jobs", "2", "--out", str(out))
+    printed = run("--runs", "2", "--jobs", "2", "--save_dir", str(out))
     assert "scored again by today's bin/selflabel (nothing trained): digits_n2d_seed0" in printed
     assert "running digits_n2d_seed0 (" in printed and "read back: digits_n2d_seed1" in printed
     after = pd.read_csv(out / "runs.csv")
@@ -649,16 +668,16 @@ def test_selflabel_benchmark_reads_back_finished_runs_and_resumes_stopped_ones(t
     assert (seed0 / "history.csv").read_text() == history
     # another loop setting from the same first labels, seed by seed
     other = tmp_path / "other"
-    run("--runs", "1", "--seed", "1", "--iterations", "3", "--fraction_iterations", "2",
-        "--convergence_threshold", "1", "--first_labels_from", str(out), "--out", str(other))
+    run("--runs", "1", "--seed", "1", "--rounds", "3", "--fraction_rounds", "2",
+        "--convergence_threshold", "1", "--first_labels_from", str(out), "--save_dir", str(other))
     history = pd.read_csv(other / "digits_n2d_seed1" / "history.csv")
-    assert history["confident_fraction"].tolist() == [0.5, 1, 1]  # full from iteration 1 on
+    assert history["confident_fraction"].tolist() == [0.5, 1, 1]  # full from round 1 on
     row = pd.read_csv(other / "runs.csv").iloc[0]  # the pseudo-labels' accuracy at the start and the end
     np.testing.assert_allclose([row["first_label_acc"], row["last_label_acc"]],
                                history["label_acc"].iloc[[0, -1]])
     record = json.loads((other / "digits_n2d_seed1" / "finished.json").read_text())
     assert record["command"][-2:] == ["--first_labels", str(out / "digits_n2d_seed1")]
-    first = [np.load(d / "digits_n2d_seed1/pseudo_labels/iteration_00.npz")["labels"] for d in (out, other)]
+    first = [np.load(d / "digits_n2d_seed1/pseudo_labels/round_00.npz")["labels"] for d in (out, other)]
     np.testing.assert_array_equal(*first)
 
 
@@ -683,7 +702,7 @@ def test_selflabel_benchmark_accepts_its_own_run_of_one_confident_fraction(tmp_p
 def test_selflabel_benchmark_needs_first_labels_for_every_run(tmp_path, capsys):
     from dcn.selflabel.benchmark import main as bench
 
-    assert_one_line_error(bench, [*BENCH, "--runs", "1", "--first_labels_from", str(tmp_path), "--out",
+    assert_one_line_error(bench, [*BENCH, "--runs", "1", "--first_labels_from", str(tmp_path), "--save_dir",
                                   str(tmp_path / "b")], "--first_labels_from: no first labels in", capsys)
 
 
@@ -720,7 +739,7 @@ def test_predict_names_image_files_of_any_size_in_a_new_process(tmp_path, capsys
     (["predict", "--model", "none.keras", "broken.png"], "model file none.keras not found"),
     (["predict", "--model", "notes.txt", "broken.png"], "notes.txt is not a .keras model (a zip archive"),
     (["predict", "--model", "fake.keras", "broken.png"], "fake.keras is not a .keras model (a zip archive"),
-    (["--iterations", "0"], "argument --iterations: must be in [1, inf), got 0"),
+    (["--rounds", "0"], "argument --rounds: must be in [1, inf), got 0"),
     (["--confident_fraction", "0"], "argument --confident_fraction: must be in (0, 1], got 0"),
     (["--confident_fraction", "0.2", "0.5", "1"], "--confident_fraction takes one or two shares, got 3"),
     (["--convergence_threshold", "1.5"], "argument --convergence_threshold: must be in (0, 1], got 1.5"),
@@ -736,10 +755,10 @@ def test_predict_names_image_files_of_any_size_in_a_new_process(tmp_path, capsys
      "argument --top_k: must be in [1, inf), got 0"),
     (["--data", "vectors.npz"], "bin/selflabel classifies images"),
     (["--n_clusters", "5000"], "--n_clusters 5000 is more than the 1347 images"),
-    (["--first_labels", "nowhere"], "--first_labels: no nowhere/pseudo_labels/iteration_00.npz; give the"),
-    (["--iterations", "3", "--fraction_iterations", "4"],
-     "--fraction_iterations 4 is more than --iterations 3"),
-    (["--first_labels", "short"], "short/pseudo_labels/iteration_00.npz labels 20 images in 2 clusters, this "
+    (["--first_labels", "nowhere"], "--first_labels: no nowhere/pseudo_labels/round_00.npz; give the"),
+    (["--rounds", "3", "--fraction_rounds", "4"],
+     "--fraction_rounds 4 is more than --rounds 3"),
+    (["--first_labels", "short"], "short/pseudo_labels/round_00.npz labels 20 images in 2 clusters, this "
                                   "run has 1347 images"),
 ])
 def test_bad_input_gets_one_line(argv, message, capsys, tmp_path, monkeypatch):
@@ -750,7 +769,7 @@ def test_bad_input_gets_one_line(argv, message, capsys, tmp_path, monkeypatch):
     Path("fake.keras").write_text("not a model")
     np.savez("vectors.npz", x=np.random.default_rng(0).random((20, 5)))
     Path("short/pseudo_labels").mkdir(parents=True)
-    np.savez("short/pseudo_labels/iteration_00.npz", labels=np.arange(20) % 2, confidence=np.ones(20))
+    np.savez("short/pseudo_labels/round_00.npz", labels=np.arange(20) % 2, confidence=np.ones(20))
     assert_one_line_error(main, argv, message, capsys)
 
 
@@ -758,7 +777,7 @@ def test_first_labels_take_the_nearest_knn_of_the_saved_neighbours(tmp_path):
     from dcn.selflabel.cli import _first_labels
 
     (tmp_path / "pseudo_labels").mkdir()
-    np.savez(tmp_path / "pseudo_labels" / "iteration_00.npz", labels=np.arange(30) % 3,
+    np.savez(tmp_path / "pseudo_labels" / "round_00.npz", labels=np.arange(30) % 3,
              confidence=np.ones(30))
     saved = np.stack([(np.arange(30) + j) % 30 for j in range(1, 6)], axis=1)  # 5 per image, nearest first
     np.save(tmp_path / "neighbours.npy", saved)

@@ -52,7 +52,9 @@ def parser():
     p.add_argument("--runs", type=int, default=3, bounds="[1, inf)",
                    help="seeds seed..seed+runs-1 per configuration")
     p.add_argument("--seed", type=int, default=0, bounds=SEED_BOUNDS, help="first seed")
-    p.add_argument("--out", default="bench/ae", help="folder for the runs and the tables")
+    p.add_argument("--save_dir", default="bench/ae",
+                   help="output folder for the runs and the tables")
+    p.rename("--out", "--save_dir")
     return p
 
 
@@ -66,7 +68,7 @@ def _available(name: str) -> bool:
 
 def _main(argv=None):
     args, passed = parser().parse_known_args(argv)
-    out = Path(args.out)
+    out = Path(args.save_dir)
     out.mkdir(parents=True, exist_ok=True)
     ae = Path(__file__).resolve().parents[2] / "bin" / "ae"
     datasets = []

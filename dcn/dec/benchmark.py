@@ -99,7 +99,9 @@ def parser():
     p.add_argument("--folder_max_iterations", type=int, bounds="[1, inf)",
                    help="clustering iterations at most of the folder run (default: bin/dcn's, 73 epochs)")
     p.add_argument("--data_dir", help="folder searched first for the data files")
-    p.add_argument("--out", default="bench/dcn", help="folder for runs.csv, summary.csv, folder data")
+    p.add_argument("--save_dir", default="bench/dcn",
+                   help="output folder for runs.csv, summary.csv, folder data")
+    p.rename("--out", "--save_dir")
     p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=0)
     p.add_argument("--speed", action="store_true",
                    help="instead: ms per training step of DEC and DCEC (28 and 64 px) in our loop and in a "
@@ -319,7 +321,7 @@ def _main(argv=None):
                              "give one of the two")
         for seed in range(args.seed, args.seed + args.runs):
             pretrained_weights(args, seed)
-    out = Path(args.out)
+    out = Path(args.save_dir)
     out.mkdir(parents=True, exist_ok=True)
     tf = quiet_tensorflow()
     if args.speed:

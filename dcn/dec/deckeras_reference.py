@@ -59,7 +59,9 @@ def parser():
     p.add_argument("--ae_weights", help="DEC.py's --ae_weights: start its clustering phase from this "
                    "ae_weights.h5 of an earlier run instead of pretraining")
     p.add_argument("--data_dir", help="folder searched first for the Fashion-MNIST IDX files")
-    p.add_argument("--out", default="bench/deckeras_reference", help="folder for runs.csv and the weights")
+    p.add_argument("--save_dir", default="bench/deckeras_reference",
+                   help="output folder for runs.csv and the weights")
+    p.rename("--out", "--save_dir")
     return p
 
 
@@ -226,7 +228,7 @@ def _main(argv=None):
     if not (Path(args.deckeras) / "DEC.py").is_file():
         raise UsageError(f"{Path(args.deckeras) / 'DEC.py'} not found: --deckeras must name a DEC-keras "
                          "checkout (git clone https://github.com/XifengGuo/DEC-keras)")
-    out = Path(args.out)
+    out = Path(args.save_dir)
     save_dir = out / f"deckeras_seed{args.seed}"
     if args.ae_weights and not Path(args.ae_weights).is_file():
         raise UsageError(f"--ae_weights {args.ae_weights} not found: give the ae_weights.h5 of an earlier "

@@ -16,8 +16,8 @@ where the data have them, are only scored against, after the fact.
 2. **Training** (:func:`refine`): the :class:`SelfLabelNet` classifier
    learns the pseudo-labels of the most confident share of each cluster
    (:func:`select_confident`; balanced by construction), with data
-   augmentation and label smoothing, ``epochs_per_iteration`` epochs per
-   iteration on the shared training loop.
+   augmentation and label smoothing, ``epochs_per_round`` epochs a
+   round on the shared training loop.
    Then, with ``neighbours`` (:func:`nearest_neighbours` of the initial
    features), ``knn_epochs`` epochs of SCAN's clustering loss
    (:class:`NeighbourTask`, Van Gansbeke et al. 2020): every image and one
@@ -26,7 +26,7 @@ where the data have them, are only scored against, after the fact.
    what the first clustering lost (on Fashion-MNIST 81 % of the 20 nearest
    autoencoder codes share the image's class; the Gaussian mixture's labels
    of the same codes were 60-68 % right over three seeds).
-3. **Relabelling** every ``recluster_interval`` iterations: the classifier's
+3. **Relabelling** every ``recluster_interval`` rounds: the classifier's
    own predictions, made balanced with Sinkhorn-Knopp as in SeLa (Asano et
    al. 2020; :func:`balanced_labels`), or k-means on its L2-normalised
    features started from the previous clusters' centres (DeepCluster).
@@ -35,8 +35,8 @@ where the data have them, are only scored against, after the fact.
    stability* (:func:`aligned_stability`). Training stops when it reaches
    ``convergence_threshold``.
 
-The model kept at the end is the iteration with the highest aligned
-stability (an unsupervised criterion; ties go to the later iteration).
+The model kept at the end is the round with the highest aligned
+stability (an unsupervised criterion; ties go to the later round).
 ``bin/selflabel`` then adds :func:`class_offsets` of its predictions on the
 training images to its logits (:meth:`SelfLabelNet.shift_classes`), so that
 it predicts the balanced partition step 3 would make of them.
@@ -72,7 +72,7 @@ from dcn.selflabel.network import (
     nt_xent,
 )
 from dcn.selflabel.refine import (
-    FIT_ROUNDS,
+    FIT_ATTEMPTS,
     FIT_THRESHOLD,
     INIT_MODEL,
     INITS,
@@ -80,18 +80,18 @@ from dcn.selflabel.refine import (
     MIN_STEPS,
     RELABELS,
     SELECTIONS,
-    best_iteration,
+    best_round,
     initial_features,
-    iteration_stretch,
     refine,
     relabel,
+    round_stretch,
 )
 
-__all__ = ["fit", "AUGMENT", "AUGMENTATIONS", "CONTRASTIVE_AUGMENT", "ContrastiveTask", "FIT_ROUNDS",
+__all__ = ["fit", "AUGMENT", "AUGMENTATIONS", "CONTRASTIVE_AUGMENT", "ContrastiveTask", "FIT_ATTEMPTS",
            "FIT_THRESHOLD", "INITS", "INIT_MODEL", "MANIFOLDS", "MIN_STEPS", "NeighbourTask",
            "PseudoLabelTask", "RELABELS", "SELECTIONS", "SelfLabelNet", "align_labels",
-           "aligned_stability", "augmenter", "balanced_labels", "best_iteration", "class_offsets",
-           "fraction_at", "initial_features", "iteration_stretch", "label_scores", "load_model",
+           "aligned_stability", "augmenter", "balanced_labels", "best_round", "class_offsets",
+           "fraction_at", "initial_features", "round_stretch", "label_scores", "load_model",
            "nearest_neighbours", "neighbour_agreement", "nt_xent", "refine", "relabel", "select_confident"]
 
 

@@ -10,10 +10,10 @@ One ``bin/selflabel`` process per configuration and seed, trained on the
   phase).
 
 Writes ``runs.csv`` and ``summary.csv`` (mean ± std of test accuracy, NMI,
-purity, ARI, lowest per-class F1, final aligned stability, iterations, wall
+purity, ARI, lowest per-class F1, final aligned stability, rounds, wall
 time, and the accuracy of the first and last pseudo-labels on the training
 images) and prints the summary beside the targets. Flags this program does not
-know go to ``bin/selflabel`` unchanged (e.g. ``--iterations 3``).
+know go to ``bin/selflabel`` unchanged (e.g. ``--rounds 3``).
 
 Runs go ``--jobs`` at once, each pinned to its own share of the cores (its
 output in ``<out>/<run>.log``). A run that finished with the same command
@@ -49,7 +49,7 @@ CONFIGS = {
                     "--relabel", "cluster", "--knn_epochs", "0"],
 }
 STARTED = "started.json"  # {"command": ...} of a run, written when it starts (finished.json when it ends)
-COLUMNS = ("accuracy", "nmi", "purity", "ari", "min_f1", "stability", "iterations", "run_seconds",
+COLUMNS = ("accuracy", "nmi", "purity", "ari", "min_f1", "stability", "rounds", "run_seconds",
            "first_label_acc", "first_label_nmi", "last_label_acc")
 
 
@@ -62,7 +62,9 @@ def parser():
     p.add_argument("--runs", type=int, default=3, bounds="[1, inf)",
                    help="seeds seed..seed+runs-1 per configuration")
     p.add_argument("--seed", type=int, default=0, bounds=SEED_BOUNDS, help="first seed")
-    p.add_argument("--out", default="bench/selflabel", help="folder for the runs and the tables")
+    p.add_argument("--save_dir", default="bench/selflabel",
+                   help="output folder for the runs and the tables")
+    p.rename("--out", "--save_dir")
     p.add_argument("--jobs", type=int, default=1, bounds="[1, inf)",
                    help="runs at once (at most one per core), each on its own share of the CPU cores")
     p.add_argument("--first_labels_from", metavar="BENCH_DIR",
@@ -74,13 +76,15 @@ def parser():
 
 def _command(args, passed, config, seed) -> tuple[str, list[str]]:
     """The run's folder name and its bin/selflabel arguments."""
+    from dcn.selflabel.refine import first_labels_file
+
     name = f"{args.dataset}_{config}_seed{seed}"
     cmd = ["--dataset", args.dataset, *CONFIGS[config], "--seed", str(seed),
-           "--save_dir", str(Path(args.out) / name), "--verbose", "0", *passed]
+           "--save_dir", str(Path(args.save_dir) / name), "--verbose", "0", *passed]
     if args.first_labels_from:
         first = Path(args.first_labels_from) / name
-        if not (first / "pseudo_labels" / "iteration_00.npz").is_file():
-            raise UsageError(f"--first_labels_from: no first labels in {first}; name the --out folder "
+        if not first_labels_file(first).is_file():
+            raise UsageError(f"--first_labels_from: no first labels in {first}; name the --save_dir folder "
                              "of a benchmark run with the same configurations and seeds")
         cmd += ["--first_labels", str(first)]
     return name, cmd
@@ -101,7 +105,7 @@ def _check_settings(save_dir: Path, cmd):
     if changed:
         k, then, now = changed[0]
         raise UsageError(f"{save_dir} was run with --{k} {flag_text(then)}, the default when it ran; "
-                         f"the same command now means --{k} {flag_text(now)}: give another --out, or "
+                         f"the same command now means --{k} {flag_text(now)}: give another --save_dir, or "
                          "remove that folder")
 
 
@@ -117,10 +121,10 @@ def _main(argv=None):
     from dcn.selflabel.cli import SCORING, TARGETS
 
     args, passed = parser().parse_known_args(argv)
-    out = Path(args.out)
+    out = Path(args.save_dir)
     if args.first_labels_from and Path(args.first_labels_from).resolve() == out.resolve():
-        raise UsageError("--first_labels_from names the --out folder itself; give the earlier benchmark's "
-                         "folder, and a new --out")
+        raise UsageError("--first_labels_from names the --save_dir folder itself; give the earlier "
+                         "benchmark's folder, and a new --save_dir")
     out.mkdir(parents=True, exist_ok=True)
     program = str(Path(__file__).resolve().parents[2] / "bin" / "selflabel")
     cores = f"{len(os.sched_getaffinity(0))} of {os.cpu_count()} CPU cores"
@@ -153,7 +157,8 @@ def _main(argv=None):
         resumed[key] = (save_dir / "args.json").is_file()
         if resumed[key] and read_record(save_dir / STARTED, cmd) is None:
             raise UsageError(f"{save_dir} holds a run of another command (or one started before the "
-                             "benchmark recorded its commands); give another --out, or remove that folder")
+                             "benchmark recorded its commands); give another --save_dir, or remove that "
+                             "folder")
         if key not in rescored:  # a rescored run keeps its record until it is replaced
             (save_dir / FINISHED).unlink(missing_ok=True)
         save_dir.mkdir(parents=True, exist_ok=True)
@@ -190,7 +195,7 @@ def _main(argv=None):
         history = pd.read_csv(save_dir / "history.csv")  # the pseudo-labels' scores on the training images
         first, last = history.iloc[0], history.iloc[-1]
         rows.append({"config": config, "seed": seed, **{k: metrics.get(k) for k in COLUMNS[:6]},
-                     "iterations": results["iterations_run"],
+                     "rounds": results["rounds_run"],
                      **{k: record.get(k) for k in ("run_seconds", "peak_rss_gb", "jobs", "resumed")},
                      "rescored": bool(record.get("rescored")),
                      "first_label_acc": first.get("label_acc"), "first_label_nmi": first.get("label_nmi"),

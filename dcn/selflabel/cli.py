@@ -23,7 +23,7 @@ from common.results import atomic_path, write_json
 from common.runtime import from_chief, quiet_tensorflow, worker_count
 from dcn.selflabel.network import AUGMENT, AUGMENTATIONS
 from dcn.selflabel.refine import (
-    FIT_ROUNDS,
+    FIT_ATTEMPTS,
     FIT_THRESHOLD,
     INIT_MODEL,
     INITS,
@@ -31,6 +31,7 @@ from dcn.selflabel.refine import (
     MIN_STEPS,
     RELABELS,
     SELECTIONS,
+    first_labels_file,
 )
 
 #: What the issue's authors asked of an unsupervised Fashion-MNIST classifier.
@@ -81,19 +82,22 @@ class SelfLabelCommand(TrainingCommand):
 
     def add_arguments(self, p):
         add_data_arguments(p, required=False, what="a data set of images")
-        p.add_argument("--iterations", type=int, default=10, bounds="[1, inf)",
-                       help="most iterations (training + relabelling) before stopping")
-        p.add_argument("--epochs_per_iteration", type=float, default=2, bounds="(0, inf)",
-                       help="training epochs per iteration")
+        p.add_argument("--rounds", type=int, default=10, bounds="[1, inf)",
+                       help="most rounds (training on the pseudo-labels, then relabelling) before "
+                       "stopping")
+        p.rename("--iterations", "--rounds", note="bin/desom's --iterations are optimizer steps")
+        p.add_argument("--epochs_per_round", type=float, default=2, bounds="(0, inf)",
+                       help="training epochs per round")
+        p.rename("--epochs_per_iteration", "--epochs_per_round")
         p.add_argument("--min_steps", type=int, default=MIN_STEPS, bounds="[0, inf)",
-                       help="optimizer steps an iteration's pseudo-label phase takes at least: on small data "
+                       help="optimizer steps a round's pseudo-label phase takes at least: on small data "
                        "its epochs (and the neighbour phase's) are stretched to reach them")
         p.add_argument("--fit_threshold", type=float, default=FIT_THRESHOLD, bounds="[0, 1]",
                        help="share of its training labels the classifier must predict before it relabels; "
-                       f"below it, the iteration trains again (at most {FIT_ROUNDS} rounds), then the "
+                       f"below it, the round trains again ({FIT_ATTEMPTS} attempts at most), then the "
                        "refinement stops")
         p.add_argument("--recluster_interval", type=int, default=1, bounds="[1, inf)",
-                       help="iterations between relabellings (1: after every iteration)")
+                       help="rounds between relabellings (1: after every round)")
         p.add_argument("--convergence_threshold", type=float, default=0.95, bounds="(0, 1]",
                        help="stop when the aligned stability of a relabelling reaches this")
         p.add_argument("--n_clusters", type=int, bounds="[2, inf)",
@@ -110,7 +114,7 @@ class SelfLabelCommand(TrainingCommand):
         p.add_argument("--init_epochs", type=float, default=50, bounds="(0, inf)",
                        help="ae: autoencoder training epochs; contrastive: pretraining epochs")
         p.add_argument("--init_iterations", type=int, default=10000, bounds="[1, inf)",
-                       help="desom: training iterations")
+                       help="desom: optimizer steps (bin/desom's --iterations)")
         p.add_argument("--manifold", choices=MANIFOLDS, default="umap",
                        help="reduce the initial features with UMAP to --n_clusters dimensions before "
                        "clustering (N2D)")
@@ -128,7 +132,7 @@ class SelfLabelCommand(TrainingCommand):
                        help="neighbours per image, in the initial features, for the neighbour phase and "
                        "--select neighbours (with --first_labels: the nearest --knn of that run's)")
         p.add_argument("--knn_epochs", type=float, default=1, bounds="[0, inf)",
-                       help="epochs per iteration of SCAN's neighbour loss after the pseudo-label epochs: "
+                       help="epochs per round of SCAN's neighbour loss after the pseudo-label epochs: "
                        "each image and one of its --knn nearest neighbours should get the same class "
                        "(0: none)")
         p.add_argument("--entropy_weight", type=float, default=5.0, bounds="[0, inf)",
@@ -142,10 +146,11 @@ class SelfLabelCommand(TrainingCommand):
                        "training images; none for data with very unequal classes")
         p.add_argument("--confident_fraction", type=float, nargs="+", default=[0.5, 1.0], bounds="(0, 1]",
                        metavar="F", help="share of each cluster trained on, the most confident first: one "
-                       "value, or the first and last iteration's (linear in between)")
-        p.add_argument("--fraction_iterations", type=int, bounds="[2, inf)", metavar="N",
-                       help="the share reaches its last value at iteration N-1 and stays there, so that "
-                       "more --iterations train longer on it (default: --iterations)")
+                       "value, or the first and last round's (linear in between)")
+        p.add_argument("--fraction_rounds", type=int, bounds="[2, inf)", metavar="N",
+                       help="the share reaches its last value at round N-1 and stays there, so that "
+                       "more --rounds train longer on it (default: --rounds)")
+        p.rename("--fraction_iterations", "--fraction_rounds")
         p.add_argument("--select", choices=SELECTIONS, default="probability",
                        help="how the confident share is chosen: probability (the label's probability, or "
                        "the first clustering's posterior) or neighbours (the share of the image's --knn "
@@ -160,7 +165,7 @@ class SelfLabelCommand(TrainingCommand):
         p.rename("--augment", "--augmentations", note="bin/dcn's --augment is a switch")
         p.add_argument("--batch_size", type=int, default=256, bounds="[1, inf)", help="global batch size")
         p.add_argument("--lr", type=float, default=0.001, bounds="(0, inf)",
-                       help="Adam learning rate (fresh each iteration)")
+                       help="Adam learning rate (fresh each round)")
         p.add_argument("--save_dir", help="output folder (default: results/<data>_selflabel)")
 
     def check(self, args):
@@ -171,10 +176,10 @@ class SelfLabelCommand(TrainingCommand):
         args.confident_fraction = [f[0], f[-1]]
         if args.clusterer == "kmeans" or args.relabel == "cluster":
             kmeans_backend(args.kmeans)  # faiss asked for and not installed: say so before anything runs
-        if args.fraction_iterations is not None and args.fraction_iterations > args.iterations:
-            raise UsageError(f"--fraction_iterations {args.fraction_iterations} is more than --iterations "
-                             f"{args.iterations}: the share would never reach its last value; give at most "
-                             f"{args.iterations}")
+        if args.fraction_rounds is not None and args.fraction_rounds > args.rounds:
+            raise UsageError(f"--fraction_rounds {args.fraction_rounds} is more than --rounds "
+                             f"{args.rounds}: the share would never reach its last value; give at most "
+                             f"{args.rounds}")
 
     def load(self, args) -> RunData:
         x, y, names, x_test, y_test = load_images(args)
@@ -209,7 +214,7 @@ class SelfLabelCommand(TrainingCommand):
 
     def planned_steps(self, run):
         from dcn.selflabel.labels import fraction_at
-        from dcn.selflabel.refine import iteration_stretch
+        from dcn.selflabel.refine import round_stretch
 
         a, n = run.args, len(run.data.x)
         steps = []
@@ -217,13 +222,13 @@ class SelfLabelCommand(TrainingCommand):
             steps.append(("init", run.epoch_steps(a.init_epochs)))
         elif not a.first_labels and a.first_features == "desom":
             steps.append(("init", a.init_iterations))
-        for i in range(a.iterations):  # at most: a run stops when its labels are stable
-            share = fraction_at(i, a.fraction_iterations or a.iterations, *a.confident_fraction)
+        for i in range(a.rounds):  # at most: a run stops when its labels are stable
+            share = fraction_at(i, a.fraction_rounds or a.rounds, *a.confident_fraction)
             kept = int(round(n * share))
-            stretch = iteration_stretch(kept, a.batch_size, a.epochs_per_iteration, a.min_steps)
-            steps.append((f"iteration_{i:02d}", run.epoch_steps(a.epochs_per_iteration * stretch, kept)))
+            stretch = round_stretch(kept, a.batch_size, a.epochs_per_round, a.min_steps)
+            steps.append((f"round_{i:02d}", run.epoch_steps(a.epochs_per_round * stretch, kept)))
             if a.knn_epochs > 0:
-                steps.append((f"iteration_{i:02d}_knn", run.epoch_steps(a.knn_epochs * stretch)))
+                steps.append((f"round_{i:02d}_knn", run.epoch_steps(a.knn_epochs * stretch)))
         return steps
 
     def train(self, run):
@@ -232,7 +237,7 @@ class SelfLabelCommand(TrainingCommand):
         from common.results import write_csv
         from dcn.selflabel.labels import nearest_neighbours
         from dcn.selflabel.network import augmenter, load_model
-        from dcn.selflabel.refine import initial_features, refine
+        from dcn.selflabel.refine import initial_features, refine, upgrade_names
 
         a, d, model = run.args, run.data, run.model
         save, k = run.save_dir, a.n_clusters
@@ -240,7 +245,9 @@ class SelfLabelCommand(TrainingCommand):
         loop.pop("seed")
         resume = loop.pop("resume")
         loop.pop("save_dir")
-        first = save / "pseudo_labels" / "iteration_00.npz"
+        if resume and run.chief:
+            upgrade_names(save)  # a run saved before rounds had that name
+        first = save / "pseudo_labels" / "round_00.npz"
         knn_file = save / "neighbours.npy"
         pretrained = save / INIT_MODEL  # the CNN after --first_features contrastive, where the loop starts
         neighbours = None
@@ -302,10 +309,10 @@ class SelfLabelCommand(TrainingCommand):
         if neighbours is not None and d.y is not None:  # reporting: how often a neighbour shares the class
             d.extra["neighbours_same_class"] = float(np.mean(d.y[neighbours] == d.y[:, None]))
         t = time.perf_counter()
-        rows = refine(model, d.x, labels, confidence, iterations=a.iterations,
-                      epochs_per_iteration=a.epochs_per_iteration, recluster_interval=a.recluster_interval,
+        rows = refine(model, d.x, labels, confidence, rounds=a.rounds,
+                      epochs_per_round=a.epochs_per_round, recluster_interval=a.recluster_interval,
                       relabelling=a.relabel, kmeans=a.kmeans, balance=a.balance == "sinkhorn",
-                      confident_fraction=a.confident_fraction, fraction_iterations=a.fraction_iterations,
+                      confident_fraction=a.confident_fraction, fraction_rounds=a.fraction_rounds,
                       smoothing=a.label_smoothing, threshold=a.convergence_threshold, lr=a.lr,
                       augment=augmenter(a.augmentations, a.seed), neighbours=neighbours,
                       knn_epochs=a.knn_epochs,
@@ -317,17 +324,17 @@ class SelfLabelCommand(TrainingCommand):
         self._choose(run, rows)
 
     def _choose(self, run, rows):
-        """Weights of the iteration chosen without labels, shifted to predict the
+        """Weights of the round chosen without labels, shifted to predict the
         balanced labelling (``--balance sinkhorn``); cluster names from the
         training labels (reporting), kept in the model for ``predict``."""
         from dcn.selflabel.network import load_model
-        from dcn.selflabel.refine import best_iteration
+        from dcn.selflabel.refine import best_round
 
         if not run.chief:  # the chief writes and chooses the model
             return
         model, d = run.model, run.data
-        best = best_iteration(rows)
-        chosen = load_model(run.save_dir / f"iteration_{best:02d}.keras")
+        best = best_round(rows)
+        chosen = load_model(run.save_dir / f"round_{best:02d}.keras")
         if worker_count(run.strategy) > 1:  # the chosen model alone: the other workers have stopped,
             model = run.model = chosen      # a model built under their strategy would wait for them
         else:
@@ -357,7 +364,7 @@ class SelfLabelCommand(TrainingCommand):
     def results(self, run):
         d, model = run.data, run.model
         rows, best = d.extra["rows"], d.extra["best"]
-        out = {"iterations_run": len(rows), "chosen_iteration": best,
+        out = {"rounds_run": len(rows), "chosen_round": best,
                "chosen_by": "highest aligned stability of the relabelling (no labels)",
                "stopped": rows[-1].get("stopped"), "final_stability": _last_stability(rows),
                "n_train": len(d.x), "cluster_names": model.cluster_names, "scoring": SCORING,
@@ -417,7 +424,7 @@ class SelfLabelCommand(TrainingCommand):
             plots.confusion_matrix(np.array(metrics["confusion_matrix"]), metrics["predicted_names"],
                                    save / "confusion_matrix.png", row_names=d.extra["classes"],
                                    title=f"test set: accuracy {metrics['accuracy']:.3f}, "
-                                   f"NMI {metrics['nmi']:.3f} (iteration {d.extra['best']})")
+                                   f"NMI {metrics['nmi']:.3f} (round {d.extra['best']})")
         history = save / "history.csv"
         if history.is_file():
             frame = pd.read_csv(history)
@@ -425,7 +432,7 @@ class SelfLabelCommand(TrainingCommand):
                           run.args.convergence_threshold)
 
     def summary(self, run, results):
-        line = f"{results['iterations_run']} iterations, model of iteration {results['chosen_iteration']}"
+        line = f"{results['rounds_run']} rounds, model of round {results['chosen_round']}"
         if results.get("final_stability") is not None:
             line += f", aligned stability {results['final_stability']:.4f}"
         t = results.get("test")
@@ -436,10 +443,10 @@ class SelfLabelCommand(TrainingCommand):
 
 
 def _first_labels(run_dir: Path, n: int, k: int, knn: int):
-    """(labels, confidence, neighbours or None) of the first iteration of the
+    """(labels, confidence, neighbours or None) of the first round of the
     bin/selflabel run in ``run_dir``, checked against ``n`` images and ``k``
     clusters; the ``knn`` nearest of its saved neighbours (None when 0)."""
-    path = run_dir / "pseudo_labels" / "iteration_00.npz"
+    path = first_labels_file(run_dir)
     if not path.is_file():
         raise UsageError(f"--first_labels: no {path}; give the --save_dir of an earlier bin/selflabel run")
     with np.load(path) as f:
@@ -463,7 +470,7 @@ def _first_labels(run_dir: Path, n: int, k: int, knn: int):
 
 
 def _row_line(row) -> str:
-    parts = [f"iteration {row['iteration']}: trained on {row['trained_on']}"]
+    parts = [f"round {row['round']}: trained on {row['trained_on']}"]
     if "label_acc" in row:
         parts.append(f"pseudo-label accuracy {row['label_acc']:.4f}")
     if row.get("agreement") is not None:
@@ -479,7 +486,7 @@ def _row_line(row) -> str:
 
 def _first_labels_note(rows, best: int) -> str | None:
     """One line when the model kept is the one trained on the first labels
-    (iteration 0) because refinement could not, or did not, improve on them."""
+    (round 0) because refinement could not, or did not, improve on them."""
     if best != 0:
         return None
     first = rows[0]
@@ -487,13 +494,13 @@ def _first_labels_note(rows, best: int) -> str | None:
         if "fit" not in first:
             return None
         return (f"refinement stopped: {first['stopped']}; the model kept is the one trained on the first "
-                f"pseudo-labels (iteration 0), which are in pseudo_labels/iteration_00.npz")
+                f"pseudo-labels (round 0), which are in pseudo_labels/round_00.npz")
     later = [r["stability"] for r in rows[1:] if r.get("stability") is not None]
     if not later:
         return None
     return (f"refinement did not improve on the first pseudo-labels: aligned stability "
-            f"{first['stability']:.4f} at iteration 0, at most {max(later):.4f} after it; the model kept is "
-            f"the one trained on the first labels (iteration 0)")
+            f"{first['stability']:.4f} at round 0, at most {max(later):.4f} after it; the model kept is "
+            f"the one trained on the first labels (round 0)")
 
 
 def _last_stability(rows):
@@ -551,7 +558,7 @@ def test_metrics(model, x, y, classes) -> dict:
 
 
 def history_plots(frame, quality_path, progress_path, threshold: float):
-    """clustering_quality.png (label scores per iteration, with the targets)
+    """clustering_quality.png (label scores per round, with the targets)
     and training_progress.png (loss, aligned stability, share trained on)."""
     import matplotlib
 
@@ -561,7 +568,7 @@ def history_plots(frame, quality_path, progress_path, threshold: float):
 
     from common import plots
 
-    it = frame["iteration"]
+    it = frame["round"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for ax, prefix, title in ((axes[0], "label_", "pseudo-labels of the training images"),
                               (axes[1], "test_", "classifier on the test images")):
@@ -572,7 +579,7 @@ def history_plots(frame, quality_path, progress_path, threshold: float):
                 line, = ax.plot(it, frame[column], marker="o", label=metric)
                 ax.axhline(target, color=line.get_color(), linestyle=":", linewidth=1)
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel("iteration")
+        ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("score (dotted: targets)")
@@ -582,7 +589,7 @@ def history_plots(frame, quality_path, progress_path, threshold: float):
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
     axes[0].plot(it, frame["loss"], marker="o")
-    axes[0].set_title("cross-entropy at the end of the iteration", fontsize=9)
+    axes[0].set_title("cross-entropy at the end of the round", fontsize=9)
     if "stability" in frame:
         axes[1].plot(it, frame["stability"], marker="o")
     axes[1].axhline(threshold, color="tab:red", linestyle="--", label=f"threshold {threshold}")
@@ -591,7 +598,7 @@ def history_plots(frame, quality_path, progress_path, threshold: float):
     axes[2].plot(it, frame["confident_fraction"], marker="o")
     axes[2].set_title("share of each cluster trained on", fontsize=9)
     for ax in axes:
-        ax.set_xlabel("iteration")
+        ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     fig.tight_layout()

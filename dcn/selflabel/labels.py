@@ -125,10 +125,10 @@ def nearest_neighbours(z, k: int = 20) -> np.ndarray:
     return idx[:, 1:].astype(np.int32)
 
 
-def fraction_at(i: int, iterations: int, start: float, end: float) -> float:
-    """The confident share of iteration ``i``: linear from ``start`` at
-    iteration 0 to ``end`` at iteration ``iterations - 1``, then ``end``."""
-    return start if iterations <= 1 else start + (end - start) * min(i, iterations - 1) / (iterations - 1)
+def fraction_at(i: int, rounds: int, start: float, end: float) -> float:
+    """The confident share of round ``i``: linear from ``start`` at round 0
+    to ``end`` at round ``rounds - 1``, then ``end``."""
+    return start if rounds <= 1 else start + (end - start) * min(i, rounds - 1) / (rounds - 1)
 
 
 def label_scores(labels, y) -> dict:

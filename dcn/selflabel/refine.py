@@ -44,17 +44,17 @@ RELABELS = ("predict", "cluster")
 #: The CNN after contrastive pretraining, in a run's folder (where the loop starts from; for --resume
 #: and --first_labels).
 INIT_MODEL = "init_model.keras"
-#: Optimizer steps an iteration takes at least (its epochs are stretched to reach them). On the 1,347
+#: Optimizer steps a round takes at least (its epochs are stretched to reach them). On the 1,347
 #: training digits 2 epochs were 6 steps, after which the classifier predicted its labels at chance and
 #: its relabelling replaced them (test accuracy 0.86 -> 0.51); with 200, 300 or 500 steps it ended at
-#: 0.924 / 0.922 / 0.918. On Fashion-MNIST's 60,000 an iteration takes 234 steps or more already.
+#: 0.924 / 0.922 / 0.918. On Fashion-MNIST's 60,000 a round takes 234 steps or more already.
 MIN_STEPS = 200
 #: Share of the labels it trained on that the classifier must predict (after the neighbour phase) before
-#: it relabels; below it, the iteration trains again, FIT_ROUNDS rounds at most. Not higher: on
-#: Fashion-MNIST the classifier of iteration 0 predicts 69 % of its first labels, and where it departs
+#: it relabels; below it, the round trains again, FIT_ATTEMPTS times at most. Not higher: on
+#: Fashion-MNIST the classifier of round 0 predicts 69 % of its first labels, and where it departs
 #: from them it is more often right than they are (test accuracy 0.695, the labels 0.628).
 FIT_THRESHOLD = 0.5
-FIT_ROUNDS = 3
+FIT_ATTEMPTS = 3
 
 
 def relabel(model: SelfLabelNet, x, previous, method: str = "predict", balance: bool = True, seed: int = 0,
@@ -140,42 +140,42 @@ def _scope(strategy):
     return (strategy or tf.distribute.get_strategy()).scope()
 
 
-def iteration_stretch(n_trained: int, batch_size: int, epochs: float, min_steps: int) -> float:
-    """How many times ``epochs`` an iteration trains so that it takes at
+def round_stretch(n_trained: int, batch_size: int, epochs: float, min_steps: int) -> float:
+    """How many times ``epochs`` a round trains so that it takes at
     least ``min_steps`` optimizer steps (1.0 when it already does)."""
     steps_per_epoch = max(1, n_trained // max(1, batch_size))
     return max(1.0, min_steps / (epochs * steps_per_epoch)) if min_steps else 1.0
 
 
-def refine(model: SelfLabelNet, x, labels, confidence, *, iterations: int = 10,
-           epochs_per_iteration: float = 2, recluster_interval: int = 1, relabelling: str = "predict",
+def refine(model: SelfLabelNet, x, labels, confidence, *, rounds: int = 10,
+           epochs_per_round: float = 2, recluster_interval: int = 1, relabelling: str = "predict",
            kmeans: str = "auto",
-           balance: bool = True, confident_fraction=(0.5, 1.0), fraction_iterations: int | None = None,
+           balance: bool = True, confident_fraction=(0.5, 1.0), fraction_rounds: int | None = None,
            smoothing: float = 0.1, threshold: float = 0.95, lr: float = 0.001, augment=None, neighbours=None,
            knn_epochs: float = 0,
            entropy_weight: float = 5.0, select: str = "probability", min_steps: int = MIN_STEPS,
            fit_threshold: float = FIT_THRESHOLD, save_dir=None, resume: bool = False,
            seed: int = 0, y=None, x_test=None, y_test=None, on_rows=None, **loop) -> list[dict]:
-    """Iterations of training on pseudo-labels and relabelling (module docstring).
+    """Rounds of training on pseudo-labels and relabelling (module docstring).
 
-    Iteration i trains on labels L_i (its confident share) for
-    ``epochs_per_iteration`` epochs with a fresh Adam (``lr``), then, given
+    Round i trains on labels L_i (its confident share) for
+    ``epochs_per_round`` epochs with a fresh Adam (``lr``), then, given
     ``neighbours`` ((samples, k) indices into ``x``), ``knn_epochs`` epochs
-    of :class:`NeighbourTask` on every image (phase ``iteration_<i>_knn``),
-    saves ``iteration_<i>.keras`` and, on relabelling iterations (every
+    of :class:`NeighbourTask` on every image (phase ``round_<i>_knn``),
+    saves ``round_<i>.keras`` and, on relabelling rounds (every
     ``recluster_interval``-th and the last, so that every model can be
     chosen by its stability), computes L_{i+1} (:func:`relabel` with
     ``relabelling``, ``balance`` and the k-means backend ``kmeans``) and its
     aligned stability against L_i. The confident share of each cluster rises linearly from
-    ``confident_fraction[0]`` to ``[1]`` over ``fraction_iterations``
-    iterations (default: all of them), then stays; it is chosen by the
+    ``confident_fraction[0]`` to ``[1]`` over ``fraction_rounds``
+    rounds (default: all of them), then stays; it is chosen by the
     labels' confidence (``select="probability"``) or by
     :func:`neighbour_agreement` over ``neighbours`` (``"neighbours"``, ties
     by the confidence). With ``save_dir`` every
-    iteration's labels are kept in ``pseudo_labels/`` and ``resume`` skips
-    finished iterations (the one in progress resumes from its checkpoint).
+    round's labels are kept in ``pseudo_labels/`` and ``resume`` skips
+    finished rounds (the one in progress resumes from its checkpoint).
     ``y`` / ``y_test`` (optional) are scored in each row, for reporting only.
-    ``on_rows(rows)`` is called with every row so far after each iteration
+    ``on_rows(rows)`` is called with every row so far after each round
     (to write history.csv). Returns the rows.
     """
     k = model.n_clusters
@@ -202,12 +202,12 @@ def refine(model: SelfLabelNet, x, labels, confidence, *, iterations: int = 10,
         rows, start, labels, confidence = _resume_state(model, save, labels, confidence)
         if rows and rows[-1].get("stopped"):
             return rows
-        if start and not (save / "pseudo_labels" / f"iteration_{start:02d}.npz").is_file():
-            # written by an earlier version, which saved a non-relabelling iteration's labels only when the
+        if start and not (save / "pseudo_labels" / f"round_{start:02d}.npz").is_file():
+            # written by an earlier version, which saved a non-relabelling round's labels only when the
             # next one began: do what the run would have done
-            with np.load(save / "pseudo_labels" / f"iteration_{start - 1:02d}.npz") as f:
+            with np.load(save / "pseudo_labels" / f"round_{start - 1:02d}.npz") as f:
                 previous, previous_confidence = f["labels"], f["confidence"]
-            if start % recluster_interval and start != iterations:  # iteration start-1 kept its labels
+            if start % recluster_interval and start != rounds:  # round start-1 kept its labels
                 labels, confidence = shared(previous, previous_confidence)
             else:
                 labels, confidence = shared(*relabel(model, x, previous, relabelling, balance, seed, kmeans))
@@ -215,7 +215,7 @@ def refine(model: SelfLabelNet, x, labels, confidence, *, iterations: int = 10,
                 if rows[-1]["stability"] >= threshold:
                     rows[-1]["stopped"] = f"aligned stability {rows[-1]['stability']:.4f} >= {threshold}"
                 if write:
-                    _save_labels(save / "pseudo_labels" / f"iteration_{start:02d}.npz", labels, confidence)
+                    _save_labels(save / "pseudo_labels" / f"round_{start:02d}.npz", labels, confidence)
                 if on_rows is not None:
                     on_rows(rows)
                 if rows[-1].get("stopped"):
@@ -224,23 +224,23 @@ def refine(model: SelfLabelNet, x, labels, confidence, *, iterations: int = 10,
     if neighbours is not None and knn_epochs > 0:
         with _scope(loop.get("strategy")):
             knn = NeighbourTask(model, x, neighbours, entropy_weight, augment)
-    for i in range(start, iterations):
+    for i in range(start, rounds):
         if write:
-            _save_labels(save / "pseudo_labels" / f"iteration_{i:02d}.npz", labels, confidence)
-        fraction = fraction_at(i, fraction_iterations or iterations, *confident_fraction)
+            _save_labels(save / "pseudo_labels" / f"round_{i:02d}.npz", labels, confidence)
+        fraction = fraction_at(i, fraction_rounds or rounds, *confident_fraction)
         score = confidence if select == "probability" else neighbour_agreement(labels, neighbours, confidence)
         keep = select_confident(labels, score, fraction, k)
-        phase = f"iteration_{i:02d}"
-        stretch = iteration_stretch(int(keep.sum()), loop.get("batch_size", 256), epochs_per_iteration,
+        phase = f"round_{i:02d}"
+        stretch = round_stretch(int(keep.sum()), loop.get("batch_size", 256), epochs_per_round,
                                     min_steps)
-        row = {"iteration": i, "confident_fraction": round(fraction, 4), "trained_on": int(keep.sum()),
-               "epochs": round(epochs_per_iteration * stretch, 3), "seconds": 0.0}
-        for attempt in range(FIT_ROUNDS):  # until the classifier fits the labels it trains on
+        row = {"round": i, "confident_fraction": round(fraction, 4), "trained_on": int(keep.sum()),
+               "epochs": round(epochs_per_round * stretch, 3), "seconds": 0.0}
+        for attempt in range(FIT_ATTEMPTS):  # until the classifier fits the labels it trains on
             name = phase if attempt == 0 else f"{phase}_more{attempt}"
             with _scope(loop.get("strategy")):
                 task = PseudoLabelTask(model, labels[keep], smoothing)
                 optimizer = keras.optimizers.Adam(lr)
-            result = train(task, x[keep], epochs=epochs_per_iteration * stretch, optimizer=optimizer,
+            result = train(task, x[keep], epochs=epochs_per_round * stretch, optimizer=optimizer,
                            save_dir=save, phase=name, log_name=f"logs/{name}.csv", resume=resume,
                            seed=seed + 1000 * i + 100 * attempt, map_fn=augment, **loop)
             row.update(loss=_last_value(result), seconds=round(row["seconds"] + result.seconds, 2))
@@ -255,7 +255,7 @@ def refine(model: SelfLabelNet, x, labels, confidence, *, iterations: int = 10,
                            seconds=round(row["seconds"] + knn_result.seconds, 2))
             fitted = model.predict_proba(x[keep]).argmax(axis=1) == labels[keep]
             fit = float(from_chief(strategy, np.array([fitted.mean()]))[0])
-            row.update(rounds=attempt + 1, fit=round(fit, 4))
+            row.update(attempts=attempt + 1, fit=round(fit, 4))
             if fit >= fit_threshold:
                 break
         if y is not None:
@@ -264,12 +264,12 @@ def refine(model: SelfLabelNet, x, labels, confidence, *, iterations: int = 10,
         if x_test is not None and y_test is not None:
             pred = model.predict_proba(x_test).argmax(axis=1)
             row.update({f"test_{n}": v for n, v in label_scores(pred, y_test).items()})
-        relabelled = (i + 1) % recluster_interval == 0 or i + 1 == iterations
+        relabelled = (i + 1) % recluster_interval == 0 or i + 1 == rounds
         unfit = row["fit"] < fit_threshold
         if unfit:  # its predictions would replace labels it has not learned: no relabelling from it
             relabelled = False
             row["stopped"] = (f"the classifier fits only {row['fit']:.1%} of the labels it trains on after "
-                              f"{row['rounds']} rounds of {row['epochs']:g} epochs (--fit_threshold "
+                              f"{row['attempts']} attempts of {row['epochs']:g} epochs (--fit_threshold "
                               f"{fit_threshold:g})")
         if relabelled:
             new, new_conf = shared(*relabel(model, x, labels, relabelling, balance, seed, kmeans))
@@ -280,8 +280,8 @@ def refine(model: SelfLabelNet, x, labels, confidence, *, iterations: int = 10,
         if write:  # the next labels first (the same ones when not relabelled): a finished model implies them
             from common.networks import save_keras_model
 
-            _save_labels(save / "pseudo_labels" / f"iteration_{i + 1:02d}.npz", labels, confidence)
-            save_keras_model(model, save / f"iteration_{i:02d}.keras")
+            _save_labels(save / "pseudo_labels" / f"round_{i + 1:02d}.npz", labels, confidence)
+            save_keras_model(model, save / f"round_{i:02d}.keras")
             for done in (save / "checkpoints").glob(f"{phase}*"):
                 shutil.rmtree(done, ignore_errors=True)
         rows.append(row)
@@ -297,12 +297,12 @@ def _save_labels(path, labels, confidence):
         np.savez(tmp, labels=labels, confidence=confidence)
 
 
-def best_iteration(rows: list[dict]) -> int:
-    """The iteration with the highest aligned stability (later on ties; the
+def best_round(rows: list[dict]) -> int:
+    """The round with the highest aligned stability (later on ties; the
     last one when none was measured)."""
-    scored = [(r["stability"], r["iteration"]) for r in rows if r.get("stability") is not None
+    scored = [(r["stability"], r["round"]) for r in rows if r.get("stability") is not None
               and not math.isnan(r["stability"])]
-    return max(scored)[1] if scored else rows[-1]["iteration"]
+    return max(scored)[1] if scored else rows[-1]["round"]
 
 
 def _last_value(result, column: str = "loss") -> float | None:
@@ -316,20 +316,45 @@ def _last_value(result, column: str = "loss") -> float | None:
     return None if values.empty else round(float(values.iloc[-1]), 5)
 
 
+def first_labels_file(run_dir) -> Path:
+    """Where a run folder keeps its first pseudo-labels (``round_00.npz``;
+    ``iteration_00.npz`` in a folder written before rounds had that name)."""
+    labels = Path(run_dir) / "pseudo_labels"
+    old = labels / "iteration_00.npz"
+    return old if old.is_file() and not (labels / "round_00.npz").is_file() else labels / "round_00.npz"
+
+
+def upgrade_names(save: Path):
+    """Give a run folder written before rounds had that name today's names,
+    so that it resumes: ``iteration_NN*`` files and folders become
+    ``round_NN*``, history.csv's ``iteration`` and ``rounds`` columns
+    ``round`` and ``attempts``."""
+    import pandas as pd
+
+    for folder in (save, save / "pseudo_labels", save / "logs", save / "checkpoints"):
+        for old in sorted(folder.glob("iteration_[0-9][0-9]*")) if folder.is_dir() else []:
+            old.rename(old.with_name("round_" + old.name[len("iteration_"):]))
+    history = save / "history.csv"
+    if history.is_file():
+        frame = pd.read_csv(history)
+        if "iteration" in frame:
+            frame.rename(columns={"iteration": "round", "rounds": "attempts"}).to_csv(history, index=False)
+
+
 def _resume_state(model, save: Path, labels, confidence):
-    """Rows of history.csv, the first unfinished iteration, its labels; the
-    model gets the weights of the last finished iteration."""
+    """Rows of history.csv, the first unfinished round, its labels; the
+    model gets the weights of the last finished round."""
     import pandas as pd
 
     history = save / "history.csv"
     rows = pd.read_csv(history).to_dict(orient="records") if history.is_file() else []
     rows = [{key: v for key, v in r.items() if not (isinstance(v, float) and math.isnan(v))} for r in rows]
-    # keep only iterations whose model was written
-    rows = [r for r in rows if (save / f"iteration_{int(r['iteration']):02d}.keras").is_file()]
+    # keep only rounds whose model was written
+    rows = [r for r in rows if (save / f"round_{int(r['round']):02d}.keras").is_file()]
     start = len(rows)
     if start:
-        model.set_weights(load_model(save / f"iteration_{start - 1:02d}.keras").get_weights())
-    saved = save / "pseudo_labels" / f"iteration_{start:02d}.npz"
+        model.set_weights(load_model(save / f"round_{start - 1:02d}.keras").get_weights())
+    saved = save / "pseudo_labels" / f"round_{start:02d}.npz"
     if saved.is_file():
         with np.load(saved) as f:
             labels, confidence = f["labels"], f["confidence"]
