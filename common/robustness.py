@@ -341,7 +341,7 @@ def first_labels(run_dir: Path, held_out: bool) -> dict:
     """bin/selflabel's own baseline, from its history.csv: the accuracy of its
     first pseudo-labels on the evaluation samples (those of the training
     images: a run without a test split) or, on held-out samples, of the
-    classifier trained on them (iteration 0); empty for other programs."""
+    classifier trained on them (round 0); empty for other programs."""
     path = run_dir / "history.csv"
     column = "test_acc" if held_out else "label_acc"
     if not path.is_file():

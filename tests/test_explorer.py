@@ -3,8 +3,6 @@
 import json
 import os
 import re
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,9 +20,6 @@ from desom.explorer import (
 )
 from desom.models import Kerasom
 from tests.helpers import explorer_page, unpack
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = ROOT / "bin" / "desom"
 
 
 def som_with(prototypes, map_size, topology="rectangular"):
@@ -130,12 +125,24 @@ def test_the_page_is_self_contained_and_text_cannot_break_out_of_it(tmp_path):
 
 
 # ------------------------------------------------------------------ commands
+def desom(capsys, *args):
+    """bin/desom's main in this process: its exit code and what it printed."""
+    from desom.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(list(map(str, args)))
+    return stop.value.code, capsys.readouterr()
+
+
 @pytest.mark.slow
-def test_bin_desom_writes_the_page_and_explore_rewrites_it(tmp_path):
+def test_bin_desom_writes_the_page_and_explore_rewrites_it(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["--iterations", 40, "--map_size", 3, 3, "--batch_size", 128, "--save_dir", out, "--verbose", 0]
-    res = subprocess.run([str(BIN), *map(str, args)], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
+    # (--no_jit: XLA's compilation would take longer than these 40 steps; the page is the point here)
+    args = ["--iterations", 40, "--map_size", 3, 3, "--batch_size", 128, "--no_jit", "--save_dir", out,
+            "--verbose", 0]
+    code, res = desom(capsys, *args)
+    assert code == 0, res.err[-2000:]
     results = json.loads((out / "results.json").read_text())
     page = explorer_page(out / "explorer.html")
     assert page["command"] == results["command"] == "bin/desom " + " ".join(map(str, args))
@@ -145,35 +152,31 @@ def test_bin_desom_writes_the_page_and_explore_rewrites_it(tmp_path):
     assert summary["topographic error"] == pytest.approx(results["topographic_error"], abs=1e-4)
     assert page["labels"] == [str(d) for d in range(10)] and page["images"]["height"] == 8
 
-    res = subprocess.run([str(BIN), "explore", "--model", str(out / "model.keras"), "--dataset", "digits",
-                          "--out", str(tmp_path / "again.html"), "--members", "3"],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "map explorer of the 3x3 map on 1797 samples written to" in res.stdout
+    code, res = desom(capsys, "explore", "--model", out / "model.keras", "--dataset", "digits",
+                      "--out", tmp_path / "again.html", "--members", 3)
+    assert code == 0, res.err[-2000:]
+    assert "map explorer of the 3x3 map on 1797 samples written to" in res.out
     again = explorer_page(tmp_path / "again.html")
     assert again["hits"] == page["hits"] and max(map(len, again["members"])) == 3
     flat = tmp_path / "flat.npz"  # images saved as rows: drawn as images with --image_shape
     np.savez(flat, x=load_data("digits")[0][0])
-    res = subprocess.run([str(BIN), "explore", "--model", str(out / "model.keras"), "--data", str(flat),
-                          "--image_shape", "8", "8", "--out", str(tmp_path / "flat.html")],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
+    code, res = desom(capsys, "explore", "--model", out / "model.keras", "--data", flat,
+                      "--image_shape", 8, 8, "--out", tmp_path / "flat.html")
+    assert code == 0, res.err[-2000:]
     assert explorer_page(tmp_path / "flat.html")["images"] == {"height": 8, "width": 8, "channels": 1}
-    res = subprocess.run([str(BIN), "explore", "--model", str(out / "model.keras"), "--data", str(flat),
-                          "--image_shape", "8", "9"], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 2 and "H*W*C = 64" in res.stderr
+    code, res = desom(capsys, "explore", "--model", out / "model.keras", "--data", flat,
+                      "--image_shape", 8, 9)
+    assert code == 2 and "H*W*C = 64" in res.err
     assert again["command"] == results["command"]  # the run's, from results.json beside the model
 
     np.savez(tmp_path / "wide.npz", x=np.zeros((5, 7), np.float32))
-    res = subprocess.run([str(BIN), "explore", "--model", str(out / "model.keras"), "--data",
-                          str(tmp_path / "wide.npz")], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
-    assert res.stderr.strip().endswith(f"the model was trained on digits and expects samples of shape (64,); "
-                                       f"{tmp_path / 'wide.npz'} has (7,)")
+    code, res = desom(capsys, "explore", "--model", out / "model.keras", "--data", tmp_path / "wide.npz")
+    assert code == 2 and len(res.err.strip().splitlines()) == 1
+    assert res.err.strip().endswith(f"the model was trained on digits and expects samples of shape (64,); "
+                                    f"{tmp_path / 'wide.npz'} has (7,)")
 
-    res = subprocess.run([str(BIN), *map(str, args[:-4]), "--save_dir", str(tmp_path / "none"),
-                          "--no_explorer", "--verbose", "0"], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and not (tmp_path / "none" / "explorer.html").exists()
+    code, res = desom(capsys, *args[:-4], "--save_dir", tmp_path / "none", "--no_explorer", "--verbose", 0)
+    assert code == 0 and not (tmp_path / "none" / "explorer.html").exists()
 
 
 @pytest.mark.parametrize("argv, message", [

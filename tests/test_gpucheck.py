@@ -72,8 +72,7 @@ def test_the_smallest_check_runs_every_step_and_every_program_passes(tmp_path):
     desom = frame[frame["check"] == "desom"].iloc[0]
     assert desom["status"] == "ok" and 0 < desom["purity"] <= 1 and 0 < desom["nmi"] <= 1
     checks = frame[frame["check"] == "program"]
-    assert list(zip(checks["name"], checks["variant"])) == [
-        ("desom", "default"), ("desom", "mirrored"), ("ae", "default")]  # the smallest size's programs
+    assert list(zip(checks["name"], checks["variant"])) == [("desom", "mirrored")]  # the smallest size's
     assert (checks["status"] == "ok").all(), checks[["name", "variant", "reason"]].to_string()
     assert (checks["same"] == checks["samples"]).all() and (checks["samples"] > 0).all()
     assert (checks["replicas"] == 1).all()
@@ -82,14 +81,16 @@ def test_the_smallest_check_runs_every_step_and_every_program_passes(tmp_path):
     for name, strategy in zip(checks["name"], checks["variant"]):
         assert f"| {name} | {strategy} | ok |" in table
     assert table.strip() in res.stdout  # printed as written
-    assert (out / "runs" / "ae_default" / "run" / "model.keras").is_file()
+    assert (out / "runs" / "desom_mirrored" / "run" / "model.keras").is_file()
 
 
 def test_a_selection_that_leaves_no_program_run_is_refused(tmp_path):
     from common.errors import UsageError
     from common.gpucheck import programs
 
-    # --programs dcn (not a program of this size); ae under mirrored (only desom's at this size)
-    for chosen, strategies in (([], ["default"]), ([PROGRAM["ae"]], ["mirrored"])):
+    # --programs dcn (not a program of this size); ae under mirrored (only desom's at this size); desom under
+    # default (only mirrored at this size)
+    for chosen, strategies in (([], ["default"]), ([PROGRAM["ae"]], ["mirrored"]),
+                               ([PROGRAM["desom"]], ["default"])):
         with pytest.raises(UsageError, match="no program run is left at --size smallest"):
             programs(chosen, strategies, SIZES["smallest"], None, tmp_path, 1, False)

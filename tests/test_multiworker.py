@@ -50,9 +50,17 @@ def _two_workers(program, args, timeout=240):
 
 
 def _one_process(program, args):
-    res = subprocess.run([str(ROOT / "bin" / program), *args, "--strategy", "default", "--jit", "off"],
-                         capture_output=True, text=True, timeout=240)
-    assert res.returncode == 0, res.stderr[-3000:]
+    """The same run in this process (no TF_CONFIG here: one replica), as ``bin/<program>`` runs it."""
+    import importlib
+
+    module = {"desom": "desom.cli", "dcn": "dcn.dec.cli", "selflabel": "dcn.selflabel.cli"}[program]
+    assert importlib.import_module(module).train_main([*args, "--strategy", "default", "--jit", "off"]) == 0
+
+
+#: the workers checkpoint after every call of the compiled loop (each by its own clock: they must agree
+#: when); the calls run K = 10 steps, not auto's K = 1 that a slow collective gives here (each call costs
+#: both workers a round of collectives: most of the time a run took)
+WORKERS = ["--checkpoint_minutes", "0.002", "--steps_per_execution", "10"]
 
 
 def _weights(path):
@@ -74,8 +82,8 @@ def _weights(path):
      ["loss", "kl", "reconstruction"]),
 ])
 def test_two_workers_train_like_one_process_with_the_same_global_batch(tmp_path, program, args, columns):
-    common = [*args, "--batch_size", "64", "--verbose", "2", "--checkpoint_minutes", "0.002"]
-    _two_workers(program, [*common, "--save_dir", str(tmp_path / "workers")])
+    common = [*args, "--batch_size", "64", "--verbose", "2"]
+    _two_workers(program, [*common, *WORKERS, "--save_dir", str(tmp_path / "workers")])
     _one_process(program, [*common, "--save_dir", str(tmp_path / "single")])
     workers, single = (pd.read_csv(tmp_path / d / "log.csv") for d in ("workers", "single"))
     assert workers["iteration"].tolist() == single["iteration"].tolist()  # one log, one row per interval
@@ -95,11 +103,12 @@ def test_two_workers_train_like_one_process_with_the_same_global_batch(tmp_path,
 
 @pytest.mark.slow
 def test_two_workers_run_selflabel_on_the_chiefs_pseudo_labels(tmp_path):
+    # k-means of 2 starts, not 10: every process clusters the first features, which took most of its time
     args = ["--dataset", "digits", "--first_features", "random", "--manifold", "none", "--clusterer",
             "kmeans", "--rounds", "2", "--epochs_per_round", "2", "--knn_epochs", "0.5",
             "--batch_size", "64", "--augmentations", "translate", "--convergence_threshold", "1",
-            "--min_steps", "0", "--fit_threshold", "0", "--verbose", "2"]
-    _two_workers("selflabel", [*args, "--save_dir", str(tmp_path / "workers")])
+            "--min_steps", "0", "--fit_threshold", "0", "--verbose", "2", "--n_init", "2"]
+    _two_workers("selflabel", [*args, *WORKERS, "--save_dir", str(tmp_path / "workers")])
     _one_process("selflabel", [*args, "--save_dir", str(tmp_path / "single")])
     runs = {d: tmp_path / d for d in ("workers", "single")}
     history = {d: pd.read_csv(path / "history.csv") for d, path in runs.items()}
@@ -111,10 +120,10 @@ def test_two_workers_run_selflabel_on_the_chiefs_pseudo_labels(tmp_path):
               for d, path in runs.items()}
     np.testing.assert_array_equal(labels["workers"][0], labels["single"][0])
     for i in (1, 2):
-        assert np.mean(labels["workers"][i] == labels["single"][i]) > 0.7  # measured 0.86, 0.91
+        assert np.mean(labels["workers"][i] == labels["single"][i]) > 0.7  # measured 0.86, 0.87
     results = {d: json.loads((path / "results.json").read_text()) for d, path in runs.items()}
     assert results["workers"]["environment"]["replicas"] == 2 and results["workers"]["rounds_run"] == 2
-    assert abs(results["workers"]["train"]["acc"] - results["single"]["train"]["acc"]) < 0.1
+    assert abs(results["workers"]["train"]["acc"] - results["single"]["train"]["acc"]) < 0.1  # measured 0.06
     assert not list((runs["workers"] / "checkpoints").rglob("*worker*"))  # the other worker kept nothing
 
 
