@@ -89,7 +89,7 @@ def test_resume_with_fewer_iterations_keeps_the_temperature_schedule():
 @pytest.mark.slow
 def test_two_deterministic_runs_give_identical_results(tmp_path):
     for name in ("a", "b"):  # processes of their own: op determinism, once on, stays on in a process
-        subprocess.run([str(BIN), *TINY, "--iterations", "120", "--eval_interval", "40", "--seed", "4",
+        subprocess.run([str(BIN), *TINY, "--iterations", "60", "--eval_interval", "20", "--seed", "4",
                         "--deterministic", "--save_dir", str(tmp_path / name)], check=True, timeout=300,
                        capture_output=True)
     pd.testing.assert_frame_equal(_log(tmp_path / "a"), _log(tmp_path / "b"), check_exact=True)

@@ -800,13 +800,14 @@ def test_batch_statistics_are_the_global_batchs_on_two_mirrored_cpus(tmp_path):
         from desom import DESOM
         (x, y), _ = load_data("digits")
         x = x[:512]
+        # XLA off: one device runs the kernels the two replicas run (XLA never compiles for several)
         def dec(model, strategy):
             model.init_centers(x, n_init=2, seed=2)
             model.fit(x, None, max_iterations=30, batch_size=32, target="batch", recon_weight=0.0, tol=0.0,
-                      verbose=0, strategy=strategy, checkpoint_minutes=0)
+                      verbose=0, strategy=strategy, checkpoint_minutes=0, jit_compile="off")
         def desom(model, strategy):
             model.fit(x, None, iterations=30, batch_size=32, normalize=True, gamma=0.01, verbose=0,
-                      strategy=strategy, checkpoint_minutes=0)
+                      strategy=strategy, checkpoint_minutes=0, jit_compile="off")
         cases = [("dec", lambda: DCN((64,), 10, hidden=(32, 32)), dec),
                  ("desom", lambda: DESOM(64, (3, 3), latent_dim=4, hidden=(16,)), desom)]
         for case, make, fit in cases:
