@@ -21,6 +21,22 @@ def interrupt_on_call(monkeypatch, cls, method: str, n: int):
     return lambda: monkeypatch.setattr(cls, method, original)
 
 
+def run_in_process(main, capsys, *args):
+    """A program's ``main`` in this process, as its command line would run it:
+    (exit code, what it printed)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(list(map(str, args)))
+    return stop.value.code, capsys.readouterr()
+
+
+def run_ok(main, capsys, *args):
+    """:func:`run_in_process`, asserting exit code 0; what it printed."""
+    code, printed = run_in_process(main, capsys, *args)
+    assert code == 0, printed.err[-3000:]
+    return printed
+
+
 def assert_one_line_error(main, argv, message: str, capsys):
     """``main(argv)`` exits with code 2 and one stderr line containing ``message``."""
     with pytest.raises(SystemExit) as stop:

@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+from functools import partial
 from pathlib import Path
 
 import keras
@@ -18,7 +19,7 @@ from common.folders import load_folders, reference_class
 from dcn import DCN, ClusteringLayer, kl_divergence, load_model, target_distribution
 from dcn.dec.cli import main
 from dcn.dec.naming import name_from_labels, name_from_references
-from tests.helpers import assert_one_line_error, interrupt_on_call, resumed_args
+from tests.helpers import assert_one_line_error, interrupt_on_call, resumed_args, run_ok
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / "bin" / "dcn"
@@ -29,14 +30,8 @@ def run_bin(*args, timeout=300):
     return subprocess.run([str(BIN), *map(str, args)], capture_output=True, text=True, timeout=timeout)
 
 
-def run_main(capsys, *args):
-    """bin/dcn's main in this process (exit code 0 asserted); what it printed."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as stop:
-        main(list(map(str, args)))
-    printed = capsys.readouterr()
-    assert stop.value.code == 0, printed.err[-3000:]
-    return printed
+run_main = partial(run_ok, main)  # bin/dcn in this process, exit code 0 asserted
+
 
 
 # ---------------------------------------------------------------- mathematics

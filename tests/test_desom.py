@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from functools import partial
 from pathlib import Path
 
 import keras
@@ -19,7 +20,7 @@ from common.data import load_data
 from common.errors import UsageError
 from desom import DESOM, ConvDESOM, Kerasom, load_model
 from desom.cli import main
-from tests.helpers import assert_one_line_error, interrupt_on_call
+from tests.helpers import assert_one_line_error, interrupt_on_call, run_ok
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / "bin" / "desom"
@@ -37,14 +38,8 @@ def run_bin(*args, timeout=240, **kw):
                           **kw)
 
 
-def run_main(capsys, *args):
-    """bin/desom's main in this process (exit code 0 asserted); what it printed."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as stop:
-        main(list(map(str, args)))
-    printed = capsys.readouterr()
-    assert stop.value.code == 0, printed.err[-2000:]
-    return printed
+run_main = partial(run_ok, main)  # bin/desom in this process, exit code 0 asserted
+
 
 
 # ---------------------------------------------------------------- training

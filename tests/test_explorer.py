@@ -19,7 +19,7 @@ from desom.explorer import (
     write_explorer,
 )
 from desom.models import Kerasom
-from tests.helpers import explorer_page, unpack
+from tests.helpers import explorer_page, run_in_process, unpack
 
 
 def som_with(prototypes, map_size, topology="rectangular"):
@@ -129,10 +129,7 @@ def desom(capsys, *args):
     """bin/desom's main in this process: its exit code and what it printed."""
     from desom.cli import main
 
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as stop:
-        main(list(map(str, args)))
-    return stop.value.code, capsys.readouterr()
+    return run_in_process(main, capsys, *args)
 
 
 @pytest.mark.slow
