@@ -26,7 +26,7 @@ so it holds no GPU memory), with one progress line per step:
    (at CPU sizes ``mirrored`` only for desom: one CPU device makes it the
    default strategy's twin), ``--jobs`` runs at once (GPU memory then taken
    as needed: ``TF_FORCE_GPU_ALLOW_GROWTH``), on data written under
-   ``<out>/data/`` (:func:`common.robustness.prepare`; Fashion-MNIST, or
+   ``<save_dir>/data/`` (:func:`common.robustness.prepare`; Fashion-MNIST, or
    digits where it is not installed): an ``.npz`` of images (desom, ae,
    selflabel) and an image folder (dcn, rswnet). A run passes when it exits
    0, writes its expected files, and its ``model.keras``, loaded in a fresh
@@ -44,10 +44,10 @@ so it holds no GPU memory), with one progress line per step:
    rswnet     ``bin/rswnet predict <images>``: ``cluster``, by image path
    ========== ===================================================================
 
-Writes ``<out>/gpu_check.csv`` (a row per device, speed case and precision,
+Writes ``<save_dir>/gpu_check.csv`` (a row per device, speed case and precision,
 DESOM run, and program and strategy, rewritten after each step) and
-``<out>/gpu_check.md`` (the tables for the README); each run's files and
-stderr are under ``<out>/runs/``, the speed logs under ``<out>/speed/``.
+``<save_dir>/gpu_check.md`` (the tables for the README); each run's files and
+stderr are under ``<save_dir>/runs/``, the speed logs under ``<save_dir>/speed/``.
 Exits 1 when a check failed.
 """
 
@@ -689,8 +689,8 @@ def parser():
         "Check a machine (a GPU one) in one run: its devices and versions; every model's step in our loop "
         "against a bare Keras step, XLA on and off, float32 and mixed precision; DESOM on Fashion-MNIST with "
         "the paper's protocol; and each program under --strategy default and mirrored, its files and its "
-        "saved model's predictions in a fresh process. Writes <out>/gpu_check.csv and gpu_check.md; exits 1 "
-        "when a check failed."))
+        "saved model's predictions in a fresh process. Writes <save_dir>/gpu_check.csv and gpu_check.md; "
+        "exits 1 when a check failed."))
     p.add_argument("--save_dir", default="bench/gpu-check",
                    help="output folder for gpu_check.csv, gpu_check.md, the data and every run")
     p.rename("--out", "--save_dir")

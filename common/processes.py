@@ -192,8 +192,8 @@ def read_record(path, command) -> dict | None:
 
 
 JOBS_HELP = ("seeds trained at once (at most one per core), each in its own process on its own share of the "
-             "CPU cores (<out>/seed<N>/); a seed that finished earlier with the same flags is read back, "
-             "not run again")
+             "CPU cores (<save_dir>/seed<N>/); a seed that finished earlier with the same flags is read "
+             "back, not run again")
 
 
 def run_seeds(module: str, flags: list, seeds, out, jobs: int, first_only=(), inputs=None, settings=None):

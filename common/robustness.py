@@ -6,7 +6,7 @@ that name the data (``--dataset``/``--data``, ``--label_col`` and
 ``--seed`` and ``--save_dir``; ``bin/rswnet`` at a CPU's size (``--input_size
 32 --weights none --subset 2000``: a ResNet50 at 224 px is GPU work). Columns
 are data sets of different size, kind and difficulty, written under
-``<out>/data/`` from scikit-learn's digits and wine and from Fashion-MNIST:
+``<save_dir>/data/`` from scikit-learn's digits and wine and from Fashion-MNIST:
 the named sets, stratified subsets as ``.npz`` files, image folders of other
 class sets, sizes, pixel sizes, colour modes and file types, a CSV table
 with its labels in a named column, and a set without labels.

@@ -61,19 +61,19 @@ def parser():
     p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=0, help="training output per run")
     p.add_argument("--speed", action="store_true",
                    help="instead: ms per training step of DESOM, ConvDESOM and Kerasom in our loop and in a "
-                   "bare Keras step (random data; writes <out>/speed_desom.csv)")
+                   "bare Keras step (random data; writes <save_dir>/speed_desom.csv)")
     p.add_argument("--speed_runs", type=int, default=5, bounds="[1, inf)",
                    help="--speed: alternating repeats per case")
     p.add_argument("--memory", action="store_true",
                    help="instead: peak resident memory of bin/desom (--iterations, --map_size, --batch_size) "
                    "on Fashion-MNIST held in memory, from .npy shards, and from shards of a --memory_scale "
-                   "times larger set (Fashion-MNIST repeated with noise); writes <out>/memory.csv")
+                   "times larger set (Fashion-MNIST repeated with noise); writes <save_dir>/memory.csv")
     p.add_argument("--memory_scale", type=int, default=10, bounds="[2, inf)",
                    help="--memory: size of the large set, in copies of Fashion-MNIST")
     p.add_argument("--explorer", action="store_true",
                    help="instead: size and speed of the map explorer page (bin/desom explore) for 8x8, 20x20 "
                    "and 40x40 maps of all 70,000 Fashion-MNIST images, in headless Chromium; writes "
-                   "<out>/explorer.csv")
+                   "<save_dir>/explorer.csv")
     return p
 
 

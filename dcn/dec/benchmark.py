@@ -105,7 +105,7 @@ def parser():
     p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=0)
     p.add_argument("--speed", action="store_true",
                    help="instead: ms per training step of DEC and DCEC (28 and 64 px) in our loop and in a "
-                   "bare Keras step (random data; writes <out>/speed_dcn.csv)")
+                   "bare Keras step (random data; writes <save_dir>/speed_dcn.csv)")
     p.add_argument("--speed_runs", type=int, default=5, bounds="[1, inf)",
                    help="--speed: alternating repeats per case")
     return p

@@ -8,8 +8,8 @@ scikit-learn 0.19 is mapped onto today's equivalents so that it computes
 what it computed then (:func:`shims` says how), and Fashion-MNIST comes
 from the local IDX files instead of a download. It then writes the
 autoencoder DEC-keras pretrained in our format,
-``<out>/ae_fmnist_seed<N>.weights.h5``, so that ``bin/dcn-benchmark
---protocol dec-keras --pretrained <out>`` runs our clustering phase from the
+``<save_dir>/ae_fmnist_seed<N>.weights.h5``, so that ``bin/dcn-benchmark
+--protocol dec-keras --pretrained <save_dir>`` runs our clustering phase from the
 very same weights, and a difference between the two phases can be told
 from a difference between the two pretrainings.
 
@@ -17,8 +17,8 @@ Needs a DEC-keras checkout (``--deckeras``) and ``tf_keras`` for the
 installed TensorFlow (``pip install tf_keras~=<TensorFlow's major.minor>.0``);
 neither is a dependency of this project. Writes DEC-keras' own files
 (``pretrain_log.csv`` and ``ae_weights.h5``, unless ``--ae_weights`` gives
-them, ``dec_log.csv``, ``DEC_model_*.h5``) into ``<out>/deckeras_seed<N>/``,
-and its rows into ``<out>/runs.csv`` (the columns of bin/dcn-benchmark's):
+them, ``dec_log.csv``, ``DEC_model_*.h5``) into ``<save_dir>/deckeras_seed<N>/``,
+and its rows into ``<save_dir>/runs.csv`` (the columns of bin/dcn-benchmark's):
 ``ae+kmeans``, the k-means DEC.py starts from, and ``dec``, the labels of
 its last target refresh (where it stopped; the last row of ``dec_log.csv``,
 which DEC-keras' ``run_exp.py`` reports), scored with our metrics, with the
@@ -232,7 +232,7 @@ def _main(argv=None):
     save_dir = out / f"deckeras_seed{args.seed}"
     if args.ae_weights and not Path(args.ae_weights).is_file():
         raise UsageError(f"--ae_weights {args.ae_weights} not found: give the ae_weights.h5 of an earlier "
-                         "run (<out>/deckeras_seed<N>/ae_weights.h5)")
+                         "run (<save_dir>/deckeras_seed<N>/ae_weights.h5)")
     save_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     g, created = run_deckeras(args, save_dir)

@@ -16,7 +16,7 @@ images) and prints the summary beside the targets. Flags this program does not
 know go to ``bin/selflabel`` unchanged (e.g. ``--rounds 3``).
 
 Runs go ``--jobs`` at once, each pinned to its own share of the cores (its
-output in ``<out>/<run>.log``). A run that finished with the same command
+output in ``<save_dir>/<run>.log``). A run that finished with the same command
 (``<run>/finished.json``) is read back, not run again; one of the same
 command stopped half-way (``<run>/started.json``) goes on from its last
 checkpoint (``bin/selflabel --resume``), its wall time then that of the
