@@ -4,6 +4,7 @@ import argparse
 import itertools
 import json
 import subprocess
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -490,6 +491,17 @@ def test_refine_stopped_between_rounds_keeps_the_labels_of_a_non_relabelling_one
         assert 0 <= rows[1]["stability"] <= 1  # 1 relabelled
         np.testing.assert_array_equal(np.load(tmp_path / "pseudo_labels" / "round_01.npz")["labels"],
                                       first)
+
+
+def test_history_plots_of_a_run_without_test_images_say_so_without_a_warning(tmp_path):
+    from dcn.selflabel.cli import history_plots
+
+    frame = pd.DataFrame({"round": [0, 1], "label_acc": [0.5, 0.6], "label_nmi": [0.4, 0.5],
+                          "loss": [1.0, 0.8], "stability": [0.9, 0.95], "confident_fraction": [0.5, 1.0]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        history_plots(frame, tmp_path / "quality.png", tmp_path / "progress.png", threshold=0.99)
+    assert (tmp_path / "quality.png").stat().st_size > 0 and (tmp_path / "progress.png").stat().st_size > 0
 
 
 @pytest.mark.slow

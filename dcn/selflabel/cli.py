@@ -583,7 +583,13 @@ def history_plots(frame, quality_path, progress_path, threshold: float):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("score (dotted: targets)")
-    axes[1].legend(frameon=False)
+    if axes[1].lines:
+        axes[1].legend(frameon=False)
+    else:  # no labelled test images: say so rather than leave a blank panel
+        axes[1].text(0.5, 0.5, "no labelled test images", ha="center", va="center",
+                     transform=axes[1].transAxes, color="0.4")
+        if axes[0].lines:
+            axes[0].legend(frameon=False)
     fig.tight_layout()
     plots.save_figure(fig, quality_path, bbox_inches=None)
 
