@@ -21,6 +21,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 
@@ -123,6 +124,27 @@ class ArgumentParser(argparse.ArgumentParser):
         """``argparse``'s, plus ``bounds`` (see :class:`Number`) for ``type=int``
         or ``type=float``; every ``float`` flag must be finite."""
         return super().add_argument(*args, **_checked_number(kwargs, bounds))
+
+    def add_argument_from(self, program: argparse.ArgumentParser, flag: str, *,
+                          default_text: str | None = None, **default):
+        """``flag`` as the ``program``'s parser declares it (type and bounds,
+        choices, nargs, metavar, help, default), so that a benchmark never
+        declares a flag of its program again. ``default=VALUE`` (a benchmark's
+        protocol) replaces the program's default and the "(default: ...)" of
+        its help; ``default_text`` describes a default this parser resolves
+        itself (the value stays None)."""
+        source = next((a for a in program._actions if flag in a.option_strings), None)
+        if source is None or type(source) is not argparse._StoreAction:
+            raise ValueError(f"{program.prog} declares no flag {flag} that takes a value")
+        if set(default) - {"default"}:
+            raise TypeError(f"unexpected arguments {sorted(set(default) - {'default'})}")
+        text = source.help or ""
+        if default or default_text:
+            text = re.sub(r"\s*\(default:[^()]*(\([^()]*\)[^()]*)*\)", "", text)
+            text += f" (default: {default_text})" if default_text else ""
+        return super().add_argument(flag, type=source.type, nargs=source.nargs, choices=source.choices,
+                                    default=default.get("default", None if default_text else source.default),
+                                    metavar=source.metavar, help=text)
 
     def add_argument_group(self, *args, **kwargs):
         return _with_bounds(super().add_argument_group(*args, **kwargs))

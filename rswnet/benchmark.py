@@ -21,7 +21,10 @@ from common.cli import SEED_BOUNDS, ArgumentParser, run
 from common.errors import UsageError
 from common.processes import run_measured
 from common.results import write_csv, write_summary
+from rswnet.cli import RswnetCommand
 
+#: bin/rswnet at a CPU's size: 32 px inputs, random weights, a stratified subset of the training images
+CPU_SIZE = {"--input_size": 32, "--weights": "none", "--subset": 5000}
 COLUMNS = ("acc", "acc_kmeans", "purity", "nmi", "ari", "silhouette", "davies_bouldin", "calinski_harabasz",
            "largest_share", "clusters", "run_seconds")
 
@@ -29,14 +32,14 @@ COLUMNS = ("acc", "acc_kmeans", "purity", "nmi", "ari", "silhouette", "davies_bo
 def parser():
     p = ArgumentParser(prog="rswnet-benchmark", description=__doc__.split("\n\n")[0] + " Flags not listed "
                        "here are passed on to bin/rswnet.")
-    p.add_argument("--dataset", default="fmnist", help="image data set")
+    program = RswnetCommand().parser()  # bin/rswnet's flags, declared there; CPU-sized defaults here
+    p.add_argument_from(program, "--dataset", default="fmnist")
     p.add_argument("--heads", nargs="+", choices=("clustering", "som"), default=["clustering"],
                    help="heads to run")
     p.add_argument("--runs", type=int, default=3, bounds="[1, inf)", help="seeds seed..seed+runs-1 per head")
     p.add_argument("--seed", type=int, default=0, bounds=SEED_BOUNDS, help="first seed")
-    p.add_argument("--subset", type=int, default=5000, bounds="[1, inf)", help="stratified training subset")
-    p.add_argument("--input_size", type=int, default=32, bounds="[32, inf)", help="ResNet50 input side")
-    p.add_argument("--weights", default="none", help="ResNet50 weights (none: random)")
+    for flag, value in CPU_SIZE.items():
+        p.add_argument_from(program, flag, default=value)
     p.add_argument("--save_dir", default="bench/rswnet",
                    help="output folder for the runs and the tables")
     p.rename("--out", "--save_dir")

@@ -412,6 +412,59 @@ def test_every_benchmark_writes_to_save_dir_as_the_programs_do(module, capsys, t
     assert "--save_dir" in capsys.readouterr().out
 
 
+#: a benchmark's own flags that its program also has: the seeds, the output, the run-time flags, and
+#: dcn-benchmark's --dataset (its vector data sets by name only, where bin/dcn also takes files)
+BENCHMARK_OWN = {"--help", "--seed", "--save_dir", "--data_dir", "--verbose", "--strategy",
+                 "--mixed_precision", ("dcn", "--dataset")}
+
+
+def _declared(action) -> tuple:
+    """What a flag's declaration says, its default and the help's "(default: ...)" aside."""
+    import re
+
+    kind = (action.type.kind, action.type.bounds) if hasattr(action.type, "bounds") else action.type
+    help_text = re.sub(r"\s*\(default:[^()]*(\([^()]*\)[^()]*)*\)", "", action.help or "")
+    return kind, action.nargs, tuple(action.choices or ()), action.metavar, help_text
+
+
+@pytest.mark.parametrize("prog, module", [
+    ("desom", "desom.benchmark"), ("dcn", "dcn.dec.benchmark"), ("ae", "dcn.autoencoders.benchmark"),
+    ("selflabel", "dcn.selflabel.benchmark"), ("rswnet", "rswnet.benchmark")])
+def test_a_benchmark_declares_none_of_its_programs_flags_again(prog, module):
+    from importlib import import_module
+
+    program = {f: a for a in _five_parsers()[prog]._actions for f in a.option_strings}
+    benchmark = import_module(module).parser()
+    shared = [(f, a) for a in benchmark._actions for f in a.option_strings
+              if f in program and f not in BENCHMARK_OWN and (prog, f) not in BENCHMARK_OWN]
+    assert shared or prog == "ae"  # (ae-benchmark runs bin/ae with its defaults)
+    for flag, action in shared:
+        assert _declared(action) == _declared(program[flag]), flag
+
+
+def test_add_argument_from_keeps_the_programs_declaration_with_the_benchmarks_default(capsys):
+    from common.cli import ArgumentParser
+
+    program = ArgumentParser(prog="prog")
+    program.add_argument("--batch_size", type=int, bounds="[1, inf)",
+                         help="global batch size (default: 256, or (on small data) fewer)")
+    program.add_argument("--tol", type=float, default=0.001, bounds="[0, 1]", help="stop below this")
+    program.add_argument("--fast", action="store_true")
+    bench = ArgumentParser(prog="bench")
+    bench.add_argument_from(program, "--batch_size", default=128)
+    bench.add_argument_from(program, "--tol")
+    assert vars(bench.parse_args([])) == {"batch_size": 128, "tol": 0.001}
+    assert bench.parse_args(["--batch_size", "7"]).batch_size == 7
+    helps = {a.dest: bench.formatter_class("bench")._get_help_string(a) for a in bench._actions}
+    assert helps["batch_size"] == "global batch size (default: 128)"
+    assert helps["tol"] == "stop below this (default: 0.001)"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--batch_size", "0"])  # the program's bounds
+    assert "argument --batch_size: must be in [1, inf), got 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="declares no flag --fast that takes a value"):
+        bench.add_argument_from(program, "--fast")
+
+
 def test_a_run_saved_under_an_old_flag_name_resumes_under_the_new_one(tmp_path):
     from types import SimpleNamespace
 

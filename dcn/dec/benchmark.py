@@ -48,10 +48,16 @@ from common.metrics import evaluate_clustering
 from common.processes import JOBS_HELP, peak_rss_gb, run_measured, run_seeds
 from common.results import write_csv, write_summary
 from common.runtime import quiet_tensorflow
+from dcn.dec.cli import DcnCommand
+from dcn.dec.models import UPDATE_INTERVAL
 
 METHODS = ("ae+kmeans", "dec", "idec")
 COLUMNS = ("acc", "nmi", "nmi_geometric", "ari", "iterations", "pretrain_seconds", "cluster_seconds",
            "peak_rss_gb")
+#: DEC's clustering phase as published, the vector runs' defaults: batches of 256, a target refresh every
+#: 140 iterations, stop below 0.1 % label change or after 20,000 iterations (bin/dcn proportions the batch,
+#: the refresh and the budget to the data instead)
+DEC_PROTOCOL = {"--max_iterations": 20000, "--update_interval": UPDATE_INTERVAL, "--batch_size": 256}
 FMNIST_CLASSES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                   "boot")
 
@@ -70,19 +76,14 @@ def parser():
                    help="pretraining: ours = Glorot init, Adam, 50 epochs; dec-keras = DEC-keras' "
                    "VarianceScaling init, SGD lr 1 momentum 0.9, 300 epochs, and clustering batches in "
                    "data order (not shuffled)")
-    p.add_argument("--pretrain_epochs", type=int, bounds="[1, inf)",
-                   help="override the protocol's pretraining epochs")
+    program = DcnCommand().parser()  # bin/dcn's flags, declared there
+    p.add_argument_from(program, "--pretrain_epochs", default_text="the protocol's: 50 ours, 300 dec-keras")
     p.add_argument("--pretrained", metavar="DIR",
                    help="take each seed's autoencoder from DIR/ae_<dataset>_seed<N>.weights.h5 (an earlier "
                    "run's, or DEC-keras' own written by bin/dcn-deckeras) instead of pretraining it")
-    p.add_argument("--max_iterations", type=int, default=20000, bounds="[1, inf)",
-                   help="clustering iterations at most (vector runs)")
-    p.add_argument("--update_interval", type=int, default=140, bounds="[1, inf)",
-                   help="iterations between target refreshes (vector runs)")
-    p.add_argument("--tol", type=float, default=0.001, bounds="[0, 1]",
-                   help="stop when fewer than this share of labels change between refreshes")
-    p.add_argument("--batch_size", type=int, default=256, bounds="[1, inf)",
-                   help="batch size of the vector runs")
+    for flag, value in DEC_PROTOCOL.items():  # the vector runs' (the folder run takes bin/dcn's defaults)
+        p.add_argument_from(program, flag, default=value)
+    p.add_argument_from(program, "--tol")
     p.add_argument("--folder", action="store_true", help="also run the image-folder benchmark")
     p.add_argument("--folder_classes", nargs="+", type=int, default=[0, 1, 8, 9], bounds="[0, 9]",
                    help="Fashion-MNIST classes of the folder benchmark")
@@ -190,7 +191,7 @@ def vector_runs(args, out: Path, rows: list):
     k = len(np.unique(y))
     dec_keras = args.protocol == "dec-keras"
     init = "dec" if dec_keras else "glorot_uniform"
-    epochs = args.pretrain_epochs or (300 if dec_keras else 50)
+    epochs = args.pretrain_epochs if args.pretrain_epochs is not None else (300 if dec_keras else 50)
     for r in range(args.runs):
         seed = args.seed + r
         keras.utils.set_random_seed(seed)
@@ -201,8 +202,9 @@ def vector_runs(args, out: Path, rows: list):
             model = DCN(x.shape[1:], k, init=init)
             t0 = time.perf_counter()
             pre_opt = keras.optimizers.SGD(1.0, momentum=0.9) if dec_keras else keras.optimizers.Adam()
-            model.pretrain(x, epochs, batch_size=args.batch_size, seed=seed, verbose=args.verbose,
-                           optimizer=pre_opt)
+            if epochs:  # 0: k-means on the codes of the untrained autoencoder, as bin/dcn
+                model.pretrain(x, epochs, batch_size=args.batch_size, seed=seed, verbose=args.verbose,
+                               optimizer=pre_opt)
             pretrain_seconds = time.perf_counter() - t0
             model.save_autoencoder_weights(weights)
         for method in args.methods:

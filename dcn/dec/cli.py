@@ -103,7 +103,7 @@ class DcnCommand(TrainingCommand):
                        help="clustering epochs at most (DEC/IDEC/DCEC's 20,000 iterations on 70,000 "
                        "samples)")
         p.add_argument("--max_iterations", type=int, bounds="[1, inf)",
-                       help="clustering iterations at most (instead of --max_epochs)")
+                       help="clustering iterations at most (default: as many as --max_epochs make)")
         p.add_argument("--update_interval", type=int, bounds="[1, inf)",
                        help=f"iterations between refreshes of the target distribution P over all samples "
                        f"(default: {UPDATE_INTERVAL}, as DEC, or one epoch when that is shorter)")

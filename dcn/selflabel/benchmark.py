@@ -42,6 +42,7 @@ from common.cli import SEED_BOUNDS, ArgumentParser, changed_settings, flag_text,
 from common.errors import UsageError
 from common.processes import FINISHED, jobs_at_once, last_line, read_record, run_pinned
 from common.results import write_csv, write_json, write_summary
+from dcn.selflabel.cli import SelfLabelCommand
 
 CONFIGS = {
     "n2d": [],
@@ -56,7 +57,7 @@ COLUMNS = ("accuracy", "nmi", "purity", "ari", "min_f1", "stability", "rounds", 
 def parser():
     p = ArgumentParser(prog="selflabel-benchmark", description=__doc__.split("\n\n")[0] + " Flags not listed "
                        "here are passed on to bin/selflabel.")
-    p.add_argument("--dataset", default="fmnist", help="a data set with a train/test split")
+    p.add_argument_from(SelfLabelCommand().parser(), "--dataset", default="fmnist")  # bin/selflabel's flag
     p.add_argument("--configs", nargs="+", choices=tuple(CONFIGS), default=["n2d"],
                    help="configurations to run")
     p.add_argument("--runs", type=int, default=3, bounds="[1, inf)",
