@@ -192,6 +192,7 @@ def vector_runs(args, out: Path, rows: list):
     dec_keras = args.protocol == "dec-keras"
     init = "dec" if dec_keras else "glorot_uniform"
     epochs = args.pretrain_epochs if args.pretrain_epochs is not None else (300 if dec_keras else 50)
+    epochs = int(epochs) if float(epochs).is_integer() else epochs  # runs.csv: 5, not 5.0
     for r in range(args.runs):
         seed = args.seed + r
         keras.utils.set_random_seed(seed)
