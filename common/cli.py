@@ -140,7 +140,7 @@ class ArgumentParser(argparse.ArgumentParser):
             raise TypeError(f"unexpected arguments {sorted(set(default) - {'default'})}")
         text = source.help or ""
         if default or default_text:
-            text = re.sub(r"\s*\(default:[^()]*(\([^()]*\)[^()]*)*\)", "", text)
+            text = help_without_default(text)
             text += f" (default: {default_text})" if default_text else ""
         return super().add_argument(flag, type=source.type, nargs=source.nargs, choices=source.choices,
                                     default=default.get("default", None if default_text else source.default),
@@ -154,6 +154,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def help_without_default(text: str) -> str:
+    """A flag's help without its "(default: ...)" (one level of parentheses inside)."""
+    return re.sub(r"\s*\(default:[^()]*(\([^()]*\)[^()]*)*\)", "", text)
 
 
 def _checked_number(kwargs: dict, bounds: str | None) -> dict:

@@ -420,10 +420,10 @@ BENCHMARK_OWN = {"--help", "--seed", "--save_dir", "--data_dir", "--verbose", "-
 
 def _declared(action) -> tuple:
     """What a flag's declaration says, its default and the help's "(default: ...)" aside."""
-    import re
+    from common.cli import help_without_default
 
     kind = (action.type.kind, action.type.bounds) if hasattr(action.type, "bounds") else action.type
-    help_text = re.sub(r"\s*\(default:[^()]*(\([^()]*\)[^()]*)*\)", "", action.help or "")
+    help_text = help_without_default(action.help or "")
     return kind, action.nargs, tuple(action.choices or ()), action.metavar, help_text
 
 
