@@ -22,7 +22,8 @@ DEC's target distribution, and its evaluation); :func:`train` does the rest:
   scalars are computed in the graph from the iteration counter, loss sums
   accumulate in variables on the device, and a call stops at the next log
   row, refresh or the end, so K changes nothing but speed. ``auto`` picks K
-  for calls of about 0.1 s;
+  for calls of about 0.1 s, and with several workers long enough that their
+  agreement between calls (a round of collectives) costs a tenth of a call;
 * a guard against divergence: the first step whose loss terms are not all
   finite ends the call at once, and :class:`~common.errors.TrainingDiverged`
   names the iteration and the terms; nothing is saved after it, so the last
@@ -74,6 +75,9 @@ __all__ = ["STRATEGIES", "CSVLog", "RunPlan", "StopTraining", "Task", "Timings",
 TARGET_CALL_SECONDS = 0.1
 #: The largest K that ``auto`` picks.
 MAX_STEPS_PER_EXECUTION = 1000
+#: ... and the largest share of a call that ``auto`` leaves to the time spent between calls on the
+#: workers' agreement (several workers: a round of collectives, ~0.05 s on one host here, per call).
+CALL_OVERHEAD_SHARE = 0.1
 #: Seconds between progress-bar refreshes (each one reads the loss sums from the device).
 BAR_SECONDS = 0.5
 #: The time a phase (with one line per log row, verbose 2) and the whole run (within a
@@ -356,6 +360,14 @@ def check_steps_per_execution(value):
     return k
 
 
+def auto_steps_per_execution(per_step: float, per_call: float = 0.0) -> int:
+    """``auto``'s K: calls of about ``TARGET_CALL_SECONDS``, and long enough
+    that ``per_call`` seconds spent between them (the workers' agreement) is
+    at most ``CALL_OVERHEAD_SHARE`` of a call; 1 to ``MAX_STEPS_PER_EXECUTION``."""
+    seconds = max(TARGET_CALL_SECONDS, per_call * (1 - CALL_OVERHEAD_SHARE) / CALL_OVERHEAD_SHARE)
+    return int(min(MAX_STEPS_PER_EXECUTION, max(1, seconds / max(per_step, 1e-9))))
+
+
 def proportional_batch_size(n_samples: int, largest: int = 256, min_batches: int = 50,
                             smallest: int = 16) -> int:
     """``largest``, or on smaller data the largest power of two giving at least
@@ -588,15 +600,14 @@ class _Run:
         self.result = TrainResult(iterations=self.start, trained=0, seconds=0.0, stopped_early=None,
                                   log_path=log_path, timings=self.timings, jit_compile=self.jit)
 
-    def agree(self, value: int, pick=min) -> int:
-        """The same number on every worker (``pick`` of theirs): each worker's
-        own clock decides K and checkpoints, and all must run the same
-        collective steps."""
-        if not self.multi:
-            return value
+    def agree_on(self, k: int, checkpoint: int) -> tuple[int, bool]:
+        """The same K (the smallest of the workers') and the same checkpoint
+        decision (any worker's) on every worker, in one gather: each worker's
+        own clock decides them, and all must run the same collective steps."""
         strategy, tf = self.strategy, self.tf
-        every = strategy.gather(strategy.run(lambda: tf.constant([value], tf.int64)), axis=0)
-        return int(pick(every.numpy()))
+        every = strategy.gather(strategy.run(lambda: tf.constant([[k, checkpoint]], tf.int64)), axis=0)
+        every = every.numpy()
+        return int(every[:, 0].min()), bool(every[:, 1].max())
 
     def finish(self, it: int) -> TrainResult:
         result, timings = self.result, self.timings
@@ -645,7 +656,7 @@ class _Run:
             progress.first_row(start)  # the map before training (or the row an interruption left unwritten)
 
         it = start                         # the iteration reached
-        k_auto, per_step = 1, None
+        k_auto, per_step, per_call = 1, None, 0.0
         last_checkpoint = time.perf_counter()
         try:
             while it < total:
@@ -655,8 +666,6 @@ class _Run:
                 compiling = not step.compiled  # the first call traces and compiles: one step only
                 k = 1 if compiling else min(k_auto if self.fixed_k == "auto" else self.fixed_k,
                                             self.boundary(it) - it)
-                if self.fixed_k == "auto" and not compiling:
-                    k = self.agree(k, min)
                 it, bad = step(k)
                 if bad:
                     raise TrainingDiverged(_divergence_message(
@@ -670,13 +679,20 @@ class _Run:
                     timings.timed_steps += k
                     self.elapsed.assign_add(dt)
                     per_step = dt / k if per_step is None else 0.7 * per_step + 0.3 * dt / k
-                    k_auto = int(min(MAX_STEPS_PER_EXECUTION,
-                                     max(1, TARGET_CALL_SECONDS / max(per_step, 1e-9))))
+                    k_auto = auto_steps_per_execution(per_step, per_call)
                     progress.time_to_go(it, per_step)
                 now = time.perf_counter()
                 progress.after_call(it, now, is_row=it % self.eval_interval == 0 or it == total)
-                if self.checkpoints is not None and self.checkpoint_seconds and self.agree(
-                        int(now - last_checkpoint >= self.checkpoint_seconds), max):
+                checkpoint = (self.checkpoints is not None and self.checkpoint_seconds
+                              and now - last_checkpoint >= self.checkpoint_seconds)
+                if self.multi and (self.fixed_k == "auto" or self.checkpoints is not None
+                                   and self.checkpoint_seconds):
+                    # the workers agree on the next K and on checkpointing now, in one round of
+                    # collectives a call, whose time auto's K keeps a small share of a call
+                    t = time.perf_counter()
+                    k_auto, checkpoint = self.agree_on(k_auto, int(bool(checkpoint)))
+                    per_call = 0.7 * per_call + 0.3 * (time.perf_counter() - t)
+                if checkpoint:
                     self.checkpoints.save(it, progress.row_it, step.read_sums())
                     last_checkpoint = time.perf_counter()
         except StopTraining as stop:

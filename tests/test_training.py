@@ -96,6 +96,13 @@ def test_refresh_and_stop_points_do_not_depend_on_k(digits, monkeypatch):
                 assert result.iterations == 7 and "labels changed" in result.stopped_early
 
 
+def test_auto_k_aims_at_tenth_of_a_second_calls_that_outgrow_the_time_between_them():
+    auto = training.auto_steps_per_execution
+    assert auto(0.001) == 100 and auto(0.001, per_call=0.005) == 100  # one process: 0.1 s calls
+    assert auto(0.06, per_call=0.05) == 7  # two workers here: 0.45 s calls, the round between them 10 %
+    assert auto(0.5) == 1 and auto(1e-7) == training.MAX_STEPS_PER_EXECUTION
+
+
 @pytest.mark.slow
 def test_resume_with_another_k_ends_where_an_uninterrupted_run_ends(digits, tmp_path, monkeypatch):
     x, y = digits
