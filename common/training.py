@@ -656,7 +656,7 @@ class _Run:
             progress.first_row(start)  # the map before training (or the row an interruption left unwritten)
 
         it = start                         # the iteration reached
-        k_auto, per_step, per_call = 1, None, 0.0
+        k_auto, per_step, per_call = 1, None, None
         last_checkpoint = time.perf_counter()
         try:
             while it < total:
@@ -679,7 +679,7 @@ class _Run:
                     timings.timed_steps += k
                     self.elapsed.assign_add(dt)
                     per_step = dt / k if per_step is None else 0.7 * per_step + 0.3 * dt / k
-                    k_auto = auto_steps_per_execution(per_step, per_call)
+                    k_auto = auto_steps_per_execution(per_step, per_call or 0.0)
                     progress.time_to_go(it, per_step)
                 now = time.perf_counter()
                 progress.after_call(it, now, is_row=it % self.eval_interval == 0 or it == total)
@@ -691,7 +691,9 @@ class _Run:
                     # collectives a call, whose time auto's K keeps a small share of a call
                     t = time.perf_counter()
                     k_auto, checkpoint = self.agree_on(k_auto, int(bool(checkpoint)))
-                    per_call = 0.7 * per_call + 0.3 * (time.perf_counter() - t)
+                    dt = time.perf_counter() - t
+                    if not compiling:  # (the first round also sets up the collective)
+                        per_call = dt if per_call is None else 0.7 * per_call + 0.3 * dt
                 if checkpoint:
                     self.checkpoints.save(it, progress.row_it, step.read_sums())
                     last_checkpoint = time.perf_counter()
