@@ -95,9 +95,6 @@ def test_two_workers_train_like_one_process_with_the_same_global_batch(tmp_path,
     assert np.linalg.norm(a - b) <= 0.03 * np.linalg.norm(b)  # measured: 1.1-1.5 %
     results = json.loads((tmp_path / "workers" / "results.json").read_text())
     assert results["environment"]["replicas"] == 2
-    # auto's calls outgrow the round of collectives between them (each ~0.05 s here, as long as a step);
-    # when auto aimed at 0.1 s calls alone, a step and a round together were longer and K stayed 1
-    assert results["environment"]["steps_per_execution"]["train"] > 1
     # only the chief kept files: the other worker's checkpoints went to a folder of its own, then removed
     assert sorted(p.name for p in (tmp_path / "workers" / "checkpoints").iterdir()) == (
         ["som_schedule.json", "train"] if program == "desom" else sorted(["pretrain", "train"]))

@@ -99,7 +99,7 @@ def test_refresh_and_stop_points_do_not_depend_on_k(digits, monkeypatch):
 def test_auto_k_aims_at_tenth_of_a_second_calls_that_outgrow_the_time_between_them():
     auto = training.auto_steps_per_execution
     assert auto(0.001) == 100 and auto(0.001, per_call=0.005) == 100  # one process: 0.1 s calls
-    assert auto(0.06, per_call=0.05) == 7  # two workers here: 0.45 s calls, the round between them 10 %
+    assert auto(0.06, per_call=0.05) == 7  # a slow agreement between calls: 0.45 s calls, the round 10 %
     assert auto(0.5) == 1 and auto(1e-7) == training.MAX_STEPS_PER_EXECUTION
 
 
