@@ -551,6 +551,7 @@ class _Run:
         self.strategy = strategy = strategy or tf.distribute.get_strategy()
         replicas = strategy.num_replicas_in_sync
         self.multi, chief = worker_count(strategy) > 1, is_chief(strategy)
+        self._gather = None  # (several workers) the compiled gather of agree_on
         if batch_size % replicas:
             raise UsageError(f"batch size {batch_size} does not split evenly over {replicas} replicas")
         self.jit = resolve_jit(jit_compile, task.model, replicas, task.step_layers())
@@ -605,7 +606,7 @@ class _Run:
         decision (any worker's) on every worker, in one gather: each worker's
         own clock decides them, and all must run the same collective steps."""
         strategy, tf = self.strategy, self.tf
-        if getattr(self, "_gather", None) is None:  # one graph: eagerly, each op was a collective round
+        if self._gather is None:  # one graph: eagerly, each op was a collective round
             self._gather = tf.function(lambda v: strategy.gather(strategy.run(tf.identity, (v,)), axis=0))
         every = self._gather(tf.constant([[k, checkpoint]], tf.int64)).numpy()
         return int(every[:, 0].min()), bool(every[:, 1].max())
