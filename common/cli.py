@@ -78,6 +78,10 @@ class Number:
         return value
 
 
+#: :meth:`ArgumentParser.add_argument_from` keeps the program's default
+PROGRAMS_DEFAULT = object()
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with defaults shown in --help, one-line errors and checked numbers."""
 
@@ -125,26 +129,24 @@ class ArgumentParser(argparse.ArgumentParser):
         or ``type=float``; every ``float`` flag must be finite."""
         return super().add_argument(*args, **_checked_number(kwargs, bounds))
 
-    def add_argument_from(self, program: argparse.ArgumentParser, flag: str, *,
-                          default_text: str | None = None, **default):
+    def add_argument_from(self, program: argparse.ArgumentParser, flag: str, default=PROGRAMS_DEFAULT,
+                          default_text: str | None = None):
         """``flag`` as the ``program``'s parser declares it (type and bounds,
         choices, nargs, metavar, help, default), so that a benchmark never
-        declares a flag of its program again. ``default=VALUE`` (a benchmark's
+        declares a flag of its program again. ``default`` (a benchmark's
         protocol) replaces the program's default and the "(default: ...)" of
         its help; ``default_text`` describes a default this parser resolves
         itself (the value stays None)."""
         source = next((a for a in program._actions if flag in a.option_strings), None)
         if source is None or type(source) is not argparse._StoreAction:
             raise ValueError(f"{program.prog} declares no flag {flag} that takes a value")
-        if set(default) - {"default"}:
-            raise TypeError(f"unexpected arguments {sorted(set(default) - {'default'})}")
         text = source.help or ""
-        if default or default_text:
-            text = help_without_default(text)
-            text += f" (default: {default_text})" if default_text else ""
+        if default is not PROGRAMS_DEFAULT or default_text:
+            text = help_without_default(text) + (f" (default: {default_text})" if default_text else "")
+        if default is PROGRAMS_DEFAULT:
+            default = None if default_text else source.default
         return super().add_argument(flag, type=source.type, nargs=source.nargs, choices=source.choices,
-                                    default=default.get("default", None if default_text else source.default),
-                                    metavar=source.metavar, help=text)
+                                    default=default, metavar=source.metavar, help=text)
 
     def add_argument_group(self, *args, **kwargs):
         return _with_bounds(super().add_argument_group(*args, **kwargs))

@@ -685,14 +685,13 @@ class _Run:
                     progress.time_to_go(it, per_step)
                 now = time.perf_counter()
                 progress.after_call(it, now, is_row=it % self.eval_interval == 0 or it == total)
-                checkpoint = (self.checkpoints is not None and self.checkpoint_seconds
-                              and now - last_checkpoint >= self.checkpoint_seconds)
-                if self.multi and (self.fixed_k == "auto" or self.checkpoints is not None
-                                   and self.checkpoint_seconds):
+                timed = self.checkpoints is not None and bool(self.checkpoint_seconds)
+                checkpoint = timed and now - last_checkpoint >= self.checkpoint_seconds
+                if self.multi and (self.fixed_k == "auto" or timed):
                     # the workers agree on the next K and on checkpointing now, in one round of
                     # collectives a call, whose time auto's K keeps a small share of a call
                     t = time.perf_counter()
-                    k_auto, checkpoint = self.agree_on(k_auto, int(bool(checkpoint)))
+                    k_auto, checkpoint = self.agree_on(k_auto, int(checkpoint))
                     dt = time.perf_counter() - t
                     if not compiling:  # (the first round also sets up the collective)
                         per_call = dt if per_call is None else 0.7 * per_call + 0.3 * dt

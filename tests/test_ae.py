@@ -24,7 +24,7 @@ from dcn.autoencoders.models import (
     load_model,
 )
 from dcn.autoencoders.twostage import choose_eps, cluster_codes, k_distances, knee
-from tests.helpers import assert_one_line_error
+from tests.helpers import assert_one_line_error, run_ok
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / "bin" / "ae"
@@ -231,11 +231,8 @@ def test_bin_ae_writes_every_output_and_the_model_generates_in_a_new_process(mod
     png = tmp_path / "gen.png"
     args = ["generate", "--model", out / "model.keras", "--n", 5]
     args += ["--label", 3] if model == "cvae" else ["--cluster", 1]
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as stop:
-        main([*map(str, args), "--out", str(png)])
-    assert stop.value.code == 0
-    assert png.is_file() and "5 samples written" in capsys.readouterr().out
+    printed = run_ok(main, capsys, *args, "--out", png)
+    assert png.is_file() and "5 samples written" in printed.out
     loaded = load_model(out / "model.keras")
     expected = (loaded.generate(5, label=3, seed=0) if model == "cvae"
                 else loaded.generate(5, cluster=1, seed=0))

@@ -33,7 +33,6 @@ def run_bin(*args, timeout=300):
 run_main = partial(run_ok, main)  # bin/dcn in this process, exit code 0 asserted
 
 
-
 # ---------------------------------------------------------------- mathematics
 @pytest.mark.parametrize("alpha", [1.0, 2.5])
 def test_clustering_layer_is_students_t_soft_assignment(alpha):

@@ -41,7 +41,6 @@ def run_bin(*args, timeout=240, **kw):
 run_main = partial(run_ok, main)  # bin/desom in this process, exit code 0 asserted
 
 
-
 # ---------------------------------------------------------------- training
 def test_short_run_raises_purity_well_above_the_untrained_map(digits, tmp_path):
     x, y = digits
